@@ -1,0 +1,161 @@
+//! The Llama family: `llama`, `qwen2` (q/k/v biases) and `qwen3` (q/k norms).
+//! One pre-norm decoder layer shape, with features switched by `model_type`
+//! and config keys.
+
+use super::Translated;
+use crate::blocks::{Activation, Attention, Block, GatedMlp, Linear, Mixer, RmsNorm};
+use crate::rope::Rope;
+use crate::{EngineError, Result};
+use hayate_formats::{HfConfig, TensorStore};
+
+pub fn translate(cfg: &HfConfig, store: &TensorStore) -> Result<Translated> {
+    let model_type = cfg.model_type()?;
+    let hidden = cfg.usize("hidden_size")?;
+    let n_layers = cfg.usize("num_hidden_layers")?;
+    let n_heads = cfg.usize("num_attention_heads")?;
+    let n_kv_heads = cfg.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
+    let intermediate = cfg.usize("intermediate_size")?;
+    let vocab = cfg.usize("vocab_size")?;
+    if hidden == 0 || n_heads == 0 || n_kv_heads == 0 || vocab == 0 || intermediate == 0 {
+        return Err(EngineError::Config(
+            "sizes and head counts must be positive".into(),
+        ));
+    }
+    if n_heads % n_kv_heads != 0 {
+        return Err(EngineError::Config(format!(
+            "num_attention_heads ({n_heads}) is not a multiple of num_key_value_heads ({n_kv_heads})"
+        )));
+    }
+    let head_dim = match cfg.opt_usize("head_dim")? {
+        Some(d) => d,
+        None if hidden % n_heads == 0 => hidden / n_heads,
+        None => {
+            return Err(EngineError::Config(format!(
+                "hidden_size {hidden} is not divisible by num_attention_heads {n_heads}; set head_dim"
+            )));
+        }
+    };
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(EngineError::Config(format!(
+            "head_dim must be even and positive, not {head_dim}"
+        )));
+    }
+    let eps = cfg.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32;
+    let max_positions = cfg.opt_usize("max_position_embeddings")?.unwrap_or(2048);
+    match cfg.opt_str("hidden_act")?.unwrap_or("silu") {
+        "silu" => {}
+        other => {
+            return Err(EngineError::Config(format!(
+                "hidden_act `{other}` is not supported for {model_type} (supported: silu)"
+            )));
+        }
+    }
+    if cfg.opt_bool("use_sliding_window")?.unwrap_or(false) {
+        return Err(EngineError::Config(
+            "use_sliding_window is set; sliding-window attention is not supported for this model_type yet".into(),
+        ));
+    }
+    let (qkv_bias, o_bias, qk_norm) = match model_type {
+        "qwen2" => (true, false, false),
+        "qwen3" => {
+            let b = cfg.opt_bool("attention_bias")?.unwrap_or(false);
+            (b, b, true)
+        }
+        _ => {
+            let b = cfg.opt_bool("attention_bias")?.unwrap_or(false);
+            (b, b, false)
+        }
+    };
+    let mlp_bias = cfg.opt_bool("mlp_bias")?.unwrap_or(false);
+
+    let tensor = |name: &str| store.require(name);
+    let opt_tensor = |name: &str, wanted: bool| wanted.then(|| store.require(name)).transpose();
+    let linear = |prefix: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
+        let w = tensor(&format!("{prefix}.weight"))?;
+        let b = opt_tensor(&format!("{prefix}.bias"), bias)?;
+        Ok(Linear::new(w, b, rows, cols)?)
+    };
+    let norm =
+        |name: &str, dim: usize| -> Result<RmsNorm> { Ok(RmsNorm::new(tensor(name)?, dim, eps)?) };
+
+    let mut blocks = Vec::with_capacity(n_layers);
+    for i in 0..n_layers {
+        let p = format!("model.layers.{i}");
+        let attention = Attention {
+            q: linear(
+                &format!("{p}.self_attn.q_proj"),
+                n_heads * head_dim,
+                hidden,
+                qkv_bias,
+            )?,
+            k: linear(
+                &format!("{p}.self_attn.k_proj"),
+                n_kv_heads * head_dim,
+                hidden,
+                qkv_bias,
+            )?,
+            v: linear(
+                &format!("{p}.self_attn.v_proj"),
+                n_kv_heads * head_dim,
+                hidden,
+                qkv_bias,
+            )?,
+            o: linear(
+                &format!("{p}.self_attn.o_proj"),
+                hidden,
+                n_heads * head_dim,
+                o_bias,
+            )?,
+            q_norm: qk_norm
+                .then(|| norm(&format!("{p}.self_attn.q_norm.weight"), head_dim))
+                .transpose()?,
+            k_norm: qk_norm
+                .then(|| norm(&format!("{p}.self_attn.k_norm.weight"), head_dim))
+                .transpose()?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        };
+        blocks.push(Block {
+            mixer_norm: norm(&format!("{p}.input_layernorm.weight"), hidden)?,
+            mixer: Mixer::Attention(attention),
+            mlp_norm: norm(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
+            mlp: GatedMlp {
+                gate: linear(
+                    &format!("{p}.mlp.gate_proj"),
+                    intermediate,
+                    hidden,
+                    mlp_bias,
+                )?,
+                up: linear(&format!("{p}.mlp.up_proj"), intermediate, hidden, mlp_bias)?,
+                down: linear(
+                    &format!("{p}.mlp.down_proj"),
+                    hidden,
+                    intermediate,
+                    mlp_bias,
+                )?,
+                activation: Activation::Silu,
+            },
+        });
+    }
+
+    let embedding = linear("model.embed_tokens", vocab, hidden, false)?;
+    // Tied models reuse the embedding; some tied checkpoints still carry a copy.
+    let tied = cfg.opt_bool("tie_word_embeddings")?.unwrap_or(false);
+    let lm_head = match store.get("lm_head.weight") {
+        Some(w) if !tied => Linear::new(w, None, vocab, hidden)?,
+        _ if tied => linear("model.embed_tokens", vocab, hidden, false)?,
+        _ => linear("lm_head", vocab, hidden, false)?,
+    };
+    Ok(Translated {
+        embedding,
+        blocks,
+        final_norm: norm("model.norm.weight", hidden)?,
+        lm_head,
+        rope: Rope::new(&cfg.rope()?, head_dim),
+        hidden,
+        vocab,
+        max_positions,
+    })
+}

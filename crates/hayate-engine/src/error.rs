@@ -1,0 +1,41 @@
+use hayate_formats::FormatError;
+
+/// Why the engine could not load or run a model.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A model file is missing or malformed.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// No translator exists for this `model_type`.
+    #[error("unsupported model_type `{model_type}` (supported: {})", supported.join(", "))]
+    UnsupportedArchitecture {
+        /// What the config says.
+        model_type: String,
+        /// What Hayate knows.
+        supported: Vec<&'static str>,
+    },
+    /// The configuration is inconsistent or uses an unimplemented feature.
+    #[error("config.json: {0}")]
+    Config(String),
+    /// More tokens than the context holds.
+    #[error(
+        "context is full: {needed} tokens needed, the context holds {capacity} (raise --ctx-size up to the model's maximum)"
+    )]
+    ContextFull {
+        /// Tokens the request needs.
+        needed: usize,
+        /// Tokens the state can hold.
+        capacity: usize,
+    },
+    /// A token id outside the vocabulary.
+    #[error("token id {token} is outside the vocabulary (size {vocab})")]
+    TokenOutOfRange {
+        /// The id.
+        token: u32,
+        /// Vocabulary size.
+        vocab: usize,
+    },
+    /// Rolling back past the start, or another misuse of the state.
+    #[error("{0}")]
+    State(String),
+}

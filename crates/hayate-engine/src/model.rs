@@ -1,0 +1,172 @@
+//! A loaded model: its blocks, its files, and the threads that run it.
+
+use crate::arch::{self, Translated};
+use crate::blocks::Mixer;
+use crate::forward::Scratch;
+use crate::state::InferenceState;
+use crate::{EngineError, Result};
+use hayate_formats::{GenerationConfig, HfConfig, TensorStore};
+use hayate_kernels::{Isa, ThreadPool};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Default context length when the user does not choose one.
+pub const DEFAULT_CONTEXT: usize = 4096;
+
+/// How to load and run a model.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Threads for the kernels; 0 means one per available core.
+    pub threads: usize,
+}
+
+/// Facts about a loaded model, for reports and benchmarks.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    /// `model_type` from the config.
+    pub model_type: String,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Number of layers.
+    pub n_layers: usize,
+    /// Longest context the model was configured for.
+    pub max_positions: usize,
+    /// Parameters in the checkpoint (a tied embedding counted once).
+    pub n_params: usize,
+    /// Bytes of weights in the checkpoint.
+    pub weight_bytes: usize,
+    /// Weight bytes read to decode one token (every matrix once, plus one embedding row).
+    pub bytes_per_token: usize,
+}
+
+impl ModelInfo {
+    /// Average stored bits per parameter.
+    pub fn bits_per_weight(&self) -> f64 {
+        8.0 * self.weight_bytes as f64 / self.n_params.max(1) as f64
+    }
+}
+
+/// A model ready to run: blocks bound to memory-mapped weights.
+pub struct Model {
+    /// What the model is.
+    pub info: ModelInfo,
+    /// Its `config.json`.
+    pub config: HfConfig,
+    /// Its `generation_config.json` (defaults when absent).
+    pub generation: GenerationConfig,
+    pub(crate) parts: Translated,
+    pub(crate) pool: Arc<ThreadPool>,
+    pub(crate) isa: Isa,
+    // Keeps the mapped files alive for the tensors the blocks borrow.
+    _store: TensorStore,
+}
+
+impl Model {
+    /// Loads a Hugging Face model directory (`config.json`, safetensors,
+    /// optional `generation_config.json`). Weights are mapped, not read.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let config = HfConfig::load(&dir.join("config.json"))?;
+        let generation = GenerationConfig::load(&dir.join("generation_config.json"))?;
+        // Check the architecture before touching the weights, for a clearer error.
+        let model_type = config.model_type()?.to_owned();
+        if !arch::supported().contains(&model_type.as_str()) {
+            return Err(EngineError::UnsupportedArchitecture {
+                model_type,
+                supported: arch::supported(),
+            });
+        }
+        let store = TensorStore::open_dir(dir)?;
+        let parts = arch::translate(&config, &store)?;
+        let threads = match options.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let n_params = store
+            .names()
+            .filter_map(|n| store.get(n))
+            .map(|t| t.n_elements())
+            .sum();
+        let weight_bytes = store
+            .names()
+            .filter_map(|n| store.get(n))
+            .map(|t| t.n_bytes())
+            .sum();
+        let block_bytes: usize = parts
+            .blocks
+            .iter()
+            .map(|b| {
+                let Mixer::Attention(a) = &b.mixer;
+                [&a.q, &a.k, &a.v, &a.o, &b.mlp.gate, &b.mlp.up, &b.mlp.down]
+                    .iter()
+                    .map(|l| l.n_bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        let embedding_row = parts.embedding.n_bytes() / parts.vocab;
+        let info = ModelInfo {
+            model_type,
+            hidden: parts.hidden,
+            vocab: parts.vocab,
+            n_layers: parts.blocks.len(),
+            max_positions: parts.max_positions,
+            n_params,
+            weight_bytes,
+            bytes_per_token: block_bytes + parts.lm_head.n_bytes() + embedding_row,
+        };
+        Ok(Model {
+            info,
+            config,
+            generation,
+            parts,
+            pool: Arc::new(ThreadPool::new(threads)),
+            isa: Isa::detect(),
+            _store: store,
+        })
+    }
+
+    /// Threads the kernels use.
+    pub fn n_threads(&self) -> usize {
+        self.pool.n_threads()
+    }
+
+    /// Instruction set the kernels use.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Runs the kernels at `isa` instead (for comparisons); `None` if the CPU lacks it.
+    pub fn with_isa(mut self, isa: Isa) -> Option<Self> {
+        isa.is_supported().then(|| {
+            self.isa = isa;
+            self
+        })
+    }
+
+    /// A fresh state holding up to `context` tokens (`None`: the model's
+    /// maximum, capped at [`DEFAULT_CONTEXT`]). Asking for more than the model
+    /// supports is an error.
+    pub fn new_state(&self, context: Option<usize>) -> Result<InferenceState> {
+        let max = self.info.max_positions;
+        let capacity = match context {
+            None => max.min(DEFAULT_CONTEXT),
+            Some(c) if c == 0 || c > max => {
+                return Err(EngineError::Config(format!(
+                    "context size {c} must be between 1 and the model's max_position_embeddings ({max})"
+                )));
+            }
+            Some(c) => c,
+        };
+        let scratch = Scratch::new(self, capacity);
+        Ok(InferenceState::new(&self.parts.blocks, capacity, scratch))
+    }
+
+    /// Token ids that end generation: `generation_config.json`'s, else `config.json`'s.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        if !self.generation.eos_token_id.is_empty() {
+            return self.generation.eos_token_id.clone();
+        }
+        self.config.token_ids("eos_token_id").unwrap_or_default()
+    }
+}

@@ -1,0 +1,296 @@
+//! Choosing the next token.
+//!
+//! Tokens are drawn with the Gumbel-max trick: `argmax(logits/T + g)` where
+//! `g` is standard Gumbel noise from a counter-based generator keyed by
+//! `(seed, absolute position, token id)` ([`crate::rng`]). Drawing this way
+//! is exactly sampling from `softmax(logits/T)`, and the noise of any position
+//! can be recomputed, which speculative decoding relies on: a draft model
+//! that agrees with the target under the same noise picks the same token.
+
+use crate::rng::{GUMBEL_BOUND, gumbel};
+
+/// How to pick tokens. The defaults are plain sampling at temperature 1.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// Divides the logits; 0 picks the most likely token (greedy).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0: off).
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose mass reaches `top_p` (1: off).
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one (0: off).
+    pub min_p: f32,
+    /// Divide positive / multiply negative logits of tokens already in the
+    /// sequence by this (1: off), as `transformers` does.
+    pub repetition_penalty: f32,
+    /// Seed of the noise.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks the ranges; the message names the offending parameter.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!(
+                "temperature must be >= 0, not {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top-p must be in (0, 1], not {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min-p must be in [0, 1], not {}", self.min_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(format!(
+                "repeat-penalty must be > 0, not {}",
+                self.repetition_penalty
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Picks tokens from logits; keeps its buffers between calls so decoding does not allocate.
+pub struct Sampler {
+    /// The parameters in force.
+    pub params: SamplingParams,
+    seen: Vec<bool>,
+    candidates: Vec<(f32, u32)>,
+}
+
+impl Sampler {
+    /// A sampler for a vocabulary of `vocab` tokens.
+    pub fn new(params: SamplingParams, vocab: usize) -> Self {
+        Sampler {
+            params,
+            seen: vec![false; vocab],
+            candidates: Vec::with_capacity(vocab),
+        }
+    }
+
+    /// Picks the token at absolute `position` from `logits` (modified in
+    /// place by the penalty), given the sequence so far in `history`.
+    pub fn sample(&mut self, logits: &mut [f32], position: usize, history: &[u32]) -> u32 {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            for &t in history {
+                let t = t as usize;
+                if t < logits.len() && !self.seen[t] {
+                    self.seen[t] = true;
+                    let l = &mut logits[t];
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+            for &t in history {
+                if let Some(s) = self.seen.get_mut(t as usize) {
+                    *s = false;
+                }
+            }
+        }
+        if p.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let inv_t = 1.0 / p.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
+        // A token whose scaled logit is this far below the best can never win,
+        // whatever the noise (|g| < GUMBEL_BOUND), nor matter for top-p or min-p.
+        let floor = max - 2.0 * GUMBEL_BOUND;
+        self.candidates.clear();
+        self.candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (l * inv_t, i as u32))
+                .filter(|&(l, _)| l >= floor),
+        );
+        let by_logit_desc =
+            |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        if p.top_k > 0 && p.top_k < self.candidates.len() {
+            self.candidates
+                .select_nth_unstable_by(p.top_k - 1, by_logit_desc);
+            self.candidates.truncate(p.top_k);
+        }
+        if p.top_p < 1.0 {
+            self.candidates.sort_unstable_by(by_logit_desc);
+            let total: f64 = self
+                .candidates
+                .iter()
+                .map(|c| ((c.0 - max) as f64).exp())
+                .sum();
+            let mut mass = 0.0;
+            let mut keep = self.candidates.len();
+            for (i, c) in self.candidates.iter().enumerate() {
+                mass += ((c.0 - max) as f64).exp() / total;
+                if mass >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            self.candidates.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            // Applied last, as in `transformers`; the best token always survives
+            // top-k and top-p, so `max` is still the reference.
+            let min_logit = max + p.min_p.ln();
+            self.candidates.retain(|c| c.0 >= min_logit);
+        }
+        let (seed, pos) = (p.seed, position as u64);
+        let mut best = (f32::NEG_INFINITY, 0u32);
+        for &(l, id) in &self.candidates {
+            let score = l + gumbel(seed, pos, id as u64);
+            if score > best.0 || (score == best.0 && id < best.1) {
+                best = (score, id);
+            }
+        }
+        best.1
+    }
+}
+
+/// Index of the largest value (the first, on ties, as `torch.argmax`).
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draws(params: SamplingParams, logits: &[f32], n: usize) -> Vec<usize> {
+        let mut sampler = Sampler::new(params, logits.len());
+        let mut counts = vec![0; logits.len()];
+        for pos in 0..n {
+            let mut l = logits.to_vec();
+            counts[sampler.sample(&mut l, pos, &[]) as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            4,
+        );
+        assert_eq!(s.sample(&mut [1.0, 3.0, 3.0, 2.0], 0, &[]), 1);
+    }
+
+    #[test]
+    fn frequencies_follow_the_softmax() {
+        let logits = [0.0f32, 1.0, 2.0, -1.0];
+        let n = 40_000;
+        let counts = draws(
+            SamplingParams {
+                seed: 9,
+                ..Default::default()
+            },
+            &logits,
+            n,
+        );
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        for (c, l) in counts.iter().zip(logits) {
+            let expected = l.exp() / z;
+            let got = *c as f32 / n as f32;
+            assert!((got - expected).abs() < 0.01, "{got} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn top_k_top_p_and_min_p_truncate() {
+        let logits = [3.0f32, 2.9, 0.0, -5.0];
+        let k = draws(
+            SamplingParams {
+                top_k: 2,
+                ..Default::default()
+            },
+            &logits,
+            2000,
+        );
+        assert_eq!(k[2] + k[3], 0);
+        let p = draws(
+            SamplingParams {
+                top_p: 0.5,
+                ..Default::default()
+            },
+            &logits,
+            2000,
+        );
+        assert_eq!(p[1] + p[2] + p[3], 0);
+        let m = draws(
+            SamplingParams {
+                min_p: 0.5,
+                ..Default::default()
+            },
+            &logits,
+            2000,
+        );
+        assert!(m[1] > 0 && m[2] + m[3] == 0);
+    }
+
+    #[test]
+    fn same_seed_and_position_give_the_same_token() {
+        let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.7).sin()).collect();
+        let mut a = Sampler::new(
+            SamplingParams {
+                seed: 5,
+                ..Default::default()
+            },
+            100,
+        );
+        let mut b = Sampler::new(
+            SamplingParams {
+                seed: 5,
+                ..Default::default()
+            },
+            100,
+        );
+        for pos in 0..50 {
+            assert_eq!(
+                a.sample(&mut logits.clone(), pos, &[]),
+                b.sample(&mut logits.clone(), pos, &[])
+            );
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_applies_once_per_token() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 0.0,
+                repetition_penalty: 2.0,
+                ..Default::default()
+            },
+            3,
+        );
+        let mut l = [4.0, 3.0, -1.0];
+        s.sample(&mut l, 0, &[0, 0, 2]);
+        assert_eq!(l, [2.0, 3.0, -2.0]);
+    }
+}

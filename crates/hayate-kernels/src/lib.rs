@@ -1,0 +1,18 @@
+//! Compute kernels for Hayate.
+//!
+//! Everything here is pure compute over slices: no model knowledge, no I/O.
+//! Each SIMD path has a scalar reference beside it ([`Isa::Scalar`]) and the
+//! fastest path the CPU *and* the OS support is chosen once at run time
+//! ([`Isa::detect`]). Weights are read in their stored dtype (f32, bf16, f16)
+//! and widened to f32 inside the kernels.
+
+pub mod cpu;
+pub mod matmul;
+pub mod ops;
+pub mod pool;
+pub mod weights;
+
+pub use cpu::Isa;
+pub use matmul::{MatmulJob, matmul, matmul_many};
+pub use pool::ThreadPool;
+pub use weights::{MatRef, WeightSlice};

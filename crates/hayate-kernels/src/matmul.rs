@@ -1,0 +1,530 @@
+//! Products of activations with weight matrices: `y[t, r] = Σ_k W[r, k] · x[t, k]`.
+//!
+//! Two shapes of work, two strategies:
+//! - few tokens (decode, `n_tok <= GEMV_MAX_TOKENS`): memory-bound, so each
+//!   weight row is streamed once in its stored dtype and widened in registers;
+//! - many tokens (prefill): compute-bound, so panels of the weight matrix are
+//!   widened into a small f32 buffer (`KC` inputs x `NR` outputs) that stays in
+//!   L1 and is reused by a register-blocked micro-kernel for every token.
+//!
+//! Work is split across the pool by output rows, in multiples of 16.
+
+use crate::cpu::Isa;
+use crate::pool::{ThreadPool, split_range};
+use crate::weights::{MatRef, WeightSlice};
+use std::cell::RefCell;
+
+/// Up to this many tokens the streaming (GEMV) path is used.
+pub const GEMV_MAX_TOKENS: usize = 4;
+/// Inputs per packed panel.
+const KC: usize = 256;
+/// Outputs per packed panel.
+const NR: usize = 16;
+/// Tokens per micro-kernel call.
+const MR: usize = 6;
+/// Most products one [`matmul_many`] call fuses.
+pub const MAX_FUSED: usize = 4;
+
+thread_local! {
+    static PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One matrix of a fused product: all jobs of a [`matmul_many`] call read the
+/// same input and write their own output (`n_tok x w.rows`, row-major).
+pub struct MatmulJob<'a> {
+    /// The weights, `rows` outputs x `cols` inputs.
+    pub w: MatRef<'a>,
+    /// The output, `n_tok * w.rows` values.
+    pub y: &'a mut [f32],
+}
+
+/// `y = x · Wᵀ` for `n_tok` rows of `x` (each `w.cols` long), on the pool.
+pub fn matmul(pool: &ThreadPool, isa: Isa, w: MatRef<'_>, x: &[f32], n_tok: usize, y: &mut [f32]) {
+    matmul_many(pool, isa, &mut [MatmulJob { w, y }], x, n_tok);
+}
+
+struct OutPtr(*mut f32);
+// SAFETY: threads write disjoint output columns (row ranges of W), see `matmul_many`.
+unsafe impl Sync for OutPtr {}
+
+/// Several products that share their input, split across the pool as one
+/// piece of work (e.g. the q, k and v projections).
+///
+/// Panics if the shapes disagree: that is a bug in the caller, never input.
+pub fn matmul_many(
+    pool: &ThreadPool,
+    isa: Isa,
+    jobs: &mut [MatmulJob<'_>],
+    x: &[f32],
+    n_tok: usize,
+) {
+    let Some(first) = jobs.first() else { return };
+    let k = first.w.cols;
+    assert!(x.len() >= n_tok * k, "matmul input too short");
+    for job in jobs.iter() {
+        assert_eq!(job.w.cols, k, "fused matmul inputs differ");
+        assert!(job.y.len() >= n_tok * job.w.rows, "matmul output too short");
+    }
+    assert!(
+        jobs.len() <= MAX_FUSED,
+        "at most {MAX_FUSED} fused products"
+    );
+    // A fixed array rather than a Vec: this runs in the decode loop.
+    let mut slots: [Option<(MatRef<'_>, OutPtr)>; MAX_FUSED] = [const { None }; MAX_FUSED];
+    for (slot, job) in slots.iter_mut().zip(jobs.iter_mut()) {
+        *slot = Some((job.w, OutPtr(job.y.as_mut_ptr())));
+    }
+    let targets = &slots[..jobs.len()];
+    let total_rows: usize = targets.iter().flatten().map(|(w, _)| w.rows).sum();
+    pool.run(&|tid, n_threads| {
+        let mine = split_range(total_rows, n_threads, tid, NR);
+        let mut base = 0;
+        for (w, y) in targets.iter().flatten() {
+            let start = mine.start.max(base);
+            let end = mine.end.min(base + w.rows);
+            if start < end {
+                // SAFETY: shapes were checked above; each thread writes only
+                // columns `start - base .. end - base` of this output.
+                unsafe { matmul_rows(isa, *w, x, n_tok, start - base..end - base, y.0) };
+            }
+            base += w.rows;
+        }
+    });
+}
+
+/// Computes output columns `rows` of `y` (`n_tok x w.rows`) on this thread.
+///
+/// # Safety
+/// `x` holds `n_tok * w.cols` values, `y` points to `n_tok * w.rows` writable
+/// values, `rows` lies within `0..w.rows`, and no other thread writes those columns.
+pub unsafe fn matmul_rows(
+    isa: Isa,
+    w: MatRef<'_>,
+    x: &[f32],
+    n_tok: usize,
+    rows: std::ops::Range<usize>,
+    y: *mut f32,
+) {
+    match isa {
+        Isa::Scalar => {
+            // SAFETY: forwarded contract.
+            unsafe { scalar::matmul_rows(w, x, n_tok, rows, y) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            assert!(
+                Isa::Avx2.is_supported(),
+                "AVX2 kernel on a CPU without AVX2"
+            );
+            // SAFETY: forwarded contract; the CPU supports the features (checked above).
+            unsafe {
+                if n_tok <= GEMV_MAX_TOKENS {
+                    avx2::gemv_rows(w, x, n_tok, rows, y)
+                } else {
+                    avx2::gemm_rows(w, x, n_tok, rows, y)
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx2 => unreachable!("AVX2 is never reported on this architecture"),
+    }
+}
+
+/// Widens a panel of `NR` weight rows starting at `n0` (rows past `n_end` are
+/// zero) and inputs `k0..k0+kc` into `pack`, laid out `[k][j]`.
+fn pack_panel(w: MatRef<'_>, n0: usize, n_end: usize, k0: usize, kc: usize, pack: &mut [f32]) {
+    let mut row = [0f32; KC];
+    for j in 0..NR {
+        let r = n0 + j;
+        if r < n_end {
+            w.data.widen_into(r * w.cols + k0, &mut row[..kc]);
+        } else {
+            row[..kc].fill(0.0);
+        }
+        for (k, &v) in row[..kc].iter().enumerate() {
+            pack[k * NR + j] = v;
+        }
+    }
+}
+
+/// The portable reference.
+mod scalar {
+    use super::*;
+
+    /// # Safety
+    /// See [`super::matmul_rows`].
+    pub unsafe fn matmul_rows(
+        w: MatRef<'_>,
+        x: &[f32],
+        n_tok: usize,
+        rows: std::ops::Range<usize>,
+        y: *mut f32,
+    ) {
+        PACK.with_borrow_mut(|row| {
+            row.resize(w.cols, 0.0);
+            for r in rows {
+                w.widen_row(r, row);
+                for t in 0..n_tok {
+                    let xt = &x[t * w.cols..(t + 1) * w.cols];
+                    let sum: f32 = row.iter().zip(xt).map(|(a, b)| a * b).sum();
+                    // SAFETY: caller guarantees `y` covers `n_tok * w.rows` values.
+                    unsafe { *y.add(t * w.rows + r) = sum };
+                }
+            }
+        });
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f32(p: *const f32) -> __m256 {
+        // SAFETY: caller guarantees 8 readable values.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_bf16(p: *const u16) -> __m256 {
+        // SAFETY: caller guarantees 8 readable values.
+        let h = unsafe { _mm_loadu_si128(p.cast()) };
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f16(p: *const u16) -> __m256 {
+        // SAFETY: caller guarantees 8 readable values.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.cast()) })
+    }
+
+    /// Generates `dot4` / `dot1` for one stored dtype: dot products of 4
+    /// (or 1) weight rows with one f32 vector.
+    macro_rules! dots {
+        ($dot4:ident, $dot1:ident, $t:ty, $load:ident) => {
+            /// # Safety
+            /// `w` points to 4 rows of `k` values `stride` apart; `x` to `k` values.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $dot4(w: *const $t, stride: usize, k: usize, x: *const f32) -> [f32; 4] {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let body = k - k % 8;
+                let mut i = 0;
+                // SAFETY: every index read is below `k` within each row.
+                unsafe {
+                    while i < body {
+                        let xv = _mm256_loadu_ps(x.add(i));
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps($load(w.add(r * stride + i)), xv, *a);
+                        }
+                        i += 8;
+                    }
+                    let mut out = [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])];
+                    if body < k {
+                        let mut wt = [0 as $t; 8];
+                        let mut xt = [0f32; 8];
+                        std::ptr::copy_nonoverlapping(x.add(body), xt.as_mut_ptr(), k - body);
+                        let xv = _mm256_loadu_ps(xt.as_ptr());
+                        for (r, o) in out.iter_mut().enumerate() {
+                            std::ptr::copy_nonoverlapping(
+                                w.add(r * stride + body),
+                                wt.as_mut_ptr(),
+                                k - body,
+                            );
+                            *o += hsum(_mm256_mul_ps($load(wt.as_ptr()), xv));
+                        }
+                    }
+                    out
+                }
+            }
+
+            /// # Safety
+            /// `w` points to `k` values; `x` to `k` values.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $dot1(w: *const $t, k: usize, x: *const f32) -> f32 {
+                let mut acc0 = _mm256_setzero_ps();
+                let mut acc1 = _mm256_setzero_ps();
+                let body = k - k % 16;
+                let mut i = 0;
+                // SAFETY: every index read is below `k`.
+                unsafe {
+                    while i < body {
+                        acc0 = _mm256_fmadd_ps($load(w.add(i)), _mm256_loadu_ps(x.add(i)), acc0);
+                        acc1 = _mm256_fmadd_ps(
+                            $load(w.add(i + 8)),
+                            _mm256_loadu_ps(x.add(i + 8)),
+                            acc1,
+                        );
+                        i += 16;
+                    }
+                    let mut wt = [0 as $t; 16];
+                    let mut xt = [0f32; 16];
+                    std::ptr::copy_nonoverlapping(w.add(body), wt.as_mut_ptr(), k - body);
+                    std::ptr::copy_nonoverlapping(x.add(body), xt.as_mut_ptr(), k - body);
+                    acc0 = _mm256_fmadd_ps($load(wt.as_ptr()), _mm256_loadu_ps(xt.as_ptr()), acc0);
+                    acc1 = _mm256_fmadd_ps(
+                        $load(wt.as_ptr().add(8)),
+                        _mm256_loadu_ps(xt.as_ptr().add(8)),
+                        acc1,
+                    );
+                }
+                hsum(_mm256_add_ps(acc0, acc1))
+            }
+        };
+    }
+
+    dots!(dot4_f32, dot1_f32, f32, load_f32);
+    dots!(dot4_bf16, dot1_bf16, u16, load_bf16);
+    dots!(dot4_f16, dot1_f16, u16, load_f16);
+
+    /// # Safety
+    /// See [`super::matmul_rows`]; the CPU supports AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemv_rows(
+        w: MatRef<'_>,
+        x: &[f32],
+        n_tok: usize,
+        rows: std::ops::Range<usize>,
+        y: *mut f32,
+    ) {
+        let k = w.cols;
+        let n = w.rows;
+        let mut r = rows.start;
+        // SAFETY: rows lie within the matrix, tokens within `x` and `y` (caller).
+        unsafe {
+            while r + 4 <= rows.end {
+                for t in 0..n_tok {
+                    let xp = x.as_ptr().add(t * k);
+                    let out = match w.data {
+                        WeightSlice::F32(s) => dot4_f32(s.as_ptr().add(r * k), k, k, xp),
+                        WeightSlice::Bf16(s) => dot4_bf16(s.as_ptr().add(r * k), k, k, xp),
+                        WeightSlice::F16(s) => dot4_f16(s.as_ptr().add(r * k), k, k, xp),
+                    };
+                    std::ptr::copy_nonoverlapping(out.as_ptr(), y.add(t * n + r), 4);
+                }
+                r += 4;
+            }
+            while r < rows.end {
+                for t in 0..n_tok {
+                    let xp = x.as_ptr().add(t * k);
+                    *y.add(t * n + r) = match w.data {
+                        WeightSlice::F32(s) => dot1_f32(s.as_ptr().add(r * k), k, xp),
+                        WeightSlice::Bf16(s) => dot1_bf16(s.as_ptr().add(r * k), k, xp),
+                        WeightSlice::F16(s) => dot1_f16(s.as_ptr().add(r * k), k, xp),
+                    };
+                }
+                r += 1;
+            }
+        }
+    }
+
+    /// `c[i, j] (+)= Σ_k a[i, k] · b[k, j]` for `M` rows of `a` and the 16
+    /// columns of a packed panel `b`; only the first `ncols` columns are stored.
+    ///
+    /// # Safety
+    /// `a` has `M` rows of `kc` values `lda` apart, `b` holds `kc * 16`
+    /// values, `c` has `M` rows of `ncols` writable values `ldc` apart.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro_kernel<const M: usize>(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        ncols: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+        // SAFETY: all offsets are within the extents stated above.
+        unsafe {
+            for k in 0..kc {
+                let b0 = _mm256_loadu_ps(b.add(k * NR));
+                let b1 = _mm256_loadu_ps(b.add(k * NR + 8));
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    let ai = _mm256_broadcast_ss(&*a.add(i * lda + k));
+                    acc_i[0] = _mm256_fmadd_ps(ai, b0, acc_i[0]);
+                    acc_i[1] = _mm256_fmadd_ps(ai, b1, acc_i[1]);
+                }
+            }
+            for (i, acc_i) in acc.iter().enumerate() {
+                let ci = c.add(i * ldc);
+                if ncols == NR {
+                    let (mut v0, mut v1) = (acc_i[0], acc_i[1]);
+                    if accumulate {
+                        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(ci));
+                        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(ci.add(8)));
+                    }
+                    _mm256_storeu_ps(ci, v0);
+                    _mm256_storeu_ps(ci.add(8), v1);
+                } else {
+                    let mut tmp = [0f32; NR];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), acc_i[0]);
+                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc_i[1]);
+                    for (j, &v) in tmp[..ncols].iter().enumerate() {
+                        let dst = ci.add(j);
+                        *dst = if accumulate { *dst + v } else { v };
+                    }
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// See [`super::matmul_rows`]; the CPU supports AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm_rows(
+        w: MatRef<'_>,
+        x: &[f32],
+        n_tok: usize,
+        rows: std::ops::Range<usize>,
+        y: *mut f32,
+    ) {
+        let k = w.cols;
+        let ldc = w.rows;
+        PACK.with_borrow_mut(|pack| {
+            pack.resize(KC * NR, 0.0);
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                let mut n0 = rows.start;
+                while n0 < rows.end {
+                    let ncols = NR.min(rows.end - n0);
+                    pack_panel(w, n0, rows.end, k0, kc, pack);
+                    let mut m0 = 0;
+                    while m0 < n_tok {
+                        let m = MR.min(n_tok - m0);
+                        // SAFETY: `m` rows from `m0` lie within `x` and `y`;
+                        // columns `n0..n0+ncols` lie within `rows` (caller).
+                        unsafe {
+                            let a = x.as_ptr().add(m0 * k + k0);
+                            let c = y.add(m0 * ldc + n0);
+                            let b = pack.as_ptr();
+                            let acc = k0 > 0;
+                            match m {
+                                6 => micro_kernel::<6>(kc, a, k, b, c, ldc, ncols, acc),
+                                5 => micro_kernel::<5>(kc, a, k, b, c, ldc, ncols, acc),
+                                4 => micro_kernel::<4>(kc, a, k, b, c, ldc, ncols, acc),
+                                3 => micro_kernel::<3>(kc, a, k, b, c, ldc, ncols, acc),
+                                2 => micro_kernel::<2>(kc, a, k, b, c, ldc, ncols, acc),
+                                _ => micro_kernel::<1>(kc, a, k, b, c, ldc, ncols, acc),
+                            }
+                        }
+                        m0 += m;
+                    }
+                    n0 += NR;
+                }
+                k0 += kc;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// Exact f64 product of the widened weights, the ground truth for all paths.
+    fn reference(w: MatRef<'_>, x: &[f32], n_tok: usize) -> Vec<f32> {
+        let mut y = vec![0f32; n_tok * w.rows];
+        for t in 0..n_tok {
+            for r in 0..w.rows {
+                let s: f64 = (0..w.cols)
+                    .map(|k| w.data.get(r * w.cols + k) as f64 * x[t * w.cols + k] as f64)
+                    .sum();
+                y[t * w.rows + r] = s as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_supported_path_matches_the_reference_for_every_dtype() {
+        let pools = [ThreadPool::new(1), ThreadPool::new(3)];
+        let mut seed = 7;
+        // Shapes with ragged edges in every dimension.
+        for &(rows, cols) in &[(1, 1), (5, 7), (16, 16), (37, 300), (64, 513), (130, 1000)] {
+            let wf: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+            let wb: Vec<u16> = wf.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+            let wh: Vec<u16> = wf.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
+            for data in [
+                WeightSlice::F32(&wf),
+                WeightSlice::Bf16(&wb),
+                WeightSlice::F16(&wh),
+            ] {
+                let w = MatRef::new(data, rows, cols).unwrap();
+                for n_tok in [1, 2, 4, 5, 7, 13] {
+                    let x: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed)).collect();
+                    let want = reference(w, &x, n_tok);
+                    for isa in Isa::supported() {
+                        for pool in &pools {
+                            let mut y = vec![f32::NAN; n_tok * rows];
+                            matmul(pool, isa, w, &x, n_tok, &mut y);
+                            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                                let tol = 1e-5 * (cols as f32).sqrt() * 4.0;
+                                assert!(
+                                    (a - b).abs() <= tol,
+                                    "{isa:?} {rows}x{cols} n_tok={n_tok} at {i}: {a} vs {b}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_jobs_equal_separate_products() {
+        let pool = ThreadPool::new(2);
+        let mut seed = 3;
+        let cols = 40;
+        let wa: Vec<f32> = (0..33 * cols).map(|_| lcg(&mut seed)).collect();
+        let wb: Vec<f32> = (0..17 * cols).map(|_| lcg(&mut seed)).collect();
+        let ma = MatRef::new(WeightSlice::F32(&wa), 33, cols).unwrap();
+        let mb = MatRef::new(WeightSlice::F32(&wb), 17, cols).unwrap();
+        for n_tok in [1, 9] {
+            let x: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed)).collect();
+            for isa in Isa::supported() {
+                let (mut ya, mut yb) = (vec![0f32; n_tok * 33], vec![0f32; n_tok * 17]);
+                matmul_many(
+                    &pool,
+                    isa,
+                    &mut [
+                        MatmulJob { w: ma, y: &mut ya },
+                        MatmulJob { w: mb, y: &mut yb },
+                    ],
+                    &x,
+                    n_tok,
+                );
+                let (mut sa, mut sb) = (vec![0f32; n_tok * 33], vec![0f32; n_tok * 17]);
+                matmul(&pool, isa, ma, &x, n_tok, &mut sa);
+                matmul(&pool, isa, mb, &x, n_tok, &mut sb);
+                assert_eq!(ya, sa);
+                assert_eq!(yb, sb);
+            }
+        }
+    }
+}

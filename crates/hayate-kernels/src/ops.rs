@@ -1,0 +1,224 @@
+//! Vector operations of a transformer layer: norms, activations, rotary
+//! embeddings, softmax, and the dot / axpy steps of attention.
+
+use crate::cpu::Isa;
+
+/// Root-mean-square normalisation: `out = x / sqrt(mean(x²) + eps) * w`,
+/// computed in f32 as the reference implementations do.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean_sq = sum_of_squares(x) / x.len() as f32;
+    let inv = 1.0 / (mean_sq + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * inv * w;
+    }
+}
+
+/// [`rms_norm`] in place.
+pub fn rms_norm_inplace(x: &mut [f32], weight: &[f32], eps: f32) {
+    let mean_sq = sum_of_squares(x) / x.len() as f32;
+    let inv = 1.0 / (mean_sq + eps).sqrt();
+    for (v, &w) in x.iter_mut().zip(weight) {
+        *v = *v * inv * w;
+    }
+}
+
+/// Σ x², in eight interleaved lanes so the compiler vectorises it.
+fn sum_of_squares(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v * v;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail.iter().map(|v| v * v).sum::<f32>()
+}
+
+/// `gate = silu(gate) * up`, the SwiGLU activation.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// Softmax over `x` in place; entries of `-inf` get probability 0.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Rotates the first `2 * cos.len()` dimensions of one head in the
+/// "rotate half" layout: dimension `i` pairs with `i + half`.
+pub fn rope_rotate_half(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    let (lo, hi) = head[..2 * half].split_at_mut(half);
+    for i in 0..half {
+        let (a, b) = (lo[i], hi[i]);
+        lo[i] = a * cos[i] - b * sin[i];
+        hi[i] = b * cos[i] + a * sin[i];
+    }
+}
+
+/// Σ a·b.
+pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if Isa::Avx2.is_supported() => {
+            // SAFETY: the CPU supports AVX2 and FMA (checked); lengths are equal.
+            unsafe { avx2::dot(a, b) }
+        }
+        _ => {
+            let mut lanes = [0f32; 8];
+            let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+            let tail: f32 = ca
+                .remainder()
+                .iter()
+                .zip(cb.remainder())
+                .map(|(x, y)| x * y)
+                .sum();
+            for (x, y) in ca.zip(cb) {
+                for i in 0..8 {
+                    lanes[i] += x[i] * y[i];
+                }
+            }
+            lanes.iter().sum::<f32>() + tail
+        }
+    }
+}
+
+/// `y += alpha * x`.
+pub fn axpy(isa: Isa, alpha: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if Isa::Avx2.is_supported() => {
+            // SAFETY: the CPU supports AVX2 and FMA (checked); lengths are equal.
+            unsafe { avx2::axpy(alpha, x, y) }
+        }
+        _ => {
+            for (o, &v) in y.iter_mut().zip(x) {
+                *o += alpha * v;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let body = n - n % 16;
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        // SAFETY: i + 16 <= body <= n for both slices.
+        unsafe {
+            while i < body {
+                acc0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    acc0,
+                );
+                acc1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+                    _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                    acc1,
+                );
+                i += 16;
+            }
+        }
+        let v = _mm256_add_ps(acc0, acc1);
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        let tail: f32 = a[body..].iter().zip(&b[body..]).map(|(x, y)| x * y).sum();
+        _mm_cvtss_f32(s) + tail
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len();
+        let body = n - n % 8;
+        let av = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        // SAFETY: i + 8 <= body <= n for both slices.
+        unsafe {
+            while i < body {
+                let yp = y.as_mut_ptr().add(i);
+                let r =
+                    _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(yp));
+                _mm256_storeu_ps(yp, r);
+                i += 8;
+            }
+        }
+        for (o, &v) in y[body..].iter_mut().zip(&x[body..]) {
+            *o += alpha * v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simd_dot_and_axpy_match_scalar() {
+        for n in [0, 1, 7, 8, 15, 16, 17, 64, 129] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want = dot(Isa::Scalar, &a, &b);
+            let mut y_want = b.clone();
+            axpy(Isa::Scalar, 0.5, &a, &mut y_want);
+            for isa in Isa::supported() {
+                assert!((dot(isa, &a, &b) - want).abs() < 1e-4, "{isa:?} n={n}");
+                let mut y = b.clone();
+                axpy(isa, 0.5, &a, &mut y);
+                for (p, q) in y.iter().zip(&y_want) {
+                    assert!((p - q).abs() < 1e-6);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_normalises() {
+        let x = [3.0, 4.0];
+        let mut out = [0.0; 2];
+        rms_norm(&x, &[1.0, 2.0], 0.0, &mut out);
+        let rms = (12.5f32).sqrt();
+        assert!((out[0] - 3.0 / rms).abs() < 1e-6);
+        assert!((out[1] - 8.0 / rms).abs() < 1e-6);
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_masks() {
+        let mut x = [1.0, 2.0, f32::NEG_INFINITY];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(x[2], 0.0);
+    }
+
+    #[test]
+    fn rope_by_zero_angle_is_identity_and_preserves_norm() {
+        let mut h = [1.0, 2.0, 3.0, 4.0, 5.0];
+        rope_rotate_half(&mut h, &[1.0, 1.0], &[0.0, 0.0]);
+        assert_eq!(h, [1.0, 2.0, 3.0, 4.0, 5.0]);
+        let (c, s) = (0.3f32.cos(), 0.3f32.sin());
+        rope_rotate_half(&mut h, &[c, c], &[s, s]);
+        let norm: f32 = h[..4].iter().map(|v| v * v).sum();
+        assert!((norm - 30.0).abs() < 1e-4);
+        assert_eq!(h[4], 5.0);
+    }
+}
