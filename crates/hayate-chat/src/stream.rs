@@ -1,0 +1,61 @@
+use crate::{ChatError, Result};
+use tokenizers::Tokenizer;
+
+/// Turns a stream of token ids into text pieces as soon as they are whole.
+///
+/// Byte-level tokens can split a character; a piece is held back while it
+/// ends in an incomplete UTF-8 sequence. Bytes that never form valid UTF-8
+/// are emitted as U+FFFD rather than held forever.
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+/// A character is at most 4 bytes, and every token at least 1: holding more
+/// tokens than this means the bytes are invalid, not incomplete.
+const MAX_HELD_TOKENS: usize = 4;
+
+impl<'a> StreamDecoder<'a> {
+    pub(crate) fn new(tokenizer: &'a Tokenizer) -> Self {
+        StreamDecoder {
+            tokenizer,
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| ChatError::Tokenizer(e.to_string()))
+    }
+
+    /// Adds one token; returns the text it completes, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let prefix = self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = self.decode(&self.ids[self.prefix_offset..])?;
+        let held = self.ids.len() - self.read_offset;
+        let complete = !full.ends_with('\u{FFFD}');
+        if full.len() > prefix.len() && (complete || held > MAX_HELD_TOKENS) {
+            let piece = full.get(prefix.len()..).unwrap_or(&full).to_owned();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            return Ok(Some(piece));
+        }
+        Ok(None)
+    }
+
+    /// Whatever is still held back (incomplete bytes become U+FFFD).
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        let prefix = self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = self.decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok((full.len() > prefix.len())
+            .then(|| full.get(prefix.len()..).unwrap_or(&full).to_owned()))
+    }
+}

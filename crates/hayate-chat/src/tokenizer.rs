@@ -1,0 +1,121 @@
+use crate::{ChatError, ChatTemplate, Message, Result, StreamDecoder};
+use serde_json::Value;
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+/// A model's tokenizer and chat template.
+pub struct TextTokenizer {
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+}
+
+fn file_error(path: &Path, message: impl ToString) -> ChatError {
+    ChatError::File {
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+/// A token given as a string or as `{"content": ...}` in tokenizer_config.json.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(m) => m.get("content")?.as_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json`, and the chat template from
+    /// `chat_template.jinja` or else `tokenizer_config.json`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(file_error(
+                &path,
+                "not found (this model has no tokenizer; use token ids)",
+            ));
+        }
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| file_error(&path, e))?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Value = match std::fs::read(&config_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| file_error(&config_path, e))?,
+            Err(_) => Value::Null,
+        };
+        let jinja_path = dir.join("chat_template.jinja");
+        let source = if jinja_path.exists() {
+            Some(std::fs::read_to_string(&jinja_path).map_err(|e| file_error(&jinja_path, e))?)
+        } else {
+            match config.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                // A list of named templates: take "default", else the first.
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .or_else(|| list.first())
+                    .and_then(|t| t.get("template"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                _ => None,
+            }
+        };
+        let bos = token_text(config.get("bos_token")).unwrap_or_default();
+        let eos = token_text(config.get("eos_token")).unwrap_or_default();
+        let template = source
+            .map(|s| ChatTemplate::new(&s, &bos, &eos))
+            .transpose()?;
+        Ok(TextTokenizer {
+            tokenizer,
+            template,
+        })
+    }
+
+    /// Token ids of `text`; `add_special_tokens` applies the tokenizer's
+    /// post-processor (e.g. a BOS), as `tokenizer(text)` does in Python.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        self.tokenizer
+            .encode(text, add_special_tokens)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| ChatError::Tokenizer(e.to_string()))
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| ChatError::Tokenizer(e.to_string()))
+    }
+
+    /// The id of a token given by its text (e.g. `<|im_end|>`).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// Whether a chat template is available.
+    pub fn has_template(&self) -> bool {
+        self.template.is_some()
+    }
+
+    /// Renders a conversation with the model's template.
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.template
+            .as_ref()
+            .ok_or(ChatError::NoTemplate)?
+            .render(messages, add_generation_prompt)
+    }
+
+    /// Token ids of a conversation: rendered, then encoded without adding
+    /// special tokens (the template already placed them), as `transformers` does.
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        self.encode(&self.render_chat(messages, add_generation_prompt)?, false)
+    }
+
+    /// A streaming decoder for generated ids.
+    pub fn stream(&self) -> StreamDecoder<'_> {
+        StreamDecoder::new(&self.tokenizer)
+    }
+}

@@ -1,0 +1,59 @@
+//! The tokenizer and template of a real checkpoint.
+
+use hayate_chat::{Message, TextTokenizer};
+use std::path::Path;
+
+fn pystd() -> TextTokenizer {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/pystd-qwen3-7m");
+    TextTokenizer::load(&dir).unwrap()
+}
+
+#[test]
+fn round_trips_and_renders_the_chat_template() {
+    let t = pystd();
+    let text = "def fibonacci(n):\n    return n  # ünïcode ✓\n";
+    let ids = t.encode(text, true).unwrap();
+    assert_eq!(t.decode(&ids).unwrap(), text);
+    let chat = t.encode_chat(&[Message::new("user", "hi")], true).unwrap();
+    assert_eq!(chat[0], t.token_id("<|im_start|>").unwrap());
+    assert_eq!(
+        t.render_chat(&[Message::new("user", "hi")], true).unwrap(),
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+}
+
+#[test]
+fn streaming_reassembles_split_characters_and_survives_invalid_bytes() {
+    let t = pystd();
+    let text = "x = '✓ ünï'\n";
+    let ids = t.encode(text, false).unwrap();
+    let mut stream = t.stream();
+    let mut out = String::new();
+    for &id in &ids {
+        if let Some(piece) = stream.push(id).unwrap() {
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "emitted a partial character: {piece:?}"
+            );
+            out += &piece;
+        }
+    }
+    out += &stream.finish().unwrap().unwrap_or_default();
+    assert_eq!(out, text);
+
+    // Byte tokens: a lone continuation byte (0x80) is invalid UTF-8 on its own.
+    let lone = t.encode("\u{80}", false).unwrap();
+    let continuation = *lone.last().unwrap();
+    let mut stream = t.stream();
+    let mut out = String::new();
+    for id in [continuation; 6]
+        .into_iter()
+        .chain(t.encode("ok", false).unwrap())
+    {
+        if let Some(piece) = stream.push(id).unwrap() {
+            out += &piece;
+        }
+    }
+    out += &stream.finish().unwrap().unwrap_or_default();
+    assert!(out.ends_with("ok") && out.contains('\u{FFFD}'), "{out:?}");
+}
