@@ -7,6 +7,7 @@ pub mod arch;
 pub mod blocks;
 mod error;
 mod forward;
+pub mod generate;
 pub mod model;
 pub mod rng;
 pub mod rope;
@@ -15,6 +16,7 @@ pub mod state;
 
 pub use error::EngineError;
 pub use forward::Logits;
+pub use generate::{GenerationStats, Generator, StopReason};
 pub use model::{LoadOptions, Model, ModelInfo};
 pub use sampler::{Sampler, SamplingParams};
 pub use state::InferenceState;

@@ -1,1 +1,56 @@
-fn main() {}
+//! The `hayate` command line.
+
+mod bench;
+mod chat;
+mod common;
+mod logits;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+/// Run open large language models on this machine: fast, private, offline.
+#[derive(Parser)]
+#[command(name = "hayate", version, about)]
+struct Cli {
+    /// Log loading and kernel choices to stderr (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a reply to one prompt, streamed to stdout.
+    Run(run::RunArgs),
+    /// Talk to a model in the terminal, turn by turn.
+    Chat(chat::ChatArgs),
+    /// Write the next-token logits at every position of a token sequence.
+    Logits(logits::LogitsArgs),
+    /// Measure prompt-processing and generation speed.
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => tracing::Level::WARN,
+        1 => tracing::Level::INFO,
+        _ => tracing::Level::DEBUG,
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Chat(args) => chat::run(args),
+        Command::Logits(args) => logits::run(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    if let Err(error) = result {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,189 @@
+//! `hayate bench`: prompt-processing and generation speed, like llama-bench.
+
+use crate::common::{ModelArgs, mib, peak_rss_bytes};
+use anyhow::{Result, bail};
+use clap::Args;
+use hayate_engine::sampler::argmax;
+use hayate_engine::{Logits, Model};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens to process (0 skips the test).
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_name = "N",
+        default_value_t = 512
+    )]
+    n_prompt: usize,
+    /// Tokens to generate (0 skips the test).
+    #[arg(short = 'n', long = "n-gen", value_name = "N", default_value_t = 128)]
+    n_gen: usize,
+    /// Repetitions of each test.
+    #[arg(
+        short = 'r',
+        long = "repetitions",
+        value_name = "N",
+        default_value_t = 5
+    )]
+    repetitions: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Rate {
+    test: String,
+    tokens: usize,
+    mean_tok_s: f64,
+    stddev_tok_s: f64,
+    samples_tok_s: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    model_type: String,
+    params: usize,
+    size_bytes: usize,
+    bits_per_weight: f64,
+    bytes_per_token: usize,
+    threads: usize,
+    kernels: String,
+    results: Vec<Rate>,
+    peak_rss_bytes: u64,
+}
+
+fn summarise(test: String, tokens: usize, seconds: &[f64]) -> Rate {
+    let samples: Vec<f64> = seconds.iter().map(|s| tokens as f64 / s).collect();
+    let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+    let var = if samples.len() > 1 {
+        samples.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (samples.len() - 1) as f64
+    } else {
+        0.0
+    };
+    Rate {
+        test,
+        tokens,
+        mean_tok_s: mean,
+        stddev_tok_s: var.sqrt(),
+        samples_tok_s: samples,
+    }
+}
+
+/// Deterministic pseudo-random token ids (speed does not depend on them).
+fn tokens(n: usize, vocab: usize) -> Vec<u32> {
+    let mut s = 0x2545_f491_4f6c_dd1du64;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn time_prompt(model: &Model, ctx: usize, n: usize) -> Result<f64> {
+    let mut state = model.new_state(Some(ctx))?;
+    let prompt = tokens(n, model.info.vocab);
+    let start = Instant::now();
+    model.forward(&mut state, &prompt, Logits::Last, None)?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn time_generation(model: &Model, ctx: usize, n: usize) -> Result<f64> {
+    let mut state = model.new_state(Some(ctx))?;
+    let mut token = tokens(1, model.info.vocab)[0];
+    let start = Instant::now();
+    for _ in 0..n {
+        token = argmax(model.forward(&mut state, &[token], Logits::Last, None)?);
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.repetitions == 0 {
+        bail!("--repetitions must be at least 1");
+    }
+    let model = args.model.load()?;
+    let ctx = args
+        .model
+        .ctx_size
+        .unwrap_or(args.n_prompt.max(args.n_gen).max(1));
+    if args.n_prompt.max(args.n_gen) > ctx || ctx > model.info.max_positions {
+        bail!(
+            "the tests need {} tokens of context; the model allows {}",
+            args.n_prompt.max(args.n_gen),
+            model.info.max_positions
+        );
+    }
+    // Warm up: fault in the weights and the caches once.
+    time_prompt(&model, ctx, args.n_prompt.clamp(1, 16))?;
+    time_generation(&model, ctx, args.n_gen.min(4))?;
+    let mut results = Vec::new();
+    if args.n_prompt > 0 {
+        let secs = (0..args.repetitions)
+            .map(|_| time_prompt(&model, ctx, args.n_prompt))
+            .collect::<Result<Vec<_>>>()?;
+        results.push(summarise(
+            format!("pp{}", args.n_prompt),
+            args.n_prompt,
+            &secs,
+        ));
+    }
+    if args.n_gen > 0 {
+        let secs = (0..args.repetitions)
+            .map(|_| time_generation(&model, ctx, args.n_gen))
+            .collect::<Result<Vec<_>>>()?;
+        results.push(summarise(format!("tg{}", args.n_gen), args.n_gen, &secs));
+    }
+    let report = Report {
+        model: args.model.model.display().to_string(),
+        model_type: model.info.model_type.clone(),
+        params: model.info.n_params,
+        size_bytes: model.info.weight_bytes,
+        bits_per_weight: model.info.bits_per_weight(),
+        bytes_per_token: model.info.bytes_per_token,
+        threads: model.n_threads(),
+        kernels: model.isa().name().to_owned(),
+        results,
+        peak_rss_bytes: peak_rss_bytes(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "| model | size | params | bpw | threads | kernels | test | t/s |\n|---|---|---|---|---|---|---|---|"
+    );
+    for r in &report.results {
+        println!(
+            "| {} | {} | {:.1} M | {:.2} | {} | {} | {} | {:.2} ± {:.2} |",
+            report.model_type,
+            mib(report.size_bytes as u64),
+            report.params as f64 / 1e6,
+            report.bits_per_weight,
+            report.threads,
+            report.kernels,
+            r.test,
+            r.mean_tok_s,
+            r.stddev_tok_s
+        );
+    }
+    if let Some(tg) = report.results.iter().find(|r| r.test.starts_with("tg")) {
+        println!(
+            "\ndecode reads {} per token: {:.1} GB/s of weights at {:.2} tok/s",
+            mib(report.bytes_per_token as u64),
+            tg.mean_tok_s * report.bytes_per_token as f64 / 1e9,
+            tg.mean_tok_s
+        );
+    }
+    println!("peak RSS {}", mib(report.peak_rss_bytes));
+    Ok(())
+}

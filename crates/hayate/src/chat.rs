@@ -1,0 +1,112 @@
+//! `hayate chat`: an interactive conversation in the terminal. The KV cache
+//! is kept across turns, so each turn prefills only what is new.
+
+use crate::common::{ModelArgs, SamplingArgs, stop_ids};
+use anyhow::{Result, bail};
+use clap::Args;
+use hayate_chat::{Message, TextTokenizer};
+use hayate_engine::{Generator, Sampler, StopReason};
+use std::io::{BufRead, Write};
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A system message to start the conversation with.
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
+    /// Most tokens per reply.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    max_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+pub fn run(args: ChatArgs) -> Result<()> {
+    let model = args.model.load()?;
+    let tokenizer = TextTokenizer::load(&args.model.model)?;
+    if !tokenizer.has_template() {
+        bail!("the model has no chat template; use `hayate run --raw` instead");
+    }
+    let params = args.sampling.resolve(&model)?;
+    let stops = stop_ids(&model, Some(&tokenizer));
+    let mut generator = Generator::new(&model, args.model.ctx_size)?;
+    let mut sampler = Sampler::new(params, model.info.vocab);
+    let base: Vec<Message> = args
+        .system
+        .iter()
+        .map(|s| Message::new("system", s))
+        .collect();
+    let mut messages = base.clone();
+    eprintln!(
+        "hayate chat: {} ({} tokens of context). Commands: /reset, /exit (or Ctrl-D).",
+        args.model.model.display(),
+        generator.state.capacity()
+    );
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        eprint!("> ");
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        let text = line.trim();
+        match text {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages = base.clone();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(Message::new("user", text));
+        let prompt = tokenizer.encode_chat(&messages, true)?;
+        if prompt.len() >= generator.state.capacity() {
+            messages.pop();
+            eprintln!(
+                "(the conversation needs {} tokens but the context holds {}; /reset to start over)",
+                prompt.len(),
+                generator.state.capacity()
+            );
+            continue;
+        }
+        generator.set_prompt(&prompt)?;
+        let mut stream = tokenizer.stream();
+        let mut reply = String::new();
+        let mut out = std::io::stdout().lock();
+        let stats = generator.generate(
+            &mut sampler,
+            args.max_tokens,
+            &stops,
+            |token| -> Result<bool> {
+                if let Some(piece) = stream.push(token)? {
+                    reply += &piece;
+                    out.write_all(piece.as_bytes())?;
+                    out.flush()?;
+                }
+                Ok(true)
+            },
+        )?;
+        if let Some(piece) = stream.finish()? {
+            reply += &piece;
+            out.write_all(piece.as_bytes())?;
+        }
+        writeln!(out)?;
+        out.flush()?;
+        eprintln!(
+            "[{} new prompt tok, {:.1} tok/s | {} tok, {:.1} tok/s{}]",
+            stats.prompt_tokens,
+            stats.prefill_rate(),
+            stats.generated,
+            stats.decode_rate(),
+            if stats.stop == StopReason::ContextFull {
+                " | context full"
+            } else {
+                ""
+            }
+        );
+        messages.push(Message::new("assistant", &reply));
+    }
+    Ok(())
+}

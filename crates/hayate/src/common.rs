@@ -1,0 +1,138 @@
+//! Options and helpers shared by the commands.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use hayate_engine::{LoadOptions, Model, SamplingParams};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Which model to load and how to run it.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Model directory as published on Hugging Face (config.json, *.safetensors, tokenizer.json, ...).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Threads for the kernels (default: one per core).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub threads: usize,
+    /// Context length in tokens (default: the model's maximum, at most 4096).
+    #[arg(long, value_name = "N")]
+    pub ctx_size: Option<usize>,
+}
+
+impl ModelArgs {
+    /// Loads the model, reporting the time taken at info level.
+    pub fn load(&self) -> Result<Model> {
+        let start = Instant::now();
+        let model = Model::load(
+            &self.model,
+            &LoadOptions {
+                threads: self.threads,
+            },
+        )
+        .with_context(|| format!("cannot load the model in {}", self.model.display()))?;
+        tracing::info!(
+            "loaded {} ({} layers, {:.1} M params, {:.2} bits/weight) in {:.0} ms; {} threads, {} kernels",
+            model.info.model_type,
+            model.info.n_layers,
+            model.info.n_params as f64 / 1e6,
+            model.info.bits_per_weight(),
+            start.elapsed().as_secs_f64() * 1e3,
+            model.n_threads(),
+            model.isa().name()
+        );
+        Ok(model)
+    }
+}
+
+/// Sampling options; unset ones come from the model's generation_config.json.
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Temperature; 0 is greedy (default: the model's, greedy if it does not sample).
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f32>,
+    /// Keep only the K most likely tokens (0: off).
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling threshold (1: off).
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than P times the most likely (0: off).
+    #[arg(long, value_name = "P")]
+    pub min_p: Option<f32>,
+    /// Penalty for tokens already in the sequence (1: off).
+    #[arg(long, value_name = "R")]
+    pub repeat_penalty: Option<f32>,
+    /// Seed of the sampling noise (default: from the clock; printed with the stats).
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    /// The parameters in force, as `transformers` would pick them: the
+    /// model's defaults when it samples, greedy when it does not.
+    pub fn resolve(&self, model: &Model) -> Result<SamplingParams> {
+        let g = &model.generation;
+        let samples = g.do_sample.unwrap_or(false);
+        let model_temperature = if samples {
+            g.temperature.unwrap_or(1.0)
+        } else {
+            0.0
+        };
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        let params = SamplingParams {
+            temperature: self.temperature.unwrap_or(model_temperature),
+            top_k: self
+                .top_k
+                .unwrap_or(if samples { g.top_k.unwrap_or(50) } else { 0 }),
+            top_p: self
+                .top_p
+                .unwrap_or(if samples { g.top_p.unwrap_or(1.0) } else { 1.0 }),
+            min_p: self
+                .min_p
+                .unwrap_or(if samples { g.min_p.unwrap_or(0.0) } else { 0.0 }),
+            repetition_penalty: self
+                .repeat_penalty
+                .unwrap_or(g.repetition_penalty.unwrap_or(1.0)),
+            seed,
+        };
+        params.validate().map_err(anyhow::Error::msg)?;
+        Ok(params)
+    }
+}
+
+/// Peak resident memory of this process in bytes (Linux; 0 elsewhere).
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Bytes as MiB with one decimal.
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// The ids that end a reply: the model's eos ids plus the tokenizer's end-of-turn tokens.
+pub fn stop_ids(model: &Model, tokenizer: Option<&hayate_chat::TextTokenizer>) -> Vec<u32> {
+    let mut ids = model.eos_ids();
+    if let Some(t) = tokenizer {
+        for name in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"] {
+            if let Some(id) = t.token_id(name)
+                && !ids.contains(&id)
+            {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}

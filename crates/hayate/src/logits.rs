@@ -1,0 +1,94 @@
+//! `hayate logits`: the engine's entry point for correctness checks.
+
+use crate::run::parse_token_list;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use hayate_engine::{LoadOptions, Logits, Model};
+use safetensors::{Dtype, tensor::TensorView};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct LogitsArgs {
+    /// Model directory.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Comma-separated token ids, e.g. 1,5,17.
+    #[arg(long, value_name = "IDS")]
+    tokens: String,
+    /// Output file: one f32 tensor `logits` of shape [tokens, vocab].
+    #[arg(long, value_name = "FILE.safetensors")]
+    out: PathBuf,
+    /// Feed one token at a time through the KV cache.
+    #[arg(long, conflicts_with = "chunk")]
+    incremental: bool,
+    /// Prefill in chunks of N tokens through the KV cache.
+    #[arg(long, value_name = "N")]
+    chunk: Option<usize>,
+    /// Threads (default: one per core).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    threads: usize,
+}
+
+pub fn run(args: LogitsArgs) -> Result<()> {
+    let tokens = parse_token_list(&args.tokens)?;
+    if tokens.is_empty() {
+        bail!("--tokens is empty");
+    }
+    if args.chunk == Some(0) {
+        bail!("--chunk must be at least 1");
+    }
+    let model = Model::load(
+        &args.model,
+        &LoadOptions {
+            threads: args.threads,
+        },
+    )
+    .with_context(|| format!("cannot load the model in {}", args.model.display()))?;
+    let vocab = model.info.vocab;
+    if tokens.len() > model.info.max_positions {
+        bail!(
+            "{} tokens exceed the model's context of {} (max_position_embeddings)",
+            tokens.len(),
+            model.info.max_positions
+        );
+    }
+    let mut state = model.new_state(Some(tokens.len()))?;
+    let mut logits = Vec::with_capacity(tokens.len() * vocab);
+    let step = if args.incremental {
+        1
+    } else {
+        args.chunk.unwrap_or(tokens.len())
+    };
+    let mut piece_logits = Vec::new();
+    for piece in tokens.chunks(step) {
+        model.forward(&mut state, piece, Logits::All, Some(&mut piece_logits))?;
+        logits.extend_from_slice(&piece_logits);
+    }
+    write_logits(&args.out, &logits, tokens.len(), vocab)
+}
+
+/// Writes the tensor to a temporary file beside `out`, then renames it, so
+/// an interrupted run never leaves a half-written file.
+fn write_logits(out: &Path, logits: &[f32], n: usize, vocab: usize) -> Result<()> {
+    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = TensorView::new(Dtype::F32, vec![n, vocab], &bytes)?;
+    let data = safetensors::serialize([("logits", view)], None)?;
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = out
+        .file_name()
+        .context("--out must name a file")?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&data).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, out));
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", out.display()));
+    }
+    Ok(())
+}
