@@ -17,6 +17,16 @@ pub enum EngineError {
     /// The configuration is inconsistent or uses an unimplemented feature.
     #[error("config.json: {0}")]
     Config(String),
+    /// A context size the model does not support.
+    #[error(
+        "context size {requested} must be between 1 and the model's max_position_embeddings ({max})"
+    )]
+    ContextSize {
+        /// What was asked for.
+        requested: usize,
+        /// The model's maximum.
+        max: usize,
+    },
     /// More tokens than the context holds.
     #[error(
         "context is full: {needed} tokens needed, the context holds {capacity} (raise --ctx-size up to the model's maximum)"

@@ -131,6 +131,11 @@ impl Model {
         self.pool.n_threads()
     }
 
+    /// The thread pool the kernels run on.
+    pub fn pool(&self) -> Arc<ThreadPool> {
+        Arc::clone(&self.pool)
+    }
+
     /// Instruction set the kernels use.
     pub fn isa(&self) -> Isa {
         self.isa
@@ -152,9 +157,7 @@ impl Model {
         let capacity = match context {
             None => max.min(DEFAULT_CONTEXT),
             Some(c) if c == 0 || c > max => {
-                return Err(EngineError::Config(format!(
-                    "context size {c} must be between 1 and the model's max_position_embeddings ({max})"
-                )));
+                return Err(EngineError::ContextSize { requested: c, max });
             }
             Some(c) => c,
         };

@@ -46,9 +46,9 @@ pub enum RopeScaling {
 impl HfConfig {
     /// Reads and parses `config.json`.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| FormatError::Io {
+        let bytes = std::fs::read(path).map_err(|cause| FormatError::Io {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
         Self::from_slice(&bytes).map_err(|message| FormatError::Json {
             path: path.to_owned(),

@@ -4,13 +4,16 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
     /// A file could not be opened or read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (in the message, not chained, so it is printed once).
+        cause: std::io::Error,
     },
+    /// The directory holds no weights at all.
+    #[error("no model.safetensors or model.safetensors.index.json in {0}")]
+    NoWeights(PathBuf),
     /// A JSON file is not valid JSON (or not the expected shape).
     #[error("{path} is not valid JSON: {message}")]
     Json {

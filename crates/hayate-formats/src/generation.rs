@@ -50,9 +50,9 @@ impl GenerationConfig {
                 message: e.to_string(),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(FormatError::Io {
+            Err(cause) => Err(FormatError::Io {
                 path: path.to_owned(),
-                source,
+                cause,
             }),
         }
     }

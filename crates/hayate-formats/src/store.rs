@@ -172,13 +172,7 @@ impl TensorStore {
         }
         let single = dir.join("model.safetensors");
         if !single.exists() {
-            return Err(FormatError::Io {
-                path: single,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no model.safetensors or model.safetensors.index.json in the model directory",
-                ),
-            });
+            return Err(FormatError::NoWeights(dir.to_owned()));
         }
         let mut store = TensorStore {
             tensors: HashMap::new(),
@@ -192,9 +186,9 @@ impl TensorStore {
             path: index.to_owned(),
             message,
         };
-        let bytes = std::fs::read(index).map_err(|source| FormatError::Io {
+        let bytes = std::fs::read(index).map_err(|cause| FormatError::Io {
             path: index.to_owned(),
-            source,
+            cause,
         })?;
         let value: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| json(e.to_string()))?;
@@ -219,35 +213,38 @@ impl TensorStore {
         let mut store = TensorStore {
             tensors: HashMap::new(),
         };
+        let mut placed: HashMap<String, &str> = HashMap::new();
         for file in &files {
-            store.add_file(&dir.join(file))?;
+            for name in store.add_file(&dir.join(file))? {
+                placed.insert(name, file);
+            }
         }
         for (name, file) in map {
-            if !store.tensors.contains_key(name) {
+            let file = file.as_str().unwrap_or_default();
+            if placed.get(name) != Some(&file) {
                 return Err(json(format!(
-                    "the index places `{name}` in {}, which does not contain it",
-                    file.as_str().unwrap_or_default()
+                    "the index places `{name}` in {file}, which does not contain it"
                 )));
             }
         }
         Ok(store)
     }
 
-    /// Maps one safetensors file and adds its tensors.
-    pub fn add_file(&mut self, path: &Path) -> Result<()> {
+    /// Maps one safetensors file and adds its tensors; returns their names.
+    pub fn add_file(&mut self, path: &Path) -> Result<Vec<String>> {
         let invalid = |message: String| FormatError::Safetensors {
             path: path.to_owned(),
             message,
         };
-        let file = File::open(path).map_err(|source| FormatError::Io {
+        let file = File::open(path).map_err(|cause| FormatError::Io {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
         // SAFETY: the map is read-only; a model file changed by another process
         // while we run is outside what we can guard against (as in every engine).
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| FormatError::Io {
+        let map = unsafe { Mmap::map(&file) }.map_err(|cause| FormatError::Io {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
         // Parsing validates the header: size limits, offsets inside the file,
         // contiguous non-overlapping data, byte sizes that match shapes.
@@ -271,6 +268,7 @@ impl TensorStore {
         }
         drop(parsed);
         let mapped = Arc::new(Storage::Mapped(map));
+        let names = found.iter().map(|f| f.0.clone()).collect();
         for (name, dtype, shape, offset, n_bytes) in found {
             let storage = if offset % dtype.alignment() == 0 {
                 Arc::clone(&mapped)
@@ -308,7 +306,7 @@ impl TensorStore {
                 },
             );
         }
-        Ok(())
+        Ok(names)
     }
 
     /// The tensor called `name`, if present.

@@ -6,6 +6,7 @@
 //! ([`Isa::detect`]). Weights are read in their stored dtype (f32, bf16, f16)
 //! and widened to f32 inside the kernels.
 
+pub mod bandwidth;
 pub mod cpu;
 pub mod matmul;
 pub mod ops;

@@ -236,7 +236,7 @@ mod tests {
                 for i in 0..parts {
                     let r = split_range(n, parts, i, 16);
                     assert_eq!(r.start, next);
-                    assert!(r.start == n || r.start % 16 == 0);
+                    assert!(r.start == n || r.start.is_multiple_of(16));
                     next = r.end;
                 }
                 assert_eq!(next, n);

@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also measure the memory read bandwidth with the same threads, and
+    /// report decode speed as a share of the ceiling it implies.
+    #[arg(long)]
+    bandwidth: bool,
 }
 
 #[derive(Serialize)]
@@ -56,6 +60,10 @@ struct Report {
     threads: usize,
     kernels: String,
     results: Vec<Rate>,
+    /// Measured memory read bandwidth (with --bandwidth).
+    read_bandwidth_bytes_s: Option<f64>,
+    /// Decode tok/s the bandwidth allows: bandwidth / bytes per token.
+    decode_ceiling_tok_s: Option<f64>,
     peak_rss_bytes: u64,
 }
 
@@ -143,6 +151,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         results.push(summarise(format!("tg{}", args.n_gen), args.n_gen, &secs));
     }
+    let bandwidth = args
+        .bandwidth
+        .then(|| hayate_kernels::bandwidth::read_bandwidth(&model.pool(), model.isa(), 1 << 30, 5));
     let report = Report {
         model: args.model.model.display().to_string(),
         model_type: model.info.model_type.clone(),
@@ -153,6 +164,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         threads: model.n_threads(),
         kernels: model.isa().name().to_owned(),
         results,
+        read_bandwidth_bytes_s: bandwidth,
+        decode_ceiling_tok_s: bandwidth.map(|b| b / model.info.bytes_per_token as f64),
         peak_rss_bytes: peak_rss_bytes(),
     };
     if args.json {
@@ -183,6 +196,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
             tg.mean_tok_s * report.bytes_per_token as f64 / 1e9,
             tg.mean_tok_s
         );
+        if let (Some(bw), Some(ceiling)) =
+            (report.read_bandwidth_bytes_s, report.decode_ceiling_tok_s)
+        {
+            println!(
+                "memory reads at {:.1} GB/s: ceiling {:.2} tok/s; decode reaches {:.0}% of it",
+                bw / 1e9,
+                ceiling,
+                100.0 * tg.mean_tok_s / ceiling
+            );
+        }
     }
     println!("peak RSS {}", mib(report.peak_rss_bytes));
     Ok(())
