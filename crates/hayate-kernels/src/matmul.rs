@@ -26,7 +26,10 @@ const MR: usize = 6;
 pub const MAX_FUSED: usize = 4;
 
 thread_local! {
+    /// Per-thread buffer for a packed weight panel (GEMM) or a reordered input (GEMV).
     static PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread buffer for the packed activations of one `KC` block (GEMM).
+    static PACK_X: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// One matrix of a fused product: all jobs of a [`matmul_many`] call read the
@@ -143,6 +146,31 @@ fn pack_panel(w: MatRef<'_>, n0: usize, n_end: usize, k0: usize, kc: usize, pack
         }
         for (k, &v) in row[..kc].iter().enumerate() {
             pack[k * NR + j] = v;
+        }
+    }
+}
+
+/// Packs inputs `k0..k0+kc` of all `n_tok` activation rows (each `k` long)
+/// into blocks of `MR` rows laid out `[block][k][row]`, so the micro-kernel
+/// reads its broadcasts from one sequential stream. Rows past `n_tok` are zero.
+fn pack_activations(x: &[f32], k: usize, n_tok: usize, k0: usize, kc: usize, out: &mut [f32]) {
+    for (mb, block) in out
+        .chunks_exact_mut(kc * MR)
+        .take(n_tok.div_ceil(MR))
+        .enumerate()
+    {
+        for i in 0..MR {
+            let row = mb * MR + i;
+            if row < n_tok {
+                let src = &x[row * k + k0..row * k + k0 + kc];
+                for (kk, &v) in src.iter().enumerate() {
+                    block[kk * MR + i] = v;
+                }
+            } else {
+                for kk in 0..kc {
+                    block[kk * MR + i] = 0.0;
+                }
+            }
         }
     }
 }
@@ -346,19 +374,19 @@ mod avx2 {
         }
     }
 
-    /// `c[i, j] (+)= Σ_k a[i, k] · b[k, j]` for `M` rows of `a` and the 16
-    /// columns of a packed panel `b`; only the first `ncols` columns are stored.
+    /// `c[i, j] (+)= Σ_k a[i, k] · b[k, j]` for `M` rows of a packed
+    /// activation block `a` (`a[k * MR + i]`) and the 16 columns of a packed
+    /// weight panel `b` (`b[k * 16 + j]`); only the first `ncols` columns are stored.
     ///
     /// # Safety
-    /// `a` has `M` rows of `kc` values `lda` apart, `b` holds `kc * 16`
-    /// values, `c` has `M` rows of `ncols` writable values `ldc` apart.
+    /// `a` holds `kc * MR` values, `b` holds `kc * 16` values, `c` has `M`
+    /// rows of `ncols` writable values `ldc` apart.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn micro_kernel<const M: usize>(
         kc: usize,
         a: *const f32,
-        lda: usize,
         b: *const f32,
         c: *mut f32,
         ldc: usize,
@@ -372,7 +400,7 @@ mod avx2 {
                 let b0 = _mm256_loadu_ps(b.add(k * NR));
                 let b1 = _mm256_loadu_ps(b.add(k * NR + 8));
                 for (i, acc_i) in acc.iter_mut().enumerate() {
-                    let ai = _mm256_broadcast_ss(&*a.add(i * lda + k));
+                    let ai = _mm256_broadcast_ss(&*a.add(k * MR + i));
                     acc_i[0] = _mm256_fmadd_ps(ai, b0, acc_i[0]);
                     acc_i[1] = _mm256_fmadd_ps(ai, b1, acc_i[1]);
                 }
@@ -412,40 +440,45 @@ mod avx2 {
     ) {
         let k = w.cols;
         let ldc = w.rows;
+        let m_blocks = n_tok.div_ceil(MR);
         PACK.with_borrow_mut(|pack| {
-            pack.resize(KC * NR, 0.0);
-            let mut k0 = 0;
-            while k0 < k {
-                let kc = KC.min(k - k0);
-                let mut n0 = rows.start;
-                while n0 < rows.end {
-                    let ncols = NR.min(rows.end - n0);
-                    pack_panel(w, n0, rows.end, k0, kc, pack);
-                    let mut m0 = 0;
-                    while m0 < n_tok {
-                        let m = MR.min(n_tok - m0);
-                        // SAFETY: `m` rows from `m0` lie within `x` and `y`;
-                        // columns `n0..n0+ncols` lie within `rows` (caller).
-                        unsafe {
-                            let a = x.as_ptr().add(m0 * k + k0);
-                            let c = y.add(m0 * ldc + n0);
-                            let b = pack.as_ptr();
-                            let acc = k0 > 0;
-                            match m {
-                                6 => micro_kernel::<6>(kc, a, k, b, c, ldc, ncols, acc),
-                                5 => micro_kernel::<5>(kc, a, k, b, c, ldc, ncols, acc),
-                                4 => micro_kernel::<4>(kc, a, k, b, c, ldc, ncols, acc),
-                                3 => micro_kernel::<3>(kc, a, k, b, c, ldc, ncols, acc),
-                                2 => micro_kernel::<2>(kc, a, k, b, c, ldc, ncols, acc),
-                                _ => micro_kernel::<1>(kc, a, k, b, c, ldc, ncols, acc),
+            PACK_X.with_borrow_mut(|pack_x| {
+                pack.resize(KC * NR, 0.0);
+                pack_x.resize(m_blocks * KC * MR, 0.0);
+                let mut k0 = 0;
+                while k0 < k {
+                    let kc = KC.min(k - k0);
+                    pack_activations(x, k, n_tok, k0, kc, pack_x);
+                    let mut n0 = rows.start;
+                    while n0 < rows.end {
+                        let ncols = NR.min(rows.end - n0);
+                        pack_panel(w, n0, rows.end, k0, kc, pack);
+                        for mb in 0..m_blocks {
+                            let m0 = mb * MR;
+                            let m = MR.min(n_tok - m0);
+                            // SAFETY: `m` rows from `m0` lie within `y`; columns
+                            // `n0..n0+ncols` lie within `rows` (caller); the packed
+                            // buffers hold `kc * MR` and `kc * NR` values.
+                            unsafe {
+                                let a = pack_x.as_ptr().add(mb * kc * MR);
+                                let c = y.add(m0 * ldc + n0);
+                                let b = pack.as_ptr();
+                                let acc = k0 > 0;
+                                match m {
+                                    6 => micro_kernel::<6>(kc, a, b, c, ldc, ncols, acc),
+                                    5 => micro_kernel::<5>(kc, a, b, c, ldc, ncols, acc),
+                                    4 => micro_kernel::<4>(kc, a, b, c, ldc, ncols, acc),
+                                    3 => micro_kernel::<3>(kc, a, b, c, ldc, ncols, acc),
+                                    2 => micro_kernel::<2>(kc, a, b, c, ldc, ncols, acc),
+                                    _ => micro_kernel::<1>(kc, a, b, c, ldc, ncols, acc),
+                                }
                             }
                         }
-                        m0 += m;
+                        n0 += NR;
                     }
-                    n0 += NR;
+                    k0 += kc;
                 }
-                k0 += kc;
-            }
+            })
         });
     }
 }

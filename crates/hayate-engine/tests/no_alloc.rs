@@ -1,0 +1,77 @@
+//! The decode loop must not allocate: a counting allocator watches steady-state decode steps.
+
+use hayate_engine::{LoadOptions, Logits, Model, Sampler, SamplingParams};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator, only counting calls.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn decode_steps_do_not_allocate() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/pystd-qwen3-7m");
+    for threads in [1, 2] {
+        let model = Model::load(&dir, &LoadOptions { threads }).unwrap();
+        let mut state = model.new_state(Some(256)).unwrap();
+        let params = SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.05,
+            repetition_penalty: 1.1,
+            seed: 1,
+        };
+        let mut sampler = Sampler::new(params, model.info.vocab);
+        let mut tokens = Vec::with_capacity(256);
+        let mut logits = vec![0f32; model.info.vocab];
+        tokens.extend_from_slice(&[0, 100, 200, 300]);
+        logits.copy_from_slice(
+            model
+                .forward(&mut state, &tokens, Logits::Last, None)
+                .unwrap(),
+        );
+        // Warm up: thread-local buffers reach their size on the first steps.
+        let mut step = |tokens: &mut Vec<u32>,
+                        logits: &mut Vec<f32>,
+                        state: &mut hayate_engine::InferenceState| {
+            let next = sampler.sample(logits, tokens.len(), tokens);
+            tokens.push(next);
+            logits.copy_from_slice(model.forward(state, &[next], Logits::Last, None).unwrap());
+        };
+        for _ in 0..4 {
+            step(&mut tokens, &mut logits, &mut state);
+        }
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        for _ in 0..32 {
+            step(&mut tokens, &mut logits, &mut state);
+        }
+        let allocated = ALLOCATIONS.load(Ordering::Relaxed) - before;
+        assert_eq!(
+            allocated, 0,
+            "{allocated} allocations in 32 decode steps with {threads} threads"
+        );
+    }
+}
