@@ -8,6 +8,7 @@
 
 pub mod bandwidth;
 pub mod cpu;
+pub mod hadamard;
 pub mod matmul;
 pub mod ops;
 pub mod pool;
