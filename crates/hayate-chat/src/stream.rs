@@ -11,6 +11,9 @@ pub struct StreamDecoder<'a> {
     ids: Vec<u32>,
     prefix_offset: usize,
     read_offset: usize,
+    /// Byte length of the text of `ids[prefix_offset..read_offset]`, which
+    /// only changes when the offsets advance.
+    prefix_len: usize,
 }
 
 /// A character is at most 4 bytes, and every token at least 1: holding more
@@ -24,6 +27,7 @@ impl<'a> StreamDecoder<'a> {
             ids: Vec::new(),
             prefix_offset: 0,
             read_offset: 0,
+            prefix_len: 0,
         }
     }
 
@@ -36,14 +40,16 @@ impl<'a> StreamDecoder<'a> {
     /// Adds one token; returns the text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let prefix = self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = self.decode(&self.ids[self.prefix_offset..])?;
         let held = self.ids.len() - self.read_offset;
         let complete = !full.ends_with('\u{FFFD}');
-        if full.len() > prefix.len() && (complete || held > MAX_HELD_TOKENS) {
-            let piece = full.get(prefix.len()..).unwrap_or(&full).to_owned();
+        if full.len() > self.prefix_len && (complete || held > MAX_HELD_TOKENS) {
+            let piece = full.get(self.prefix_len..).unwrap_or(&full).to_owned();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
+            self.prefix_len = self
+                .decode(&self.ids[self.prefix_offset..self.read_offset])?
+                .len();
             return Ok(Some(piece));
         }
         Ok(None)

@@ -1,6 +1,6 @@
 //! The forward pass over any list of generic blocks.
 
-use crate::blocks::{Activation, Attention, Block, Mixer};
+use crate::blocks::{Activation, Attention, Block, Mixer, RmsNorm};
 use crate::model::Model;
 use crate::state::{InferenceState, KvCache, LayerState};
 use crate::{EngineError, Result};
@@ -11,14 +11,14 @@ use hayate_kernels::{Isa, MatmulJob, ThreadPool, matmul, matmul_many, ops};
 pub const PREFILL_CHUNK: usize = 512;
 
 /// Which next-token logits a forward call produces.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Logits {
+#[derive(Debug)]
+pub enum Logits<'a> {
     /// None (e.g. prefilling a prompt whose continuation is already known).
     None,
-    /// Only after the last token: `vocab` values.
+    /// Only after the last token: `vocab` values, returned by the call.
     Last,
-    /// After every token: `tokens x vocab` values.
-    All,
+    /// After every token: written here, resized to `tokens x vocab` values.
+    All(&'a mut Vec<f32>),
 }
 
 /// Buffers the forward pass reuses, sized once per state.
@@ -83,17 +83,14 @@ impl SyncPtr {
 }
 
 impl Model {
-    /// Runs `tokens` through the model after what `state` already holds, and
-    /// returns the requested logits (borrowed from `state` for [`Logits::Last`]).
-    ///
-    /// For [`Logits::All`] the values are written to `all_logits`, which is
-    /// resized to `tokens.len() * vocab`.
+    /// Runs `tokens` through the model after what `state` already holds.
+    /// Returns the last token's logits (borrowed from `state`; meaningful for
+    /// [`Logits::Last`]); [`Logits::All`] writes every position's to its buffer.
     pub fn forward<'s>(
         &self,
         state: &'s mut InferenceState,
         tokens: &[u32],
-        logits: Logits,
-        all_logits: Option<&mut Vec<f32>>,
+        mut logits: Logits<'_>,
     ) -> Result<&'s [f32]> {
         let vocab = self.info.vocab;
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
@@ -106,8 +103,7 @@ impl Model {
                 capacity: state.capacity,
             });
         }
-        let mut all_logits = all_logits;
-        if let Some(out) = all_logits.as_deref_mut() {
+        if let Logits::All(out) = &mut logits {
             out.resize(tokens.len() * vocab, 0.0);
         }
         let chunk = state.scratch.chunk;
@@ -117,37 +113,20 @@ impl Model {
             let n = piece.len();
             let hidden = self.info.hidden;
             let s = &mut state.scratch;
-            match logits {
+            let head = self.parts.lm_head.matrix();
+            match &mut logits {
                 Logits::None => {}
                 Logits::Last if c + 1 == n_chunks => {
                     let last = &s.x[(n - 1) * hidden..n * hidden];
-                    ops::rms_norm(
-                        last,
-                        &self.parts.final_norm.weight,
-                        self.parts.final_norm.eps,
-                        &mut s.h[..hidden],
-                    );
-                    let head = self.parts.lm_head.matrix();
+                    let norm = &self.parts.final_norm;
+                    ops::rms_norm(last, &norm.weight, norm.eps, &mut s.h[..hidden]);
                     matmul(&self.pool, self.isa, head, &s.h[..hidden], 1, &mut s.logits);
                 }
                 Logits::Last => {}
-                Logits::All => {
-                    let norm = &self.parts.final_norm;
-                    for t in 0..n {
-                        let r = t * hidden..(t + 1) * hidden;
-                        ops::rms_norm(&s.x[r.clone()], &norm.weight, norm.eps, &mut s.h[r]);
-                    }
-                    if let Some(out) = all_logits.as_deref_mut() {
-                        let dst = &mut out[c * chunk * vocab..(c * chunk + n) * vocab];
-                        matmul(
-                            &self.pool,
-                            self.isa,
-                            self.parts.lm_head.matrix(),
-                            &s.h,
-                            n,
-                            dst,
-                        );
-                    }
+                Logits::All(out) => {
+                    norm_rows(&self.parts.final_norm, &s.x, &mut s.h, n, hidden);
+                    let dst = &mut out[c * chunk * vocab..(c * chunk + n) * vocab];
+                    matmul(&self.pool, self.isa, head, &s.h[..n * hidden], n, dst);
                 }
             }
         }
@@ -193,20 +172,7 @@ impl Model {
     ) {
         let hidden = self.info.hidden;
         let (pool, isa) = (&*self.pool, self.isa);
-        let norm_rows = |x: &[f32], h: &mut [f32], w: &[f32], eps: f32| {
-            for (xr, hr) in x[..n * hidden]
-                .chunks_exact(hidden)
-                .zip(h.chunks_exact_mut(hidden))
-            {
-                ops::rms_norm(xr, w, eps, hr);
-            }
-        };
-        norm_rows(
-            &s.x,
-            &mut s.h,
-            &block.mixer_norm.weight,
-            block.mixer_norm.eps,
-        );
+        norm_rows(&block.mixer_norm, &s.x, &mut s.h, n, hidden);
         match (&block.mixer, layer) {
             (Mixer::Attention(a), LayerState::Attention(cache)) => {
                 self.attention(a, cache, s, n, start);
@@ -214,7 +180,7 @@ impl Model {
         }
         add_into(&mut s.x[..n * hidden], &s.mix[..n * hidden]);
 
-        norm_rows(&s.x, &mut s.h, &block.mlp_norm.weight, block.mlp_norm.eps);
+        norm_rows(&block.mlp_norm, &s.x, &mut s.h, n, hidden);
         let mlp = &block.mlp;
         let inter = mlp.gate.rows;
         matmul_many(
@@ -383,6 +349,16 @@ fn attend(
             }
         }
     });
+}
+
+/// Normalises the first `n` rows (each `hidden` long) of `x` into `h`.
+fn norm_rows(norm: &RmsNorm, x: &[f32], h: &mut [f32], n: usize, hidden: usize) {
+    for (xr, hr) in x[..n * hidden]
+        .chunks_exact(hidden)
+        .zip(h.chunks_exact_mut(hidden))
+    {
+        ops::rms_norm(xr, &norm.weight, norm.eps, hr);
+    }
 }
 
 fn add_into(x: &mut [f32], y: &[f32]) {

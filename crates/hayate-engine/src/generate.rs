@@ -118,10 +118,7 @@ impl<'m> Generator<'m> {
         };
         let mut logits = vec![0f32; self.model.info.vocab];
         let new = &self.tokens[self.state.len()..];
-        logits.copy_from_slice(
-            self.model
-                .forward(&mut self.state, new, Logits::Last, None)?,
-        );
+        logits.copy_from_slice(self.model.forward(&mut self.state, new, Logits::Last)?);
         let mut first_at = None;
         while stats.generated < max_tokens {
             let position = self.tokens.len();
@@ -148,12 +145,10 @@ impl<'m> Generator<'m> {
                 stats.stop = StopReason::ContextFull;
                 break;
             }
-            logits.copy_from_slice(self.model.forward(
-                &mut self.state,
-                &[token],
-                Logits::Last,
-                None,
-            )?);
+            logits.copy_from_slice(
+                self.model
+                    .forward(&mut self.state, &[token], Logits::Last)?,
+            );
         }
         if let Some(first) = first_at {
             stats.decode_time = first.elapsed();

@@ -69,16 +69,11 @@ impl Model {
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
         let config = HfConfig::load(&dir.join("config.json"))?;
         let generation = GenerationConfig::load(&dir.join("generation_config.json"))?;
-        // Check the architecture before touching the weights, for a clearer error.
+        // Find the architecture before touching the weights, for a clearer error.
+        let translate = arch::translator(&config)?;
         let model_type = config.model_type()?.to_owned();
-        if !arch::supported().contains(&model_type.as_str()) {
-            return Err(EngineError::UnsupportedArchitecture {
-                model_type,
-                supported: arch::supported(),
-            });
-        }
         let store = TensorStore::open_dir(dir)?;
-        let parts = arch::translate(&config, &store)?;
+        let parts = translate(&config, &store)?;
         let threads = match options.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,

@@ -48,18 +48,14 @@ fn decode_steps_do_not_allocate() {
         let mut tokens = Vec::with_capacity(256);
         let mut logits = vec![0f32; model.info.vocab];
         tokens.extend_from_slice(&[0, 100, 200, 300]);
-        logits.copy_from_slice(
-            model
-                .forward(&mut state, &tokens, Logits::Last, None)
-                .unwrap(),
-        );
+        logits.copy_from_slice(model.forward(&mut state, &tokens, Logits::Last).unwrap());
         // Warm up: thread-local buffers reach their size on the first steps.
         let mut step = |tokens: &mut Vec<u32>,
                         logits: &mut Vec<f32>,
                         state: &mut hayate_engine::InferenceState| {
             let next = sampler.sample(logits, tokens.len(), tokens);
             tokens.push(next);
-            logits.copy_from_slice(model.forward(state, &[next], Logits::Last, None).unwrap());
+            logits.copy_from_slice(model.forward(state, &[next], Logits::Last).unwrap());
         };
         for _ in 0..4 {
             step(&mut tokens, &mut logits, &mut state);

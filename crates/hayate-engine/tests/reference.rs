@@ -36,7 +36,7 @@ fn check(name: &str) {
     let mut state = model.new_state(None).unwrap();
     let mut all = Vec::new();
     model
-        .forward(&mut state, &ids, Logits::All, Some(&mut all))
+        .forward(&mut state, &ids, Logits::All(&mut all))
         .unwrap();
     let max_diff = all
         .iter()
@@ -47,9 +47,7 @@ fn check(name: &str) {
     // One token at a time through the cache.
     let mut state = model.new_state(None).unwrap();
     for (t, &id) in ids.iter().enumerate() {
-        let got = model
-            .forward(&mut state, &[id], Logits::Last, None)
-            .unwrap();
+        let got = model.forward(&mut state, &[id], Logits::Last).unwrap();
         let row = &want[t * vocab..(t + 1) * vocab];
         let d = got
             .iter()

@@ -101,7 +101,7 @@ fn time_prompt(model: &Model, ctx: usize, n: usize) -> Result<f64> {
     let mut state = model.new_state(Some(ctx))?;
     let prompt = tokens(n, model.info.vocab);
     let start = Instant::now();
-    model.forward(&mut state, &prompt, Logits::Last, None)?;
+    model.forward(&mut state, &prompt, Logits::Last)?;
     Ok(start.elapsed().as_secs_f64())
 }
 
@@ -110,7 +110,7 @@ fn time_generation(model: &Model, ctx: usize, n: usize) -> Result<f64> {
     let mut token = tokens(1, model.info.vocab)[0];
     let start = Instant::now();
     for _ in 0..n {
-        token = argmax(model.forward(&mut state, &[token], Logits::Last, None)?);
+        token = argmax(model.forward(&mut state, &[token], Logits::Last)?);
     }
     Ok(start.elapsed().as_secs_f64())
 }

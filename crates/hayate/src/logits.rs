@@ -62,7 +62,7 @@ pub fn run(args: LogitsArgs) -> Result<()> {
     };
     let mut piece_logits = Vec::new();
     for piece in tokens.chunks(step) {
-        model.forward(&mut state, piece, Logits::All, Some(&mut piece_logits))?;
+        model.forward(&mut state, piece, Logits::All(&mut piece_logits))?;
         logits.extend_from_slice(&piece_logits);
     }
     write_logits(&args.out, &logits, tokens.len(), vocab)

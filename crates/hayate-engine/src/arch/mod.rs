@@ -27,7 +27,8 @@ pub struct Translated {
     pub max_positions: usize,
 }
 
-type Translator = fn(&HfConfig, &TensorStore) -> Result<Translated>;
+/// Builds the blocks for a config, binding and checking every tensor.
+pub type Translator = fn(&HfConfig, &TensorStore) -> Result<Translated>;
 
 /// Every supported `model_type` and its translator.
 const TRANSLATORS: &[(&str, Translator)] = &[
@@ -41,15 +42,15 @@ pub fn supported() -> Vec<&'static str> {
     TRANSLATORS.iter().map(|(name, _)| *name).collect()
 }
 
-/// Builds the blocks for `config`, binding and checking every tensor.
-pub fn translate(config: &HfConfig, store: &TensorStore) -> Result<Translated> {
+/// The translator for `config`'s `model_type`; an error listing the supported ones otherwise.
+pub fn translator(config: &HfConfig) -> Result<Translator> {
     let model_type = config.model_type()?;
-    let (_, translator) = TRANSLATORS
+    TRANSLATORS
         .iter()
         .find(|(name, _)| *name == model_type)
+        .map(|(_, translate)| *translate)
         .ok_or_else(|| EngineError::UnsupportedArchitecture {
             model_type: model_type.to_owned(),
             supported: supported(),
-        })?;
-    translator(config, store)
+        })
 }
