@@ -12,9 +12,11 @@ pub mod hadamard;
 pub mod matmul;
 pub mod ops;
 pub mod pool;
+pub mod quant;
 pub mod weights;
 
 pub use cpu::Isa;
 pub use matmul::{MatmulJob, matmul, matmul_many};
 pub use pool::ThreadPool;
+pub use quant::{ActPrecision, QuantFormat, QuantMatRef};
 pub use weights::{MatRef, WeightSlice};

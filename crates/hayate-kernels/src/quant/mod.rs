@@ -1,0 +1,499 @@
+//! Integer weight formats and their products with activations.
+//!
+//! Two formats, both grouped along a row's inputs (groups of `G`
+//! consecutive inputs, `G` a multiple of 32):
+//! - **q4**: unsigned 4-bit codes `q`, a 4-bit zero point `z` and a bf16
+//!   scale `s` per group; `w = (q - z)·s`.
+//! - **q8**: signed codes in `[-127, 127]` and a bf16 scale per group; `w = q·s`.
+//!
+//! Layouts (row-major, `rows` outputs x `cols` inputs):
+//! - q4 codes: `cols / 2` bytes per row; each block of 32 inputs takes 16
+//!   bytes, byte `j` holding input `j` in its low nibble and input `j + 16`
+//!   in its high nibble (so one 16-byte load unpacks to 32 ordered codes).
+//! - q8 codes: `cols` bytes per row (two's complement).
+//! - scales: `rows x cols/G` bf16 values.
+//! - q4 zero points: `ceil(cols/G / 2)` bytes per row, group `2i` in the low
+//!   nibble of byte `i`, group `2i + 1` in the high one.
+//!
+//! Rotation ([`rotate_rows`]): the stored matrix may be `W' = H·S_out·W·S_in·H`
+//! with `H` the block-32 Walsh–Hadamard transform and `S` diagonal ±1 signs;
+//! then `W·x = S_out·H·(W'·(H·S_in·x))`. The products in [`product`] apply the
+//! input transform once per activation vector and the output one in their epilogue.
+
+mod acts;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod product;
+
+pub use acts::{ActPrecision, QuantizedActs};
+pub use product::{QuantJob, qmatmul, qmatmul_many};
+
+use crate::cpu::Isa;
+use crate::hadamard::{BLOCK, hadamard_blocks};
+use crate::pool::{ThreadPool, split_range};
+use crate::weights::MatRef;
+use half::bf16;
+
+/// Group sizes the formats allow.
+pub const GROUP_SIZES: [usize; 3] = [32, 64, 128];
+
+/// An integer weight format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    /// 4-bit asymmetric codes with 4-bit zero points and bf16 scales.
+    Q4,
+    /// 8-bit symmetric codes with bf16 scales.
+    Q8,
+}
+
+impl QuantFormat {
+    /// The name used on the command line and in files (`q4`, `q8`).
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Q4 => "q4",
+            QuantFormat::Q8 => "q8",
+        }
+    }
+
+    /// Parses [`QuantFormat::name`].
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "q4" => Some(QuantFormat::Q4),
+            "q8" => Some(QuantFormat::Q8),
+            _ => None,
+        }
+    }
+
+    /// Bytes of codes per row of `cols` inputs.
+    pub fn code_row_bytes(self, cols: usize) -> usize {
+        match self {
+            QuantFormat::Q4 => cols / 2,
+            QuantFormat::Q8 => cols,
+        }
+    }
+
+    /// Bytes of zero points per row of `groups` groups.
+    pub fn zero_row_bytes(self, groups: usize) -> usize {
+        match self {
+            QuantFormat::Q4 => groups.div_ceil(2),
+            QuantFormat::Q8 => 0,
+        }
+    }
+}
+
+/// Sizes of the three arrays of a quantized matrix, in elements:
+/// (code bytes, bf16 scales, zero-point bytes).
+pub fn layout_sizes(
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    group: usize,
+) -> (usize, usize, usize) {
+    let groups = cols / group;
+    (
+        rows * format.code_row_bytes(cols),
+        rows * groups,
+        rows * format.zero_row_bytes(groups),
+    )
+}
+
+/// Checks that a `rows x cols` matrix can be stored with groups of `group`.
+pub fn check_shape(rows: usize, cols: usize, group: usize) -> Result<(), String> {
+    if !GROUP_SIZES.contains(&group) {
+        return Err(format!("group size {group} is not one of {GROUP_SIZES:?}"));
+    }
+    if rows == 0 || cols == 0 || !cols.is_multiple_of(group) {
+        return Err(format!(
+            "a {rows} x {cols} matrix cannot be cut into groups of {group} inputs"
+        ));
+    }
+    Ok(())
+}
+
+/// A borrowed quantized matrix (see the module docs for the layout).
+#[derive(Clone, Copy, Debug)]
+pub struct QuantMatRef<'a> {
+    /// The format of the codes.
+    pub format: QuantFormat,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Inputs per group.
+    pub group: usize,
+    /// Packed codes.
+    pub codes: &'a [u8],
+    /// bf16 bit patterns of the scales.
+    pub scales: &'a [u16],
+    /// Packed zero points (q4), empty for q8.
+    pub zeros: &'a [u8],
+}
+
+impl<'a> QuantMatRef<'a> {
+    /// A view of the three arrays; an error names what does not fit.
+    pub fn new(
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        group: usize,
+        codes: &'a [u8],
+        scales: &'a [u16],
+        zeros: &'a [u8],
+    ) -> Result<Self, String> {
+        check_shape(rows, cols, group)?;
+        let (nc, ns, nz) = layout_sizes(format, rows, cols, group);
+        for (what, have, want) in [
+            ("code bytes", codes.len(), nc),
+            ("scales", scales.len(), ns),
+            ("zero-point bytes", zeros.len(), nz),
+        ] {
+            if have != want {
+                return Err(format!(
+                    "{} {rows} x {cols} (group {group}) needs {want} {what}, found {have}",
+                    format.name()
+                ));
+            }
+        }
+        Ok(QuantMatRef {
+            format,
+            rows,
+            cols,
+            group,
+            codes,
+            scales,
+            zeros,
+        })
+    }
+
+    /// Groups per row.
+    pub fn groups(&self) -> usize {
+        self.cols / self.group
+    }
+
+    /// Bytes of all three arrays.
+    pub fn n_bytes(&self) -> usize {
+        self.codes.len() + 2 * self.scales.len() + self.zeros.len()
+    }
+
+    /// Scale of group `g` of row `r`.
+    #[inline]
+    pub fn scale(&self, r: usize, g: usize) -> f32 {
+        bf16::from_bits(self.scales[r * self.groups() + g]).to_f32()
+    }
+
+    /// Zero point of group `g` of row `r` (0 for q8).
+    #[inline]
+    pub fn zero(&self, r: usize, g: usize) -> i32 {
+        match self.format {
+            QuantFormat::Q4 => {
+                let byte = self.zeros[r * self.format.zero_row_bytes(self.groups()) + g / 2];
+                i32::from(group_nibble(byte, g))
+            }
+            QuantFormat::Q8 => 0,
+        }
+    }
+
+    /// Code of input `c` of row `r` (0..=15 for q4, -127..=127 for q8).
+    #[inline]
+    pub fn code(&self, r: usize, c: usize) -> i32 {
+        match self.format {
+            QuantFormat::Q4 => {
+                let j = c % 32;
+                let byte = self.codes[r * self.cols / 2 + (c / 32) * 16 + j % 16];
+                i32::from(if j < 16 { byte & 15 } else { byte >> 4 })
+            }
+            QuantFormat::Q8 => i32::from(self.codes[r * self.cols + c] as i8),
+        }
+    }
+
+    /// Row `r` of the stored (possibly rotated) matrix, dequantized into `out`.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert_eq!(out.len(), self.cols);
+        for g in 0..self.groups() {
+            let (s, z) = (self.scale(r, g), self.zero(r, g));
+            let start = g * self.group;
+            for (i, o) in out[start..start + self.group].iter_mut().enumerate() {
+                *o = (self.code(r, start + i) - z) as f32 * s;
+            }
+        }
+    }
+}
+
+/// The nibble of group `g` in its zero-point byte (even groups low, odd high).
+#[inline]
+pub(crate) fn group_nibble(byte: u8, g: usize) -> u8 {
+    if g & 1 == 0 { byte & 15 } else { byte >> 4 }
+}
+
+/// Signs of a rotated matrix: `S_in` (one per input) and `S_out` (one per output).
+#[derive(Clone, Copy, Debug)]
+pub struct Rotation<'a> {
+    /// ±1 per input.
+    pub sign_in: &'a [f32],
+    /// ±1 per output.
+    pub sign_out: &'a [f32],
+}
+
+/// Replaces `w` (`rows x cols`, both multiples of 32) by `H·S_out·W·S_in·H`.
+pub fn rotate_rows(isa: Isa, w: &mut [f32], cols: usize, rotation: Rotation<'_>) {
+    assert!(cols.is_multiple_of(BLOCK) && w.len().is_multiple_of(BLOCK * cols));
+    assert_eq!(rotation.sign_in.len(), cols);
+    assert_eq!(rotation.sign_out.len() * cols, w.len());
+    for (row, &so) in w.chunks_exact_mut(cols).zip(rotation.sign_out) {
+        for (v, &si) in row.iter_mut().zip(rotation.sign_in) {
+            *v *= so * si;
+        }
+        hadamard_blocks(isa, row);
+    }
+    for block in w.chunks_exact_mut(BLOCK * cols) {
+        hadamard_across_rows(block, cols);
+    }
+}
+
+/// Applies `H` across the 32 rows of `block` (each `cols` long), column by column.
+fn hadamard_across_rows(block: &mut [f32], cols: usize) {
+    let mut stride = 1;
+    while stride < BLOCK {
+        for start in (0..BLOCK).step_by(2 * stride) {
+            for i in start..start + stride {
+                let (head, tail) = block.split_at_mut((i + stride) * cols);
+                let a = &mut head[i * cols..(i + 1) * cols];
+                let b = &mut tail[..cols];
+                for (x, y) in a.iter_mut().zip(b.iter_mut()) {
+                    let (p, q) = (*x, *y);
+                    *x = p + q;
+                    *y = p - q;
+                }
+            }
+        }
+        stride *= 2;
+    }
+    let scale = 1.0 / (BLOCK as f32).sqrt();
+    for v in block.iter_mut() {
+        *v *= scale;
+    }
+}
+
+/// An owned quantized matrix.
+#[derive(Clone, Debug)]
+pub struct QuantizedMatrix {
+    /// The format.
+    pub format: QuantFormat,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Inputs per group.
+    pub group: usize,
+    /// Packed codes.
+    pub codes: Vec<u8>,
+    /// bf16 scales.
+    pub scales: Vec<u16>,
+    /// Packed zero points (q4).
+    pub zeros: Vec<u8>,
+}
+
+impl QuantizedMatrix {
+    /// A borrowed view.
+    pub fn view(&self) -> QuantMatRef<'_> {
+        QuantMatRef {
+            format: self.format,
+            rows: self.rows,
+            cols: self.cols,
+            group: self.group,
+            codes: &self.codes,
+            scales: &self.scales,
+            zeros: &self.zeros,
+        }
+    }
+}
+
+struct BytePtr<T>(*mut T);
+// SAFETY: threads write disjoint row ranges, see `quantize_matrix`.
+unsafe impl<T> Sync for BytePtr<T> {}
+impl<T> BytePtr<T> {
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// Quantizes `w` (rotating it first when `rotation` is given) on the pool.
+///
+/// The caller checks the shape with [`check_shape`] (and, with a rotation,
+/// that `rows` is a multiple of 32); this panics otherwise.
+pub fn quantize_matrix(
+    pool: &ThreadPool,
+    isa: Isa,
+    format: QuantFormat,
+    group: usize,
+    w: MatRef<'_>,
+    rotation: Option<Rotation<'_>>,
+) -> QuantizedMatrix {
+    let (rows, cols) = (w.rows, w.cols);
+    check_shape(rows, cols, group).expect("shape checked by the caller");
+    if rotation.is_some() {
+        assert!(
+            rows.is_multiple_of(BLOCK),
+            "rotated rows must be a multiple of 32"
+        );
+    }
+    let (nc, ns, nz) = layout_sizes(format, rows, cols, group);
+    let mut out = QuantizedMatrix {
+        format,
+        rows,
+        cols,
+        group,
+        codes: vec![0; nc],
+        scales: vec![0; ns],
+        zeros: vec![0; nz],
+    };
+    let groups = cols / group;
+    let (code_row, zero_row) = (format.code_row_bytes(cols), format.zero_row_bytes(groups));
+    let codes = BytePtr(out.codes.as_mut_ptr());
+    let scales = BytePtr(out.scales.as_mut_ptr());
+    let zeros = BytePtr(out.zeros.as_mut_ptr());
+    pool.run(&|tid, n_threads| {
+        let mine = split_range(rows, n_threads, tid, BLOCK);
+        let mut buf = vec![0f32; BLOCK.min(rows) * cols];
+        let mut r0 = mine.start;
+        while r0 < mine.end {
+            let n = BLOCK.min(mine.end - r0);
+            let block = &mut buf[..n * cols];
+            for (i, row) in block.chunks_exact_mut(cols).enumerate() {
+                w.widen_row(r0 + i, row);
+            }
+            if let Some(rot) = rotation {
+                let signs = Rotation {
+                    sign_in: rot.sign_in,
+                    sign_out: &rot.sign_out[r0..r0 + n],
+                };
+                rotate_rows(isa, block, cols, signs);
+            }
+            // SAFETY: rows `r0..r0+n` belong to this thread alone; the
+            // arrays were sized by `layout_sizes` for all rows.
+            let (c, s, z) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(codes.get().add(r0 * code_row), n * code_row),
+                    std::slice::from_raw_parts_mut(scales.get().add(r0 * groups), n * groups),
+                    std::slice::from_raw_parts_mut(zeros.get().add(r0 * zero_row), n * zero_row),
+                )
+            };
+            for i in 0..n {
+                quantize_row(
+                    format,
+                    group,
+                    &block[i * cols..(i + 1) * cols],
+                    &mut c[i * code_row..(i + 1) * code_row],
+                    &mut s[i * groups..(i + 1) * groups],
+                    &mut z[i * zero_row..(i + 1) * zero_row],
+                );
+            }
+            r0 += n;
+        }
+    });
+    out
+}
+
+/// Quantizes one row into its codes, scales and zero points.
+pub fn quantize_row(
+    format: QuantFormat,
+    group: usize,
+    row: &[f32],
+    codes: &mut [u8],
+    scales: &mut [u16],
+    zeros: &mut [u8],
+) {
+    let mut q = [0u8; 128];
+    for (g, values) in row.chunks_exact(group).enumerate() {
+        match format {
+            QuantFormat::Q8 => {
+                let scale = q8_group(values, &mut q[..group]);
+                scales[g] = scale.to_bits();
+                codes[g * group..(g + 1) * group].copy_from_slice(&q[..group]);
+            }
+            QuantFormat::Q4 => {
+                let (scale, zero) = q4_group(values, &mut q[..group]);
+                scales[g] = scale.to_bits();
+                zeros[g / 2] |= if g % 2 == 0 { zero } else { zero << 4 };
+                let dst = &mut codes[g * group / 2..(g + 1) * group / 2];
+                for (b, block) in q[..group].chunks_exact(32).enumerate() {
+                    for j in 0..16 {
+                        dst[b * 16 + j] = block[j] | (block[j + 16] << 4);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Symmetric 8-bit codes (as two's-complement bytes) and the bf16 scale.
+fn q8_group(values: &[f32], q: &mut [u8]) -> bf16 {
+    let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = bf16::from_f32(amax / 127.0);
+    let s = scale.to_f32();
+    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+    for (c, &v) in q.iter_mut().zip(values) {
+        *c = ((v * inv).round().clamp(-127.0, 127.0) as i8) as u8;
+    }
+    scale
+}
+
+/// Codes of `values` for scale `s` and zero point `z`, and the squared error.
+fn q4_codes(values: &[f32], s: f32, z: i32, q: &mut [u8]) -> f32 {
+    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+    let mut err = 0.0;
+    for (c, &v) in q.iter_mut().zip(values) {
+        let code = ((v * inv).round() as i32 + z).clamp(0, 15);
+        *c = code as u8;
+        let d = v - (code - z) as f32 * s;
+        err += d * d;
+    }
+    err
+}
+
+/// Asymmetric 4-bit codes, the bf16 scale and the zero point.
+///
+/// Tries a few clipped ranges and a least-squares refit of the scale for
+/// each, keeping whichever reconstructs the group with the least squared error.
+fn q4_group(values: &[f32], q: &mut [u8]) -> (bf16, u8) {
+    // The grid (q - z)·s always contains 0, so the range must too.
+    let lo = values.iter().fold(0f32, |m, &v| m.min(v));
+    let hi = values.iter().fold(0f32, |m, &v| m.max(v));
+    if hi - lo == 0.0 {
+        q.fill(0);
+        return (bf16::ZERO, 0);
+    }
+    let mut best = (f32::INFINITY, bf16::ZERO, 0i32);
+    let mut trial = [0u8; 128];
+    let trial = &mut trial[..values.len()];
+    for step in 0..8 {
+        let shrink = 1.0 - 0.04 * step as f32;
+        let s0 = (hi - lo) * shrink / 15.0;
+        let z = (-lo * shrink / s0).round().clamp(0.0, 15.0) as i32;
+        let s = bf16::from_f32(s0);
+        let err = q4_codes(values, s.to_f32(), z, trial);
+        if err < best.0 {
+            best = (err, s, z);
+        }
+        // Least-squares scale for these codes.
+        let (mut num, mut den) = (0f32, 0f32);
+        for (&c, &v) in trial.iter().zip(values) {
+            let d = (i32::from(c) - z) as f32;
+            num += v * d;
+            den += d * d;
+        }
+        if den > 0.0 && num > 0.0 {
+            let s = bf16::from_f32(num / den);
+            let err = q4_codes(values, s.to_f32(), z, trial);
+            if err < best.0 {
+                best = (err, s, z);
+            }
+        }
+    }
+    let (_, s, z) = best;
+    q4_codes(values, s.to_f32(), z, q);
+    (s, z as u8)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,415 @@
+use super::*;
+use crate::weights::WeightSlice;
+
+fn lcg(seed: &mut u64) -> f32 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+}
+
+/// Weights with a few large outliers, like trained matrices.
+fn weights(seed: &mut u64, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let v = lcg(seed) * 0.05;
+            if i % 97 == 5 { v * 20.0 } else { v }
+        })
+        .collect()
+}
+
+fn signs(seed: &mut u64, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| if lcg(seed) < 0.0 { -1.0 } else { 1.0 })
+        .collect()
+}
+
+/// The matrix a quantized one stands for: dequantized, then un-rotated.
+fn effective(q: &QuantizedMatrix, rotation: Option<Rotation<'_>>) -> Vec<f32> {
+    let v = q.view();
+    let mut w = vec![0f32; q.rows * q.cols];
+    for (r, row) in w.chunks_exact_mut(q.cols).enumerate() {
+        v.dequantize_row(r, row);
+    }
+    if let Some(rot) = rotation {
+        // H·S·W'·S·H inverts H·S_out·W·S_in·H: apply H on both sides, then the signs.
+        let ones_in = vec![1f32; q.cols];
+        let ones_out = vec![1f32; q.rows];
+        let plain = Rotation {
+            sign_in: &ones_in,
+            sign_out: &ones_out,
+        };
+        rotate_rows(Isa::Scalar, &mut w, q.cols, plain);
+        for (row, &so) in w.chunks_exact_mut(q.cols).zip(rot.sign_out) {
+            for (x, &si) in row.iter_mut().zip(rot.sign_in) {
+                *x *= so * si;
+            }
+        }
+    }
+    w
+}
+
+#[test]
+fn exactly_representable_rows_round_trip() {
+    let cols = 128;
+    for group in GROUP_SIZES {
+        // q4: codes 0..=15 with zero point 5 and scale 0.25 (exact in bf16).
+        let row: Vec<f32> = (0..cols).map(|c| ((c % 16) as f32 - 5.0) * 0.25).collect();
+        let q = quantize_matrix(
+            &ThreadPool::new(1),
+            Isa::Scalar,
+            QuantFormat::Q4,
+            group,
+            MatRef::new(WeightSlice::F32(&row), 1, cols).unwrap(),
+            None,
+        );
+        let mut back = vec![0f32; cols];
+        q.view().dequantize_row(0, &mut back);
+        assert_eq!(back, row, "q4 group {group}");
+        for c in 0..cols {
+            assert_eq!(q.view().code(0, c), (c % 16) as i32);
+        }
+        // q8: codes -127..=127 with scale 0.5.
+        let row: Vec<f32> = (0..cols)
+            .map(|c| ((c * 37 % 255) as f32 - 127.0) * 0.5)
+            .collect();
+        let row = {
+            // Make sure every group holds ±127 so the scale is exactly 0.5.
+            let mut r = row;
+            for g in 0..cols / group {
+                r[g * group] = 63.5;
+                r[g * group + 1] = -63.5;
+            }
+            r
+        };
+        let q = quantize_matrix(
+            &ThreadPool::new(1),
+            Isa::Scalar,
+            QuantFormat::Q8,
+            group,
+            MatRef::new(WeightSlice::F32(&row), 1, cols).unwrap(),
+            None,
+        );
+        q.view().dequantize_row(0, &mut back);
+        assert_eq!(back, row, "q8 group {group}");
+    }
+}
+
+#[test]
+fn quantization_error_stays_within_bounds() {
+    let mut seed = 11;
+    let (rows, cols) = (64, 256);
+    let w = weights(&mut seed, rows * cols);
+    let norm: f32 = w.iter().map(|v| v * v).sum::<f32>().sqrt();
+    let pool = ThreadPool::new(2);
+    for format in [QuantFormat::Q4, QuantFormat::Q8] {
+        for group in GROUP_SIZES {
+            let q = quantize_matrix(
+                &pool,
+                Isa::detect(),
+                format,
+                group,
+                MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap(),
+                None,
+            );
+            let back = effective(&q, None);
+            let err: f32 = w
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f32>()
+                .sqrt();
+            let relative = err / norm;
+            let bound = match format {
+                // Outliers (20x) without rotation cost q4 dearly; see the rotation test.
+                QuantFormat::Q4 => 0.25,
+                QuantFormat::Q8 => 0.03,
+            };
+            assert!(relative < bound, "{format:?} G={group}: {relative}");
+            if format == QuantFormat::Q8 {
+                // Symmetric rounding: every weight within half a step (plus bf16 slack).
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let s = q.view().scale(r, c / group);
+                        let d = (w[r * cols + c] - back[r * cols + c]).abs();
+                        assert!(d <= 0.51 * s + 1e-7, "q8 error {d} > half step {s}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rotation_equals_the_dense_transform_and_is_undone_exactly() {
+    let mut seed = 5;
+    let (rows, cols) = (64, 96);
+    let w = weights(&mut seed, rows * cols);
+    let (si, so) = (signs(&mut seed, cols), signs(&mut seed, rows));
+    let rot = Rotation {
+        sign_in: &si,
+        sign_out: &so,
+    };
+    let h = |i: usize, j: usize| {
+        let s = if (i & j).count_ones().is_multiple_of(2) {
+            1.0
+        } else {
+            -1.0
+        };
+        s / (BLOCK as f64).sqrt()
+    };
+    let mut rotated = w.clone();
+    rotate_rows(Isa::detect(), &mut rotated, cols, rot);
+    for r in 0..rows {
+        for c in 0..cols {
+            let (rb, cb) = (r / BLOCK * BLOCK, c / BLOCK * BLOCK);
+            let mut want = 0f64;
+            for i in 0..BLOCK {
+                for j in 0..BLOCK {
+                    let v = w[(rb + i) * cols + cb + j] as f64 * (so[rb + i] * si[cb + j]) as f64;
+                    want += h(r - rb, i) * v * h(j, c - cb);
+                }
+            }
+            assert!((rotated[r * cols + c] as f64 - want).abs() < 1e-5);
+        }
+    }
+    // Rotating back with the same transform returns the original.
+    let ones_in = vec![1f32; cols];
+    let ones_out = vec![1f32; rows];
+    rotate_rows(
+        Isa::Scalar,
+        &mut rotated,
+        cols,
+        Rotation {
+            sign_in: &ones_in,
+            sign_out: &ones_out,
+        },
+    );
+    for (r, row) in rotated.chunks_exact(cols).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            let back = v * so[r] * si[c];
+            assert!((back - w[r * cols + c]).abs() < 1e-5);
+        }
+    }
+}
+
+#[test]
+fn rotation_lowers_the_error_of_outlier_rows() {
+    let mut seed = 9;
+    let (rows, cols) = (64, 256);
+    let w = weights(&mut seed, rows * cols);
+    let (si, so) = (signs(&mut seed, cols), signs(&mut seed, rows));
+    let rot = Rotation {
+        sign_in: &si,
+        sign_out: &so,
+    };
+    let pool = ThreadPool::new(1);
+    let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
+    let error = |rotation: Option<Rotation<'_>>| {
+        let q = quantize_matrix(&pool, Isa::detect(), QuantFormat::Q4, 32, m, rotation);
+        let back = effective(&q, rotation);
+        w.iter()
+            .zip(&back)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f32>()
+    };
+    let (plain, rotated) = (error(None), error(Some(rot)));
+    assert!(rotated < plain, "rotated {rotated} vs plain {plain}");
+}
+
+/// f64 product of the effective matrix, the ground truth for every path.
+fn reference(w: &[f32], cols: usize, x: &[f32], n_tok: usize) -> Vec<f32> {
+    let rows = w.len() / cols;
+    let mut y = vec![0f32; n_tok * rows];
+    for t in 0..n_tok {
+        for r in 0..rows {
+            let s: f64 = (0..cols)
+                .map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64)
+                .sum();
+            y[t * rows + r] = s as f32;
+        }
+    }
+    y
+}
+
+#[test]
+fn every_path_matches_the_reference() {
+    let pools = [ThreadPool::new(1), ThreadPool::new(3)];
+    let mut seed = 21;
+    for &(rows, cols) in &[(32, 128), (96, 256), (160, 640)] {
+        let w = weights(&mut seed, rows * cols);
+        let (si, so) = (signs(&mut seed, cols), signs(&mut seed, rows));
+        let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
+        for format in [QuantFormat::Q4, QuantFormat::Q8] {
+            for group in GROUP_SIZES {
+                if !cols.is_multiple_of(group) {
+                    continue;
+                }
+                for rotated in [false, true] {
+                    let rot = rotated.then_some(Rotation {
+                        sign_in: &si,
+                        sign_out: &so,
+                    });
+                    let q = quantize_matrix(&pools[1], Isa::detect(), format, group, m, rot);
+                    let eff = effective(&q, rot);
+                    for n_tok in [1, 2, 4, 5, 7, 13] {
+                        let x: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed)).collect();
+                        let exact = reference(&eff, cols, &x, n_tok);
+                        let scale = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let mut int8_ref = vec![0f32; n_tok * rows];
+                        qmatmul(
+                            &pools[0],
+                            Isa::Scalar,
+                            ActPrecision::Int8,
+                            q.view(),
+                            rot,
+                            &x,
+                            n_tok,
+                            &mut int8_ref,
+                        );
+                        for isa in Isa::supported() {
+                            for pool in &pools {
+                                let what = format!(
+                                    "{isa:?} {format:?} G={group} rot={rotated} {rows}x{cols} n_tok={n_tok}"
+                                );
+                                let mut y = vec![f32::NAN; n_tok * rows];
+                                qmatmul(
+                                    pool,
+                                    isa,
+                                    ActPrecision::F32,
+                                    q.view(),
+                                    rot,
+                                    &x,
+                                    n_tok,
+                                    &mut y,
+                                );
+                                for (a, b) in y.iter().zip(&exact) {
+                                    assert!(
+                                        (a - b).abs() <= 1e-4 * scale,
+                                        "{what} f32: {a} vs {b}"
+                                    );
+                                }
+                                qmatmul(
+                                    pool,
+                                    isa,
+                                    ActPrecision::Int8,
+                                    q.view(),
+                                    rot,
+                                    &x,
+                                    n_tok,
+                                    &mut y,
+                                );
+                                for (a, b) in y.iter().zip(&int8_ref) {
+                                    assert!(
+                                        (a - b).abs() <= 1e-5 * scale,
+                                        "{what} int8 vs scalar: {a} vs {b}"
+                                    );
+                                }
+                                // int8 activations cost a little accuracy, no more.
+                                for (a, b) in y.iter().zip(&exact) {
+                                    assert!(
+                                        (a - b).abs() <= 0.03 * scale,
+                                        "{what} int8: {a} vs {b}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_jobs_equal_separate_products() {
+    let pool = ThreadPool::new(2);
+    let mut seed = 3;
+    let cols = 128;
+    let si = signs(&mut seed, cols);
+    let make = |seed: &mut u64, rows: usize| {
+        let w = weights(seed, rows * cols);
+        let so = signs(seed, rows);
+        (w, so)
+    };
+    let (wa, soa) = make(&mut seed, 64);
+    let (wb, sob) = make(&mut seed, 32);
+    for format in [QuantFormat::Q4, QuantFormat::Q8] {
+        let quant = |w: &[f32], so: &[f32], rows| {
+            let m = MatRef::new(WeightSlice::F32(w), rows, cols).unwrap();
+            let rot = Rotation {
+                sign_in: &si,
+                sign_out: so,
+            };
+            quantize_matrix(&pool, Isa::detect(), format, 32, m, Some(rot))
+        };
+        let (qa, qb) = (quant(&wa, &soa, 64), quant(&wb, &sob, 32));
+        for n_tok in [1, 9] {
+            let x: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed)).collect();
+            for isa in Isa::supported() {
+                let (mut ya, mut yb) = (vec![0f32; n_tok * 64], vec![0f32; n_tok * 32]);
+                qmatmul_many(
+                    &pool,
+                    isa,
+                    ActPrecision::Int8,
+                    &mut [
+                        QuantJob {
+                            w: qa.view(),
+                            sign_out: Some(&soa),
+                            y: &mut ya,
+                        },
+                        QuantJob {
+                            w: qb.view(),
+                            sign_out: Some(&sob),
+                            y: &mut yb,
+                        },
+                    ],
+                    Some(&si),
+                    &x,
+                    n_tok,
+                );
+                let (mut sa, mut sb) = (vec![0f32; n_tok * 64], vec![0f32; n_tok * 32]);
+                let rot = |so| Rotation {
+                    sign_in: &si,
+                    sign_out: so,
+                };
+                let p = ActPrecision::Int8;
+                qmatmul(
+                    &pool,
+                    isa,
+                    p,
+                    qa.view(),
+                    Some(rot(&soa)),
+                    &x,
+                    n_tok,
+                    &mut sa,
+                );
+                qmatmul(
+                    &pool,
+                    isa,
+                    p,
+                    qb.view(),
+                    Some(rot(&sob)),
+                    &x,
+                    n_tok,
+                    &mut sb,
+                );
+                assert_eq!(ya, sa);
+                assert_eq!(yb, sb);
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_layouts_are_rejected() {
+    let codes = vec![0u8; 64];
+    let scales = vec![0u16; 4];
+    let zeros = vec![0u8; 2];
+    assert!(QuantMatRef::new(QuantFormat::Q4, 2, 64, 32, &codes, &scales, &zeros).is_ok());
+    assert!(QuantMatRef::new(QuantFormat::Q4, 2, 64, 32, &codes[..63], &scales, &zeros).is_err());
+    assert!(QuantMatRef::new(QuantFormat::Q4, 2, 64, 32, &codes, &scales[..3], &zeros).is_err());
+    assert!(QuantMatRef::new(QuantFormat::Q4, 2, 64, 32, &codes, &scales, &[]).is_err());
+    assert!(QuantMatRef::new(QuantFormat::Q4, 2, 64, 48, &codes, &scales, &zeros).is_err());
+    assert!(QuantMatRef::new(QuantFormat::Q8, 2, 64, 128, &codes, &scales, &[]).is_err());
+}
