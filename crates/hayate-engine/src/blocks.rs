@@ -4,58 +4,11 @@
 //! [`Block`]s; the forward pass knows only these types. A new architecture
 //! adds a translator and only the block variants it really needs.
 
+pub use crate::linear::Linear;
 use hayate_formats::{Result, Tensor};
-use hayate_kernels::MatRef;
-
-/// A linear layer `y = W·x (+ b)` with `W` in its stored dtype.
-pub struct Linear {
-    weight: Tensor,
-    /// Output features.
-    pub rows: usize,
-    /// Input features.
-    pub cols: usize,
-    /// Optional bias, widened to f32.
-    pub bias: Option<Vec<f32>>,
-}
-
-impl Linear {
-    /// Checks that `weight` is `[rows, cols]` of a float dtype and `bias` is `[rows]`.
-    pub fn new(weight: &Tensor, bias: Option<&Tensor>, rows: usize, cols: usize) -> Result<Self> {
-        weight.matrix(rows, cols)?;
-        let bias = bias.map(|b| b.vector_f32(rows)).transpose()?;
-        Ok(Linear {
-            weight: weight.clone(),
-            rows,
-            cols,
-            bias,
-        })
-    }
-
-    /// The weights as a kernel view.
-    pub fn matrix(&self) -> MatRef<'_> {
-        self.weight
-            .matrix(self.rows, self.cols)
-            .expect("shape and dtype validated at load")
-    }
-
-    /// Bytes the weights occupy (read once per decoded token).
-    pub fn n_bytes(&self) -> usize {
-        self.weight.n_bytes()
-    }
-
-    /// Adds the bias to each of the `n_tok` output rows in `y`.
-    pub fn add_bias(&self, y: &mut [f32], n_tok: usize) {
-        if let Some(bias) = &self.bias {
-            for row in y[..n_tok * self.rows].chunks_exact_mut(self.rows) {
-                for (v, b) in row.iter_mut().zip(bias) {
-                    *v += b;
-                }
-            }
-        }
-    }
-}
 
 /// RMS normalisation with a learned per-channel scale.
+#[derive(Clone)]
 pub struct RmsNorm {
     /// The scale, widened to f32 (and with 1 added for `(1 + w)` variants).
     pub weight: Vec<f32>,
@@ -132,4 +85,38 @@ pub struct Block {
     pub mlp_norm: RmsNorm,
     /// The feed-forward network.
     pub mlp: GatedMlp,
+}
+
+impl Block {
+    /// The block's linear layers, grouped by shared input (one group is one
+    /// fused product and, when quantized with a rotation, shares `S_in`).
+    pub fn linear_groups_mut(&mut self) -> Vec<Vec<&mut Linear>> {
+        let Mixer::Attention(a) = &mut self.mixer;
+        let mlp = &mut self.mlp;
+        vec![
+            vec![&mut a.q, &mut a.k, &mut a.v],
+            vec![&mut a.o],
+            vec![&mut mlp.gate, &mut mlp.up],
+            vec![&mut mlp.down],
+        ]
+    }
+
+    /// The block's linear layers, grouped by shared input.
+    pub fn linear_groups(&self) -> Vec<Vec<&Linear>> {
+        let Mixer::Attention(a) = &self.mixer;
+        let mlp = &self.mlp;
+        vec![
+            vec![&a.q, &a.k, &a.v],
+            vec![&a.o],
+            vec![&mlp.gate, &mlp.up],
+            vec![&mlp.down],
+        ]
+    }
+
+    /// The block's linear layers.
+    pub fn linears(&self) -> [&Linear; 7] {
+        let Mixer::Attention(a) = &self.mixer;
+        let mlp = &self.mlp;
+        [&a.q, &a.k, &a.v, &a.o, &mlp.gate, &mlp.up, &mlp.down]
+    }
 }

@@ -48,4 +48,7 @@ pub enum EngineError {
     /// Rolling back past the start, or another misuse of the state.
     #[error("{0}")]
     State(String),
+    /// A model cannot be quantized as asked.
+    #[error("cannot quantize: {0}")]
+    Quantize(String),
 }

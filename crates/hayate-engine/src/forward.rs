@@ -1,11 +1,13 @@
 //! The forward pass over any list of generic blocks.
 
-use crate::blocks::{Activation, Attention, Block, Mixer, RmsNorm};
+use crate::blocks::{Activation, Attention, Block, Linear, Mixer, RmsNorm};
+use crate::linear::LinearKernel;
 use crate::model::Model;
 use crate::state::{InferenceState, KvCache, LayerState};
 use crate::{EngineError, Result};
 use hayate_kernels::pool::split_range;
-use hayate_kernels::{Isa, MatmulJob, ThreadPool, matmul, matmul_many, ops};
+use hayate_kernels::quant::{QuantJob, qmatmul_many};
+use hayate_kernels::{Isa, MatmulJob, ThreadPool, matmul_many, ops};
 
 /// Tokens processed per step of a long prefill; bounds the scratch memory.
 pub const PREFILL_CHUNK: usize = 512;
@@ -113,20 +115,20 @@ impl Model {
             let n = piece.len();
             let hidden = self.info.hidden;
             let s = &mut state.scratch;
-            let head = self.parts.lm_head.matrix();
+            let head = &self.parts.lm_head;
             match &mut logits {
                 Logits::None => {}
                 Logits::Last if c + 1 == n_chunks => {
                     let last = &s.x[(n - 1) * hidden..n * hidden];
                     let norm = &self.parts.final_norm;
                     ops::rms_norm(last, &norm.weight, norm.eps, &mut s.h[..hidden]);
-                    matmul(&self.pool, self.isa, head, &s.h[..hidden], 1, &mut s.logits);
+                    self.project([(head, &mut s.logits[..])], &s.h[..hidden], 1);
                 }
                 Logits::Last => {}
                 Logits::All(out) => {
                     norm_rows(&self.parts.final_norm, &s.x, &mut s.h, n, hidden);
                     let dst = &mut out[c * chunk * vocab..(c * chunk + n) * vocab];
-                    matmul(&self.pool, self.isa, head, &s.h[..n * hidden], n, dst);
+                    self.project([(head, dst)], &s.h[..n * hidden], n);
                 }
             }
         }
@@ -145,9 +147,13 @@ impl Model {
         let n = tokens.len();
         let start = *len;
         let hidden = self.info.hidden;
-        let embedding = self.parts.embedding.matrix();
+        let embedding = &self.parts.embedding;
         for (t, &token) in tokens.iter().enumerate() {
-            embedding.widen_row(token as usize, &mut s.x[t * hidden..(t + 1) * hidden]);
+            embedding.row(
+                self.isa,
+                token as usize,
+                &mut s.x[t * hidden..(t + 1) * hidden],
+            );
         }
         let half = self.parts.rope.half();
         for t in 0..n {
@@ -171,7 +177,6 @@ impl Model {
         start: usize,
     ) {
         let hidden = self.info.hidden;
-        let (pool, isa) = (&*self.pool, self.isa);
         norm_rows(&block.mixer_norm, &s.x, &mut s.h, n, hidden);
         match (&block.mixer, layer) {
             (Mixer::Attention(a), LayerState::Attention(cache)) => {
@@ -183,20 +188,12 @@ impl Model {
         norm_rows(&block.mlp_norm, &s.x, &mut s.h, n, hidden);
         let mlp = &block.mlp;
         let inter = mlp.gate.rows;
-        matmul_many(
-            pool,
-            isa,
-            &mut [
-                MatmulJob {
-                    w: mlp.gate.matrix(),
-                    y: &mut s.gate[..n * inter],
-                },
-                MatmulJob {
-                    w: mlp.up.matrix(),
-                    y: &mut s.up[..n * inter],
-                },
+        self.project(
+            [
+                (&mlp.gate, &mut s.gate[..n * inter]),
+                (&mlp.up, &mut s.up[..n * inter]),
             ],
-            &s.h,
+            &s.h[..n * hidden],
             n,
         );
         mlp.gate.add_bias(&mut s.gate, n);
@@ -204,16 +201,48 @@ impl Model {
         match mlp.activation {
             Activation::Silu => ops::silu_mul(&mut s.gate[..n * inter], &s.up[..n * inter]),
         }
-        matmul(
-            pool,
-            isa,
-            mlp.down.matrix(),
+        self.project(
+            [(&mlp.down, &mut s.mix[..n * hidden])],
             &s.gate[..n * inter],
             n,
-            &mut s.mix[..n * hidden],
         );
         mlp.down.add_bias(&mut s.mix, n);
         add_into(&mut s.x[..n * hidden], &s.mix[..n * hidden]);
+    }
+
+    /// `y_i = x · W_iᵀ` for layers that share the input `x` (`n` rows):
+    /// one fused product when their weights allow it, else one each.
+    fn project<const N: usize>(&self, jobs: [(&Linear, &mut [f32]); N], x: &[f32], n: usize) {
+        let (pool, isa) = (&*self.pool, self.isa);
+        if jobs.iter().all(|(l, _)| l.dense().is_some()) {
+            let mut dense = jobs.map(|(l, y)| MatmulJob {
+                w: l.dense().expect("checked above"),
+                y,
+            });
+            matmul_many(pool, isa, &mut dense, x, n);
+            return;
+        }
+        let sign_in = jobs[0].0.sign_in();
+        if jobs
+            .iter()
+            .all(|(l, _)| l.dense().is_none() && l.sign_in() == sign_in)
+        {
+            let mut quant = jobs.map(|(l, y)| {
+                let LinearKernel::Quant(w, rotation) = l.kernel() else {
+                    unreachable!("checked above")
+                };
+                QuantJob {
+                    w,
+                    sign_out: rotation.map(|r| r.sign_out),
+                    y,
+                }
+            });
+            qmatmul_many(pool, isa, self.precision, &mut quant, sign_in, x, n);
+            return;
+        }
+        for (l, y) in jobs {
+            self.project([(l, y)], x, n);
+        }
     }
 
     /// Causal attention of `n` new tokens at positions `start..start+n`;
@@ -229,24 +258,13 @@ impl Model {
         let (pool, isa) = (&*self.pool, self.isa);
         let hd = a.head_dim;
         let (q_dim, kv_dim) = (a.n_heads * hd, a.n_kv_heads * hd);
-        matmul_many(
-            pool,
-            isa,
-            &mut [
-                MatmulJob {
-                    w: a.q.matrix(),
-                    y: &mut s.q[..n * q_dim],
-                },
-                MatmulJob {
-                    w: a.k.matrix(),
-                    y: &mut s.k[..n * kv_dim],
-                },
-                MatmulJob {
-                    w: a.v.matrix(),
-                    y: &mut s.v[..n * kv_dim],
-                },
+        self.project(
+            [
+                (&a.q, &mut s.q[..n * q_dim]),
+                (&a.k, &mut s.k[..n * kv_dim]),
+                (&a.v, &mut s.v[..n * kv_dim]),
             ],
-            &s.h,
+            &s.h[..n * self.info.hidden],
             n,
         );
         a.q.add_bias(&mut s.q, n);
@@ -289,13 +307,10 @@ impl Model {
             n,
             start,
         );
-        matmul(
-            pool,
-            isa,
-            a.o.matrix(),
+        self.project(
+            [(&a.o, &mut s.mix[..n * self.info.hidden])],
             &s.attn[..n * q_dim],
             n,
-            &mut s.mix[..n * self.info.hidden],
         );
         a.o.add_bias(&mut s.mix, n);
     }

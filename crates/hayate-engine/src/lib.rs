@@ -8,7 +8,9 @@ pub mod blocks;
 mod error;
 mod forward;
 pub mod generate;
+pub mod linear;
 pub mod model;
+pub mod quantize;
 pub mod rng;
 pub mod rope;
 pub mod sampler;
@@ -18,6 +20,7 @@ pub use error::EngineError;
 pub use forward::Logits;
 pub use generate::{GenerationStats, Generator, StopReason};
 pub use model::{LoadOptions, Model, ModelInfo};
+pub use quantize::{EmbeddingFormat, QuantSpec};
 pub use sampler::{Sampler, SamplingParams};
 pub use state::InferenceState;
 

@@ -1,12 +1,14 @@
 //! A loaded model: its blocks, its files, and the threads that run it.
 
 use crate::arch::{self, Translated};
-use crate::blocks::Mixer;
+use crate::blocks::Linear;
 use crate::forward::Scratch;
+use crate::quantize::{QuantReport, QuantSpec, quantize_parts};
 use crate::state::InferenceState;
 use crate::{EngineError, Result};
 use hayate_formats::{GenerationConfig, HfConfig, TensorStore};
-use hayate_kernels::{Isa, ThreadPool};
+use hayate_kernels::{ActPrecision, Isa, ThreadPool};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -18,6 +20,10 @@ pub const DEFAULT_CONTEXT: usize = 4096;
 pub struct LoadOptions {
     /// Threads for the kernels; 0 means one per available core.
     pub threads: usize,
+    /// Quantize the float weights at load.
+    pub quantize: Option<QuantSpec>,
+    /// How activations enter products with quantized weights.
+    pub activations: ActPrecision,
 }
 
 /// Facts about a loaded model, for reports and benchmarks.
@@ -59,8 +65,11 @@ pub struct Model {
     pub(crate) parts: Translated,
     pub(crate) pool: Arc<ThreadPool>,
     pub(crate) isa: Isa,
+    pub(crate) precision: ActPrecision,
+    /// What in-memory quantization did, when asked for.
+    pub quantization: Option<QuantReport>,
     // Keeps the mapped files alive for the tensors the blocks borrow.
-    _store: TensorStore,
+    pub(crate) store: TensorStore,
 }
 
 impl Model {
@@ -73,52 +82,35 @@ impl Model {
         let translate = arch::translator(&config)?;
         let model_type = config.model_type()?.to_owned();
         let store = TensorStore::open_dir(dir)?;
-        let parts = translate(&config, &store)?;
+        let mut parts = translate(&config, &store)?;
         let threads = match options.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let n_params = store
-            .names()
-            .filter_map(|n| store.get(n))
-            .map(|t| t.n_elements())
-            .sum();
-        let weight_bytes = store
-            .names()
-            .filter_map(|n| store.get(n))
-            .map(|t| t.n_bytes())
-            .sum();
-        let block_bytes: usize = parts
-            .blocks
-            .iter()
-            .map(|b| {
-                let Mixer::Attention(a) = &b.mixer;
-                [&a.q, &a.k, &a.v, &a.o, &b.mlp.gate, &b.mlp.up, &b.mlp.down]
-                    .iter()
-                    .map(|l| l.n_bytes())
-                    .sum::<usize>()
-            })
-            .sum();
-        let embedding_row = parts.embedding.n_bytes() / parts.vocab;
-        let info = ModelInfo {
-            model_type,
-            hidden: parts.hidden,
-            vocab: parts.vocab,
-            n_layers: parts.blocks.len(),
-            max_positions: parts.max_positions,
-            n_params,
-            weight_bytes,
-            bytes_per_token: block_bytes + parts.lm_head.n_bytes() + embedding_row,
-        };
+        let pool = Arc::new(ThreadPool::new(threads));
+        let isa = Isa::detect();
+        let quantization = options
+            .quantize
+            .as_ref()
+            .map(|spec| quantize_parts(&mut parts, spec, &pool, isa))
+            .transpose()?;
+        let info = describe(model_type, &parts, &store);
         Ok(Model {
             info,
             config,
             generation,
             parts,
-            pool: Arc::new(ThreadPool::new(threads)),
-            isa: Isa::detect(),
-            _store: store,
+            pool,
+            isa,
+            precision: options.activations,
+            quantization,
+            store,
         })
+    }
+
+    /// How activations enter quantized products.
+    pub fn activations(&self) -> ActPrecision {
+        self.precision
     }
 
     /// Threads the kernels use.
@@ -166,5 +158,50 @@ impl Model {
             return self.generation.eos_token_id.clone();
         }
         self.config.token_ids("eos_token_id").unwrap_or_default()
+    }
+}
+
+/// Sizes of a translated model: parameters and bytes as the layers hold
+/// them (quantized ones at their quantized size), a tied matrix counted once.
+fn describe(model_type: String, parts: &Translated, store: &TensorStore) -> ModelInfo {
+    let mut linears: Vec<&Linear> = parts.blocks.iter().flat_map(|b| b.linears()).collect();
+    linears.push(&parts.embedding);
+    linears.push(&parts.lm_head);
+    let mut seen = HashSet::new();
+    linears.retain(|l| seen.insert(l.name.as_str()));
+    let (mut n_params, mut weight_bytes) = (0, 0);
+    for l in &linears {
+        n_params += l.rows * l.cols;
+        weight_bytes += l.n_bytes();
+    }
+    // Everything else (norms, biases) as stored.
+    const MATRIX_PARTS: [&str; 6] = [
+        "weight", "qweight", "scales", "qzeros", "sign_in", "sign_out",
+    ];
+    for name in store.names() {
+        let is_matrix = name
+            .rsplit_once('.')
+            .is_some_and(|(prefix, part)| seen.contains(prefix) && MATRIX_PARTS.contains(&part));
+        if !is_matrix && let Some(t) = store.get(name) {
+            n_params += t.n_elements();
+            weight_bytes += t.n_bytes();
+        }
+    }
+    let block_bytes: usize = parts
+        .blocks
+        .iter()
+        .flat_map(|b| b.linears())
+        .map(|l| l.n_bytes())
+        .sum();
+    let embedding_row = parts.embedding.n_bytes() / parts.vocab;
+    ModelInfo {
+        model_type,
+        hidden: parts.hidden,
+        vocab: parts.vocab,
+        n_layers: parts.blocks.len(),
+        max_positions: parts.max_positions,
+        n_params,
+        weight_bytes,
+        bytes_per_token: block_bytes + parts.lm_head.n_bytes() + embedding_row,
     }
 }

@@ -1,6 +1,9 @@
 //! The decode loop must not allocate: a counting allocator watches steady-state decode steps.
 
-use hayate_engine::{LoadOptions, Logits, Model, Sampler, SamplingParams};
+use hayate_engine::{
+    EmbeddingFormat, LoadOptions, Logits, Model, QuantSpec, Sampler, SamplingParams,
+};
+use hayate_kernels::QuantFormat;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,8 +36,26 @@ static GLOBAL: Counting = Counting;
 #[test]
 fn decode_steps_do_not_allocate() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/pystd-qwen3-7m");
-    for threads in [1, 2] {
-        let model = Model::load(&dir, &LoadOptions { threads }).unwrap();
+    let quantized = |format, embeddings| {
+        Some(QuantSpec {
+            embeddings,
+            ..QuantSpec::new(format)
+        })
+    };
+    let variants = [
+        (1, None),
+        (2, None),
+        (2, quantized(QuantFormat::Q4, EmbeddingFormat::Keep)),
+        (2, quantized(QuantFormat::Q8, EmbeddingFormat::Q8)),
+    ];
+    for (threads, quantize) in variants {
+        let what = format!("{threads} threads, {quantize:?}");
+        let options = LoadOptions {
+            threads,
+            quantize,
+            ..LoadOptions::default()
+        };
+        let model = Model::load(&dir, &options).unwrap();
         let mut state = model.new_state(Some(256)).unwrap();
         let params = SamplingParams {
             temperature: 0.8,
@@ -67,7 +88,7 @@ fn decode_steps_do_not_allocate() {
         let allocated = ALLOCATIONS.load(Ordering::Relaxed) - before;
         assert_eq!(
             allocated, 0,
-            "{allocated} allocations in 32 decode steps with {threads} threads"
+            "{allocated} allocations in 32 decode steps ({what})"
         );
     }
 }

@@ -9,12 +9,16 @@
 mod config;
 mod error;
 mod generation;
+mod quant;
 mod store;
+mod writer;
 
 pub use config::{HfConfig, RopeConfig, RopeScaling};
 pub use error::FormatError;
 pub use generation::GenerationConfig;
+pub use quant::{QuantInfo, QuantTensors, ROTATION};
 pub use store::{Dtype, Tensor, TensorStore};
+pub use writer::{SafetensorsWriter, TensorSpec};
 
 /// Result type of this crate.
 pub type Result<T, E = FormatError> = std::result::Result<T, E>;

@@ -15,6 +15,10 @@ pub enum Dtype {
     Bf16,
     /// IEEE half.
     F16,
+    /// Unsigned bytes (packed quantized codes, zero points).
+    U8,
+    /// Signed bytes (quantized codes, signs).
+    I8,
     /// Anything else, by its safetensors name (I64, U8, ...): readable as bytes only.
     Other(String),
 }
@@ -25,6 +29,8 @@ impl Dtype {
             safetensors::Dtype::F32 => Dtype::F32,
             safetensors::Dtype::BF16 => Dtype::Bf16,
             safetensors::Dtype::F16 => Dtype::F16,
+            safetensors::Dtype::U8 => Dtype::U8,
+            safetensors::Dtype::I8 => Dtype::I8,
             other => Dtype::Other(format!("{other:?}")),
         }
     }
@@ -34,7 +40,29 @@ impl Dtype {
         match self {
             Dtype::F32 => 4,
             Dtype::Bf16 | Dtype::F16 => 2,
-            Dtype::Other(_) => 1,
+            Dtype::U8 | Dtype::I8 | Dtype::Other(_) => 1,
+        }
+    }
+
+    /// The name safetensors files use (`F32`, `BF16`, `U8`, ...).
+    pub fn name(&self) -> &str {
+        match self {
+            Dtype::F32 => "F32",
+            Dtype::Bf16 => "BF16",
+            Dtype::F16 => "F16",
+            Dtype::U8 => "U8",
+            Dtype::I8 => "I8",
+            Dtype::Other(name) => name,
+        }
+    }
+
+    /// Bytes per element, for the types Hayate writes.
+    pub fn size(&self) -> Option<usize> {
+        match self {
+            Dtype::F32 => Some(4),
+            Dtype::Bf16 | Dtype::F16 => Some(2),
+            Dtype::U8 | Dtype::I8 => Some(1),
+            Dtype::Other(_) => None,
         }
     }
 }
@@ -121,8 +149,11 @@ impl Tensor {
             Dtype::F16 => {
                 WeightSlice::F16(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), n) })
             }
-            Dtype::Other(ref d) => {
-                return Err(self.bad(format!("dtype {d} is not a float type (F32, BF16, F16)")));
+            ref d => {
+                return Err(self.bad(format!(
+                    "dtype {} is not a float type (F32, BF16, F16)",
+                    d.name()
+                )));
             }
         })
     }
@@ -147,6 +178,31 @@ impl Tensor {
             .ok_or_else(|| self.bad("size does not match its shape".into()))
     }
 
+    /// The bytes of a `U8` or `I8` tensor of exactly `shape`.
+    pub fn byte_array(&self, dtype: Dtype, shape: &[usize]) -> Result<&[u8]> {
+        if self.dtype != dtype {
+            return Err(self.bad(format!(
+                "dtype {} where {} is expected",
+                self.dtype.name(),
+                dtype.name()
+            )));
+        }
+        self.expect_shape(shape)?;
+        Ok(self.bytes())
+    }
+
+    /// The bf16 bit patterns of a `BF16` tensor of exactly `shape`.
+    pub fn bf16_array(&self, shape: &[usize]) -> Result<&[u16]> {
+        self.expect_shape(shape)?;
+        match self.weights()? {
+            WeightSlice::Bf16(bits) => Ok(bits),
+            _ => Err(self.bad(format!(
+                "dtype {} where BF16 is expected",
+                self.dtype.name()
+            ))),
+        }
+    }
+
     /// A vector of `len` elements widened to f32 (norm weights, biases).
     pub fn vector_f32(&self, len: usize) -> Result<Vec<f32>> {
         self.expect_shape(&[len])?;
@@ -160,6 +216,8 @@ impl Tensor {
 /// The tensors of a checkpoint, from one or several safetensors files.
 pub struct TensorStore {
     tensors: HashMap<String, Tensor>,
+    /// The `__metadata__` entries of all files.
+    metadata: HashMap<String, String>,
 }
 
 impl TensorStore {
@@ -176,6 +234,7 @@ impl TensorStore {
         }
         let mut store = TensorStore {
             tensors: HashMap::new(),
+            metadata: HashMap::new(),
         };
         store.add_file(&single)?;
         Ok(store)
@@ -212,6 +271,7 @@ impl TensorStore {
         }
         let mut store = TensorStore {
             tensors: HashMap::new(),
+            metadata: HashMap::new(),
         };
         let mut placed: HashMap<String, &str> = HashMap::new();
         for file in &files {
@@ -267,6 +327,13 @@ impl TensorStore {
             found.push((name, dtype, shape, offset, n_bytes));
         }
         drop(parsed);
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(&map).map_err(|e| invalid(e.to_string()))?;
+        if let Some(entries) = header.metadata() {
+            for (key, value) in entries {
+                self.metadata.insert(key.clone(), value.clone());
+            }
+        }
         let mapped = Arc::new(Storage::Mapped(map));
         let names = found.iter().map(|f| f.0.clone()).collect();
         for (name, dtype, shape, offset, n_bytes) in found {
@@ -318,6 +385,11 @@ impl TensorStore {
     pub fn require(&self, name: &str) -> Result<&Tensor> {
         self.get(name)
             .ok_or_else(|| FormatError::MissingTensor(name.to_owned()))
+    }
+
+    /// A `__metadata__` entry of the checkpoint's files.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
     }
 
     /// Names of all tensors (unordered).

@@ -2,7 +2,9 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use hayate_engine::{LoadOptions, Model, SamplingParams};
+use clap::ValueEnum;
+use hayate_engine::{EmbeddingFormat, LoadOptions, Model, QuantSpec, SamplingParams};
+use hayate_kernels::{ActPrecision, QuantFormat};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -18,19 +20,108 @@ pub struct ModelArgs {
     /// Context length in tokens (default: the model's maximum, at most 4096).
     #[arg(long, value_name = "N")]
     pub ctx_size: Option<usize>,
+    /// Quantize the float weights in memory at load.
+    #[arg(long, value_name = "FORMAT")]
+    pub quantize: Option<FormatArg>,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    /// How activations enter products with quantized weights (f32: for accuracy checks).
+    #[arg(long, value_name = "P", default_value = "int8")]
+    pub activations: ActivationsArg,
+}
+
+/// A quantized format on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FormatArg {
+    /// 4-bit asymmetric codes, 4-bit zero points, bf16 scales.
+    Q4,
+    /// 8-bit symmetric codes, bf16 scales.
+    Q8,
+}
+
+impl FormatArg {
+    /// The kernels' format.
+    pub fn format(self) -> QuantFormat {
+        match self {
+            FormatArg::Q4 => QuantFormat::Q4,
+            FormatArg::Q8 => QuantFormat::Q8,
+        }
+    }
+}
+
+/// Embedding table and output head precision on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbeddingsArg {
+    /// Keep them as stored.
+    Bf16,
+    /// Quantize them to q8.
+    Q8,
+}
+
+/// Activation precision on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActivationsArg {
+    /// int8 per block of 32, integer dot products.
+    Int8,
+    /// f32.
+    F32,
+}
+
+/// How to quantize (with `--quantize` or `hayate quantize`).
+#[derive(Args, Clone, Debug)]
+pub struct QuantArgs {
+    /// Inputs per quantization group: 32, 64 or 128.
+    #[arg(long, value_name = "G", default_value_t = 32)]
+    pub group_size: usize,
+    /// Quantize without the block Hadamard rotation (for comparisons).
+    #[arg(long)]
+    pub no_rotation: bool,
+    /// Embedding table and output head: kept as stored, or q8.
+    #[arg(long, value_name = "E", default_value = "bf16")]
+    pub embeddings: EmbeddingsArg,
+    /// Seed of the rotation signs.
+    #[arg(long, value_name = "S", default_value_t = hayate_engine::quantize::DEFAULT_SEED)]
+    pub rotation_seed: u64,
+}
+
+impl QuantArgs {
+    /// The engine's description of the quantization.
+    pub fn spec(&self, format: FormatArg) -> QuantSpec {
+        QuantSpec {
+            format: format.format(),
+            group_size: self.group_size,
+            rotation: !self.no_rotation,
+            seed: self.rotation_seed,
+            embeddings: match self.embeddings {
+                EmbeddingsArg::Bf16 => EmbeddingFormat::Keep,
+                EmbeddingsArg::Q8 => EmbeddingFormat::Q8,
+            },
+        }
+    }
 }
 
 impl ModelArgs {
     /// Loads the model, reporting the time taken at info level.
     pub fn load(&self) -> Result<Model> {
         let start = Instant::now();
-        let model = Model::load(
-            &self.model,
-            &LoadOptions {
-                threads: self.threads,
+        let options = LoadOptions {
+            threads: self.threads,
+            quantize: self.quantize.map(|f| self.quant.spec(f)),
+            activations: match self.activations {
+                ActivationsArg::Int8 => ActPrecision::Int8,
+                ActivationsArg::F32 => ActPrecision::F32,
             },
-        )
-        .with_context(|| format!("cannot load the model in {}", self.model.display()))?;
+        };
+        let model = Model::load(&self.model, &options)
+            .with_context(|| format!("cannot load the model in {}", self.model.display()))?;
+        if let Some(report) = &model.quantization {
+            tracing::info!(
+                "quantized {} matrices in memory ({} kept as stored, {} with a smaller group or no rotation)",
+                report.quantized.len(),
+                report.kept.len(),
+                report.adapted.len()
+            );
+        }
         tracing::info!(
             "loaded {} ({} layers, {:.1} M params, {:.2} bits/weight) in {:.0} ms; {} threads, {} kernels",
             model.info.model_type,

@@ -1,18 +1,18 @@
 //! `hayate logits`: the engine's entry point for correctness checks.
 
+use crate::common::ModelArgs;
 use crate::run::parse_token_list;
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use hayate_engine::{LoadOptions, Logits, Model};
+use hayate_engine::Logits;
 use safetensors::{Dtype, tensor::TensorView};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct LogitsArgs {
-    /// Model directory.
-    #[arg(long, value_name = "DIR")]
-    model: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Comma-separated token ids, e.g. 1,5,17.
     #[arg(long, value_name = "IDS")]
     tokens: String,
@@ -25,9 +25,6 @@ pub struct LogitsArgs {
     /// Prefill in chunks of N tokens through the KV cache.
     #[arg(long, value_name = "N")]
     chunk: Option<usize>,
-    /// Threads (default: one per core).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    threads: usize,
 }
 
 pub fn run(args: LogitsArgs) -> Result<()> {
@@ -38,13 +35,7 @@ pub fn run(args: LogitsArgs) -> Result<()> {
     if args.chunk == Some(0) {
         bail!("--chunk must be at least 1");
     }
-    let model = Model::load(
-        &args.model,
-        &LoadOptions {
-            threads: args.threads,
-        },
-    )
-    .with_context(|| format!("cannot load the model in {}", args.model.display()))?;
+    let model = args.model.load()?;
     let vocab = model.info.vocab;
     if tokens.len() > model.info.max_positions {
         bail!(
@@ -53,7 +44,14 @@ pub fn run(args: LogitsArgs) -> Result<()> {
             model.info.max_positions
         );
     }
-    let mut state = model.new_state(Some(tokens.len()))?;
+    let context = args.model.ctx_size.unwrap_or(tokens.len());
+    if context < tokens.len() {
+        bail!(
+            "--ctx-size {context} is smaller than the {} tokens",
+            tokens.len()
+        );
+    }
+    let mut state = model.new_state(Some(context))?;
     let mut logits = Vec::with_capacity(tokens.len() * vocab);
     let step = if args.incremental {
         1

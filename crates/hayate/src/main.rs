@@ -3,7 +3,9 @@
 mod bench;
 mod chat;
 mod common;
+mod eval;
 mod logits;
+mod quantize;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +31,10 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Measure prompt-processing and generation speed.
     Bench(bench::BenchArgs),
+    /// Score a text file: perplexity, and divergence from a reference model.
+    Eval(eval::EvalArgs),
+    /// Write a quantized copy (q4 or q8) of a model directory.
+    Quantize(quantize::QuantizeArgs),
 }
 
 fn main() {
@@ -49,6 +55,8 @@ fn main() {
         Command::Chat(args) => chat::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Quantize(args) => quantize::run(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error:#}");

@@ -67,27 +67,6 @@ fn st_path(dir: &Path) -> PathBuf {
     dir.join("model.safetensors")
 }
 
-/// Splits a safetensors file into its JSON header and its data.
-fn read_raw(path: &Path) -> (Map<String, Value>, Vec<u8>) {
-    let bytes = fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    (header.as_object().unwrap().clone(), bytes[8 + n..].to_vec())
-}
-
-/// Writes a safetensors file from a header and data, padding the header to a
-/// multiple of 8 bytes and giving the length prefix its true length.
-fn write_raw(path: &Path, header: &Map<String, Value>, data: &[u8]) {
-    let mut json = serde_json::to_vec(header).unwrap();
-    while !json.len().is_multiple_of(8) {
-        json.push(b' ');
-    }
-    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&json);
-    bytes.extend_from_slice(data);
-    fs::write(path, bytes).unwrap();
-}
-
 /// Applies `edit` to the model's config.json.
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut Map<String, Value>)) {
     let path = dir.join("config.json");

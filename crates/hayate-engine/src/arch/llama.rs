@@ -69,11 +69,8 @@ pub fn translate(cfg: &HfConfig, store: &TensorStore) -> Result<Translated> {
     let mlp_bias = cfg.opt_bool("mlp_bias")?.unwrap_or(false);
 
     let tensor = |name: &str| store.require(name);
-    let opt_tensor = |name: &str, wanted: bool| wanted.then(|| store.require(name)).transpose();
     let linear = |prefix: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
-        let w = tensor(&format!("{prefix}.weight"))?;
-        let b = opt_tensor(&format!("{prefix}.bias"), bias)?;
-        Ok(Linear::new(w, b, rows, cols)?)
+        Ok(Linear::load(store, prefix, rows, cols, bias)?)
     };
     let norm =
         |name: &str, dim: usize| -> Result<RmsNorm> { Ok(RmsNorm::new(tensor(name)?, dim, eps)?) };
@@ -143,10 +140,10 @@ pub fn translate(cfg: &HfConfig, store: &TensorStore) -> Result<Translated> {
     let embedding = linear("model.embed_tokens", vocab, hidden, false)?;
     // Tied models reuse the embedding; some tied checkpoints still carry a copy.
     let tied = cfg.opt_bool("tie_word_embeddings")?.unwrap_or(false);
-    let lm_head = match store.get("lm_head.weight") {
-        Some(w) if !tied => Linear::new(w, None, vocab, hidden)?,
-        _ if tied => linear("model.embed_tokens", vocab, hidden, false)?,
-        _ => linear("lm_head", vocab, hidden, false)?,
+    let lm_head = if tied {
+        embedding.clone()
+    } else {
+        linear("lm_head", vocab, hidden, false)?
     };
     Ok(Translated {
         embedding,

@@ -1,6 +1,7 @@
 //! Activations prepared for quantized products: rotated, then (for integer
 //! products) quantized to int8 per block of 32.
 
+use super::round_even;
 use crate::cpu::Isa;
 use crate::hadamard::{BLOCK, hadamard_blocks};
 
@@ -106,7 +107,7 @@ fn quantize_blocks(x: &[f32], codes: &mut [i8], scales: &mut [f32], sums: &mut [
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
         let mut total = 0i32;
         for (c, &v) in cb.iter_mut().zip(xb) {
-            let q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+            let q = round_even(v * inv).clamp(-127.0, 127.0) as i8;
             *c = q;
             total += i32::from(q);
         }

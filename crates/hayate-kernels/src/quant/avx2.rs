@@ -16,7 +16,7 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 /// Inputs per packed panel (a multiple of every group size).
-const KC: usize = 256;
+const KC: usize = 1024;
 /// Outputs per packed panel.
 const NR: usize = 16;
 /// Tokens per micro-kernel call.

@@ -438,23 +438,49 @@ fn q8_group(values: &[f32], q: &mut [u8]) -> bf16 {
     scale
 }
 
-/// Codes of `values` for scale `s` and zero point `z`, and the squared error.
-fn q4_codes(values: &[f32], s: f32, z: i32, q: &mut [u8]) -> f32 {
+/// Rounds to the nearest integer, ties to even, for `|x| < 2^22`; larger
+/// values come back as large values (callers clamp them). Adding and
+/// removing 1.5·2^23 lets the FPU's own rounding do the work, which keeps the
+/// loops vectorisable (`round_ties_even` is a libm call on baseline x86-64).
+#[inline(always)]
+pub(crate) fn round_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
+}
+
+/// Codes of `values` for scale `s` and zero point `z`.
+fn q4_codes(values: &[f32], s: f32, z: i32, q: &mut [u8]) {
     let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-    let mut err = 0.0;
     for (c, &v) in q.iter_mut().zip(values) {
-        let code = ((v * inv).round() as i32 + z).clamp(0, 15);
-        *c = code as u8;
-        let d = v - (code - z) as f32 * s;
-        err += d * d;
+        *c = (round_even(v * inv) + z as f32).clamp(0.0, 15.0) as u8;
     }
-    err
+}
+
+/// For scale `s` and zero point `z`: the squared error, and `Σ v·d`, `Σ d²`
+/// over the centred codes `d = q - z` (for a least-squares refit of `s`).
+/// Written over lanes of 8 so that it vectorises; `values.len()` is a multiple of 32.
+fn q4_trial(values: &[f32], s: f32, z: i32) -> (f32, f32, f32) {
+    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+    let zf = z as f32;
+    let (mut err, mut num, mut den) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+    for chunk in values.chunks_exact(8) {
+        for i in 0..8 {
+            let v = chunk[i];
+            let d = (round_even(v * inv) + zf).clamp(0.0, 15.0) - zf;
+            let e = v - d * s;
+            err[i] += e * e;
+            num[i] += v * d;
+            den[i] += d * d;
+        }
+    }
+    (err.iter().sum(), num.iter().sum(), den.iter().sum())
 }
 
 /// Asymmetric 4-bit codes, the bf16 scale and the zero point.
 ///
-/// Tries a few clipped ranges and a least-squares refit of the scale for
-/// each, keeping whichever reconstructs the group with the least squared error.
+/// Searches zero points around the min-max fit and a range of clipped
+/// scales, each also refitted by least squares, keeping whichever
+/// reconstructs the group with the least squared error.
 fn q4_group(values: &[f32], q: &mut [u8]) -> (bf16, u8) {
     // The grid (q - z)·s always contains 0, so the range must too.
     let lo = values.iter().fold(0f32, |m, &v| m.min(v));
@@ -463,30 +489,27 @@ fn q4_group(values: &[f32], q: &mut [u8]) -> (bf16, u8) {
         q.fill(0);
         return (bf16::ZERO, 0);
     }
+    let z_fit = (-lo * 15.0 / (hi - lo)).round() as i32;
     let mut best = (f32::INFINITY, bf16::ZERO, 0i32);
-    let mut trial = [0u8; 128];
-    let trial = &mut trial[..values.len()];
-    for step in 0..8 {
-        let shrink = 1.0 - 0.04 * step as f32;
-        let s0 = (hi - lo) * shrink / 15.0;
-        let z = (-lo * shrink / s0).round().clamp(0.0, 15.0) as i32;
-        let s = bf16::from_f32(s0);
-        let err = q4_codes(values, s.to_f32(), z, trial);
+    let mut consider = |s: bf16, z: i32| {
+        let (err, num, den) = q4_trial(values, s.to_f32(), z);
         if err < best.0 {
             best = (err, s, z);
         }
-        // Least-squares scale for these codes.
-        let (mut num, mut den) = (0f32, 0f32);
-        for (&c, &v) in trial.iter().zip(values) {
-            let d = (i32::from(c) - z) as f32;
-            num += v * d;
-            den += d * d;
+        (num, den)
+    };
+    for z in (z_fit - 2).max(0)..=(z_fit + 2).min(15) {
+        // The smallest scale that covers both ends with this zero point.
+        let up = if z < 15 { hi / (15 - z) as f32 } else { 0.0 };
+        let down = if z > 0 { -lo / z as f32 } else { 0.0 };
+        let cover = up.max(down);
+        if cover <= 0.0 {
+            continue;
         }
-        if den > 0.0 && num > 0.0 {
-            let s = bf16::from_f32(num / den);
-            let err = q4_codes(values, s.to_f32(), z, trial);
-            if err < best.0 {
-                best = (err, s, z);
+        for step in 0..10 {
+            let (num, den) = consider(bf16::from_f32(cover * (1.0 - 0.035 * step as f32)), z);
+            if den > 0.0 && num > 0.0 {
+                consider(bf16::from_f32(num / den), z);
             }
         }
     }

@@ -73,3 +73,24 @@ pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     }
     dir
 }
+
+/// Splits a safetensors file into its JSON header and its data.
+pub fn read_raw(path: &Path) -> (serde_json::Map<String, serde_json::Value>, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    (header.as_object().unwrap().clone(), bytes[8 + n..].to_vec())
+}
+
+/// Writes a safetensors file from a header and data, padding the header to a
+/// multiple of 8 bytes and giving the length prefix its true length.
+pub fn write_raw(path: &Path, header: &serde_json::Map<String, serde_json::Value>, data: &[u8]) {
+    let mut json = serde_json::to_vec(header).unwrap();
+    while !json.len().is_multiple_of(8) {
+        json.push(b' ');
+    }
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}

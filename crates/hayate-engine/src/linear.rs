@@ -1,0 +1,230 @@
+//! Linear layers over float or quantized weights.
+
+use hayate_formats::{FormatError, QuantInfo, QuantTensors, Result, Tensor, TensorStore};
+use hayate_kernels::hadamard::{BLOCK, hadamard_blocks};
+use hayate_kernels::quant::{QuantMatRef, QuantizedMatrix, Rotation};
+use hayate_kernels::{Isa, MatRef};
+use std::sync::Arc;
+
+thread_local! {
+    /// A dequantized row, reused so that lookups do not allocate.
+    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Integer weights: mapped from a quantized checkpoint or quantized at load.
+#[derive(Clone)]
+enum QuantData {
+    Mapped(Arc<QuantTensors>),
+    Owned(Arc<QuantizedMatrix>),
+}
+
+/// `S_in` and `S_out` of a rotated matrix.
+#[derive(Clone)]
+pub struct Signs {
+    /// ±1 per input.
+    pub sign_in: Arc<[f32]>,
+    /// ±1 per output.
+    pub sign_out: Arc<[f32]>,
+}
+
+/// The weights of a linear layer.
+#[derive(Clone)]
+enum LinearWeight {
+    /// Floats in their stored dtype, memory-mapped.
+    Dense(Tensor),
+    /// q4 or q8 codes, with their signs when rotated.
+    Quant {
+        data: QuantData,
+        signs: Option<Signs>,
+    },
+}
+
+/// A linear layer `y = W·x (+ b)`.
+#[derive(Clone)]
+pub struct Linear {
+    /// Name in the checkpoint, without `.weight` (e.g. `model.layers.0.mlp.up_proj`).
+    pub name: String,
+    weight: LinearWeight,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Optional bias, widened to f32.
+    pub bias: Option<Vec<f32>>,
+}
+
+/// What a product runs over.
+pub enum LinearKernel<'a> {
+    /// Float weights.
+    Dense(MatRef<'a>),
+    /// Quantized weights and their rotation.
+    Quant(QuantMatRef<'a>, Option<Rotation<'a>>),
+}
+
+impl Linear {
+    /// Loads `name` from `store`: `name.weight` (float) or the quantized
+    /// tensors `name.qweight`, ... Checks shapes against `rows x cols`.
+    pub fn load(
+        store: &TensorStore,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let bias = bias
+            .then(|| store.require(&format!("{name}.bias")))
+            .transpose()?
+            .map(|b| b.vector_f32(rows))
+            .transpose()?;
+        let weight = match store.get(&format!("{name}.weight")) {
+            Some(w) => {
+                w.matrix(rows, cols)?;
+                LinearWeight::Dense(w.clone())
+            }
+            None => match QuantTensors::load(store, name, rows, cols)? {
+                Some(mut q) => {
+                    let signs = q.signs.take().map(|(sign_in, sign_out)| Signs {
+                        sign_in: sign_in.into(),
+                        sign_out: sign_out.into(),
+                    });
+                    LinearWeight::Quant {
+                        data: QuantData::Mapped(Arc::new(q)),
+                        signs,
+                    }
+                }
+                None => return Err(FormatError::MissingTensor(format!("{name}.weight"))),
+            },
+        };
+        Ok(Linear {
+            name: name.to_owned(),
+            weight,
+            rows,
+            cols,
+            bias,
+        })
+    }
+
+    /// The same layer over quantized weights (the bias is kept).
+    pub fn with_quantized(&self, matrix: Arc<QuantizedMatrix>, signs: Option<Signs>) -> Self {
+        Linear {
+            weight: LinearWeight::Quant {
+                data: QuantData::Owned(matrix),
+                signs,
+            },
+            ..self.clone()
+        }
+    }
+
+    /// The float weights, if the layer has them.
+    pub fn dense(&self) -> Option<MatRef<'_>> {
+        match &self.weight {
+            LinearWeight::Dense(t) => Some(
+                t.matrix(self.rows, self.cols)
+                    .expect("shape and dtype validated at load"),
+            ),
+            LinearWeight::Quant { .. } => None,
+        }
+    }
+
+    /// The quantized weights and the description they would be stored with.
+    pub fn quant_info(&self) -> Option<QuantInfo> {
+        let LinearKernel::Quant(q, rot) = self.kernel() else {
+            return None;
+        };
+        Some(QuantInfo {
+            format: q.format,
+            group_size: q.group,
+            rows: q.rows,
+            cols: q.cols,
+            rotated: rot.is_some(),
+        })
+    }
+
+    /// The weights as the kernels take them.
+    pub fn kernel(&self) -> LinearKernel<'_> {
+        match &self.weight {
+            LinearWeight::Dense(_) => LinearKernel::Dense(self.dense().expect("dense")),
+            LinearWeight::Quant { data, signs } => {
+                let view = match data {
+                    QuantData::Mapped(t) => t.view().expect("layout validated at load"),
+                    QuantData::Owned(m) => m.view(),
+                };
+                let rotation = signs.as_ref().map(|s| Rotation {
+                    sign_in: &s.sign_in,
+                    sign_out: &s.sign_out,
+                });
+                LinearKernel::Quant(view, rotation)
+            }
+        }
+    }
+
+    /// The input signs `S_in` when the weights are rotated.
+    pub fn sign_in(&self) -> Option<&[f32]> {
+        match &self.weight {
+            LinearWeight::Quant { signs: Some(s), .. } => Some(&s.sign_in),
+            _ => None,
+        }
+    }
+
+    /// The layer's signs, when quantized with a rotation.
+    pub fn signs(&self) -> Option<&Signs> {
+        match &self.weight {
+            LinearWeight::Quant { signs, .. } => signs.as_ref(),
+            LinearWeight::Dense(_) => None,
+        }
+    }
+
+    /// Row `r` of `W` (e.g. a token's embedding), un-rotated, into `out`.
+    pub fn row(&self, isa: Isa, r: usize, out: &mut [f32]) {
+        match self.kernel() {
+            LinearKernel::Dense(m) => m.widen_row(r, out),
+            LinearKernel::Quant(q, None) => q.dequantize_row(r, out),
+            LinearKernel::Quant(q, Some(rot)) => {
+                // W = S_out·H·W'·H·S_in: mix the 32 stored rows of r's block.
+                let (block, i) = (r / BLOCK * BLOCK, r % BLOCK);
+                out.fill(0.0);
+                let norm = 1.0 / (BLOCK as f32).sqrt();
+                ROW.with_borrow_mut(|stored| {
+                    stored.resize(self.cols, 0.0);
+                    for j in 0..BLOCK {
+                        q.dequantize_row(block + j, stored);
+                        let h = if (i & j).count_ones().is_multiple_of(2) {
+                            norm
+                        } else {
+                            -norm
+                        };
+                        for (o, &v) in out.iter_mut().zip(stored.iter()) {
+                            *o += h * v;
+                        }
+                    }
+                });
+                hadamard_blocks(isa, out);
+                let so = rot.sign_out[r];
+                for (o, &si) in out.iter_mut().zip(rot.sign_in) {
+                    *o *= so * si;
+                }
+            }
+        }
+    }
+
+    /// Bytes the weights occupy (read once per decoded token).
+    pub fn n_bytes(&self) -> usize {
+        match self.kernel() {
+            LinearKernel::Dense(m) => m.rows * m.cols * m.data.element_size(),
+            LinearKernel::Quant(q, rot) => {
+                q.n_bytes() + rot.map_or(0, |r| r.sign_in.len() + r.sign_out.len())
+            }
+        }
+    }
+
+    /// Adds the bias to each of the `n_tok` output rows in `y`.
+    pub fn add_bias(&self, y: &mut [f32], n_tok: usize) {
+        if let Some(bias) = &self.bias {
+            for row in y[..n_tok * self.rows].chunks_exact_mut(self.rows) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! `hayate eval`: perplexity, KL divergence and top-1 agreement on the shared
+//! held-out text, and clean errors on bad input. Runs on the first tokens only,
+//! to stay fast.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+/// The held-out text beside the checkout.
+fn valid_data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/pystd-valid.txt")
+}
+
+/// Runs `hayate eval` with `args`.
+fn eval(args: &[&str]) -> Output {
+    let mut all = vec!["eval"];
+    all.extend_from_slice(args);
+    hayate(&all)
+}
+
+/// Runs `hayate eval --json` on the first 1500 tokens of the held-out text
+/// (3 windows of 512) and returns the report.
+fn eval_json(model: &str, reference: &str) -> Value {
+    let model = shared_model(model);
+    let reference = shared_model(reference);
+    let data = valid_data();
+    let out = eval(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--reference",
+        reference.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--max-tokens",
+        "1500",
+        "--context",
+        "512",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
+}
+
+fn num(report: &Value, field: &str) -> f64 {
+    report[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} is not a number: {report}"))
+}
+
+#[test]
+fn model_against_itself_has_zero_divergence() {
+    let r = eval_json("pystd-qwen3-7m", "pystd-qwen3-7m");
+    assert_eq!(r["context"], 512);
+    assert_eq!(r["windows"], 3);
+    // Every token but the first is scored.
+    assert_eq!(r["tokens_scored"], 1499);
+    for field in ["kl_mean", "kl_median", "kl_p99", "kl_max"] {
+        let kl = num(&r, field);
+        assert!((0.0..1e-9).contains(&kl), "{field} = {kl}");
+    }
+    assert_eq!(num(&r, "top1_agreement"), 1.0);
+    let ppl = num(&r, "model_ppl");
+    assert!(ppl.is_finite() && (3.0..30.0).contains(&ppl), "ppl {ppl}");
+    assert_eq!(ppl, num(&r, "reference_ppl"));
+    assert!((num(&r, "model_nll").exp() - ppl).abs() < 1e-9 * ppl);
+    assert_eq!(num(&r, "model_bits_per_weight"), 16.0);
+    assert_eq!(num(&r, "reference_bits_per_weight"), 16.0);
+}
+
+#[test]
+fn small_model_diverges_from_the_large_one() {
+    let r = eval_json("pystd-qwen3-7m", "pystd-qwen3-1m");
+    assert_eq!(r["tokens_scored"], 1499);
+    let (model_ppl, reference_ppl) = (num(&r, "model_ppl"), num(&r, "reference_ppl"));
+    assert!((3.0..30.0).contains(&model_ppl), "7m ppl {model_ppl}");
+    assert!(
+        reference_ppl > model_ppl && reference_ppl < 40.0,
+        "1m ppl {reference_ppl} vs 7m {model_ppl}"
+    );
+    let (mean, median, p99, max) = (
+        num(&r, "kl_mean"),
+        num(&r, "kl_median"),
+        num(&r, "kl_p99"),
+        num(&r, "kl_max"),
+    );
+    assert!(mean > 0.01, "kl_mean {mean}");
+    assert!(0.0 < median && median <= p99 && p99 <= max, "{r}");
+    let top1 = num(&r, "top1_agreement");
+    assert!(0.3 < top1 && top1 < 1.0, "top-1 agreement {top1}");
+}
+
+#[test]
+fn table_without_reference() {
+    let model = shared_model("pystd-qwen3-1m");
+    let data = valid_data();
+    let out = eval(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--max-tokens",
+        "300",
+        "--context",
+        "128",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    for field in [
+        "tokens scored",
+        "299 in 3 windows",
+        "perplexity",
+        "bits/weight",
+    ] {
+        assert!(stdout.contains(field), "table lacks {field}: {stdout}");
+    }
+    assert!(!stdout.contains("KL"), "KL without a reference: {stdout}");
+    // No progress bar when stderr is not a terminal.
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `hayate eval` with `args` and asserts a clean one-line error naming every needle.
+fn eval_fails(args: &[&str], needles: &[&str]) {
+    let out = eval(args);
+    assert_clean_error(&out, needles);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "more than the error line: {stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn bad_inputs_fail_cleanly() {
+    let m7 = shared_model("pystd-qwen3-7m");
+    let m7 = m7.to_str().unwrap();
+    let data = valid_data();
+    let data = data.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+
+    let missing = tmp.path().join("no-such-file.txt");
+    eval_fails(
+        &["--model", m7, "--data", missing.to_str().unwrap()],
+        &["no-such-file.txt"],
+    );
+
+    let one_token = tmp.path().join("one-token.txt");
+    std::fs::write(&one_token, "a").unwrap();
+    eval_fails(
+        &["--model", m7, "--data", one_token.to_str().unwrap()],
+        &["one-token.txt", "1 token", "at least 2"],
+    );
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    eval_fails(
+        &["--model", m7, "--data", empty.to_str().unwrap()],
+        &["0 token", "at least 2"],
+    );
+    eval_fails(
+        &["--model", m7, "--data", data, "--max-tokens", "1"],
+        &["--max-tokens 1", "at least 2"],
+    );
+
+    eval_fails(
+        &["--model", m7, "--data", data, "--context", "0"],
+        &["--context"],
+    );
+    eval_fails(
+        &["--model", m7, "--data", data, "--context", "4096"],
+        &["4096", "2048"],
+    );
+
+    // stories260K: a 512-token vocabulary, no tokenizer.json.
+    let stories = shared_model("stories260K");
+    let stories = stories.to_str().unwrap();
+    eval_fails(
+        &["--model", m7, "--reference", stories, "--data", data],
+        &["vocabulary", "512", "4096"],
+    );
+    eval_fails(
+        &["--model", stories, "--data", data, "--context", "64"],
+        &["tokenizer.json"],
+    );
+
+    let not_a_model = tmp.path().join("not-a-model");
+    eval_fails(
+        &[
+            "--model",
+            m7,
+            "--reference",
+            not_a_model.to_str().unwrap(),
+            "--data",
+            data,
+        ],
+        &["reference", "not-a-model"],
+    );
+}
