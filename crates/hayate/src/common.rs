@@ -101,18 +101,22 @@ impl QuantArgs {
 }
 
 impl ModelArgs {
-    /// Loads the model, reporting the time taken at info level.
-    pub fn load(&self) -> Result<Model> {
-        let start = Instant::now();
-        let options = LoadOptions {
+    /// The engine's load options these arguments ask for.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
             threads: self.threads,
             quantize: self.quantize.map(|f| self.quant.spec(f)),
             activations: match self.activations {
                 ActivationsArg::Int8 => ActPrecision::Int8,
                 ActivationsArg::F32 => ActPrecision::F32,
             },
-        };
-        let model = Model::load(&self.model, &options)
+        }
+    }
+
+    /// Loads the model, reporting the time taken at info level.
+    pub fn load(&self) -> Result<Model> {
+        let start = Instant::now();
+        let model = Model::load(&self.model, &self.load_options())
             .with_context(|| format!("cannot load the model in {}", self.model.display()))?;
         if let Some(report) = &model.quantization {
             tracing::info!(

@@ -9,7 +9,7 @@
 //! `t[kC..kC+C]` and scores targets `t[kC+1..kC+C+1]`, so the last input of a
 //! window predicts the first input of the next and no token goes unscored.
 
-use crate::common::ModelArgs;
+use crate::common::{FormatArg, ModelArgs};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use hayate_chat::TextTokenizer;
@@ -32,6 +32,10 @@ pub struct EvalArgs {
     /// divergence KL(reference || model) and the top-1 agreement.
     #[arg(long, value_name = "DIR")]
     reference: Option<PathBuf>,
+    /// Quantize the reference in memory too (with the same group size,
+    /// rotation and embedding options as the model).
+    #[arg(long, value_name = "FORMAT", requires = "reference")]
+    reference_quantize: Option<FormatArg>,
     /// Text file to score, tokenized whole with the model's tokenizer.
     #[arg(long, value_name = "FILE")]
     data: PathBuf,
@@ -75,13 +79,11 @@ struct Report {
 }
 
 /// Loads the reference model the way `ModelArgs::load` loads the model, with
-/// the same threads. Kept apart so that reference-side load options (e.g. a
-/// quantization) have one place to go.
-fn load_reference(dir: &Path, threads: usize) -> Result<Model> {
-    // Options beyond the threads keep their defaults.
+/// the same threads and activations, quantized when `quantize` is given.
+fn load_reference(dir: &Path, args: &ModelArgs, quantize: Option<FormatArg>) -> Result<Model> {
     let options = LoadOptions {
-        threads,
-        ..LoadOptions::default()
+        quantize: quantize.map(|f| args.quant.spec(f)),
+        ..args.load_options()
     };
     Model::load(dir, &options)
         .with_context(|| format!("cannot load the reference model in {}", dir.display()))
@@ -233,7 +235,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let reference = args
         .reference
         .as_deref()
-        .map(|dir| load_reference(dir, args.model.threads))
+        .map(|dir| load_reference(dir, &args.model, args.reference_quantize))
         .transpose()?;
     for (what, m) in
         std::iter::once(("model", &model)).chain(reference.iter().map(|r| ("reference", r)))

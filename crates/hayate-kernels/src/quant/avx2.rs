@@ -15,7 +15,9 @@ use crate::hadamard::BLOCK;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-/// Inputs per packed panel (a multiple of every group size).
+/// Inputs per packed panel (a multiple of every group size). Large, so that
+/// the output tile is revisited rarely: at 256 the read-modify-write of the
+/// outputs between panels cost more than the integer products saved.
 const KC: usize = 1024;
 /// Outputs per packed panel.
 const NR: usize = 16;
@@ -69,90 +71,136 @@ unsafe fn load_q4(p: *const u8) -> __m256i {
     _mm256_and_si256(both, _mm256_set1_epi8(15))
 }
 
-/// One q4 row dotted with one token's int8 activations.
+/// `[i >> shift]` per lane: which of the groups loaded for 8 blocks each block is in.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn group_lanes(shift: u32) -> __m256i {
+    _mm256_srlv_epi32(
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        _mm256_set1_epi32(shift as i32),
+    )
+}
+
+/// The bf16 scales of the groups of 8 consecutive blocks, one lane per block.
 ///
 /// # Safety
-/// `r` is a row of `w`; the activation slices hold `w.cols` codes and
-/// `w.cols / 32` scales and sums.
+/// `scales` holds the `8 >> shift` values from `g0` on.
+#[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_q4(w: &QuantMatRef<'_>, r: usize, xq: &[i8], sx: &[f32], sums: &[f32]) -> f32 {
+unsafe fn chunk_scales(scales: *const u16, g0: usize, shift: u32, lanes: __m256i) -> __m256 {
+    // SAFETY: reads exactly `8 >> shift` values (caller).
+    let raw = unsafe {
+        match shift {
+            0 => _mm_loadu_si128(scales.add(g0).cast()),
+            1 => _mm_loadl_epi64(scales.add(g0).cast()),
+            _ => _mm_cvtsi32_si128(std::ptr::read_unaligned(scales.add(g0).cast::<i32>())),
+        }
+    };
+    let wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16);
+    _mm256_permutevar8x32_ps(_mm256_castsi256_ps(wide), lanes)
+}
+
+/// The 4-bit zero points of the groups of 8 consecutive blocks, one lane per block.
+///
+/// # Safety
+/// `zeros` holds the `(8 >> shift) / 2` bytes from `g0 / 2` on; `g0` is even.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chunk_zeros(zeros: *const u8, g0: usize, shift: u32, lanes: __m256i) -> __m256 {
+    // SAFETY: reads exactly `(8 >> shift) / 2` bytes (caller).
+    let bits = unsafe {
+        let p = zeros.add(g0 / 2);
+        match shift {
+            0 => std::ptr::read_unaligned(p.cast::<u32>()),
+            1 => u32::from(std::ptr::read_unaligned(p.cast::<u16>())),
+            _ => u32::from(*p),
+        }
+    };
+    let nibbles = _mm256_srlv_epi32(_mm256_set1_epi32(bits as i32), _mm256_slli_epi32(lanes, 2));
+    _mm256_cvtepi32_ps(_mm256_and_si256(nibbles, _mm256_set1_epi32(15)))
+}
+
+/// Lane `j` of `v` in every lane.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn lane(v: __m256, j: i32) -> __m256 {
+    _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j))
+}
+
+/// One row dotted with one token's int8 activations. Blocks go in chunks of
+/// 8 so that their scales (and q4 zero-point corrections) are combined in
+/// vectors rather than one scalar at a time; leftover blocks one by one.
+///
+/// # Safety
+/// `r` is a row of `w`; `xq` holds `w.cols` codes, `sx` and `sums`
+/// `w.cols / 32` values.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_row(w: &QuantMatRef<'_>, r: usize, xq: &[i8], sx: &[f32], sums: &[f32]) -> f32 {
     let nb = w.cols / BLOCK;
     let groups = w.groups();
     let shift = (w.group / BLOCK).trailing_zeros();
-    let zrow = w.format.zero_row_bytes(groups);
+    let q4 = w.format == QuantFormat::Q4;
+    let row_bytes = w.format.code_row_bytes(w.cols);
+    let block_bytes = row_bytes / nb;
     // SAFETY: all offsets stay within row `r` of each array and within the
     // activation slices (caller); prefetch addresses are not dereferenced.
     unsafe {
-        let codes = w.codes.as_ptr().add(r * w.cols / 2);
+        let codes = w.codes.as_ptr().add(r * row_bytes);
         let scales = w.scales.as_ptr().add(r * groups);
-        let zeros = w.zeros.as_ptr().add(r * zrow);
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut corr0, mut corr1) = (0f32, 0f32);
-        let term = |b: usize| -> (__m256, f32) {
+        let zeros = w.zeros.as_ptr().add(r * w.format.zero_row_bytes(groups));
+        let (xq, sx, sums) = (xq.as_ptr(), sx.as_ptr(), sums.as_ptr());
+        let dot = |b: usize| -> __m256 {
+            let x = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
+            let d = if q4 {
+                block_dot(load_q4(codes.add(b * 16)), x)
+            } else {
+                // |w| x (x with w's sign) = w x, with the unsigned operand first.
+                let wv = _mm256_loadu_si256(codes.add(b * BLOCK).cast());
+                block_dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv))
+            };
+            _mm256_cvtepi32_ps(d)
+        };
+        let lanes = group_lanes(shift);
+        let (mut acc0, mut acc1, mut corr) = (
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+        );
+        let chunks = nb / 8;
+        for c in 0..chunks {
+            let b0 = c * 8;
+            let g0 = b0 >> shift;
+            _mm_prefetch::<_MM_HINT_T0>(
+                codes
+                    .wrapping_add((b0 + 8) * block_bytes + PREFETCH_BYTES)
+                    .cast(),
+            );
+            let s = chunk_scales(scales, g0, shift, lanes);
+            let both = _mm256_mul_ps(s, _mm256_loadu_ps(sx.add(b0)));
+            if q4 {
+                let z = chunk_zeros(zeros, g0, shift, lanes);
+                corr = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(sums.add(b0)), corr);
+            }
+            acc0 = _mm256_fmadd_ps(dot(b0), lane(both, 0), acc0);
+            acc1 = _mm256_fmadd_ps(dot(b0 + 1), lane(both, 1), acc1);
+            acc0 = _mm256_fmadd_ps(dot(b0 + 2), lane(both, 2), acc0);
+            acc1 = _mm256_fmadd_ps(dot(b0 + 3), lane(both, 3), acc1);
+            acc0 = _mm256_fmadd_ps(dot(b0 + 4), lane(both, 4), acc0);
+            acc1 = _mm256_fmadd_ps(dot(b0 + 5), lane(both, 5), acc1);
+            acc0 = _mm256_fmadd_ps(dot(b0 + 6), lane(both, 6), acc0);
+            acc1 = _mm256_fmadd_ps(dot(b0 + 7), lane(both, 7), acc1);
+        }
+        let mut tail_corr = 0f32;
+        for b in chunks * 8..nb {
             let g = b >> shift;
             let s = bf16_to_f32(*scales.add(g));
-            let zb = *zeros.add(g / 2);
-            let z = group_nibble(zb, g);
-            let d = block_dot(
-                load_q4(codes.add(b * 16)),
-                _mm256_loadu_si256(xq.as_ptr().add(b * BLOCK).cast()),
-            );
-            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s * sx[b]));
-            (f, s * f32::from(z) * sums[b])
-        };
-        let mut b = 0;
-        while b + 2 <= nb {
-            _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(b * 16 + PREFETCH_BYTES).cast());
-            let (f0, c0) = term(b);
-            let (f1, c1) = term(b + 1);
-            acc0 = _mm256_add_ps(acc0, f0);
-            acc1 = _mm256_add_ps(acc1, f1);
-            corr0 += c0;
-            corr1 += c1;
-            b += 2;
+            acc0 = _mm256_fmadd_ps(dot(b), _mm256_set1_ps(s * *sx.add(b)), acc0);
+            if q4 {
+                let z = group_nibble(*zeros.add(g / 2), g);
+                tail_corr += s * f32::from(z) * *sums.add(b);
+            }
         }
-        if b < nb {
-            let (f0, c0) = term(b);
-            acc0 = _mm256_add_ps(acc0, f0);
-            corr0 += c0;
-        }
-        hsum(_mm256_add_ps(acc0, acc1)) - (corr0 + corr1)
-    }
-}
-
-/// One q8 row dotted with one token's int8 activations.
-///
-/// # Safety
-/// As [`dot_q4`].
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_q8(w: &QuantMatRef<'_>, r: usize, xq: &[i8], sx: &[f32]) -> f32 {
-    let nb = w.cols / BLOCK;
-    let groups = w.groups();
-    let shift = (w.group / BLOCK).trailing_zeros();
-    // SAFETY: as in `dot_q4`.
-    unsafe {
-        let codes = w.codes.as_ptr().add(r * w.cols);
-        let scales = w.scales.as_ptr().add(r * groups);
-        let term = |b: usize| -> __m256 {
-            let s = bf16_to_f32(*scales.add(b >> shift));
-            let wv = _mm256_loadu_si256(codes.add(b * BLOCK).cast());
-            let xv = _mm256_loadu_si256(xq.as_ptr().add(b * BLOCK).cast());
-            // |w| x (x with w's sign) = w x, with the unsigned operand first.
-            let d = block_dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-            _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s * sx[b]))
-        };
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut b = 0;
-        while b + 2 <= nb {
-            _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(b * BLOCK + PREFETCH_BYTES).cast());
-            acc0 = _mm256_add_ps(acc0, term(b));
-            acc1 = _mm256_add_ps(acc1, term(b + 1));
-            b += 2;
-        }
-        if b < nb {
-            acc0 = _mm256_add_ps(acc0, term(b));
-        }
-        hsum(_mm256_add_ps(acc0, acc1))
+        hsum(_mm256_add_ps(acc0, acc1)) - hsum(corr) - tail_corr
     }
 }
 
@@ -176,10 +224,7 @@ pub unsafe fn gemv_rows(
             // SAFETY: `r` is a row of `w`; the slices cover one token; `y`
             // covers `n_tok * w.rows` values (caller).
             unsafe {
-                *y.add(t * w.rows + r) = match w.format {
-                    QuantFormat::Q4 => dot_q4(&w, r, xq, sx, &acts.sums[t * nb..(t + 1) * nb]),
-                    QuantFormat::Q8 => dot_q8(&w, r, xq, sx),
-                };
+                *y.add(t * w.rows + r) = dot_row(&w, r, xq, sx, &acts.sums[t * nb..(t + 1) * nb]);
             }
         }
     }
