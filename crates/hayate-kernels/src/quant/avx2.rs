@@ -460,3 +460,41 @@ pub unsafe fn gemm_rows(
         })
     });
 }
+
+/// [`super::q4_trial`] eight lanes at a time, with the same operations in the
+/// same order (no fused multiply-adds), so the results are identical.
+///
+/// # Safety
+/// The CPU supports AVX2; `values.len()` is a multiple of 8.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn q4_trial(values: &[f32], s: f32, z: i32) -> (f32, f32, f32) {
+    let inv = _mm256_set1_ps(if s > 0.0 { 1.0 / s } else { 0.0 });
+    let (zf, sv) = (_mm256_set1_ps(z as f32), _mm256_set1_ps(s));
+    let magic = _mm256_set1_ps(12_582_912.0);
+    let (lo, hi) = (_mm256_setzero_ps(), _mm256_set1_ps(15.0));
+    let (mut err, mut num, mut den) = (
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+    );
+    for chunk in values.chunks_exact(8) {
+        // SAFETY: 8 values.
+        let v = unsafe { _mm256_loadu_ps(chunk.as_ptr()) };
+        let r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(v, inv), magic), magic);
+        let d = _mm256_sub_ps(
+            _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, zf), lo), hi),
+            zf,
+        );
+        let e = _mm256_sub_ps(v, _mm256_mul_ps(d, sv));
+        err = _mm256_add_ps(err, _mm256_mul_ps(e, e));
+        num = _mm256_add_ps(num, _mm256_mul_ps(v, d));
+        den = _mm256_add_ps(den, _mm256_mul_ps(d, d));
+    }
+    let in_order = |x: __m256| {
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 writable values.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), x) };
+        lanes.iter().sum::<f32>()
+    };
+    (in_order(err), in_order(num), in_order(den))
+}

@@ -380,6 +380,7 @@ pub fn quantize_matrix(
             };
             for i in 0..n {
                 quantize_row(
+                    isa,
                     format,
                     group,
                     &block[i * cols..(i + 1) * cols],
@@ -396,6 +397,7 @@ pub fn quantize_matrix(
 
 /// Quantizes one row into its codes, scales and zero points.
 pub fn quantize_row(
+    isa: Isa,
     format: QuantFormat,
     group: usize,
     row: &[f32],
@@ -412,7 +414,7 @@ pub fn quantize_row(
                 codes[g * group..(g + 1) * group].copy_from_slice(&q[..group]);
             }
             QuantFormat::Q4 => {
-                let (scale, zero) = q4_group(values, &mut q[..group]);
+                let (scale, zero) = q4_group(isa, values, &mut q[..group]);
                 scales[g] = scale.to_bits();
                 zeros[g / 2] |= if g % 2 == 0 { zero } else { zero << 4 };
                 let dst = &mut codes[g * group / 2..(g + 1) * group / 2];
@@ -458,8 +460,16 @@ fn q4_codes(values: &[f32], s: f32, z: i32, q: &mut [u8]) {
 
 /// For scale `s` and zero point `z`: the squared error, and `Σ v·d`, `Σ d²`
 /// over the centred codes `d = q - z` (for a least-squares refit of `s`).
-/// Written over lanes of 8 so that it vectorises; `values.len()` is a multiple of 32.
-fn q4_trial(values: &[f32], s: f32, z: i32) -> (f32, f32, f32) {
+/// Accumulated in 8 lanes, summed in lane order, without fused multiply-adds:
+/// the AVX2 path computes exactly the same values, so a checkpoint does not
+/// depend on the machine that quantized it. `values.len()` is a multiple of 32.
+fn q4_trial(isa: Isa, values: &[f32], s: f32, z: i32) -> (f32, f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && Isa::Avx2.is_supported() {
+        // SAFETY: the CPU supports AVX2 (checked); the length is a multiple of 8.
+        return unsafe { avx2::q4_trial(values, s, z) };
+    }
+    let _ = isa;
     let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
     let zf = z as f32;
     let (mut err, mut num, mut den) = ([0f32; 8], [0f32; 8], [0f32; 8]);
@@ -481,7 +491,7 @@ fn q4_trial(values: &[f32], s: f32, z: i32) -> (f32, f32, f32) {
 /// Searches zero points around the min-max fit and a range of clipped
 /// scales, each also refitted by least squares, keeping whichever
 /// reconstructs the group with the least squared error.
-fn q4_group(values: &[f32], q: &mut [u8]) -> (bf16, u8) {
+fn q4_group(isa: Isa, values: &[f32], q: &mut [u8]) -> (bf16, u8) {
     // The grid (q - z)·s always contains 0, so the range must too.
     let lo = values.iter().fold(0f32, |m, &v| m.min(v));
     let hi = values.iter().fold(0f32, |m, &v| m.max(v));
@@ -492,7 +502,7 @@ fn q4_group(values: &[f32], q: &mut [u8]) -> (bf16, u8) {
     let z_fit = (-lo * 15.0 / (hi - lo)).round() as i32;
     let mut best = (f32::INFINITY, bf16::ZERO, 0i32);
     let mut consider = |s: bf16, z: i32| {
-        let (err, num, den) = q4_trial(values, s.to_f32(), z);
+        let (err, num, den) = q4_trial(isa, values, s.to_f32(), z);
         if err < best.0 {
             best = (err, s, z);
         }

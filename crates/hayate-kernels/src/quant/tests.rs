@@ -413,3 +413,28 @@ fn bad_layouts_are_rejected() {
     assert!(QuantMatRef::new(QuantFormat::Q4, 2, 64, 48, &codes, &scales, &zeros).is_err());
     assert!(QuantMatRef::new(QuantFormat::Q8, 2, 64, 128, &codes, &scales, &[]).is_err());
 }
+
+#[test]
+fn every_path_quantizes_identically() {
+    let mut seed = 17;
+    let (rows, cols) = (64, 384);
+    let w = weights(&mut seed, rows * cols);
+    let (si, so) = (signs(&mut seed, cols), signs(&mut seed, rows));
+    let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
+    let pool = ThreadPool::new(2);
+    for format in [QuantFormat::Q4, QuantFormat::Q8] {
+        for group in GROUP_SIZES {
+            let rot = Rotation {
+                sign_in: &si,
+                sign_out: &so,
+            };
+            let want = quantize_matrix(&pool, Isa::Scalar, format, group, m, Some(rot));
+            for isa in Isa::supported() {
+                let got = quantize_matrix(&pool, isa, format, group, m, Some(rot));
+                assert_eq!(got.codes, want.codes, "{isa:?} {format:?} G={group}");
+                assert_eq!(got.scales, want.scales, "{isa:?} {format:?} G={group}");
+                assert_eq!(got.zeros, want.zeros, "{isa:?} {format:?} G={group}");
+            }
+        }
+    }
+}
