@@ -26,17 +26,6 @@ const MR: usize = 6;
 /// Bytes ahead of the current position that the row kernels prefetch.
 const PREFETCH_BYTES: usize = 512;
 
-thread_local! {
-    /// Packed weight panel: `[k/2][NR][2]` int16.
-    static PACK_W: RefCell<Vec<i16>> = const { RefCell::new(Vec::new()) };
-    /// Packed panel scales: `[block][NR]`.
-    static PACK_S: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// Packed activations: `[token block][k/2][MR]` int16 pairs.
-    static PACK_X: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
-    /// Packed activation scales: `[token block][block][MR]`.
-    static PACK_SX: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn hsum(v: __m256) -> f32 {
@@ -230,8 +219,29 @@ pub unsafe fn gemv_rows(
     }
 }
 
-/// Widens inputs `k0..k0+kc` of row `r` to `q - z` int16 values.
-fn widen_row(w: &QuantMatRef<'_>, r: usize, k0: usize, kc: usize, out: &mut [i16]) {
+/// One thread's packed GEMM operands, reused across calls.
+#[derive(Default)]
+struct Packed {
+    /// Weight panel: int16 pairs `[k/2][NR]` (q8) or 4 codes `[k/4][NR]` (q4).
+    w: Vec<u32>,
+    /// Weight scales `[block][NR]`.
+    ws: Vec<f32>,
+    /// q4 zero points `[block][NR]`.
+    wz: Vec<f32>,
+    /// Activations: int16 pairs `[token block][k/2][MR]` (q8) or 4 codes `[token block][k/4][MR]` (q4).
+    x: Vec<u32>,
+    /// Activation scales `[token block][block][MR]`.
+    xs: Vec<f32>,
+    /// Sums of the activation codes per block `[token block][block][MR]` (q4).
+    xsum: Vec<f32>,
+}
+
+thread_local! {
+    static PACKED: RefCell<Packed> = RefCell::new(Packed::default());
+}
+
+/// Codes `k0..k0+kc` of row `r` as stored (q4: 0..=15 unsigned, q8: signed), widened to i16.
+fn row_codes(w: &QuantMatRef<'_>, r: usize, k0: usize, kc: usize, out: &mut [i16]) {
     match w.format {
         QuantFormat::Q8 => {
             let src = &w.codes[r * w.cols + k0..r * w.cols + k0 + kc];
@@ -240,20 +250,12 @@ fn widen_row(w: &QuantMatRef<'_>, r: usize, k0: usize, kc: usize, out: &mut [i16
             }
         }
         QuantFormat::Q4 => {
-            let zrow = w.format.zero_row_bytes(w.groups());
             let src = &w.codes[r * w.cols / 2 + k0 / 2..r * w.cols / 2 + (k0 + kc) / 2];
-            for (b, (bytes, dst)) in src
-                .chunks_exact(16)
-                .zip(out.chunks_exact_mut(BLOCK))
-                .enumerate()
-            {
-                let g = (k0 + b * BLOCK) / w.group;
-                let zb = w.zeros[r * zrow + g / 2];
-                let z = i16::from(group_nibble(zb, g));
+            for (bytes, dst) in src.chunks_exact(16).zip(out.chunks_exact_mut(BLOCK)) {
                 let (lo, hi) = dst.split_at_mut(16);
                 for ((l, h), &byte) in lo.iter_mut().zip(hi.iter_mut()).zip(bytes) {
-                    *l = i16::from(byte & 15) - z;
-                    *h = i16::from(byte >> 4) - z;
+                    *l = i16::from(byte & 15);
+                    *h = i16::from(byte >> 4);
                 }
             }
         }
@@ -261,108 +263,147 @@ fn widen_row(w: &QuantMatRef<'_>, r: usize, k0: usize, kc: usize, out: &mut [i16
 }
 
 /// Packs rows `n0..n0+16` (rows from `n_end` on are zero) of inputs
-/// `k0..k0+kc` as `[k/2][row][2]` int16 and their scales as `[block][row]`.
-fn pack_panel(
-    w: &QuantMatRef<'_>,
-    n0: usize,
-    n_end: usize,
-    k0: usize,
-    kc: usize,
-    pack: &mut [i16],
-    scales: &mut [f32],
-) {
+/// `k0..k0+kc`, with their scales and (q4) zero points per block of 32.
+fn pack_panel(w: &QuantMatRef<'_>, n0: usize, n_end: usize, k0: usize, kc: usize, p: &mut Packed) {
     let mut row = [0i16; KC];
+    let q4 = w.format == QuantFormat::Q4;
     for j in 0..NR {
         let r = n0 + j;
         if r < n_end {
-            widen_row(w, r, k0, kc, &mut row[..kc]);
+            row_codes(w, r, k0, kc, &mut row[..kc]);
             for b in 0..kc / BLOCK {
-                scales[b * NR + j] = w.scale(r, (k0 + b * BLOCK) / w.group);
+                let g = (k0 + b * BLOCK) / w.group;
+                p.ws[b * NR + j] = w.scale(r, g);
+                p.wz[b * NR + j] = w.zero(r, g) as f32;
             }
         } else {
             row[..kc].fill(0);
             for b in 0..kc / BLOCK {
-                scales[b * NR + j] = 0.0;
+                p.ws[b * NR + j] = 0.0;
+                p.wz[b * NR + j] = 0.0;
             }
         }
-        for (p, pair) in row[..kc].chunks_exact(2).enumerate() {
-            pack[(p * NR + j) * 2] = pair[0];
-            pack[(p * NR + j) * 2 + 1] = pair[1];
+        if q4 {
+            // Four unsigned codes per 32-bit lane, for `vpmaddubsw`.
+            for (i, quad) in row[..kc].chunks_exact(4).enumerate() {
+                p.w[i * NR + j] = u32::from_le_bytes([
+                    quad[0] as u8,
+                    quad[1] as u8,
+                    quad[2] as u8,
+                    quad[3] as u8,
+                ]);
+            }
+        } else {
+            for (i, pair) in row[..kc].chunks_exact(2).enumerate() {
+                p.w[i * NR + j] = u32::from(pair[0] as u16) | (u32::from(pair[1] as u16) << 16);
+            }
         }
     }
 }
 
-/// Packs inputs `k0..k0+kc` of every token as int16 pairs `[block of MR][k/2][i]`
-/// and their scales as `[block of MR][block][i]`; tokens past `n_tok` are zero.
-fn pack_activations(acts: &QuantizedActs, k0: usize, kc: usize, xp: &mut [u32], sp: &mut [f32]) {
+/// Packs inputs `k0..k0+kc` of every token (tokens past `n_tok` are zero):
+/// q4 as 4 codes per 32-bit value, q8 as int16 pairs; scales and code sums per block.
+fn pack_activations(acts: &QuantizedActs, k0: usize, kc: usize, q4: bool, p: &mut Packed) {
     let (k, n_tok) = (acts.k, acts.n_tok);
     let (nb, kb) = (k / BLOCK, kc / BLOCK);
+    let per = if q4 { 4 } else { 2 };
+    let units = kc / per;
     for mb in 0..n_tok.div_ceil(MR) {
-        let xblock = &mut xp[mb * (kc / 2) * MR..(mb + 1) * (kc / 2) * MR];
-        let sblock = &mut sp[mb * kb * MR..(mb + 1) * kb * MR];
+        let xblock = &mut p.x[mb * units * MR..(mb + 1) * units * MR];
+        let sblock = &mut p.xs[mb * kb * MR..(mb + 1) * kb * MR];
+        let sums = &mut p.xsum[mb * kb * MR..(mb + 1) * kb * MR];
         for i in 0..MR {
             let t = mb * MR + i;
-            if t < n_tok {
-                let codes = &acts.codes[t * k + k0..t * k + k0 + kc];
-                for (p, pair) in codes.chunks_exact(2).enumerate() {
-                    let lo = u32::from(i16::from(pair[0]) as u16);
-                    let hi = u32::from(i16::from(pair[1]) as u16);
-                    xblock[p * MR + i] = lo | (hi << 16);
-                }
-                for b in 0..kb {
-                    sblock[b * MR + i] = acts.scales[t * nb + k0 / BLOCK + b];
-                }
-            } else {
-                for p in 0..kc / 2 {
-                    xblock[p * MR + i] = 0;
+            if t >= n_tok {
+                for u in 0..units {
+                    xblock[u * MR + i] = 0;
                 }
                 for b in 0..kb {
                     sblock[b * MR + i] = 0.0;
+                    sums[b * MR + i] = 0.0;
                 }
+                continue;
+            }
+            let codes = &acts.codes[t * k + k0..t * k + k0 + kc];
+            for (u, unit) in codes.chunks_exact(per).enumerate() {
+                xblock[u * MR + i] = if q4 {
+                    u32::from_le_bytes([unit[0] as u8, unit[1] as u8, unit[2] as u8, unit[3] as u8])
+                } else {
+                    u32::from(i16::from(unit[0]) as u16)
+                        | (u32::from(i16::from(unit[1]) as u16) << 16)
+                };
+            }
+            for (b, block) in codes.chunks_exact(BLOCK).enumerate() {
+                sblock[b * MR + i] = acts.scales[t * nb + k0 / BLOCK + b];
+                sums[b * MR + i] = block.iter().map(|&c| i32::from(c)).sum::<i32>() as f32;
             }
         }
     }
 }
 
-/// `c[i, j] (+)= Σ_blocks s_w[j]·s_x[i]·Σ_k w[j, k]·x[i, k]` for `M` tokens
-/// and the 16 rows of a packed panel; only `ncols` columns are stored.
-///
-/// # Safety
-/// `xp` holds `kc/2 * MR` pairs, `sxp` `kc/32 * MR` scales, `wp` `kc * 16`
-/// values, `sw` `kc/32 * 16` scales; `c` has `M` rows of `ncols` writable
-/// values `ldc` apart.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn micro_kernel<const M: usize>(
+/// Pointers into one thread's packed operands for one micro-kernel call.
+struct Tile {
     kc: usize,
-    xp: *const u32,
-    sxp: *const f32,
-    wp: *const i16,
-    sw: *const f32,
+    x: *const u32,
+    xs: *const f32,
+    xsum: *const f32,
+    w: *const u32,
+    ws: *const f32,
+    wz: *const f32,
     c: *mut f32,
     ldc: usize,
     ncols: usize,
     accumulate: bool,
-) {
-    let mut out = [[_mm256_setzero_ps(); 2]; M];
-    // SAFETY: all offsets are within the extents stated above.
+}
+
+/// Adds the `M x 16` float results to the output tile (only `ncols` columns exist).
+///
+/// # Safety
+/// `t.c` has `M` rows of `t.ncols` writable values `t.ldc` apart.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store_tile<const M: usize>(t: &Tile, out: &[[__m256; 2]; M]) {
+    // SAFETY: within the tile (caller).
     unsafe {
-        for b in 0..kc / BLOCK {
+        for (i, out_i) in out.iter().enumerate() {
+            let ci = t.c.add(i * t.ldc);
+            let mut tmp = [0f32; NR];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), out_i[0]);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), out_i[1]);
+            for (j, &v) in tmp[..t.ncols].iter().enumerate() {
+                let dst = ci.add(j);
+                *dst = if t.accumulate { *dst + v } else { v };
+            }
+        }
+    }
+}
+
+/// q8: `c[i, j] (+)= Σ_blocks s_w[j]·s_x[i]·Σ_k w[j, k]·x[i, k]` for `M` tokens
+/// and 16 rows, with `vpmaddwd` on int16 pairs (exact int32 sums per block).
+///
+/// # Safety
+/// The tile's buffers hold `kc` inputs of the panel and of `MR` tokens.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_q8<const M: usize>(t: &Tile) {
+    let mut out = [[_mm256_setzero_ps(); 2]; M];
+    // SAFETY: all offsets are within the packed buffers (caller).
+    unsafe {
+        for b in 0..t.kc / BLOCK {
             let mut acc = [[_mm256_setzero_si256(); 2]; M];
             for p in b * 16..(b + 1) * 16 {
-                let w0 = _mm256_loadu_si256(wp.add(p * 2 * NR).cast());
-                let w1 = _mm256_loadu_si256(wp.add(p * 2 * NR + NR).cast());
+                let w0 = _mm256_loadu_si256(t.w.add(p * NR).cast());
+                let w1 = _mm256_loadu_si256(t.w.add(p * NR + 8).cast());
                 for (i, acc_i) in acc.iter_mut().enumerate() {
-                    let xi = _mm256_set1_epi32(*xp.add(p * MR + i) as i32);
+                    let xi = _mm256_set1_epi32(*t.x.add(p * MR + i) as i32);
                     acc_i[0] = _mm256_add_epi32(acc_i[0], _mm256_madd_epi16(w0, xi));
                     acc_i[1] = _mm256_add_epi32(acc_i[1], _mm256_madd_epi16(w1, xi));
                 }
             }
-            let s0 = _mm256_loadu_ps(sw.add(b * NR));
-            let s1 = _mm256_loadu_ps(sw.add(b * NR + 8));
+            let s0 = _mm256_loadu_ps(t.ws.add(b * NR));
+            let s1 = _mm256_loadu_ps(t.ws.add(b * NR + 8));
             for (i, (acc_i, out_i)) in acc.iter().zip(out.iter_mut()).enumerate() {
-                let sx = _mm256_set1_ps(*sxp.add(b * MR + i));
+                let sx = _mm256_set1_ps(*t.xs.add(b * MR + i));
                 out_i[0] = _mm256_fmadd_ps(
                     _mm256_cvtepi32_ps(acc_i[0]),
                     _mm256_mul_ps(s0, sx),
@@ -375,16 +416,51 @@ unsafe fn micro_kernel<const M: usize>(
                 );
             }
         }
-        for (i, out_i) in out.iter().enumerate() {
-            let ci = c.add(i * ldc);
-            let mut tmp = [0f32; NR];
-            _mm256_storeu_ps(tmp.as_mut_ptr(), out_i[0]);
-            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), out_i[1]);
-            for (j, &v) in tmp[..ncols].iter().enumerate() {
-                let dst = ci.add(j);
-                *dst = if accumulate { *dst + v } else { v };
+        store_tile::<M>(t, &out);
+    }
+}
+
+/// q4: the same product from unsigned codes with `vpmaddubsw` (32 products per
+/// instruction, twice `vpmaddwd`'s rate). Each 16-bit lane adds 8 steps of two
+/// products, at most 8·2·15·127 = 30480 in magnitude, so nothing saturates; the
+/// zero point comes off per block as `z · Σx`, exactly, in f32.
+///
+/// # Safety
+/// As [`kernel_q8`].
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_q4<const M: usize>(t: &Tile) {
+    let mut out = [[_mm256_setzero_ps(); 2]; M];
+    let ones = _mm256_set1_epi16(1);
+    // SAFETY: all offsets are within the packed buffers (caller).
+    unsafe {
+        for b in 0..t.kc / BLOCK {
+            let mut acc = [[_mm256_setzero_si256(); 2]; M];
+            for p in b * 8..(b + 1) * 8 {
+                let w0 = _mm256_loadu_si256(t.w.add(p * NR).cast());
+                let w1 = _mm256_loadu_si256(t.w.add(p * NR + 8).cast());
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    let xi = _mm256_set1_epi32(*t.x.add(p * MR + i) as i32);
+                    acc_i[0] = _mm256_add_epi16(acc_i[0], _mm256_maddubs_epi16(w0, xi));
+                    acc_i[1] = _mm256_add_epi16(acc_i[1], _mm256_maddubs_epi16(w1, xi));
+                }
+            }
+            let s0 = _mm256_loadu_ps(t.ws.add(b * NR));
+            let s1 = _mm256_loadu_ps(t.ws.add(b * NR + 8));
+            let z0 = _mm256_loadu_ps(t.wz.add(b * NR));
+            let z1 = _mm256_loadu_ps(t.wz.add(b * NR + 8));
+            for (i, (acc_i, out_i)) in acc.iter().zip(out.iter_mut()).enumerate() {
+                let sx = _mm256_set1_ps(*t.xs.add(b * MR + i));
+                let sum = _mm256_set1_ps(*t.xsum.add(b * MR + i));
+                let d0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc_i[0], ones));
+                let d1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc_i[1], ones));
+                let d0 = _mm256_fnmadd_ps(z0, sum, d0);
+                let d1 = _mm256_fnmadd_ps(z1, sum, d1);
+                out_i[0] = _mm256_fmadd_ps(d0, _mm256_mul_ps(s0, sx), out_i[0]);
+                out_i[1] = _mm256_fmadd_ps(d1, _mm256_mul_ps(s1, sx), out_i[1]);
             }
         }
+        store_tile::<M>(t, &out);
     }
 }
 
@@ -400,64 +476,67 @@ pub unsafe fn gemm_rows(
     y: *mut f32,
 ) {
     let (k, n_tok, ldc) = (w.cols, acts.n_tok, w.rows);
+    let q4 = w.format == QuantFormat::Q4;
     let m_blocks = n_tok.div_ceil(MR);
-    PACK_W.with_borrow_mut(|pack_w| {
-        PACK_S.with_borrow_mut(|pack_s| {
-            PACK_X.with_borrow_mut(|pack_x| {
-                PACK_SX.with_borrow_mut(|pack_sx| {
-                    pack_w.resize(KC * NR, 0);
-                    pack_s.resize(KC / BLOCK * NR, 0.0);
-                    pack_x.resize(m_blocks * KC / 2 * MR, 0);
-                    pack_sx.resize(m_blocks * KC / BLOCK * MR, 0.0);
-                    let mut k0 = 0;
-                    while k0 < k {
-                        let kc = KC.min(k - k0);
-                        pack_activations(acts, k0, kc, pack_x, pack_sx);
-                        let mut n0 = rows.start;
-                        while n0 < rows.end {
-                            let ncols = NR.min(rows.end - n0);
-                            pack_panel(&w, n0, rows.end, k0, kc, pack_w, pack_s);
-                            for mb in 0..m_blocks {
-                                let m0 = mb * MR;
-                                let m = MR.min(n_tok - m0);
-                                // SAFETY: `m` tokens from `m0` lie within `y`;
-                                // columns `n0..n0+ncols` within `rows` (caller);
-                                // the packed buffers hold what the kernel reads.
-                                unsafe {
-                                    let xp = pack_x.as_ptr().add(mb * (kc / 2) * MR);
-                                    let sxp = pack_sx.as_ptr().add(mb * (kc / BLOCK) * MR);
-                                    let (wp, sw) = (pack_w.as_ptr(), pack_s.as_ptr());
-                                    let c = y.add(m0 * ldc + n0);
-                                    let acc = k0 > 0;
-                                    match m {
-                                        6 => micro_kernel::<6>(
-                                            kc, xp, sxp, wp, sw, c, ldc, ncols, acc,
-                                        ),
-                                        5 => micro_kernel::<5>(
-                                            kc, xp, sxp, wp, sw, c, ldc, ncols, acc,
-                                        ),
-                                        4 => micro_kernel::<4>(
-                                            kc, xp, sxp, wp, sw, c, ldc, ncols, acc,
-                                        ),
-                                        3 => micro_kernel::<3>(
-                                            kc, xp, sxp, wp, sw, c, ldc, ncols, acc,
-                                        ),
-                                        2 => micro_kernel::<2>(
-                                            kc, xp, sxp, wp, sw, c, ldc, ncols, acc,
-                                        ),
-                                        _ => micro_kernel::<1>(
-                                            kc, xp, sxp, wp, sw, c, ldc, ncols, acc,
-                                        ),
-                                    }
+    let units = if q4 { 4 } else { 2 };
+    PACKED.with_borrow_mut(|p| {
+        p.w.resize(KC / 2 * NR, 0);
+        p.ws.resize(KC / BLOCK * NR, 0.0);
+        p.wz.resize(KC / BLOCK * NR, 0.0);
+        p.x.resize(m_blocks * KC / 2 * MR, 0);
+        p.xs.resize(m_blocks * KC / BLOCK * MR, 0.0);
+        p.xsum.resize(m_blocks * KC / BLOCK * MR, 0.0);
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = KC.min(k - k0);
+            pack_activations(acts, k0, kc, q4, p);
+            let mut n0 = rows.start;
+            while n0 < rows.end {
+                let ncols = NR.min(rows.end - n0);
+                pack_panel(&w, n0, rows.end, k0, kc, p);
+                for mb in 0..m_blocks {
+                    let m0 = mb * MR;
+                    let kb = kc / BLOCK;
+                    // SAFETY: `MR.min(n_tok - m0)` tokens from `m0` lie within
+                    // `y`; columns `n0..n0+ncols` within `rows` (caller); the
+                    // packed buffers hold what the kernels read.
+                    unsafe {
+                        let tile = Tile {
+                            kc,
+                            x: p.x.as_ptr().add(mb * (kc / units) * MR),
+                            xs: p.xs.as_ptr().add(mb * kb * MR),
+                            xsum: p.xsum.as_ptr().add(mb * kb * MR),
+                            w: p.w.as_ptr(),
+                            ws: p.ws.as_ptr(),
+                            wz: p.wz.as_ptr(),
+                            c: y.add(m0 * ldc + n0),
+                            ldc,
+                            ncols,
+                            accumulate: k0 > 0,
+                        };
+                        macro_rules! by_rows {
+                            ($kernel:ident) => {
+                                match MR.min(n_tok - m0) {
+                                    6 => $kernel::<6>(&tile),
+                                    5 => $kernel::<5>(&tile),
+                                    4 => $kernel::<4>(&tile),
+                                    3 => $kernel::<3>(&tile),
+                                    2 => $kernel::<2>(&tile),
+                                    _ => $kernel::<1>(&tile),
                                 }
-                            }
-                            n0 += NR;
+                            };
                         }
-                        k0 += kc;
+                        if q4 {
+                            by_rows!(kernel_q4)
+                        } else {
+                            by_rows!(kernel_q8)
+                        }
                     }
-                })
-            })
-        })
+                }
+                n0 += NR;
+            }
+            k0 += kc;
+        }
     });
 }
 
