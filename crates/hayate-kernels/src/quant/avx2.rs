@@ -12,6 +12,7 @@
 use super::acts::QuantizedActs;
 use super::{QuantFormat, QuantMatRef, group_nibble};
 use crate::hadamard::BLOCK;
+use crate::matmul::avx2::hsum;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
@@ -25,15 +26,6 @@ const NR: usize = 16;
 const MR: usize = 6;
 /// Bytes ahead of the current position that the row kernels prefetch.
 const PREFETCH_BYTES: usize = 512;
-
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
-}
 
 #[inline]
 fn bf16_to_f32(bits: u16) -> f32 {
