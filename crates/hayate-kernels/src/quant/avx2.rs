@@ -25,7 +25,7 @@ const NR: usize = 16;
 /// Tokens per micro-kernel call.
 const MR: usize = 6;
 /// Bytes ahead of the current position that the row kernels prefetch.
-const PREFETCH_BYTES: usize = 512;
+const PREFETCH_BYTES: usize = 1024;
 
 #[inline]
 fn bf16_to_f32(bits: u16) -> f32 {
@@ -116,11 +116,17 @@ fn lane(v: __m256, j: i32) -> __m256 {
 /// `r` is a row of `w`; `xq` holds `w.cols` codes, `sx` and `sums`
 /// `w.cols / 32` values.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_row(w: &QuantMatRef<'_>, r: usize, xq: &[i8], sx: &[f32], sums: &[f32]) -> f32 {
+unsafe fn dot_row<const Q4: bool>(
+    w: &QuantMatRef<'_>,
+    r: usize,
+    xq: &[i8],
+    sx: &[f32],
+    sums: &[f32],
+) -> f32 {
     let nb = w.cols / BLOCK;
     let groups = w.groups();
     let shift = (w.group / BLOCK).trailing_zeros();
-    let q4 = w.format == QuantFormat::Q4;
+    let q4 = Q4;
     let row_bytes = w.format.code_row_bytes(w.cols);
     let block_bytes = row_bytes / nb;
     // SAFETY: all offsets stay within row `r` of each array and within the
@@ -205,7 +211,11 @@ pub unsafe fn gemv_rows(
             // SAFETY: `r` is a row of `w`; the slices cover one token; `y`
             // covers `n_tok * w.rows` values (caller).
             unsafe {
-                *y.add(t * w.rows + r) = dot_row(&w, r, xq, sx, &acts.sums[t * nb..(t + 1) * nb]);
+                let sums = &acts.sums[t * nb..(t + 1) * nb];
+                *y.add(t * w.rows + r) = match w.format {
+                    QuantFormat::Q4 => dot_row::<true>(&w, r, xq, sx, sums),
+                    QuantFormat::Q8 => dot_row::<false>(&w, r, xq, sx, sums),
+                };
             }
         }
     }
