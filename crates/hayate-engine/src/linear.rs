@@ -1,6 +1,6 @@
 //! Linear layers over float or quantized weights.
 
-use hayate_formats::{FormatError, QuantInfo, QuantTensors, Result, Tensor, TensorStore};
+use hayate_formats::{FormatError, QuantTensors, Result, Tensor, TensorStore};
 use hayate_kernels::hadamard::{BLOCK, hadamard_blocks};
 use hayate_kernels::quant::{QuantMatRef, QuantizedMatrix, Rotation};
 use hayate_kernels::{Isa, MatRef};
@@ -126,20 +126,6 @@ impl Linear {
         }
     }
 
-    /// The quantized weights and the description they would be stored with.
-    pub fn quant_info(&self) -> Option<QuantInfo> {
-        let LinearKernel::Quant(q, rot) = self.kernel() else {
-            return None;
-        };
-        Some(QuantInfo {
-            format: q.format,
-            group_size: q.group,
-            rows: q.rows,
-            cols: q.cols,
-            rotated: rot.is_some(),
-        })
-    }
-
     /// The weights as the kernels take them.
     pub fn kernel(&self) -> LinearKernel<'_> {
         match &self.weight {
@@ -163,14 +149,6 @@ impl Linear {
         match &self.weight {
             LinearWeight::Quant { signs: Some(s), .. } => Some(&s.sign_in),
             _ => None,
-        }
-    }
-
-    /// The layer's signs, when quantized with a rotation.
-    pub fn signs(&self) -> Option<&Signs> {
-        match &self.weight {
-            LinearWeight::Quant { signs, .. } => signs.as_ref(),
-            LinearWeight::Dense(_) => None,
         }
     }
 

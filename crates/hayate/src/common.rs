@@ -127,14 +127,15 @@ impl ModelArgs {
             );
         }
         tracing::info!(
-            "loaded {} ({} layers, {:.1} M params, {:.2} bits/weight) in {:.0} ms; {} threads, {} kernels",
+            "loaded {} ({} layers, {:.1} M params, {:.2} bits/weight) in {:.0} ms; {} threads, {} kernels, {} activations in quantized products",
             model.info.model_type,
             model.info.n_layers,
             model.info.n_params as f64 / 1e6,
             model.info.bits_per_weight(),
             start.elapsed().as_secs_f64() * 1e3,
             model.n_threads(),
-            model.isa().name()
+            model.isa().name(),
+            model.activations().name()
         );
         Ok(model)
     }
