@@ -17,7 +17,7 @@
 //!
 //! Rotation ([`rotate_rows`]): the stored matrix may be `W' = H·S_out·W·S_in·H`
 //! with `H` the block-32 Walsh–Hadamard transform and `S` diagonal ±1 signs;
-//! then `W·x = S_out·H·(W'·(H·S_in·x))`. The products in [`product`] apply the
+//! then `W·x = S_out·H·(W'·(H·S_in·x))`. The products ([`qmatmul_many`]) apply the
 //! input transform once per activation vector and the output one in their epilogue.
 
 mod acts;
