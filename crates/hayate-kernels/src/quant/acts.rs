@@ -67,29 +67,94 @@ impl QuantizedActs {
         precision: ActPrecision,
         tokens: std::ops::Range<usize>,
     ) {
-        let k = self.k;
+        let (k, nb) = (self.k, self.k / BLOCK);
         for t in tokens {
-            let row = &mut self.x[t * k..(t + 1) * k];
-            let src = &x[t * k..(t + 1) * k];
-            match sign_in {
-                Some(signs) => {
-                    for ((o, &v), &s) in row.iter_mut().zip(src).zip(signs) {
-                        *o = v * s;
-                    }
-                    hadamard_blocks(isa, row);
-                }
-                None => row.copy_from_slice(src),
-            }
-            if precision == ActPrecision::Int8 {
-                let nb = k / BLOCK;
-                quantize_blocks(
-                    row,
-                    &mut self.codes[t * k..(t + 1) * k],
-                    &mut self.scales[t * nb..(t + 1) * nb],
-                    &mut self.sums[t * nb..(t + 1) * nb],
-                );
+            prepare_token(
+                isa,
+                &x[t * k..(t + 1) * k],
+                sign_in,
+                precision,
+                TokenRows {
+                    x: &mut self.x[t * k..(t + 1) * k],
+                    codes: &mut self.codes[t * k..(t + 1) * k],
+                    scales: &mut self.scales[t * nb..(t + 1) * nb],
+                    sums: &mut self.sums[t * nb..(t + 1) * nb],
+                },
+            );
+        }
+    }
+
+    /// The buffers as raw parts, for threads that each prepare their own tokens.
+    pub(crate) fn shared(&mut self) -> SharedActs {
+        SharedActs {
+            k: self.k,
+            x: self.x.as_mut_ptr(),
+            codes: self.codes.as_mut_ptr(),
+            scales: self.scales.as_mut_ptr(),
+            sums: self.sums.as_mut_ptr(),
+        }
+    }
+}
+
+/// One token's slices of the buffers.
+pub(crate) struct TokenRows<'a> {
+    x: &'a mut [f32],
+    codes: &'a mut [i8],
+    scales: &'a mut [f32],
+    sums: &'a mut [f32],
+}
+
+/// Raw parts of [`QuantizedActs`] that threads split by token.
+pub(crate) struct SharedActs {
+    k: usize,
+    x: *mut f32,
+    codes: *mut i8,
+    scales: *mut f32,
+    sums: *mut f32,
+}
+
+// SAFETY: threads only form slices of disjoint tokens, see `SharedActs::token`.
+unsafe impl Sync for SharedActs {}
+
+impl SharedActs {
+    /// Token `t`'s slices.
+    ///
+    /// # Safety
+    /// `t` is below the `n_tok` the buffers were sized for, they are not
+    /// resized or otherwise borrowed meanwhile, and no other thread takes `t`.
+    pub(crate) unsafe fn token(&self, t: usize) -> TokenRows<'_> {
+        let (k, nb) = (self.k, self.k / BLOCK);
+        // SAFETY: within the buffers and exclusive to this token (caller).
+        unsafe {
+            TokenRows {
+                x: std::slice::from_raw_parts_mut(self.x.add(t * k), k),
+                codes: std::slice::from_raw_parts_mut(self.codes.add(t * k), k),
+                scales: std::slice::from_raw_parts_mut(self.scales.add(t * nb), nb),
+                sums: std::slice::from_raw_parts_mut(self.sums.add(t * nb), nb),
             }
         }
+    }
+}
+
+/// Rotates one token's input `src` into `out.x`, then quantizes it when asked.
+pub(crate) fn prepare_token(
+    isa: Isa,
+    src: &[f32],
+    sign_in: Option<&[f32]>,
+    precision: ActPrecision,
+    out: TokenRows<'_>,
+) {
+    match sign_in {
+        Some(signs) => {
+            for ((o, &v), &s) in out.x.iter_mut().zip(src).zip(signs) {
+                *o = v * s;
+            }
+            hadamard_blocks(isa, out.x);
+        }
+        None => out.x.copy_from_slice(src),
+    }
+    if precision == ActPrecision::Int8 {
+        quantize_blocks(out.x, out.codes, out.scales, out.sums);
     }
 }
 

@@ -416,7 +416,12 @@ pub fn quantize_row(
             QuantFormat::Q4 => {
                 let (scale, zero) = q4_group(isa, values, &mut q[..group]);
                 scales[g] = scale.to_bits();
-                zeros[g / 2] |= if g % 2 == 0 { zero } else { zero << 4 };
+                let byte = &mut zeros[g / 2];
+                *byte = if g % 2 == 0 {
+                    zero
+                } else {
+                    (*byte & 15) | (zero << 4)
+                };
                 let dst = &mut codes[g * group / 2..(g + 1) * group / 2];
                 for (b, block) in q[..group].chunks_exact(32).enumerate() {
                     for j in 0..16 {

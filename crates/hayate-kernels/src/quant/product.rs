@@ -1,6 +1,6 @@
 //! Products of activations with quantized matrices, split across the pool.
 
-use super::acts::{ActPrecision, QuantizedActs};
+use super::acts::{ActPrecision, QuantizedActs, prepare_token};
 use super::{QuantMatRef, Rotation};
 use crate::cpu::Isa;
 use crate::hadamard::{BLOCK, hadamard_blocks};
@@ -152,13 +152,15 @@ fn prepare(
         acts.prepare_rows(isa, x, sign_in, precision, 0..n_tok);
         return;
     }
-    let shared = SyncPtr(acts as *mut QuantizedActs);
+    let k = acts.k;
+    let shared = acts.shared();
     pool.run(&|tid, n_threads| {
-        let tokens = split_range(n_tok, n_threads, tid, 1);
-        // SAFETY: each thread writes only the rows of its own tokens, and
-        // `prepare_rows` touches nothing else; the buffers are not resized.
-        let acts = unsafe { &mut *shared.get() };
-        acts.prepare_rows(isa, x, sign_in, precision, tokens);
+        for t in split_range(n_tok, n_threads, tid, 1) {
+            // SAFETY: `acts` was sized for `n_tok` tokens and stays borrowed
+            // here; each thread takes only the tokens of its own range.
+            let out = unsafe { shared.token(t) };
+            prepare_token(isa, &x[t * k..(t + 1) * k], sign_in, precision, out);
+        }
     });
 }
 
