@@ -79,7 +79,12 @@ impl<'m> Generator<'m> {
             .count();
         // At least one token must be fed to get logits for the next one.
         let keep = common.min(prompt.len().saturating_sub(1));
-        self.state.truncate(keep)?;
+        if self.state.can_truncate(keep) {
+            self.state.truncate(keep)?;
+        } else {
+            // Recurrent layers cannot go back that far: start over.
+            self.state.clear();
+        }
         self.tokens.clear();
         self.tokens.extend_from_slice(prompt);
         Ok(())

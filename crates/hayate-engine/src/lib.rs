@@ -19,7 +19,7 @@ pub mod state;
 pub use error::EngineError;
 pub use forward::Logits;
 pub use generate::{GenerationStats, Generator, StopReason};
-pub use model::{LoadOptions, Model, ModelInfo};
+pub use model::{LoadOptions, Model, ModelInfo, StateOptions};
 pub use quantize::{EmbeddingFormat, QuantSpec};
 pub use sampler::{Sampler, SamplingParams};
 pub use state::InferenceState;

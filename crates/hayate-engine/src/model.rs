@@ -2,7 +2,7 @@
 
 use crate::arch::{self, Translated};
 use crate::blocks::Linear;
-use crate::forward::Scratch;
+use crate::forward::{PREFILL_CHUNK, Scratch};
 use crate::quantize::{QuantReport, QuantSpec, quantize_parts};
 use crate::state::InferenceState;
 use crate::{EngineError, Result};
@@ -14,6 +14,36 @@ use std::sync::Arc;
 
 /// Default context length when the user does not choose one.
 pub const DEFAULT_CONTEXT: usize = 4096;
+
+/// Tokens a new state can roll back by default (enough for chat turns and
+/// short speculative drafts).
+pub const DEFAULT_ROLLBACK: usize = 8;
+
+/// How to size a sequence's state.
+#[derive(Clone, Debug)]
+pub struct StateOptions {
+    /// Most tokens the state holds; `None`: the model's maximum, capped at
+    /// [`DEFAULT_CONTEXT`].
+    pub context: Option<usize>,
+    /// Tokens that can be rolled back at once (at least 1). Recurrent
+    /// layers keep one state per such token; sliding-window caches keep
+    /// that many positions beyond the window.
+    pub rollback: usize,
+    /// Most tokens one step of the forward pass processes: bounds the
+    /// scratch memory, and sliding-window caches keep this many positions
+    /// beyond the window.
+    pub prefill_chunk: usize,
+}
+
+impl Default for StateOptions {
+    fn default() -> Self {
+        StateOptions {
+            context: None,
+            rollback: DEFAULT_ROLLBACK,
+            prefill_chunk: PREFILL_CHUNK,
+        }
+    }
+}
 
 /// How to load and run a model.
 #[derive(Clone, Debug, Default)]
@@ -137,19 +167,35 @@ impl Model {
     }
 
     /// A fresh state holding up to `context` tokens (`None`: the model's
-    /// maximum, capped at [`DEFAULT_CONTEXT`]). Asking for more than the model
-    /// supports is an error.
+    /// maximum, capped at [`DEFAULT_CONTEXT`]), able to roll back
+    /// [`DEFAULT_ROLLBACK`] tokens. Asking for more than the model supports
+    /// is an error.
     pub fn new_state(&self, context: Option<usize>) -> Result<InferenceState> {
+        self.new_state_with(&StateOptions {
+            context,
+            ..StateOptions::default()
+        })
+    }
+
+    /// A fresh state as `options` say.
+    pub fn new_state_with(&self, options: &StateOptions) -> Result<InferenceState> {
         let max = self.info.max_positions;
-        let capacity = match context {
+        let capacity = match options.context {
             None => max.min(DEFAULT_CONTEXT),
             Some(c) if c == 0 || c > max => {
                 return Err(EngineError::ContextSize { requested: c, max });
             }
             Some(c) => c,
         };
-        let scratch = Scratch::new(self, capacity);
-        Ok(InferenceState::new(&self.parts.blocks, capacity, scratch))
+        let chunk = options.prefill_chunk.clamp(1, capacity);
+        let scratch = Scratch::new(self, capacity, chunk);
+        Ok(InferenceState::new(
+            &self.parts.blocks,
+            capacity,
+            options.rollback,
+            scratch,
+            chunk,
+        ))
     }
 
     /// Token ids that end generation: `generation_config.json`'s, else `config.json`'s.

@@ -77,6 +77,7 @@ mod tests {
         let plain = RopeConfig {
             theta: 10000.0,
             scaling: RopeScaling::None,
+            partial_rotary_factor: 1.0,
         };
         let llama3 = RopeConfig {
             theta: 10000.0,
@@ -86,6 +87,7 @@ mod tests {
                 high_freq_factor: 4.0,
                 original_max_position_embeddings: 64.0,
             },
+            partial_rotary_factor: 1.0,
         };
         let (a, b) = (Rope::new(&plain, 16), Rope::new(&llama3, 16));
         assert_eq!(a.inv_freq[0], b.inv_freq[0]);

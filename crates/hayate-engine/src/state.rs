@@ -1,15 +1,23 @@
 //! Per-sequence state: one entry per layer, whatever the layer keeps.
 //!
-//! Attention layers keep a KV cache that grows by one entry per token;
-//! recurrent layers (Gated DeltaNet, short convolutions) will keep a
-//! fixed-size state instead. All support rolling back to an earlier length,
-//! which speculative decoding and chat-prefix reuse need.
+//! - Full attention keeps a KV cache that grows by one entry per token.
+//! - Sliding-window attention keeps a ring of the last positions only.
+//! - Convolutions keep a ring of their last inputs.
+//! - Gated DeltaNet layers keep a ring of fixed-size states, one per recent
+//!   position.
+//!
+//! All of them can roll back the last `rollback` tokens exactly (speculative
+//! decoding rejects drafted tokens; chat re-renders the last turn): the rings
+//! keep that many positions beyond what the next token needs, so rolling
+//! back only moves the end marker.
 
 use crate::blocks::{Block, Mixer};
 use crate::{EngineError, Result};
 
-/// Keys and values of one attention layer, laid out `[kv_head][position][dim]`
+/// Keys and values of one attention layer, laid out `[kv_head][slot][dim]`
 /// so that each head's history is contiguous for the score and mix loops.
+/// Position `p` lives in slot `p % slots`: with a sliding window the buffer
+/// holds only the window (plus room for a chunk and for rollback) and wraps.
 pub struct KvCache {
     /// Keys.
     pub k: Vec<f32>,
@@ -20,27 +28,81 @@ pub struct KvCache {
     /// Dimensions per head.
     pub head_dim: usize,
     /// Positions the buffers hold.
-    pub capacity: usize,
+    pub slots: usize,
 }
 
 impl KvCache {
-    fn new(n_kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
+    fn new(n_kv_heads: usize, head_dim: usize, slots: usize) -> Self {
         // Zeroed allocations come from fresh pages, so memory is only
         // committed as positions are written.
-        let n = n_kv_heads * capacity * head_dim;
+        let n = n_kv_heads * slots * head_dim;
         KvCache {
             k: vec![0.0; n],
             v: vec![0.0; n],
             n_kv_heads,
             head_dim,
-            capacity,
+            slots,
         }
     }
 
     /// Offset of `(head, position)` in `k` and `v`.
     #[inline]
     pub fn offset(&self, head: usize, position: usize) -> usize {
-        (head * self.capacity + position) * self.head_dim
+        (head * self.slots + position % self.slots) * self.head_dim
+    }
+}
+
+/// The last inputs of a causal convolution: position `p` in row `p % rows`.
+pub struct ConvHistory {
+    /// `rows × channels` values.
+    pub data: Vec<f32>,
+    /// Positions kept.
+    pub rows: usize,
+    /// Values per position.
+    pub channels: usize,
+}
+
+impl ConvHistory {
+    fn new(kernel: usize, channels: usize, rollback: usize) -> Self {
+        let rows = (kernel - 1 + rollback).max(1);
+        ConvHistory {
+            data: vec![0.0; rows * channels],
+            rows,
+            channels,
+        }
+    }
+
+    /// The stored input of `position`.
+    pub fn row(&self, position: usize) -> &[f32] {
+        let r = position % self.rows;
+        &self.data[r * self.channels..(r + 1) * self.channels]
+    }
+
+    /// Stores the input of `position`.
+    pub fn row_mut(&mut self, position: usize) -> &mut [f32] {
+        let r = position % self.rows;
+        &mut self.data[r * self.channels..(r + 1) * self.channels]
+    }
+}
+
+/// A Gated DeltaNet layer's state: its convolution's history and the
+/// `k_dim × v_dim` matrix of every value head after each recent position
+/// (the state after `p` tokens in slot `p % slots`).
+pub struct DeltaState {
+    /// The convolution's last inputs.
+    pub conv: ConvHistory,
+    /// `slots × heads × k_dim × v_dim` values.
+    pub states: Vec<f32>,
+    /// Positions whose state is kept.
+    pub slots: usize,
+    /// Values of one position's state (all heads).
+    pub size: usize,
+}
+
+impl DeltaState {
+    /// The state after `position` tokens.
+    pub fn slot(&self, position: usize) -> usize {
+        position % self.slots
     }
 }
 
@@ -48,6 +110,10 @@ impl KvCache {
 pub enum LayerState {
     /// An attention layer's cache.
     Attention(KvCache),
+    /// A Gated DeltaNet layer's convolution history and recurrent states.
+    DeltaNet(DeltaState),
+    /// A short convolution's history.
+    ShortConv(ConvHistory),
 }
 
 /// Everything a sequence carries between forward calls, plus the scratch
@@ -56,16 +122,56 @@ pub struct InferenceState {
     pub(crate) layers: Vec<LayerState>,
     pub(crate) len: usize,
     pub(crate) capacity: usize,
+    /// How many tokens can be rolled back; `None` when nothing limits it.
+    pub(crate) rollback: Option<usize>,
+    /// Tokens the last recurrent steps of a call keep states for.
+    pub(crate) recurrent_tail: usize,
     pub(crate) scratch: crate::forward::Scratch,
 }
 
 impl InferenceState {
-    pub(crate) fn new(blocks: &[Block], capacity: usize, scratch: crate::forward::Scratch) -> Self {
+    /// State for `blocks`, holding up to `capacity` tokens; bounded layers
+    /// keep enough to roll back `rollback` tokens (at least 1). `chunk` is
+    /// the most tokens one step of the forward pass processes.
+    pub(crate) fn new(
+        blocks: &[Block],
+        capacity: usize,
+        rollback: usize,
+        scratch: crate::forward::Scratch,
+        chunk: usize,
+    ) -> Self {
+        let rollback = rollback.max(1);
+        let mut bounded = false;
         let layers = blocks
             .iter()
             .map(|b| match &b.mixer {
                 Mixer::Attention(a) => {
-                    LayerState::Attention(KvCache::new(a.n_kv_heads, a.head_dim, capacity))
+                    let slots = match a.window {
+                        // The window, plus room for a whole chunk (its
+                        // first token still needs the window before it) or
+                        // for rolling back.
+                        Some(w) if w - 1 + chunk.max(rollback) < capacity => {
+                            bounded = true;
+                            w - 1 + chunk.max(rollback)
+                        }
+                        _ => capacity,
+                    };
+                    LayerState::Attention(KvCache::new(a.n_kv_heads, a.head_dim, slots))
+                }
+                Mixer::DeltaNet(d) => {
+                    bounded = true;
+                    let slots = rollback + 1;
+                    let size = d.n_v_heads * d.k_dim * d.v_dim;
+                    LayerState::DeltaNet(DeltaState {
+                        conv: ConvHistory::new(d.kernel, d.channels(), rollback),
+                        states: vec![0.0; slots * size],
+                        slots,
+                        size,
+                    })
+                }
+                Mixer::ShortConv(c) => {
+                    bounded = true;
+                    LayerState::ShortConv(ConvHistory::new(c.kernel, c.channels, rollback))
                 }
             })
             .collect();
@@ -73,6 +179,8 @@ impl InferenceState {
             layers,
             len: 0,
             capacity,
+            rollback: bounded.then_some(rollback),
+            recurrent_tail: rollback,
             scratch,
         }
     }
@@ -92,8 +200,22 @@ impl InferenceState {
         self.capacity
     }
 
+    /// Most tokens [`truncate`](Self::truncate) can take back at once;
+    /// `None` when only growing caches are involved (no limit).
+    pub fn max_rollback(&self) -> Option<usize> {
+        self.rollback
+    }
+
+    /// Whether [`truncate`](Self::truncate)`(len)` would succeed.
+    pub fn can_truncate(&self, len: usize) -> bool {
+        len <= self.len && self.rollback.is_none_or(|r| self.len - len <= r)
+    }
+
     /// Forgets everything after the first `len` tokens, so they can be
-    /// re-fed (or replaced). For attention this only moves the end marker.
+    /// re-fed (or replaced); the state is then exactly what it was after
+    /// `len` tokens. Layers with bounded state keep only the last
+    /// [`max_rollback`](Self::max_rollback) positions, so rolling back
+    /// further is an error ([`clear`](Self::clear) always works).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         if len > self.len {
             return Err(EngineError::State(format!(
@@ -101,14 +223,28 @@ impl InferenceState {
                 self.len
             )));
         }
-        // Attention caches need no work: entries past `len` are overwritten
-        // before they are read again.
+        if let Some(r) = self.rollback
+            && self.len - len > r
+        {
+            return Err(EngineError::State(format!(
+                "cannot roll back {} tokens: this model's recurrent and sliding-window layers keep {r}",
+                self.len - len
+            )));
+        }
+        // Nothing to undo: every ring still holds the positions up to
+        // `len`, and entries past it are overwritten before they are read.
         self.len = len;
         Ok(())
     }
 
     /// Forgets all tokens.
     pub fn clear(&mut self) {
+        // Position 0 reads the (zero) initial recurrent state.
+        for layer in &mut self.layers {
+            if let LayerState::DeltaNet(d) = layer {
+                d.states[..d.size].fill(0.0);
+            }
+        }
         self.len = 0;
     }
 }

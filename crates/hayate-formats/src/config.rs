@@ -18,6 +18,8 @@ pub struct RopeConfig {
     pub theta: f64,
     /// How the frequencies are rescaled for longer contexts.
     pub scaling: RopeScaling,
+    /// Share of each head's dimensions that is rotated (1 for all).
+    pub partial_rotary_factor: f64,
 }
 
 /// The rope scaling schemes Hayate implements.
@@ -145,6 +147,45 @@ impl HfConfig {
         let params = self
             .get("rope_parameters")
             .or_else(|| self.get("rope_scaling"));
+        self.parse_rope(params, 10000.0)
+    }
+
+    /// Rotary parameters of the layers of one type, for models whose
+    /// `rope_parameters` is keyed by layer type (Gemma 3:
+    /// `{"sliding_attention": {...}, "full_attention": {...}}`). Configs in
+    /// the older style give each type its own keys: `legacy_theta_key` for
+    /// the base (`rope_local_base_freq`) and no scaling, or `rope_theta` and
+    /// `rope_scaling` when it is `None`.
+    pub fn rope_for_layer_type(
+        &self,
+        layer_type: &str,
+        legacy_theta_key: Option<&str>,
+        default_theta: f64,
+    ) -> Result<RopeConfig> {
+        if let Some(Value::Object(by_type)) = self.get("rope_parameters")
+            && let Some(params) = by_type.get(layer_type).filter(|v| !v.is_null())
+        {
+            return self.parse_rope(Some(params), default_theta);
+        }
+        match legacy_theta_key {
+            Some(key) => {
+                let theta = self.opt_f64(key)?.unwrap_or(default_theta);
+                let params = Value::Object(Map::from_iter([(
+                    "rope_theta".to_string(),
+                    Value::from(theta),
+                )]));
+                self.parse_rope(Some(&params), default_theta)
+            }
+            None => {
+                let params = self
+                    .get("rope_parameters")
+                    .or_else(|| self.get("rope_scaling"));
+                self.parse_rope(params, default_theta)
+            }
+        }
+    }
+
+    fn parse_rope(&self, params: Option<&Value>, default_theta: f64) -> Result<RopeConfig> {
         let params = match params {
             None => None,
             Some(Value::Object(m)) => Some(m),
@@ -167,8 +208,17 @@ impl HfConfig {
         };
         let theta = match number("rope_theta")? {
             Some(t) => t,
-            None => self.opt_f64("rope_theta")?.unwrap_or(10000.0),
+            None => self.opt_f64("rope_theta")?.unwrap_or(default_theta),
         };
+        let partial_rotary_factor = match number("partial_rotary_factor")? {
+            Some(f) => f,
+            None => self.opt_f64("partial_rotary_factor")?.unwrap_or(1.0),
+        };
+        if !(partial_rotary_factor > 0.0 && partial_rotary_factor <= 1.0) {
+            return Err(FormatError::Config(format!(
+                "partial_rotary_factor must be in (0, 1], not {partial_rotary_factor}"
+            )));
+        }
         let kind = params
             .and_then(|m| m.get("rope_type").or_else(|| m.get("type")))
             .and_then(Value::as_str)
@@ -195,7 +245,68 @@ impl HfConfig {
                 "rope_theta must be positive, not {theta}"
             )));
         }
-        Ok(RopeConfig { theta, scaling })
+        Ok(RopeConfig {
+            theta,
+            scaling,
+            partial_rotary_factor,
+        })
+    }
+
+    /// The language model's config of a multimodal checkpoint: the
+    /// `text_config` object, with top-level keys it lacks (such as
+    /// `tie_word_embeddings`) filled in. Configs without one are returned as they are.
+    pub fn text_config(&self) -> Result<HfConfig> {
+        match self.get("text_config") {
+            None => Ok(self.clone()),
+            Some(Value::Object(text)) => {
+                let mut map = text.clone();
+                for (key, value) in &self.map {
+                    if !matches!(key.as_str(), "text_config" | "vision_config" | "model_type") {
+                        map.entry(key.clone()).or_insert_with(|| value.clone());
+                    }
+                }
+                Ok(HfConfig { map })
+            }
+            Some(v) => Err(FormatError::Config(format!(
+                "`text_config` must be an object, not {v}"
+            ))),
+        }
+    }
+
+    /// `layer_types`: one string per layer, if present.
+    pub fn layer_types(&self, n_layers: usize) -> Result<Option<Vec<String>>> {
+        let Some(v) = self.get("layer_types") else {
+            return Ok(None);
+        };
+        let bad =
+            || FormatError::Config(format!("`layer_types` must be a list of strings, not {v}"));
+        let types: Vec<String> = v
+            .as_array()
+            .ok_or_else(bad)?
+            .iter()
+            .map(|t| t.as_str().map(str::to_owned).ok_or_else(bad))
+            .collect::<Result<_>>()?;
+        if types.len() != n_layers {
+            return Err(FormatError::Config(format!(
+                "`layer_types` has {} entries for {n_layers} layers",
+                types.len()
+            )));
+        }
+        Ok(Some(types))
+    }
+
+    /// An optional list of non-negative integers.
+    pub fn opt_usize_list(&self, key: &str) -> Result<Option<Vec<usize>>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let bad = || FormatError::Config(format!("`{key}` must be a list of integers, not {v}"));
+        v.as_array()
+            .ok_or_else(bad)?
+            .iter()
+            .map(|x| x.as_u64().map(|n| n as usize).ok_or_else(bad))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 }
 
@@ -216,7 +327,8 @@ mod tests {
             new.rope().unwrap(),
             RopeConfig {
                 theta: 500.0,
-                scaling: RopeScaling::Linear { factor: 2.0 }
+                scaling: RopeScaling::Linear { factor: 2.0 },
+                partial_rotary_factor: 1.0,
             }
         );
         let old = cfg(r#"{"rope_theta": 1e6, "rope_scaling": null}"#);
@@ -224,7 +336,8 @@ mod tests {
             old.rope().unwrap(),
             RopeConfig {
                 theta: 1e6,
-                scaling: RopeScaling::None
+                scaling: RopeScaling::None,
+                partial_rotary_factor: 1.0,
             }
         );
         let unknown = cfg(r#"{"rope_scaling": {"type": "yarn", "factor": 4}}"#);
@@ -236,6 +349,68 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("low_freq_factor")
+        );
+    }
+
+    #[test]
+    fn rope_per_layer_type_and_partial_rotation() {
+        let nested = cfg(
+            r#"{"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}}"#,
+        );
+        let local = nested
+            .rope_for_layer_type("sliding_attention", Some("rope_local_base_freq"), 1.0)
+            .unwrap();
+        assert_eq!((local.theta, &local.scaling), (10000.0, &RopeScaling::None));
+        let global = nested
+            .rope_for_layer_type("full_attention", None, 1.0)
+            .unwrap();
+        assert_eq!(global.theta, 1e6);
+        assert_eq!(global.scaling, RopeScaling::Linear { factor: 8.0 });
+        // Older configs: a separate local base, scaling only on global layers.
+        let legacy = cfg(r#"{"rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0}}"#);
+        let local = legacy
+            .rope_for_layer_type("sliding_attention", Some("rope_local_base_freq"), 1.0)
+            .unwrap();
+        assert_eq!((local.theta, &local.scaling), (1e4, &RopeScaling::None));
+        let global = legacy
+            .rope_for_layer_type("full_attention", None, 1.0)
+            .unwrap();
+        assert_eq!(
+            (global.theta, &global.scaling),
+            (1e6, &RopeScaling::Linear { factor: 8.0 })
+        );
+        let partial =
+            cfg(r#"{"rope_parameters": {"rope_theta": 1e7, "partial_rotary_factor": 0.25}}"#);
+        assert_eq!(partial.rope().unwrap().partial_rotary_factor, 0.25);
+        let bad = cfg(r#"{"partial_rotary_factor": 0}"#);
+        assert!(
+            bad.rope()
+                .unwrap_err()
+                .to_string()
+                .contains("partial_rotary_factor")
+        );
+    }
+
+    #[test]
+    fn text_config_nests_and_inherits() {
+        let c = cfg(r#"{"model_type": "qwen3_5", "tie_word_embeddings": true,
+                "text_config": {"model_type": "qwen3_5_text", "hidden_size": 64},
+                "vision_config": {"hidden_size": 16}}"#);
+        let text = c.text_config().unwrap();
+        assert_eq!(text.model_type().unwrap(), "qwen3_5_text");
+        assert_eq!(text.usize("hidden_size").unwrap(), 64);
+        assert_eq!(text.opt_bool("tie_word_embeddings").unwrap(), Some(true));
+        assert!(text.get("vision_config").is_none());
+        let layers = cfg(r#"{"layer_types": ["conv", "full_attention"]}"#);
+        assert_eq!(layers.layer_types(2).unwrap().unwrap().len(), 2);
+        assert!(
+            layers
+                .layer_types(3)
+                .unwrap_err()
+                .to_string()
+                .contains("3 layers")
         );
     }
 

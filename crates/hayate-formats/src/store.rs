@@ -205,9 +205,14 @@ impl Tensor {
 
     /// A vector of `len` elements widened to f32 (norm weights, biases).
     pub fn vector_f32(&self, len: usize) -> Result<Vec<f32>> {
-        self.expect_shape(&[len])?;
+        self.array_f32(&[len])
+    }
+
+    /// The whole tensor widened to f32, row-major, after checking its shape.
+    pub fn array_f32(&self, shape: &[usize]) -> Result<Vec<f32>> {
+        self.expect_shape(shape)?;
         let data = self.weights()?;
-        let mut out = vec![0f32; len];
+        let mut out = vec![0f32; shape.iter().product()];
         data.widen_into(0, &mut out);
         Ok(out)
     }

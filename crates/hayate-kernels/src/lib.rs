@@ -9,6 +9,7 @@
 
 pub mod bandwidth;
 pub mod cpu;
+pub mod deltanet;
 pub mod hadamard;
 pub mod matmul;
 pub mod ops;

@@ -42,6 +42,93 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `gate = gelu_tanh(gate) * up`, GeGLU with the tanh approximation
+/// (`gelu_pytorch_tanh`).
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let inner = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
+        *g = 0.5 * x * (1.0 + inner.tanh()) * u;
+    }
+}
+
+/// `x = silu(x)` in place.
+pub fn silu(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v /= 1.0 + (-*v).exp();
+    }
+}
+
+/// `x *= silu(z)`, the output gate of gated norms.
+pub fn mul_silu(x: &mut [f32], z: &[f32]) {
+    for (v, &g) in x.iter_mut().zip(z) {
+        *v *= g / (1.0 + (-g).exp());
+    }
+}
+
+/// `x *= sigmoid(z)`, an attention output gate.
+pub fn mul_sigmoid(x: &mut [f32], z: &[f32]) {
+    for (v, &g) in x.iter_mut().zip(z) {
+        *v *= sigmoid(g);
+    }
+}
+
+/// `x *= y` elementwise.
+pub fn mul(x: &mut [f32], y: &[f32]) {
+    for (v, &g) in x.iter_mut().zip(y) {
+        *v *= g;
+    }
+}
+
+/// `1 / (1 + e^-x)`.
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `ln(1 + e^x)`, linear above 20 as PyTorch's `softplus`.
+#[inline]
+pub fn softplus(x: f32) -> f32 {
+    if x > 20.0 { x } else { x.exp().ln_1p() }
+}
+
+/// `x / sqrt(Σx² + eps)` in place (the eps inside the root, as `transformers`' `l2norm`).
+pub fn l2_normalize(x: &mut [f32], eps: f32) {
+    let inv = 1.0 / (sum_of_squares(x) + eps).sqrt();
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Causal depthwise convolution over time. `input` holds `kernel - 1 + n`
+/// rows of `channels` values (the history first, then the `n` new rows);
+/// `weight` is `[kernel][channels]` (tap-major, so each tap is one vector
+/// operation); row `t` of `out` is `bias + Σ_j weight[j] ⊙ input[t + j]`.
+pub fn causal_conv1d(
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    channels: usize,
+    out: &mut [f32],
+) {
+    let kernel = weight.len() / channels;
+    let n = out.len() / channels;
+    assert_eq!(input.len(), (kernel - 1 + n) * channels);
+    for (t, row) in out.chunks_exact_mut(channels).enumerate() {
+        match bias {
+            Some(b) => row.copy_from_slice(b),
+            None => row.fill(0.0),
+        }
+        for (j, w) in weight.chunks_exact(channels).enumerate() {
+            let x = &input[(t + j) * channels..(t + j + 1) * channels];
+            for ((o, &w), &x) in row.iter_mut().zip(w).zip(x) {
+                *o += w * x;
+            }
+        }
+    }
+}
+
 /// Softmax over `x` in place; entries of `-inf` get probability 0.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -190,6 +277,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn causal_conv_sees_only_the_past() {
+        // Two channels, three taps: out[t] = Σ_j w[j] ⊙ in[t + j].
+        let weight = [1.0, 10.0, 2.0, 20.0, 3.0, 30.0];
+        let input = [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 2.0, 2.0];
+        let mut out = [0.0; 4];
+        causal_conv1d(&input, &weight, Some(&[0.5, -0.5]), 2, &mut out);
+        assert_eq!(out, [3.5, 29.5, 8.5, 79.5]);
+    }
+
+    #[test]
+    fn gelu_tanh_matches_known_values() {
+        let mut g = [0.0, 1.0, -1.0, 3.0];
+        gelu_tanh_mul(&mut g, &[1.0; 4]);
+        let want = [0.0, 0.841_192, -0.158_808, 2.996_363];
+        for (a, b) in g.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        assert_eq!(softplus(30.0), 30.0);
+        assert!((softplus(0.0) - 2f32.ln()).abs() < 1e-7);
     }
 
     #[test]

@@ -113,10 +113,14 @@ pub fn translate(cfg: &HfConfig, store: &TensorStore) -> Result<Translated> {
             n_kv_heads,
             head_dim,
             scale: 1.0 / (head_dim as f32).sqrt(),
+            output_gate: false,
+            rope: 0,
+            window: None,
         };
         blocks.push(Block {
             mixer_norm: norm(&format!("{p}.input_layernorm.weight"), hidden)?,
             mixer: Mixer::Attention(attention),
+            post_mixer_norm: None,
             mlp_norm: norm(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
             mlp: GatedMlp {
                 gate: linear(
@@ -134,6 +138,7 @@ pub fn translate(cfg: &HfConfig, store: &TensorStore) -> Result<Translated> {
                 )?,
                 activation: Activation::Silu,
             },
+            post_mlp_norm: None,
         });
     }
 
@@ -150,7 +155,9 @@ pub fn translate(cfg: &HfConfig, store: &TensorStore) -> Result<Translated> {
         blocks,
         final_norm: norm("model.norm.weight", hidden)?,
         lm_head,
-        rope: Rope::new(&cfg.rope()?, head_dim),
+        ropes: vec![Rope::new(&cfg.rope()?, head_dim)],
+        embed_scale: None,
+        logit_softcap: None,
         hidden,
         vocab,
         max_positions,

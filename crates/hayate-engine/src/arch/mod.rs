@@ -1,11 +1,14 @@
 //! Translators: each turns one family of `model_type`s into generic blocks.
 
+mod gemma3;
+mod lfm2;
 mod llama;
+mod qwen3_5;
 
 use crate::blocks::{Block, Linear, RmsNorm};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
-use hayate_formats::{HfConfig, TensorStore};
+use hayate_formats::{HfConfig, Tensor, TensorStore};
 
 /// What a translator produces: the blocks and the tensors around them.
 pub struct Translated {
@@ -17,8 +20,12 @@ pub struct Translated {
     pub final_norm: RmsNorm,
     /// Output projection to the vocabulary (may share the embedding's tensor).
     pub lm_head: Linear,
-    /// Rotary frequencies shared by the attention layers.
-    pub rope: Rope,
+    /// Rotary frequency tables; each attention layer names the one it uses.
+    pub ropes: Vec<Rope>,
+    /// Factor applied to embedding rows (Gemma: `sqrt(hidden)`).
+    pub embed_scale: Option<f32>,
+    /// Logits become `cap · tanh(logits / cap)` (Gemma's final soft-capping).
+    pub logit_softcap: Option<f32>,
     /// Hidden size.
     pub hidden: usize,
     /// Vocabulary size.
@@ -35,6 +42,11 @@ const TRANSLATORS: &[(&str, Translator)] = &[
     ("llama", llama::translate),
     ("qwen2", llama::translate),
     ("qwen3", llama::translate),
+    ("qwen3_5_text", qwen3_5::translate),
+    ("qwen3_5", qwen3_5::translate),
+    ("gemma3_text", gemma3::translate),
+    ("gemma3", gemma3::translate),
+    ("lfm2", lfm2::translate),
 ];
 
 /// The `model_type`s Hayate can run.
@@ -53,4 +65,110 @@ pub fn translator(config: &HfConfig) -> Result<Translator> {
             model_type: model_type.to_owned(),
             supported: supported(),
         })
+}
+
+/// Where a checkpoint keeps its language model: `model.*` for text-only
+/// checkpoints, `model.language_model.*` for multimodal ones as
+/// `transformers` 5 saves them, `language_model.model.*` in older
+/// multimodal exports. Returns the prefix of the text model and the name of
+/// the output head. Tensors outside them (a vision tower, multi-token
+/// prediction heads) are not loaded, and the log says so.
+pub(crate) fn text_model_names(store: &TensorStore) -> (String, String) {
+    let has = |prefix: &str| {
+        let name = format!("{prefix}.embed_tokens");
+        store.get(&format!("{name}.weight")).is_some()
+            || store.get(&format!("{name}.qweight")).is_some()
+    };
+    let (model, head) = if has("model.language_model") {
+        ("model.language_model", "lm_head")
+    } else if has("language_model.model") {
+        ("language_model.model", "language_model.lm_head")
+    } else {
+        ("model", "lm_head")
+    };
+    let ignored = store
+        .names()
+        .filter(|n| !n.starts_with(&format!("{model}.")) && !n.starts_with(&format!("{head}.")))
+        .count();
+    if ignored > 0 {
+        tracing::info!(
+            "loading the language model under `{model}`; ignoring {ignored} other tensors (vision tower, extra heads)"
+        );
+    }
+    (model.to_owned(), head.to_owned())
+}
+
+/// Convolution taps of a depthwise `[channels, 1, kernel]` weight, reordered
+/// `[kernel][channels]` for the kernel.
+pub(crate) fn conv_taps(tensor: &Tensor, channels: usize, kernel: usize) -> Result<Vec<f32>> {
+    let w = tensor.array_f32(&[channels, 1, kernel])?;
+    let mut taps = vec![0f32; kernel * channels];
+    for c in 0..channels {
+        for j in 0..kernel {
+            taps[j * channels + c] = w[c * kernel + j];
+        }
+    }
+    Ok(taps)
+}
+
+/// The output head: the embedding when tied, else its own matrix.
+pub(crate) fn output_head(
+    cfg: &HfConfig,
+    store: &TensorStore,
+    embedding: &Linear,
+    name: &str,
+    tied_by_default: bool,
+) -> Result<Linear> {
+    let tied = cfg
+        .opt_bool("tie_word_embeddings")?
+        .unwrap_or(tied_by_default);
+    if tied {
+        Ok(embedding.clone())
+    } else {
+        Ok(Linear::load(
+            store,
+            name,
+            embedding.rows,
+            embedding.cols,
+            false,
+        )?)
+    }
+}
+
+/// Checks that sizes are positive and heads divide evenly.
+pub(crate) fn check_heads(
+    hidden: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    if hidden == 0 || n_heads == 0 || n_kv_heads == 0 {
+        return Err(EngineError::Config(
+            "sizes and head counts must be positive".into(),
+        ));
+    }
+    if !n_heads.is_multiple_of(n_kv_heads) {
+        return Err(EngineError::Config(format!(
+            "num_attention_heads ({n_heads}) is not a multiple of num_key_value_heads ({n_kv_heads})"
+        )));
+    }
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(EngineError::Config(format!(
+            "head_dim must be even and positive, not {head_dim}"
+        )));
+    }
+    Ok(())
+}
+
+/// A layer type that this architecture does not have.
+pub(crate) fn unknown_layer_type(
+    model_type: &str,
+    layer: usize,
+    kind: &str,
+    known: &[&str],
+) -> EngineError {
+    EngineError::Config(format!(
+        "layer {layer} has layer type `{kind}`, which {model_type} does not have (expected one of: {})",
+        known.join(", ")
+    ))
 }

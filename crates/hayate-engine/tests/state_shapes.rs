@@ -1,0 +1,66 @@
+//! Every fixture against its `transformers` logits under state shapes the
+//! command line does not choose: small prefill steps (sliding-window rings
+//! that wrap, DeltaNet chunks split across steps) and short rollback depths
+//! (fewer tokens through the recurrent form).
+
+use hayate_engine::{LoadOptions, Logits, Model, StateOptions};
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn reference(dir: &Path) -> (Vec<u32>, Vec<f32>) {
+    let bytes = std::fs::read(dir.join("reference_logits.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids = st.tensor("input_ids").unwrap();
+    let ids = ids
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+        .collect();
+    let logits = st.tensor("logits").unwrap();
+    let logits = logits
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    (ids, logits)
+}
+
+#[test]
+fn every_fixture_matches_with_small_prefill_steps_and_rollback_depths() {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("MANIFEST.json")).unwrap()).unwrap();
+    for entry in manifest.as_array().unwrap() {
+        let dir = fixtures().join(entry["name"].as_str().unwrap());
+        let model = Model::load(&dir, &LoadOptions::default()).unwrap();
+        let (ids, want) = reference(&dir);
+        for (prefill_chunk, rollback, piece) in [(5, 1, 7), (16, 3, 1000), (64, 2, 33), (9, 8, 1)] {
+            let mut state = model
+                .new_state_with(&StateOptions {
+                    context: None,
+                    rollback,
+                    prefill_chunk,
+                })
+                .unwrap();
+            let mut got = Vec::new();
+            let mut logits = Vec::new();
+            for p in ids.chunks(piece) {
+                model
+                    .forward(&mut state, p, Logits::All(&mut logits))
+                    .unwrap();
+                got.extend_from_slice(&logits);
+            }
+            let d = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                d <= 1e-2,
+                "{dir:?} chunk {prefill_chunk} rollback {rollback} pieces of {piece}: max |Δ| {d}"
+            );
+        }
+    }
+}
