@@ -3,7 +3,7 @@
 
 For speed benchmarks only: the tensor names, shapes, dtype and config.json match the published
 checkpoint, the weight values are random (normal(0, 0.02) for matrices, 1 + normal(0, 0.02) for
-RMSNorm weights). The tokenizer is a small byte-level BPE trained on the shared pystd corpus, so
+RMSNorm weights; see KIND_STATS for the other kinds). The tokenizer is a small byte-level BPE trained on the shared pystd corpus, so
 its vocab is much smaller than the model's; bos/eos ids in the configs point at the small
 tokenizer's special tokens, not at the real model's ids.
 
@@ -11,8 +11,9 @@ tokenizer's special tokens, not at the real model's ids.
 
 Dependencies: numpy and tokenizers (see requirements.txt). No torch, no network.
 
-To add a shape of an existing family, add an entry to SHAPES. A new architecture (e.g. a hybrid
-linear-attention model) also needs a tensor-list function registered in FAMILIES.
+To add a shape of an existing family, add an entry to SHAPES. A new architecture also needs a
+tensor-list function registered in FAMILIES (llama, qwen3, and qwen3_5_text: the Qwen3.5 hybrid of
+Gated DeltaNet and gated full attention).
 """
 
 from __future__ import annotations
@@ -206,10 +207,104 @@ SHAPES: dict[str, dict] = {
             },
         },
     },
+    "qwen3.5-0.8b": {
+        "family": "qwen3_5_text",
+        # The published Qwen/Qwen3.5-0.8B repository is multimodal (model_type "qwen3_5",
+        # Qwen3_5ForConditionalGeneration, text weights under model.language_model.*, plus
+        # model.visual.* and mtp.*). This shape is its TEXT PART written as a plain
+        # qwen3_5_text / Qwen3_5ForCausalLM checkpoint (model.layers.*, no vision tower, no MTP
+        # head); the config below is its text_config. No real file could be downloaded here.
+        "source": "Qwen/Qwen3.5-0.8B (text part only, as qwen3_5_text)",
+        # Values below are the text_config as given by third-party code that loads the real model
+        # (layer counts, widths, heads, linear-attention dims, rope 1e7 / 0.25 / [11,11,10],
+        # tie_word_embeddings true): hidden 1024, 24 layers (3 linear + 1 full, x6),
+        # intermediate 3584, 8 heads / 2 kv / head_dim 256, linear 16 k-heads / 16 v-heads x 128,
+        # conv kernel 4, vocab 248320, max positions 262144.
+        "assumed": [
+            "special token ids 248044 <|endoftext|> / 248045 <|im_start|> / 248046 <|im_end|> "
+            "(Qwen3 order after the BPE vocab; only 248044 seen in third-party code)",
+            "generation_config sampling values (copied from Qwen3-0.6B)",
+            "initializer_range 0.02, transformers_version",
+            "mtp_num_hidden_layers / mtp_use_dedicated_embeddings left out: no mtp.* tensors are written",
+        ],
+        "config": {
+            "architectures": ["Qwen3_5ForCausalLM"],
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "attn_output_gate": True,
+            "bos_token_id": 248044,
+            "dtype": "bfloat16",
+            "eos_token_id": 248046,
+            "full_attention_interval": 4,
+            "head_dim": 256,
+            "hidden_act": "silu",
+            "hidden_size": 1024,
+            "initializer_range": 0.02,
+            "intermediate_size": 3584,
+            "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 6,
+            "linear_conv_kernel_dim": 4,
+            "linear_key_head_dim": 128,
+            "linear_num_key_heads": 16,
+            "linear_num_value_heads": 16,
+            "linear_value_head_dim": 128,
+            "mamba_ssm_dtype": "float32",
+            "max_position_embeddings": 262144,
+            "model_type": "qwen3_5_text",
+            "num_attention_heads": 8,
+            "num_hidden_layers": 24,
+            "num_key_value_heads": 2,
+            "pad_token_id": None,
+            "rms_norm_eps": 1e-06,
+            "rope_parameters": {
+                "mrope_interleaved": True,
+                "mrope_section": [11, 11, 10],
+                "partial_rotary_factor": 0.25,
+                "rope_theta": 10000000,
+                "rope_type": "default",
+            },
+            "tie_word_embeddings": True,
+            "transformers_version": "5.23.0",
+            "use_cache": True,
+            "vocab_size": 248320,
+        },
+        "generation_config": {
+            "bos_token_id": 248044,
+            "do_sample": True,
+            "eos_token_id": [248046, 248044],
+            "pad_token_id": 248044,
+            "temperature": 0.6,
+            "top_k": 20,
+            "top_p": 0.95,
+            "transformers_version": "5.23.0",
+        },
+        "tokenizer": {
+            "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            "split_regex": QWEN2_SPLIT,
+            "prepend_bos": False,
+            "chat_template": CHATML_TEMPLATE,
+            "model_max_length": 262144,
+        },
+        "token_roles": {
+            "config": {"bos_token_id": "<|endoftext|>", "eos_token_id": "<|im_end|>"},
+            "generation_config": {
+                "bos_token_id": "<|endoftext|>",
+                "eos_token_id": ["<|im_end|>", "<|endoftext|>"],
+                "pad_token_id": "<|endoftext|>",
+            },
+            "tokenizer_config": {
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+            },
+        },
+    },
 }
 
 # ---------------------------------------------------------------------------------------------
-# Tensor lists per family. Each entry: (name, shape, kind) with kind "matrix" or "norm".
+# Tensor lists per family. Each entry: (name, shape, kind); kind selects the value distribution
+# (see KIND_STATS): "matrix", "norm" (y = x_hat * w), "norm1p" (y = x_hat * (1 + w), stored
+# centred on 0: Qwen3.5 / Gemma-style), "conv" (depthwise conv kernels), "A_log" / "dt_bias"
+# (Gated DeltaNet decay parameters).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -250,9 +345,80 @@ def _llama_like_tensors(cfg: dict, qk_norm: bool) -> list[tuple[str, tuple[int, 
     return out
 
 
+def qwen3_5_layer_types(cfg: dict) -> list[str]:
+    """layer_types, or the transformers default from full_attention_interval (default 4)."""
+    if cfg.get("layer_types"):
+        return list(cfg["layer_types"])
+    interval = cfg.get("full_attention_interval", 4)
+    return [
+        "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(cfg["num_hidden_layers"])
+    ]
+
+
+def _qwen3_5_text_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """Qwen3.5 dense text model (Qwen3_5ForCausalLM): Gated DeltaNet + gated full attention."""
+    h = cfg["hidden_size"]
+    inter = cfg["intermediate_size"]
+    n_heads = cfg["num_attention_heads"]
+    n_kv = cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or h // n_heads
+    vocab = cfg["vocab_size"]
+    nk, dk = cfg["linear_num_key_heads"], cfg["linear_key_head_dim"]
+    nv, dv = cfg["linear_num_value_heads"], cfg["linear_value_head_dim"]
+    kernel = cfg["linear_conv_kernel_dim"]
+    key_dim, value_dim = nk * dk, nv * dv
+    conv_dim = 2 * key_dim + value_dim  # channels of in_proj_qkv: [q | k | v]
+    if cfg.get("attention_bias"):
+        raise SystemExit("biases are not implemented in this generator")
+    layer_types = qwen3_5_layer_types(cfg)
+    if len(layer_types) != cfg["num_hidden_layers"]:
+        raise SystemExit("layer_types length != num_hidden_layers")
+
+    out = [("model.embed_tokens.weight", (vocab, h), "matrix")]
+    for i, kind in enumerate(layer_types):
+        p = f"model.layers.{i}."
+        out.append((p + "input_layernorm.weight", (h,), "norm1p"))
+        if kind == "linear_attention":
+            la = p + "linear_attn."
+            out += [
+                (la + "in_proj_qkv.weight", (conv_dim, h), "matrix"),
+                (la + "in_proj_z.weight", (value_dim, h), "matrix"),
+                (la + "in_proj_b.weight", (nv, h), "matrix"),
+                (la + "in_proj_a.weight", (nv, h), "matrix"),
+                (la + "conv1d.weight", (conv_dim, 1, kernel), "conv"),  # depthwise, no bias
+                (la + "dt_bias", (nv,), "dt_bias"),
+                (la + "A_log", (nv,), "A_log"),
+                (la + "norm.weight", (dv,), "norm"),  # gated RMSNorm: plain w
+                (la + "out_proj.weight", (h, value_dim), "matrix"),
+            ]
+        elif kind == "full_attention":
+            sa = p + "self_attn."
+            out += [
+                (sa + "q_proj.weight", (n_heads * hd * 2, h), "matrix"),  # per head [query | gate]
+                (sa + "k_proj.weight", (n_kv * hd, h), "matrix"),
+                (sa + "v_proj.weight", (n_kv * hd, h), "matrix"),
+                (sa + "o_proj.weight", (h, n_heads * hd), "matrix"),
+                (sa + "q_norm.weight", (hd,), "norm1p"),
+                (sa + "k_norm.weight", (hd,), "norm1p"),
+            ]
+        else:
+            raise SystemExit(f"unknown layer type {kind!r}")
+        out += [
+            (p + "post_attention_layernorm.weight", (h,), "norm1p"),
+            (p + "mlp.gate_proj.weight", (inter, h), "matrix"),
+            (p + "mlp.up_proj.weight", (inter, h), "matrix"),
+            (p + "mlp.down_proj.weight", (h, inter), "matrix"),
+        ]
+    out.append(("model.norm.weight", (h,), "norm1p"))
+    if not cfg.get("tie_word_embeddings", False):
+        out.append(("lm_head.weight", (vocab, h), "matrix"))
+    return out
+
+
 FAMILIES = {
     "llama": lambda cfg: _llama_like_tensors(cfg, qk_norm=False),
     "qwen3": lambda cfg: _llama_like_tensors(cfg, qk_norm=True),
+    "qwen3_5_text": _qwen3_5_text_tensors,
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +427,52 @@ FAMILIES = {
 
 MATRIX_STD = 0.02
 NORM_STD = 0.02
+CONV_STD = 0.25
+# A_log = log(A), A ~ uniform(A_LOW, A_HIGH) (transformers' Qwen3.5 init draws A ~ uniform(0, 16));
+# dt_bias = 1 + normal(0, 0.02) (transformers init: ones).
+A_LOW, A_HIGH = 1.0, 16.0
 CHUNK_ELEMS = 1 << 24  # 16M elements per generated chunk (64 MiB of float32)
+
+
+def _log_uniform_stats(lo: float, hi: float) -> tuple[float, float]:
+    # E[log U] and sd[log U] for U ~ uniform(lo, hi)
+    f1 = lambda x: x * np.log(x) - x
+    f2 = lambda x: x * (np.log(x) ** 2 - 2 * np.log(x) + 2)
+    m1 = (f1(hi) - f1(lo)) / (hi - lo)
+    m2 = (f2(hi) - f2(lo)) / (hi - lo)
+    return float(m1), float(np.sqrt(m2 - m1 * m1))
+
+
+# kind -> (mean, std) of the generated values (verify_speed_model.py checks these).
+KIND_STATS = {
+    "matrix": (0.0, MATRIX_STD),
+    "norm": (1.0, NORM_STD),
+    "norm1p": (0.0, NORM_STD),
+    "conv": (0.0, CONV_STD),
+    "dt_bias": (1.0, NORM_STD),
+    "A_log": _log_uniform_stats(A_LOW, A_HIGH),
+}
+
+
+def generate_values(rng: np.random.Generator, kind: str, m: int) -> np.ndarray:
+    if kind == "A_log":
+        return np.log(rng.uniform(A_LOW, A_HIGH, m)).astype(np.float32)
+    x = rng.standard_normal(m, dtype=np.float32)
+    if kind == "matrix":
+        x *= np.float32(MATRIX_STD)
+    elif kind == "norm":
+        x *= np.float32(NORM_STD)
+        x += np.float32(1.0)
+    elif kind == "norm1p":
+        x *= np.float32(NORM_STD)
+    elif kind == "conv":
+        x *= np.float32(CONV_STD)
+    elif kind == "dt_bias":
+        x *= np.float32(NORM_STD)
+        x += np.float32(1.0)
+    else:
+        raise ValueError(kind)
+    return x
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -293,12 +504,7 @@ def write_safetensors(path: Path, tensors, seed: int, metadata: dict[str, str]) 
             done = 0
             while done < n:
                 m = min(CHUNK_ELEMS, n - done)
-                x = rng.standard_normal(m, dtype=np.float32)
-                if kind == "matrix":
-                    x *= np.float32(MATRIX_STD)
-                else:
-                    x *= np.float32(NORM_STD)
-                    x += np.float32(1.0)
+                x = generate_values(rng, kind, m)
                 f.write(f32_to_bf16_bits(x).astype("<u2", copy=False).tobytes())
                 done += m
         size = f.tell()
@@ -438,24 +644,24 @@ def main() -> int:
     dump_json(out / "tokenizer_config.json", tok_cfg)
     dump_json(out / "special_tokens_map.json", specials_map)
     (out / "chat_template.jinja").write_text(spec["tokenizer"]["chat_template"], encoding="utf-8")
-    dump_json(
-        out / "speedmodel.json",
-        {
-            "note": "RANDOM WEIGHTS, for speed benchmarks only. Written by tools/speedmodels/make_speed_model.py.",
-            "shape": args.shape,
-            "source_shapes": spec["source"],
-            "seed": args.seed,
-            "parameters": n_params,
-            "tensor_bytes": data_bytes,
-            "num_tensors": len(tensors),
-            "tokenizer_vocab_size": tok_vocab,
-            "special_token_ids": ids,
-            "published_token_ids": {
-                "config": {k: spec["config"][k] for k in roles["config"]},
-                "generation_config": {k: spec["generation_config"][k] for k in roles["generation_config"]},
-            },
+    provenance = {
+        "note": "RANDOM WEIGHTS, for speed benchmarks only. Written by tools/speedmodels/make_speed_model.py.",
+        "shape": args.shape,
+        "source_shapes": spec["source"],
+        "seed": args.seed,
+        "parameters": n_params,
+        "tensor_bytes": data_bytes,
+        "num_tensors": len(tensors),
+        "tokenizer_vocab_size": tok_vocab,
+        "special_token_ids": ids,
+        "published_token_ids": {
+            "config": {k: spec["config"][k] for k in roles["config"]},
+            "generation_config": {k: spec["generation_config"][k] for k in roles["generation_config"]},
         },
-    )
+    }
+    if spec.get("assumed"):
+        provenance["assumed_not_verified"] = spec["assumed"]
+    dump_json(out / "speedmodel.json", provenance)
     t_tok = time.time() - t0
     print(f"[{args.shape}] tokenizer: vocab {tok_vocab}, specials {ids} ({t_tok:.1f}s)", flush=True)
     print(

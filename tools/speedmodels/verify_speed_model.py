@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import struct
 import sys
 from pathlib import Path
@@ -65,18 +66,29 @@ def main() -> int:
     size = path.stat().st_size
     assert pos == 2 * n_params and size == 8 + hlen + pos, (pos, size)
 
-    # --- value statistics on a few tensors (memory-mapped)
+    # --- value statistics on a few tensors (memory-mapped): embeddings, final norm, layer 0 and,
+    # for hybrid models, the first layer of every other layer type.
     mm = np.memmap(path, dtype="<u2", mode="r", offset=8 + hlen)
+    check_layers = {0}
+    if spec["family"] == "qwen3_5_text":
+        types = msm.qwen3_5_layer_types(spec["config"])
+        check_layers |= {types.index(t) for t in set(types)}
     stats = {}
     for name, shape, kind in expected:
-        if not (name.startswith("model.embed") or name.startswith("model.norm") or ".0." in name):
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        if not (name.startswith("model.embed") or name.startswith("model.norm") or (m and int(m[1]) in check_layers)):
             continue
         a, b = header[name]["data_offsets"]
         x = bf16_to_f32(np.asarray(mm[a // 2 : min(b // 2, a // 2 + (1 << 22))]))
-        want_mean = 1.0 if kind == "norm" else 0.0
-        tol_mean = 1e-3 + 5 * 0.02 / np.sqrt(x.size)
-        tol_std = 0.02 * (0.05 + 5 / np.sqrt(2 * x.size))
-        assert abs(x.mean() - want_mean) < tol_mean and abs(x.std() - 0.02) < tol_std, (name, x.mean(), x.std())
+        want_mean, want_std = msm.KIND_STATS[kind]
+        tol_mean = 1e-3 + 5 * want_std / np.sqrt(x.size)
+        tol_std = want_std * (0.05 + 5 / np.sqrt(2 * x.size))
+        assert abs(x.mean() - want_mean) < tol_mean and abs(x.std() - want_std) < tol_std, (
+            name,
+            kind,
+            x.mean(),
+            x.std(),
+        )
         stats[name] = (round(float(x.mean()), 4), round(float(x.std()), 4))
 
     # --- configs vs tokenizer

@@ -42,14 +42,37 @@ fn decode_steps_do_not_allocate() {
             ..QuantSpec::new(format)
         })
     };
+    let fixture = |name: &str| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(name)
+    };
+    // The hybrid architectures' state (sliding-window rings, DeltaNet and
+    // convolution states) must not allocate either.
     let variants = [
-        (1, None),
-        (2, None),
-        (2, quantized(QuantFormat::Q4, EmbeddingFormat::Keep)),
-        (2, quantized(QuantFormat::Q8, EmbeddingFormat::Q8)),
+        (dir.clone(), 1, None),
+        (dir.clone(), 2, None),
+        (
+            dir.clone(),
+            2,
+            quantized(QuantFormat::Q4, EmbeddingFormat::Keep),
+        ),
+        (
+            dir.clone(),
+            2,
+            quantized(QuantFormat::Q8, EmbeddingFormat::Q8),
+        ),
+        (fixture("qwen3_5-text-gdn"), 2, None),
+        (
+            fixture("qwen3_5-vl-layout"),
+            1,
+            quantized(QuantFormat::Q8, EmbeddingFormat::Keep),
+        ),
+        (fixture("gemma3-text-sliding"), 2, None),
+        (fixture("lfm2-conv-attn"), 2, None),
     ];
-    for (threads, quantize) in variants {
-        let what = format!("{threads} threads, {quantize:?}");
+    for (dir, threads, quantize) in variants {
+        let what = format!("{dir:?}, {threads} threads, {quantize:?}");
         let options = LoadOptions {
             threads,
             quantize,
@@ -68,7 +91,7 @@ fn decode_steps_do_not_allocate() {
         let mut sampler = Sampler::new(params, model.info.vocab);
         let mut tokens = Vec::with_capacity(256);
         let mut logits = vec![0f32; model.info.vocab];
-        tokens.extend_from_slice(&[0, 100, 200, 300]);
+        tokens.extend_from_slice(&[0, 10, 20, 30]);
         logits.copy_from_slice(model.forward(&mut state, &tokens, Logits::Last).unwrap());
         // Warm up: thread-local buffers reach their size on the first steps.
         let mut step = |tokens: &mut Vec<u32>,

@@ -92,12 +92,11 @@ fn check(dir: &Path) {
     }
     // Rolling back further than the state keeps is refused when layers
     // have bounded state, and always allowed for plain attention.
-    let mut state = model
-        .new_state_with(&StateOptions {
-            rollback: 4,
-            ..StateOptions::default()
-        })
-        .unwrap();
+    let options = StateOptions {
+        rollback: 4,
+        ..StateOptions::default()
+    };
+    let mut state = model.new_state_with(&options).unwrap();
     feed(&model, &mut state, &prefix, false);
     match state.max_rollback() {
         Some(r) => {
@@ -111,7 +110,7 @@ fn check(dir: &Path) {
     }
     state.clear();
     assert!(state.is_empty());
-    let mut fresh = model.new_state(None).unwrap();
+    let mut fresh = model.new_state_with(&options).unwrap();
     let a = feed(&model, &mut state, &prefix[..10], false);
     let b = feed(&model, &mut fresh, &prefix[..10], false);
     assert!(a == b, "{dir:?}: cleared state differs from a fresh one");
