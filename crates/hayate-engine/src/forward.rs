@@ -332,11 +332,8 @@ impl Model {
             matmul_many(pool, isa, &mut dense, x, n);
             return;
         }
-        let sign_in = jobs[0].0.sign_in();
-        if jobs
-            .iter()
-            .all(|(l, _)| l.dense().is_none() && l.sign_in() == sign_in)
-        {
+        if jobs.iter().all(|(l, _)| l.dense().is_none()) {
+            let signs_in = jobs.each_ref().map(|(l, _)| l.sign_in());
             let mut quant = jobs.map(|(l, y)| {
                 let LinearKernel::Quant(w, rotation) = l.kernel() else {
                     unreachable!("checked above")
@@ -347,7 +344,16 @@ impl Model {
                     y,
                 }
             });
-            qmatmul_many(pool, isa, self.precision, &mut quant, sign_in, x, n);
+            // One fused product per run of layers sharing `S_in` (a group
+            // may mix rotated matrices with small unrotated ones).
+            let mut first = 0;
+            while first < N {
+                let sign_in = signs_in[first];
+                let end = (first..N).find(|&i| signs_in[i] != sign_in).unwrap_or(N);
+                let run = &mut quant[first..end];
+                qmatmul_many(pool, isa, self.precision, run, sign_in, x, n);
+                first = end;
+            }
             return;
         }
         for (l, y) in jobs {
