@@ -194,7 +194,6 @@ impl Model {
             capacity,
             options.rollback,
             scratch,
-            chunk,
         ))
     }
 

@@ -99,13 +99,6 @@ pub struct DeltaState {
     pub size: usize,
 }
 
-impl DeltaState {
-    /// The state after `position` tokens.
-    pub fn slot(&self, position: usize) -> usize {
-        position % self.slots
-    }
-}
-
 /// The state one layer carries between calls.
 pub enum LayerState {
     /// An attention layer's cache.
@@ -131,16 +124,16 @@ pub struct InferenceState {
 
 impl InferenceState {
     /// State for `blocks`, holding up to `capacity` tokens; bounded layers
-    /// keep enough to roll back `rollback` tokens (at least 1). `chunk` is
-    /// the most tokens one step of the forward pass processes.
+    /// keep enough to roll back `rollback` tokens (at least 1).
     pub(crate) fn new(
         blocks: &[Block],
         capacity: usize,
         rollback: usize,
         scratch: crate::forward::Scratch,
-        chunk: usize,
     ) -> Self {
         let rollback = rollback.max(1);
+        // The most tokens one step of the forward pass processes.
+        let chunk = scratch.chunk;
         let mut bounded = false;
         let layers = blocks
             .iter()
