@@ -7,7 +7,10 @@
 //! logit soft-capping. (`attn_logit_softcapping` is ignored, as the
 //! `transformers` implementation of Gemma 3 ignores it.)
 
-use super::{Translated, check_heads, output_head, text_model_names, unknown_layer_type};
+use super::{
+    Translated, check_heads, layer_types_or_periodic, output_head, text_model_names,
+    unknown_layer_type,
+};
 use crate::blocks::{Activation, Attention, Block, GatedMlp, Linear, Mixer, RmsNorm};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
@@ -67,22 +70,14 @@ pub fn translate(top: &HfConfig, store: &TensorStore) -> Result<Translated> {
         ));
     }
 
-    let layer_types = match cfg.layer_types(n_layers)? {
-        Some(t) => t,
-        None => {
-            let pattern = cfg.opt_usize("sliding_window_pattern")?.unwrap_or(6).max(1);
-            (0..n_layers)
-                .map(|i| {
-                    if (i + 1) % pattern == 0 {
-                        "full_attention"
-                    } else {
-                        "sliding_attention"
-                    }
-                    .to_owned()
-                })
-                .collect()
-        }
-    };
+    let layer_types = layer_types_or_periodic(
+        &cfg,
+        n_layers,
+        "sliding_window_pattern",
+        6,
+        "full_attention",
+        "sliding_attention",
+    )?;
     let local =
         cfg.rope_for_layer_type("sliding_attention", Some("rope_local_base_freq"), 10000.0)?;
     let global = cfg.rope_for_layer_type("full_attention", None, 1e6)?;

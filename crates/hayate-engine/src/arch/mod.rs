@@ -172,3 +172,50 @@ pub(crate) fn unknown_layer_type(
         known.join(", ")
     ))
 }
+
+/// `layer_types` from the config, else the periodic default: every
+/// `period`-th layer (read from `period_key`, `default_period` if absent)
+/// is `periodic`, the others `otherwise`.
+pub(crate) fn layer_types_or_periodic(
+    cfg: &HfConfig,
+    n_layers: usize,
+    period_key: &str,
+    default_period: usize,
+    periodic: &str,
+    otherwise: &str,
+) -> Result<Vec<String>> {
+    if let Some(types) = cfg.layer_types(n_layers)? {
+        return Ok(types);
+    }
+    let period = cfg.opt_usize(period_key)?.unwrap_or(default_period).max(1);
+    Ok((0..n_layers)
+        .map(|i| {
+            if (i + 1) % period == 0 {
+                periodic
+            } else {
+                otherwise
+            }
+            .to_owned()
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_types_default_to_a_period() {
+        let cfg = HfConfig::from_slice(br#"{"full_attention_interval": 3}"#).unwrap();
+        let types =
+            layer_types_or_periodic(&cfg, 6, "full_attention_interval", 4, "full", "linear")
+                .unwrap();
+        assert_eq!(
+            types,
+            ["linear", "linear", "full", "linear", "linear", "full"]
+        );
+        let explicit = HfConfig::from_slice(br#"{"layer_types": ["a", "b"]}"#).unwrap();
+        let types = layer_types_or_periodic(&explicit, 2, "x", 4, "full", "linear").unwrap();
+        assert_eq!(types, ["a", "b"]);
+    }
+}

@@ -6,7 +6,8 @@
 //! `partial_rotary_factor` of each head. Norms scale by `1 + w`.
 
 use super::{
-    Translated, check_heads, conv_taps, output_head, text_model_names, unknown_layer_type,
+    Translated, check_heads, conv_taps, layer_types_or_periodic, output_head, text_model_names,
+    unknown_layer_type,
 };
 use crate::blocks::{
     Activation, Attention, Block, GatedDeltaNet, GatedMlp, Linear, Mixer, RmsNorm,
@@ -56,25 +57,14 @@ pub fn translate(top: &HfConfig, store: &TensorStore) -> Result<Translated> {
         )));
     }
 
-    let layer_types = match cfg.layer_types(n_layers)? {
-        Some(t) => t,
-        None => {
-            let interval = cfg
-                .opt_usize("full_attention_interval")?
-                .unwrap_or(4)
-                .max(1);
-            (0..n_layers)
-                .map(|i| {
-                    if (i + 1) % interval == 0 {
-                        "full_attention"
-                    } else {
-                        "linear_attention"
-                    }
-                    .to_owned()
-                })
-                .collect()
-        }
-    };
+    let layer_types = layer_types_or_periodic(
+        &cfg,
+        n_layers,
+        "full_attention_interval",
+        4,
+        "full_attention",
+        "linear_attention",
+    )?;
 
     let rope_config = cfg.rope()?;
     let rotary_dim = (head_dim as f64 * rope_config.partial_rotary_factor) as usize;
