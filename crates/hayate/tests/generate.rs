@@ -89,40 +89,25 @@ fn sampling_is_reproducible_with_a_seed_and_varies_without() {
 
 #[test]
 fn chat_template_is_applied_and_chat_keeps_the_cache_across_turns() {
-    use std::io::Write;
     let model = shared_model("pystd-qwen3-7m");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hayate"))
-        .args([
-            "chat",
+    let out = chat(
+        &[
             "--model",
             model.to_str().unwrap(),
             "--temperature",
             "0",
             "--max-tokens",
             "8",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"hello\nworld\n/exit\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+        ],
+        b"hello\nworld\n/exit\n",
+    );
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let prefilled: Vec<usize> = stderr
-        .lines()
-        .filter_map(|l| l.split_once('[')?.1.split(' ').next()?.parse().ok())
-        .collect();
+    let prefilled = prefilled_per_turn(&stderr);
     assert_eq!(prefilled.len(), 2, "{stderr}");
     // The second turn re-uses the cached first turn: without the cache it
     // would prefill the first prompt and reply again, and more.

@@ -6,7 +6,6 @@
 
 mod common;
 use common::*;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const FIXTURES: [&str; 4] = [
@@ -93,27 +92,13 @@ fn run_chat_bench_and_eval_work_on_every_hybrid_architecture() {
 
         // Two turns: the second re-renders the conversation and must only
         // prefill what is new (the state rolls back the last few tokens).
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hayate"))
-            .args(["chat", "--model", model, "--temperature", "0"])
-            .args(["--max-tokens", "6"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"w10 w11 w12 w13 w14 w15 w16 w17 w18 w19 w20\nw21 w22\n/exit\n")
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = chat(
+            &["--model", model, "--temperature", "0", "--max-tokens", "6"],
+            b"w10 w11 w12 w13 w14 w15 w16 w17 w18 w19 w20\nw21 w22\n/exit\n",
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{name}: {stderr}");
-        let prefilled: Vec<usize> = stderr
-            .lines()
-            .filter_map(|l| l.split_once('[')?.1.split(' ').next()?.parse().ok())
-            .collect();
+        let prefilled = prefilled_per_turn(&stderr);
         assert_eq!(prefilled.len(), 2, "{name}: {stderr}");
         assert!(
             prefilled[1] < prefilled[0],

@@ -94,3 +94,26 @@ pub fn write_raw(path: &Path, header: &serde_json::Map<String, serde_json::Value
     bytes.extend_from_slice(data);
     std::fs::write(path, bytes).unwrap();
 }
+
+/// Runs `hayate chat` with `args`, typing `input` on stdin.
+pub fn chat(args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hayate"))
+        .arg("chat")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("hayate runs");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// The prompt tokens each chat turn prefilled, from its `[N ...` stats lines.
+pub fn prefilled_per_turn(stderr: &str) -> Vec<usize> {
+    stderr
+        .lines()
+        .filter_map(|l| l.split_once('[')?.1.split(' ').next()?.parse().ok())
+        .collect()
+}
