@@ -5,7 +5,7 @@ use crate::blocks::{
 };
 use crate::linear::LinearKernel;
 use crate::model::Model;
-use crate::state::{ConvHistory, DeltaState, InferenceState, KvCache, LayerState};
+use crate::state::{Budget, ConvHistory, DeltaState, InferenceState, KvCache, LayerState};
 use crate::{EngineError, Result};
 use hayate_kernels::deltanet::{self, CHUNK, ChunkScratch};
 use hayate_kernels::pool::split_range;
@@ -79,7 +79,15 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    pub(crate) fn new(model: &Model, capacity: usize, chunk: usize) -> Self {
+    /// Buffers for chunks of up to `chunk` tokens in a context of
+    /// `capacity`, each taken from `budget` before it is allocated. The
+    /// geometry bounds every factor, so no product below overflows.
+    pub(crate) fn new(
+        model: &Model,
+        capacity: usize,
+        chunk: usize,
+        budget: &mut Budget,
+    ) -> Result<Self> {
         let p = &model.parts;
         let (mut q_rows, mut q_dim, mut kv_dim, mut inter) = (0, 0, 0, 0);
         let (mut mixer_in, mut mixer_gate, mut mixer_ba, mut mixer_out, mut conv_in) =
@@ -111,55 +119,58 @@ impl Scratch {
             }
             inter = inter.max(b.mlp.gate.rows);
         }
-        let buf = |n: usize| vec![0f32; n];
+        let mut buf = |n: usize| budget.floats(n);
         let delta_work = if k_dim > 0 {
             (0..model.n_threads())
                 .map(|_| {
-                    Mutex::new(DeltaWork {
-                        q: buf(CHUNK * k_dim),
-                        k: buf(CHUNK * k_dim),
-                        v: buf(CHUNK * v_dim),
-                        beta: buf(CHUNK),
-                        g: buf(CHUNK),
-                        out: buf(CHUNK * v_dim),
-                        delta: buf(v_dim),
+                    Ok(Mutex::new(DeltaWork {
+                        q: buf(CHUNK * k_dim)?,
+                        k: buf(CHUNK * k_dim)?,
+                        v: buf(CHUNK * v_dim)?,
+                        beta: buf(CHUNK)?,
+                        g: buf(CHUNK)?,
+                        out: buf(CHUNK * v_dim)?,
+                        delta: buf(v_dim)?,
                         chunk: ChunkScratch::new(v_dim),
-                    })
+                    }))
                 })
-                .collect()
+                .collect::<Result<_>>()?
         } else {
             Vec::new()
         };
-        Scratch {
-            chunk,
-            x: buf(chunk * p.hidden),
-            h: buf(chunk * p.hidden),
-            q: buf(chunk * q_rows),
-            k: buf(chunk * kv_dim),
-            v: buf(chunk * kv_dim),
-            attn: buf(chunk * q_dim),
-            attn_gate: buf(chunk * q_dim),
-            mix: buf(chunk * p.hidden),
-            gate: buf(chunk * inter),
-            up: buf(chunk * inter),
-            ropes: p
-                .ropes
-                .iter()
-                .map(|r| RopeTable {
-                    cos: buf(chunk * r.half()),
-                    sin: buf(chunk * r.half()),
+        let ropes = p
+            .ropes
+            .iter()
+            .map(|r| {
+                Ok(RopeTable {
+                    cos: buf(chunk * r.half())?,
+                    sin: buf(chunk * r.half())?,
                 })
-                .collect(),
-            scores: buf(model.n_threads() * capacity),
-            logits: buf(p.vocab),
-            mixer_in: buf(chunk * mixer_in),
-            mixer_gate: buf(chunk * mixer_gate),
-            mixer_b: buf(chunk * mixer_ba),
-            mixer_a: buf(chunk * mixer_ba),
-            mixer_out: buf(chunk * mixer_out),
-            conv_in: buf(conv_in),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Scratch {
+            chunk,
+            x: buf(chunk * p.hidden)?,
+            h: buf(chunk * p.hidden)?,
+            q: buf(chunk * q_rows)?,
+            k: buf(chunk * kv_dim)?,
+            v: buf(chunk * kv_dim)?,
+            attn: buf(chunk * q_dim)?,
+            attn_gate: buf(chunk * q_dim)?,
+            mix: buf(chunk * p.hidden)?,
+            gate: buf(chunk * inter)?,
+            up: buf(chunk * inter)?,
+            ropes,
+            scores: buf(model.n_threads() * capacity)?,
+            logits: buf(p.vocab)?,
+            mixer_in: buf(chunk * mixer_in)?,
+            mixer_gate: buf(chunk * mixer_gate)?,
+            mixer_b: buf(chunk * mixer_ba)?,
+            mixer_a: buf(chunk * mixer_ba)?,
+            mixer_out: buf(chunk * mixer_out)?,
+            conv_in: buf(conv_in)?,
             delta_work,
-        }
+        })
     }
 }
 
@@ -184,6 +195,11 @@ impl Model {
         tokens: &[u32],
         mut logits: Logits<'_>,
     ) -> Result<&'s [f32]> {
+        if state.model_id != self.id {
+            return Err(EngineError::State(
+                "this state was made by another model; states cannot move between models".into(),
+            ));
+        }
         let vocab = self.info.vocab;
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::TokenOutOfRange { token: bad, vocab });

@@ -20,13 +20,27 @@ pub enum StopReason {
     Cancelled,
 }
 
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::Stop => "stop token",
+            StopReason::MaxTokens => "token limit",
+            StopReason::ContextFull => "context full",
+            StopReason::Cancelled => "cancelled",
+        })
+    }
+}
+
 /// Timings of one generation.
 #[derive(Clone, Debug)]
 pub struct GenerationStats {
     /// Tokens prefilled for this request.
     pub prompt_tokens: usize,
-    /// Time to prefill them and sample the first token.
-    pub time_to_first_token: Duration,
+    /// Time to prefill them.
+    pub prefill_time: Duration,
+    /// Time to prefill them and sample the first token (`None` when no
+    /// token was sampled: a limit of 0 tokens).
+    pub time_to_first_token: Option<Duration>,
     /// Tokens generated (stop token excluded).
     pub generated: usize,
     /// Time spent after the first token.
@@ -38,7 +52,7 @@ pub struct GenerationStats {
 impl GenerationStats {
     /// Prompt tokens per second.
     pub fn prefill_rate(&self) -> f64 {
-        self.prompt_tokens as f64 / self.time_to_first_token.as_secs_f64().max(1e-9)
+        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
     }
 
     /// Generated tokens per second after the first.
@@ -116,7 +130,8 @@ impl<'m> Generator<'m> {
         }
         let mut stats = GenerationStats {
             prompt_tokens: pending,
-            time_to_first_token: Duration::ZERO,
+            prefill_time: Duration::ZERO,
+            time_to_first_token: None,
             generated: 0,
             decode_time: Duration::ZERO,
             stop: StopReason::MaxTokens,
@@ -124,13 +139,14 @@ impl<'m> Generator<'m> {
         let mut logits = vec![0f32; self.model.info.vocab];
         let new = &self.tokens[self.state.len()..];
         logits.copy_from_slice(self.model.forward(&mut self.state, new, Logits::Last)?);
+        stats.prefill_time = start.elapsed();
         let mut first_at = None;
         while stats.generated < max_tokens {
             let position = self.tokens.len();
             let token = sampler.sample(&mut logits, position, &self.tokens);
             if first_at.is_none() {
                 let now = Instant::now();
-                stats.time_to_first_token = now - start;
+                stats.time_to_first_token = Some(now - start);
                 first_at = Some(now);
             }
             if stop_ids.contains(&token) {

@@ -1,16 +1,17 @@
 //! A loaded model: its blocks, its files, and the threads that run it.
 
-use crate::arch::{self, Translated};
+use crate::arch::{self, Geometry, Translated};
 use crate::blocks::Linear;
 use crate::forward::{PREFILL_CHUNK, Scratch};
 use crate::quantize::{QuantReport, QuantSpec, quantize_parts};
-use crate::state::InferenceState;
+use crate::state::{Budget, InferenceState};
 use crate::{EngineError, Result};
 use hayate_formats::{GenerationConfig, HfConfig, TensorStore};
 use hayate_kernels::{ActPrecision, Isa, ThreadPool};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Default context length when the user does not choose one.
 pub const DEFAULT_CONTEXT: usize = 4096;
@@ -25,7 +26,7 @@ pub struct StateOptions {
     /// Most tokens the state holds; `None`: the model's maximum, capped at
     /// [`DEFAULT_CONTEXT`].
     pub context: Option<usize>,
-    /// Tokens that can be rolled back at once (at least 1). Recurrent
+    /// Tokens that can be rolled back at once (from 1 to the context). Recurrent
     /// layers keep one state per such token; sliding-window caches keep
     /// that many positions beyond the window.
     pub rollback: usize,
@@ -84,10 +85,23 @@ impl ModelInfo {
     }
 }
 
+/// Tells models apart, so that a state is only ever run by the model that made it.
+static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(0);
+
 /// A model ready to run: blocks bound to memory-mapped weights.
+///
+/// A model is `Sync`: threads may share one and call [`Model::forward`] at
+/// once, each with its own [`InferenceState`]. The weights are read-only;
+/// everything a sequence writes (caches, recurrent states, scratch buffers)
+/// lives in its state; the kernel threads run one job at a time, so
+/// concurrent calls take turns per kernel rather than share its threads
+/// (see [`hayate_kernels::pool`]).
 pub struct Model {
+    pub(crate) id: u64,
     /// What the model is.
     pub info: ModelInfo,
+    /// Every size derived from the config, checked.
+    pub geometry: Geometry,
     /// Its `config.json`.
     pub config: HfConfig,
     /// Its `generation_config.json` (defaults when absent).
@@ -109,15 +123,27 @@ impl Model {
         let config = HfConfig::load(&dir.join("config.json"))?;
         let generation = GenerationConfig::load(&dir.join("generation_config.json"))?;
         // Find the architecture before touching the weights, for a clearer error.
-        let translate = arch::translator(&config)?;
+        let translator = arch::translator(&config)?;
         let model_type = config.model_type()?.to_owned();
+        // Every size is checked before a file is mapped or a buffer allocated.
+        let geometry = (translator.geometry)(&config)?;
         let store = TensorStore::open_dir(dir)?;
-        let mut parts = translate(&config, &store)?;
+        let mut parts = (translator.build)(&config, &geometry, &store)?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = match options.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => cores,
+            n if n > cores => {
+                tracing::warn!(
+                    "{n} threads asked for, but this machine has {cores} cores: using {cores}"
+                );
+                cores
+            }
             n => n,
         };
-        let pool = Arc::new(ThreadPool::new(threads));
+        let pool = ThreadPool::new(threads).map_err(|e| {
+            EngineError::State(format!("cannot start {threads} kernel threads: {e}"))
+        })?;
+        let pool = Arc::new(pool);
         let isa = Isa::detect();
         let quantization = options
             .quantize
@@ -126,7 +152,9 @@ impl Model {
             .transpose()?;
         let info = describe(model_type, &parts, &store);
         Ok(Model {
+            id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
             info,
+            geometry,
             config,
             generation,
             parts,
@@ -188,13 +216,16 @@ impl Model {
             Some(c) => c,
         };
         let chunk = options.prefill_chunk.clamp(1, capacity);
-        let scratch = Scratch::new(self, capacity, chunk);
-        Ok(InferenceState::new(
+        let mut budget = Budget::for_context(capacity);
+        let scratch = Scratch::new(self, capacity, chunk, &mut budget)?;
+        InferenceState::new(
+            self.id,
             &self.parts.blocks,
             capacity,
             options.rollback,
             scratch,
-        ))
+            &mut budget,
+        )
     }
 
     /// Token ids that end generation: `generation_config.json`'s, else `config.json`'s.

@@ -14,6 +14,59 @@
 use crate::blocks::{Block, Mixer};
 use crate::{EngineError, Result};
 
+/// The memory a new state may take, checked buffer by buffer before each is
+/// allocated: asking for a context the machine cannot hold is an error
+/// naming the sizes, not an allocation failure that aborts the process.
+pub(crate) struct Budget {
+    context: usize,
+    left: usize,
+    total: usize,
+}
+
+impl Budget {
+    /// A budget of this machine's physical memory, for a context of `context` tokens.
+    pub(crate) fn for_context(context: usize) -> Self {
+        let total = physical_memory().unwrap_or(isize::MAX as usize);
+        Budget {
+            context,
+            left: total,
+            total,
+        }
+    }
+
+    /// A zeroed buffer of `n` floats, if the budget allows it. Zeroed
+    /// allocations come from fresh pages, so memory is only committed as
+    /// the buffer is written.
+    pub(crate) fn floats(&mut self, n: usize) -> Result<Vec<f32>> {
+        let bytes = n.checked_mul(size_of::<f32>());
+        match bytes {
+            Some(b) if b <= self.left => {
+                self.left -= b;
+                Ok(vec![0.0; n])
+            }
+            _ => Err(EngineError::State(format!(
+                "a state for {} tokens of context needs more memory than this machine has ({:.1} GiB); lower --ctx-size",
+                self.context,
+                self.total as f64 / f64::from(1u32 << 30)
+            ))),
+        }
+    }
+}
+
+/// Total physical memory in bytes (Linux: `MemTotal`).
+fn physical_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
 /// Keys and values of one attention layer, laid out `[kv_head][slot][dim]`
 /// so that each head's history is contiguous for the score and mix loops.
 /// Position `p` lives in slot `p % slots`: with a sliding window the buffer
@@ -32,17 +85,16 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    fn new(n_kv_heads: usize, head_dim: usize, slots: usize) -> Self {
-        // Zeroed allocations come from fresh pages, so memory is only
-        // committed as positions are written.
+    fn new(n_kv_heads: usize, head_dim: usize, slots: usize, budget: &mut Budget) -> Result<Self> {
+        // The geometry bounds each factor well below overflow.
         let n = n_kv_heads * slots * head_dim;
-        KvCache {
-            k: vec![0.0; n],
-            v: vec![0.0; n],
+        Ok(KvCache {
+            k: budget.floats(n)?,
+            v: budget.floats(n)?,
             n_kv_heads,
             head_dim,
             slots,
-        }
+        })
     }
 
     /// Offset of `(head, position)` in `k` and `v`.
@@ -63,13 +115,13 @@ pub struct ConvHistory {
 }
 
 impl ConvHistory {
-    fn new(kernel: usize, channels: usize, rollback: usize) -> Self {
+    fn new(kernel: usize, channels: usize, rollback: usize, budget: &mut Budget) -> Result<Self> {
         let rows = (kernel - 1 + rollback).max(1);
-        ConvHistory {
-            data: vec![0.0; rows * channels],
+        Ok(ConvHistory {
+            data: budget.floats(rows * channels)?,
             rows,
             channels,
-        }
+        })
     }
 
     /// The stored input of `position`.
@@ -112,6 +164,8 @@ pub enum LayerState {
 /// Everything a sequence carries between forward calls, plus the scratch
 /// buffers the forward pass reuses so that decoding does not allocate.
 pub struct InferenceState {
+    /// The model this state belongs to ([`crate::Model::forward`] checks it).
+    pub(crate) model_id: u64,
     pub(crate) layers: Vec<LayerState>,
     pub(crate) len: usize,
     pub(crate) capacity: usize,
@@ -123,15 +177,18 @@ pub struct InferenceState {
 }
 
 impl InferenceState {
-    /// State for `blocks`, holding up to `capacity` tokens; bounded layers
-    /// keep enough to roll back `rollback` tokens (at least 1).
+    /// State for `blocks` of model `model_id`, holding up to `capacity`
+    /// tokens; bounded layers keep enough to roll back `rollback` tokens (at
+    /// least 1, at most `capacity`).
     pub(crate) fn new(
+        model_id: u64,
         blocks: &[Block],
         capacity: usize,
         rollback: usize,
         scratch: crate::forward::Scratch,
-    ) -> Self {
-        let rollback = rollback.max(1);
+        budget: &mut Budget,
+    ) -> Result<Self> {
+        let rollback = rollback.clamp(1, capacity);
         // The most tokens one step of the forward pass processes.
         let chunk = scratch.chunk;
         let mut bounded = false;
@@ -149,33 +206,36 @@ impl InferenceState {
                         }
                         _ => capacity,
                     };
-                    LayerState::Attention(KvCache::new(a.n_kv_heads, a.head_dim, slots))
+                    let cache = KvCache::new(a.n_kv_heads, a.head_dim, slots, budget)?;
+                    Ok(LayerState::Attention(cache))
                 }
                 Mixer::DeltaNet(d) => {
                     bounded = true;
                     let slots = rollback + 1;
                     let size = d.n_v_heads * d.k_dim * d.v_dim;
-                    LayerState::DeltaNet(DeltaState {
-                        conv: ConvHistory::new(d.kernel, d.channels(), rollback),
-                        states: vec![0.0; slots * size],
+                    Ok(LayerState::DeltaNet(DeltaState {
+                        conv: ConvHistory::new(d.kernel, d.channels(), rollback, budget)?,
+                        states: budget.floats(slots * size)?,
                         slots,
                         size,
-                    })
+                    }))
                 }
                 Mixer::ShortConv(c) => {
                     bounded = true;
-                    LayerState::ShortConv(ConvHistory::new(c.kernel, c.channels, rollback))
+                    let history = ConvHistory::new(c.kernel, c.channels, rollback, budget)?;
+                    Ok(LayerState::ShortConv(history))
                 }
             })
-            .collect();
-        InferenceState {
+            .collect::<Result<_>>()?;
+        Ok(InferenceState {
+            model_id,
             layers,
             len: 0,
             capacity,
             rollback: bounded.then_some(rollback),
             recurrent_tail: rollback,
             scratch,
-        }
+        })
     }
 
     /// Tokens processed so far (the position of the next token).

@@ -203,8 +203,16 @@ impl HfConfig {
                 }),
             }
         };
+        // Scaling parameters divide frequencies: they must be positive and finite.
         let required = |key: &str| -> Result<f64> {
-            number(key)?.ok_or_else(|| FormatError::Config(format!("rope scaling needs `{key}`")))
+            let value = number(key)?
+                .ok_or_else(|| FormatError::Config(format!("rope scaling needs `{key}`")))?;
+            if !(1e-6..=1e9).contains(&value) {
+                return Err(FormatError::Config(format!(
+                    "rope parameter `{key}` is {value}: it must be between 1e-6 and 1e9"
+                )));
+            }
+            Ok(value)
         };
         let theta = match number("rope_theta")? {
             Some(t) => t,
@@ -228,21 +236,31 @@ impl HfConfig {
             "linear" => RopeScaling::Linear {
                 factor: required("factor")?,
             },
-            "llama3" => RopeScaling::Llama3 {
-                factor: required("factor")?,
-                low_freq_factor: required("low_freq_factor")?,
-                high_freq_factor: required("high_freq_factor")?,
-                original_max_position_embeddings: required("original_max_position_embeddings")?,
-            },
+            "llama3" => {
+                let (low, high) = (required("low_freq_factor")?, required("high_freq_factor")?);
+                // The smoothing between the bands divides by their difference.
+                if high <= low {
+                    return Err(FormatError::Config(format!(
+                        "rope parameter `high_freq_factor` ({high}) must exceed `low_freq_factor` ({low})"
+                    )));
+                }
+                RopeScaling::Llama3 {
+                    factor: required("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: required("original_max_position_embeddings")?,
+                }
+            }
             other => {
                 return Err(FormatError::Config(format!(
                     "rope scaling `{other}` is not supported (supported: default, linear, llama3)"
                 )));
             }
         };
-        if !(theta.is_finite() && theta > 0.0) {
+        // Below 1 the frequencies grow past f32's range.
+        if !(theta.is_finite() && theta >= 1.0) {
             return Err(FormatError::Config(format!(
-                "rope_theta must be positive, not {theta}"
+                "rope_theta is {theta}: it must be at least 1"
             )));
         }
         Ok(RopeConfig {
@@ -304,7 +322,11 @@ impl HfConfig {
         v.as_array()
             .ok_or_else(bad)?
             .iter()
-            .map(|x| x.as_u64().map(|n| n as usize).ok_or_else(bad))
+            .map(|x| {
+                x.as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(bad)
+            })
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }

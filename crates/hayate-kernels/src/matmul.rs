@@ -512,7 +512,7 @@ mod tests {
 
     #[test]
     fn every_supported_path_matches_the_reference_for_every_dtype() {
-        let pools = [ThreadPool::new(1), ThreadPool::new(3)];
+        let pools = [ThreadPool::new(1).unwrap(), ThreadPool::new(3).unwrap()];
         let mut seed = 7;
         // Shapes with ragged edges in every dimension.
         for &(rows, cols) in &[(1, 1), (5, 7), (16, 16), (37, 300), (64, 513), (130, 1000)] {
@@ -548,7 +548,7 @@ mod tests {
 
     #[test]
     fn fused_jobs_equal_separate_products() {
-        let pool = ThreadPool::new(2);
+        let pool = ThreadPool::new(2).unwrap();
         let mut seed = 3;
         let cols = 40;
         let wa: Vec<f32> = (0..33 * cols).map(|_| lcg(&mut seed)).collect();

@@ -4,11 +4,36 @@
 //! must be cheap; but these machines are shared and small, so an idle worker
 //! must not burn a core. Workers therefore spin for a few microseconds after
 //! a job (the next one usually follows at once) and then park on a futex.
+//!
+//! # Why no data race is possible
+//!
+//! The pool shares one job slot with its workers. It is safe to call
+//! [`ThreadPool::run`] from any number of threads at once because:
+//!
+//! 1. **One job at a time.** `run` holds the pool's `turn` mutex from before
+//!    it writes the slot until every worker has finished the job. A second
+//!    caller waits for the mutex, so the slot is never written while a worker
+//!    may read it, and never by two callers.
+//! 2. **Publication.** The slot (job pointer and caller handle) is written
+//!    before the epoch counter is incremented with `Release`; a worker reads
+//!    the slot only after it has seen the new epoch with `Acquire`, so it sees
+//!    the slot's new contents.
+//! 3. **Lifetime.** The job is a borrowed closure whose lifetime is erased to
+//!    store it. `run` does not return (nor unwind: the caller's own share runs
+//!    under `catch_unwind`) until `pending` has dropped to 0, which each worker
+//!    decrements with `Release` after its last use of the job, and `run` reads
+//!    with `Acquire`. So the closure outlives every use.
+//! 4. **Nesting.** A job that itself calls `run` (on this pool or another)
+//!    runs the inner job on its own thread, as a pool of one: waiting for the
+//!    mutex there would deadlock, since the outer job holds it.
+//!
+//! What a job does with the data it borrows is the job's business: the
+//! kernels split outputs into disjoint ranges per thread index.
 
-use std::cell::UnsafeCell;
+use std::cell::{Cell, UnsafeCell};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
@@ -16,6 +41,30 @@ use std::time::{Duration, Instant};
 const SPIN_FOR: Duration = Duration::from_micros(30);
 
 type Job = dyn Fn(usize, usize) + Sync;
+
+thread_local! {
+    /// Whether this thread is running its share of some pool's job.
+    static IN_JOB: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the current thread as inside a job until dropped (also on unwind).
+struct InJob {
+    was: bool,
+}
+
+impl InJob {
+    fn enter() -> Self {
+        InJob {
+            was: IN_JOB.replace(true),
+        }
+    }
+}
+
+impl Drop for InJob {
+    fn drop(&mut self) {
+        IN_JOB.set(self.was);
+    }
+}
 
 struct Shared {
     /// The job of the current epoch, its lifetime erased; valid while `pending > 0`.
@@ -28,25 +77,30 @@ struct Shared {
     shutdown: AtomicBool,
 }
 
-// SAFETY: `job` and `caller` are written only by the thread inside `run`
-// before it publishes a new epoch (Release) and read by workers after they
-// observe that epoch (Acquire); `run` does not return, and so does not
-// invalidate them, until every worker has decremented `pending`.
+// SAFETY: `job` and `caller` are written only by the thread that holds the
+// pool's `turn` mutex inside `run`, before it publishes a new epoch
+// (Release), and read by workers after they observe that epoch (Acquire);
+// `run` keeps the mutex, and does not return or invalidate them, until every
+// worker has decremented `pending` (see the module docs).
 unsafe impl Sync for Shared {}
 // SAFETY: see above; the raw job pointer is only dereferenced under that protocol.
 unsafe impl Send for Shared {}
 
-/// A fixed set of worker threads that run data-parallel jobs.
+/// A fixed set of worker threads that run data-parallel jobs, one job at a
+/// time; any number of threads may share one pool (see the module docs).
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     n_threads: usize,
+    /// Held for the whole of a job: callers on other threads wait their turn.
+    turn: Mutex<()>,
 }
 
 impl ThreadPool {
     /// A pool of `n_threads` threads in all: the caller of [`run`](Self::run)
-    /// is thread 0, so `n_threads - 1` workers are started.
-    pub fn new(n_threads: usize) -> Self {
+    /// is thread 0, so `n_threads - 1` workers are started. An error if the
+    /// system refuses to start them.
+    pub fn new(n_threads: usize) -> std::io::Result<Self> {
         let n_threads = n_threads.max(1);
         let shared = Arc::new(Shared {
             job: UnsafeCell::new(None),
@@ -56,20 +110,21 @@ impl ThreadPool {
             panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
         });
-        let workers = (1..n_threads)
-            .map(|index| {
-                let shared = Arc::clone(&shared);
-                thread::Builder::new()
-                    .name(format!("hayate-worker-{index}"))
-                    .spawn(move || worker_loop(&shared, index, n_threads))
-                    .expect("failed to spawn a worker thread")
-            })
-            .collect();
-        ThreadPool {
-            shared,
-            workers,
+        let mut pool = ThreadPool {
+            shared: Arc::clone(&shared),
+            workers: Vec::with_capacity(n_threads - 1),
             n_threads,
+            turn: Mutex::new(()),
+        };
+        for index in 1..n_threads {
+            let shared = Arc::clone(&shared);
+            // On failure, dropping `pool` stops the workers already started.
+            let worker = thread::Builder::new()
+                .name(format!("hayate-worker-{index}"))
+                .spawn(move || worker_loop(&shared, index, n_threads))?;
+            pool.workers.push(worker);
         }
+        Ok(pool)
     }
 
     /// Threads that take part in each job, the caller included.
@@ -79,14 +134,22 @@ impl ThreadPool {
 
     /// Runs `job(thread_index, n_threads)` once on every thread of the pool
     /// and returns when all have finished. Panics if any of them panicked.
+    ///
+    /// Callers on several threads take turns. Called from inside a job, it
+    /// runs `job(0, 1)` on the calling thread.
     pub fn run(&self, job: &(dyn Fn(usize, usize) + Sync)) {
-        if self.n_threads == 1 {
+        if self.n_threads == 1 || IN_JOB.get() {
+            let _in_job = InJob::enter();
             job(0, 1);
             return;
         }
+        // A panic inside a job poisons the mutex, but the pool is intact:
+        // every worker finished before the panic was passed on.
+        let _turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
         let shared = &*self.shared;
-        // SAFETY: no worker reads these until the epoch below is published,
-        // and the previous job has fully finished (we waited for it).
+        // SAFETY: we hold `turn`, so no other caller writes these, and no
+        // worker reads them until the epoch below is published; the previous
+        // job has fully finished (its caller waited for it before unlocking).
         unsafe {
             let erased: *const Job =
                 std::mem::transmute::<&(dyn Fn(usize, usize) + Sync + '_), &'static Job>(job);
@@ -101,7 +164,10 @@ impl ThreadPool {
         }
         // Wait for the workers even if our own share panics, so the job
         // reference they hold stays valid.
-        let mine = catch_unwind(AssertUnwindSafe(|| job(0, self.n_threads)));
+        let mine = catch_unwind(AssertUnwindSafe(|| {
+            let _in_job = InJob::enter();
+            job(0, self.n_threads)
+        }));
         wait_until(|| shared.pending.load(Ordering::Acquire) == 0);
         if let Err(payload) = mine {
             std::panic::resume_unwind(payload);
@@ -125,6 +191,8 @@ fn wait_until(done: impl Fn() -> bool) {
 }
 
 fn worker_loop(shared: &Shared, index: usize, n_threads: usize) {
+    // A worker only ever runs inside jobs.
+    let _in_job = InJob::enter();
     let mut seen = 0u64;
     loop {
         let start = Instant::now();
@@ -189,7 +257,7 @@ mod tests {
 
     #[test]
     fn every_thread_runs_each_job_once() {
-        let pool = ThreadPool::new(3);
+        let pool = ThreadPool::new(3).unwrap();
         for round in 0..200 {
             let hits = [
                 AtomicUsize::new(0),
@@ -212,7 +280,7 @@ mod tests {
 
     #[test]
     fn worker_panic_reaches_the_caller_and_the_pool_survives() {
-        let pool = ThreadPool::new(2);
+        let pool = ThreadPool::new(2).unwrap();
         let result = catch_unwind(AssertUnwindSafe(|| {
             pool.run(&|i, _| {
                 if i == 1 {
@@ -221,6 +289,50 @@ mod tests {
             })
         }));
         assert!(result.is_err());
+        let count = AtomicUsize::new(0);
+        pool.run(&|_, _| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn callers_on_many_threads_take_turns() {
+        let pool = ThreadPool::new(2).unwrap();
+        // Each caller checks that every thread saw its own job, many times over.
+        thread::scope(|scope| {
+            for caller in 0..4usize {
+                let pool = &pool;
+                scope.spawn(move || {
+                    for round in 0..500 {
+                        let want = caller * 1000 + round;
+                        let seen = [AtomicUsize::new(0), AtomicUsize::new(0)];
+                        pool.run(&|i, n| {
+                            assert_eq!(n, 2);
+                            seen[i].store(want + 1, Ordering::Relaxed);
+                        });
+                        for s in &seen {
+                            assert_eq!(s.load(Ordering::Relaxed), want + 1);
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_job_that_runs_a_job_does_not_deadlock() {
+        let pool = ThreadPool::new(2).unwrap();
+        let inner_calls = AtomicUsize::new(0);
+        pool.run(&|_, _| {
+            pool.run(&|i, n| {
+                assert_eq!((i, n), (0, 1));
+                inner_calls.fetch_add(1, Ordering::Relaxed);
+            });
+        });
+        // Each of the two threads ran the inner job alone.
+        assert_eq!(inner_calls.load(Ordering::Relaxed), 2);
+        // And the pool still runs ordinary jobs on both threads.
         let count = AtomicUsize::new(0);
         pool.run(&|_, _| {
             count.fetch_add(1, Ordering::Relaxed);

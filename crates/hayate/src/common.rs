@@ -14,7 +14,7 @@ pub struct ModelArgs {
     /// Model directory as published on Hugging Face (config.json, *.safetensors, tokenizer.json, ...).
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
-    /// Threads for the kernels (default: one per core).
+    /// Threads for the kernels (default: one per core; more than the cores are capped).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
     /// Context length in tokens (default: the model's maximum, at most 4096).
@@ -145,19 +145,19 @@ impl ModelArgs {
 #[derive(Args, Clone, Debug)]
 pub struct SamplingArgs {
     /// Temperature; 0 is greedy (default: the model's, greedy if it does not sample).
-    #[arg(long, value_name = "T")]
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
     pub temperature: Option<f32>,
     /// Keep only the K most likely tokens (0: off).
     #[arg(long, value_name = "K")]
     pub top_k: Option<usize>,
     /// Nucleus sampling threshold (1: off).
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub top_p: Option<f32>,
     /// Drop tokens less likely than P times the most likely (0: off).
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub min_p: Option<f32>,
     /// Penalty for tokens already in the sequence (1: off).
-    #[arg(long, value_name = "R")]
+    #[arg(long, value_name = "R", allow_negative_numbers = true)]
     pub repeat_penalty: Option<f32>,
     /// Seed of the sampling noise (default: from the clock; printed with the stats).
     #[arg(long, value_name = "S")]

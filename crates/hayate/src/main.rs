@@ -38,7 +38,17 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // One `error:` line, like every other failure, with a pointer to the help.
+            let message = e.to_string();
+            let first = message.lines().next().unwrap_or("error: bad arguments");
+            eprintln!("{first} (see `hayate --help`)");
+            std::process::exit(1);
+        }
+    };
     let level = match cli.verbose {
         0 => tracing::Level::WARN,
         1 => tracing::Level::INFO,

@@ -81,9 +81,14 @@ pub fn run(args: RunArgs) -> Result<()> {
         format!("seed {}", params.seed)
     };
     eprintln!(
-        "[prompt {} tok | first token {:.0} ms | prefill {:.1} tok/s | generated {} tok | decode {:.1} tok/s | peak RSS {} | {} | stop: {:?}]",
+        "[prompt {} tok | first token {} | prefill {:.1} tok/s | generated {} tok | decode {:.1} tok/s | peak RSS {} | {} | stop: {}]",
         stats.prompt_tokens,
-        stats.time_to_first_token.as_secs_f64() * 1e3,
+        stats
+            .time_to_first_token
+            .map_or("-".to_owned(), |t| format!(
+                "{:.0} ms",
+                t.as_secs_f64() * 1e3
+            )),
         stats.prefill_rate(),
         stats.generated,
         stats.decode_rate(),

@@ -7,9 +7,12 @@
 //! logit soft-capping. (`attn_logit_softcapping` is ignored, as the
 //! `transformers` implementation of Gemma 3 ignores it.)
 
+use super::geometry::{
+    AttentionDims, Dims, Geometry, LayerDims, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN,
+    MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, positive,
+};
 use super::{
-    Translated, check_heads, layer_types_or_periodic, output_head, text_model_names,
-    unknown_layer_type,
+    Translated, layer_types_or_periodic, output_head, text_model_names, unknown_layer_type,
 };
 use crate::blocks::{Activation, Attention, Block, GatedMlp, Linear, Mixer, RmsNorm};
 use crate::rope::Rope;
@@ -20,19 +23,60 @@ use hayate_formats::{HfConfig, TensorStore};
 const LOCAL_ROPE: usize = 0;
 const GLOBAL_ROPE: usize = 1;
 
-pub fn translate(top: &HfConfig, store: &TensorStore) -> Result<Translated> {
+/// Sizes from the config (its `text_config` for multimodal checkpoints), checked.
+pub fn geometry(top: &HfConfig) -> Result<Geometry> {
     let cfg = top.text_config()?;
     let model_type = top.model_type()?;
-    let hidden = cfg.usize("hidden_size")?;
-    let n_layers = cfg.usize("num_hidden_layers")?;
-    let n_heads = cfg.usize("num_attention_heads")?;
-    let n_kv_heads = cfg.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
-    let head_dim = cfg.opt_usize("head_dim")?.unwrap_or(256);
-    check_heads(hidden, n_heads, n_kv_heads, head_dim)?;
-    let intermediate = cfg.usize("intermediate_size")?;
-    let vocab = cfg.usize("vocab_size")?;
-    let eps = cfg.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32;
-    let max_positions = cfg.opt_usize("max_position_embeddings")?.unwrap_or(131072);
+    let d = Dims::new(&cfg);
+    let n_layers = d.required("num_hidden_layers", MAX_LAYERS)?;
+    let n_heads = d.required("num_attention_heads", MAX_HEADS)?;
+    let n_kv_heads = d.optional("num_key_value_heads", n_heads, MAX_HEADS)?;
+    let head_dim = d.optional("head_dim", 256, MAX_HEAD_DIM)?;
+    let window = d.optional("sliding_window", 4096, MAX_POSITIONS)?;
+    let layer_types = layer_types_or_periodic(
+        &cfg,
+        n_layers,
+        "sliding_window_pattern",
+        6,
+        "full_attention",
+        "sliding_attention",
+    )?;
+    let layers = layer_types
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| {
+            let window = match kind.as_str() {
+                "sliding_attention" => Some(window),
+                "full_attention" => None,
+                other => {
+                    return Err(unknown_layer_type(
+                        model_type,
+                        i,
+                        other,
+                        &["sliding_attention", "full_attention"],
+                    ));
+                }
+            };
+            let a = AttentionDims::new(n_heads, n_kv_heads, head_dim, head_dim, false, window)?;
+            Ok(LayerDims::Attention(a))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Geometry::new(
+        d.required("hidden_size", MAX_HIDDEN)?,
+        d.required("vocab_size", MAX_VOCAB)?,
+        d.required("intermediate_size", MAX_INTERMEDIATE)?,
+        d.optional("max_position_embeddings", 131072, MAX_POSITIONS)?,
+        layers,
+    )
+}
+
+/// Binds the tensors of a checkpoint with geometry `g`.
+pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Translated> {
+    let cfg = top.text_config()?;
+    let model_type = top.model_type()?;
+    let (hidden, vocab, intermediate) = (g.hidden, g.vocab, g.intermediate);
+    let d = Dims::new(&cfg);
+    let eps = d.eps("rms_norm_eps", 1e-6)?;
     let act = cfg
         .opt_str("hidden_activation")?
         .or(cfg.opt_str("hidden_act")?)
@@ -51,33 +95,11 @@ pub fn translate(top: &HfConfig, store: &TensorStore) -> Result<Translated> {
         ));
     }
     let bias = cfg.opt_bool("attention_bias")?.unwrap_or(false);
-    let query_scalar = cfg.opt_f64("query_pre_attn_scalar")?.unwrap_or(256.0);
-    if query_scalar.is_nan() || query_scalar <= 0.0 {
-        return Err(EngineError::Config(format!(
-            "query_pre_attn_scalar must be positive, not {query_scalar}"
-        )));
-    }
-    let window = cfg.opt_usize("sliding_window")?.unwrap_or(4096);
-    if window == 0 {
-        return Err(EngineError::Config(
-            "sliding_window must be positive".into(),
-        ));
-    }
-    let softcap = cfg.opt_f64("final_logit_softcapping")?;
-    if softcap.is_some_and(|c| c.is_nan() || c <= 0.0) {
-        return Err(EngineError::Config(
-            "final_logit_softcapping must be positive".into(),
-        ));
-    }
-
-    let layer_types = layer_types_or_periodic(
-        &cfg,
-        n_layers,
-        "sliding_window_pattern",
-        6,
-        "full_attention",
-        "sliding_attention",
-    )?;
+    let query_scalar = d.positive_f64("query_pre_attn_scalar", 256.0, 1e30)?;
+    let softcap = cfg
+        .opt_f64("final_logit_softcapping")?
+        .map(|c| positive("final_logit_softcapping", c, 1e30))
+        .transpose()?;
     let local =
         cfg.rope_for_layer_type("sliding_attention", Some("rope_local_base_freq"), 10000.0)?;
     let global = cfg.rope_for_layer_type("full_attention", None, 1e6)?;
@@ -90,19 +112,18 @@ pub fn translate(top: &HfConfig, store: &TensorStore) -> Result<Translated> {
         Ok(RmsNorm::one_plus(store.require(name)?, dim, eps)?)
     };
 
-    let mut blocks = Vec::with_capacity(n_layers);
-    for (i, kind) in layer_types.iter().enumerate() {
-        let (rope, window) = match kind.as_str() {
-            "sliding_attention" => (LOCAL_ROPE, Some(window)),
-            "full_attention" => (GLOBAL_ROPE, None),
-            other => {
-                return Err(unknown_layer_type(
-                    model_type,
-                    i,
-                    other,
-                    &["sliding_attention", "full_attention"],
-                ));
-            }
+    let mut rope_dim = 0;
+    let mut blocks = Vec::with_capacity(g.layers.len());
+    for (i, layer) in g.layers.iter().enumerate() {
+        let LayerDims::Attention(dims) = layer else {
+            unreachable!("gemma3 geometry has attention layers only")
+        };
+        let (n_heads, n_kv_heads, head_dim) = (dims.n_heads, dims.n_kv_heads, dims.head_dim);
+        rope_dim = dims.rotary_dim;
+        let rope = if dims.window.is_some() {
+            LOCAL_ROPE
+        } else {
+            GLOBAL_ROPE
         };
         let p = format!("{model}.layers.{i}");
         let a = format!("{p}.self_attn");
@@ -119,7 +140,7 @@ pub fn translate(top: &HfConfig, store: &TensorStore) -> Result<Translated> {
             scale: (1.0 / query_scalar.sqrt()) as f32,
             output_gate: false,
             rope,
-            window,
+            window: dims.window,
         };
         blocks.push(Block {
             mixer_norm: norm(&format!("{p}.input_layernorm.weight"), hidden)?,
@@ -149,11 +170,11 @@ pub fn translate(top: &HfConfig, store: &TensorStore) -> Result<Translated> {
         blocks,
         final_norm: norm(&format!("{model}.norm.weight"), hidden)?,
         lm_head,
-        ropes: vec![Rope::new(&local, head_dim), Rope::new(&global, head_dim)],
+        ropes: vec![Rope::new(&local, rope_dim), Rope::new(&global, rope_dim)],
         embed_scale: Some((hidden as f32).sqrt()),
         logit_softcap: softcap.map(|c| c as f32),
         hidden,
         vocab,
-        max_positions,
+        max_positions: g.max_positions,
     })
 }

@@ -2,40 +2,46 @@
 //! layers (q/k layer norms), as `layer_types` (or the older
 //! `full_attn_idxs`) says. The final norm is named `embedding_norm`.
 
-use super::{Translated, check_heads, conv_taps, output_head, unknown_layer_type};
+use super::geometry::{
+    AttentionDims, Dims, Geometry, LayerDims, MAX_CONV_KERNEL, MAX_HEADS, MAX_HIDDEN,
+    MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, ShortConvDims, in_range, positive,
+};
+use super::{Translated, conv_taps, output_head, unknown_layer_type};
 use crate::blocks::{Activation, Attention, Block, GatedMlp, Linear, Mixer, RmsNorm, ShortConv};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
 
-pub fn translate(cfg: &HfConfig, store: &TensorStore) -> Result<Translated> {
+/// Sizes from the config, checked.
+pub fn geometry(cfg: &HfConfig) -> Result<Geometry> {
     let model_type = cfg.model_type()?;
-    let hidden = cfg.usize("hidden_size")?;
-    let n_layers = cfg.usize("num_hidden_layers")?;
-    let n_heads = cfg.usize("num_attention_heads")?;
-    let n_kv_heads = cfg.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
-    if n_heads == 0 || hidden % n_heads != 0 {
+    let d = Dims::new(cfg);
+    let hidden = d.required("hidden_size", MAX_HIDDEN)?;
+    let n_layers = d.required("num_hidden_layers", MAX_LAYERS)?;
+    let n_heads = d.required("num_attention_heads", MAX_HEADS)?;
+    let n_kv_heads = d.optional("num_key_value_heads", n_heads, MAX_HEADS)?;
+    if !hidden.is_multiple_of(n_heads) {
         return Err(EngineError::Config(format!(
-            "hidden_size {hidden} is not a positive multiple of num_attention_heads {n_heads}"
+            "hidden_size {hidden} is not a multiple of num_attention_heads {n_heads}"
         )));
     }
     let head_dim = hidden / n_heads;
-    check_heads(hidden, n_heads, n_kv_heads, head_dim)?;
-    let vocab = cfg.usize("vocab_size")?;
-    let eps = cfg.opt_f64("norm_eps")?.unwrap_or(1e-5) as f32;
-    let max_positions = cfg.opt_usize("max_position_embeddings")?.unwrap_or(128000);
-    let ff = feed_forward_dim(cfg)?;
-    let conv_bias = cfg.opt_bool("conv_bias")?.unwrap_or(false);
-    let kernel = cfg.opt_usize("conv_L_cache")?.unwrap_or(3);
-    if kernel == 0 {
-        return Err(EngineError::Config("conv_L_cache must be positive".into()));
-    }
+    let attention = AttentionDims::new(n_heads, n_kv_heads, head_dim, head_dim, false, None)?;
+    let conv = ShortConvDims {
+        channels: hidden,
+        kernel: d.optional("conv_L_cache", 3, MAX_CONV_KERNEL)?,
+    };
     let layer_types = match cfg.layer_types(n_layers)? {
         Some(t) => t,
         None => {
             let full = cfg
                 .opt_usize_list("full_attn_idxs")?
                 .unwrap_or_else(|| (0..n_layers).collect());
+            if let Some(bad) = full.iter().find(|&&i| i >= n_layers) {
+                return Err(EngineError::Config(format!(
+                    "`full_attn_idxs` names layer {bad}, but the model has {n_layers}"
+                )));
+            }
             (0..n_layers)
                 .map(|i| {
                     if full.contains(&i) {
@@ -48,6 +54,34 @@ pub fn translate(cfg: &HfConfig, store: &TensorStore) -> Result<Translated> {
                 .collect()
         }
     };
+    let layers = layer_types
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| match kind.as_str() {
+            "full_attention" => Ok(LayerDims::Attention(attention.clone())),
+            "conv" => Ok(LayerDims::ShortConv(conv.clone())),
+            other => Err(unknown_layer_type(
+                model_type,
+                i,
+                other,
+                &["conv", "full_attention"],
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Geometry::new(
+        hidden,
+        d.required("vocab_size", MAX_VOCAB)?,
+        feed_forward_dim(cfg)?,
+        d.optional("max_position_embeddings", 128000, MAX_POSITIONS)?,
+        layers,
+    )
+}
+
+/// Binds the tensors of a checkpoint with geometry `g`.
+pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Translated> {
+    let (hidden, vocab, ff) = (g.hidden, g.vocab, g.intermediate);
+    let eps = Dims::new(cfg).eps("norm_eps", 1e-5)?;
+    let conv_bias = cfg.opt_bool("conv_bias")?.unwrap_or(false);
     let rope = cfg.rope_for_layer_type("full_attention", None, 1e6)?;
 
     let linear = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
@@ -57,17 +91,20 @@ pub fn translate(cfg: &HfConfig, store: &TensorStore) -> Result<Translated> {
         Ok(RmsNorm::new(store.require(name)?, dim, eps)?)
     };
 
-    let mut blocks = Vec::with_capacity(n_layers);
-    for (i, kind) in layer_types.iter().enumerate() {
+    let mut head_dim = 0;
+    let mut blocks = Vec::with_capacity(g.layers.len());
+    for (i, layer) in g.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        let mixer = match kind.as_str() {
-            "full_attention" => {
+        let mixer = match layer {
+            LayerDims::Attention(dims) => {
                 let a = format!("{p}.self_attn");
+                let (n_heads, n_kv_heads) = (dims.n_heads, dims.n_kv_heads);
+                head_dim = dims.head_dim;
                 Mixer::Attention(Attention {
-                    q: linear(&format!("{a}.q_proj"), n_heads * head_dim, hidden, false)?,
-                    k: linear(&format!("{a}.k_proj"), n_kv_heads * head_dim, hidden, false)?,
-                    v: linear(&format!("{a}.v_proj"), n_kv_heads * head_dim, hidden, false)?,
-                    o: linear(&format!("{a}.out_proj"), hidden, n_heads * head_dim, false)?,
+                    q: linear(&format!("{a}.q_proj"), dims.q_dim(), hidden, false)?,
+                    k: linear(&format!("{a}.k_proj"), dims.kv_dim(), hidden, false)?,
+                    v: linear(&format!("{a}.v_proj"), dims.kv_dim(), hidden, false)?,
+                    o: linear(&format!("{a}.out_proj"), hidden, dims.q_dim(), false)?,
                     q_norm: Some(norm(&format!("{a}.q_layernorm.weight"), head_dim)?),
                     k_norm: Some(norm(&format!("{a}.k_layernorm.weight"), head_dim)?),
                     n_heads,
@@ -79,7 +116,8 @@ pub fn translate(cfg: &HfConfig, store: &TensorStore) -> Result<Translated> {
                     window: None,
                 })
             }
-            "conv" => {
+            LayerDims::ShortConv(dims) => {
+                let kernel = dims.kernel;
                 let c = format!("{p}.conv");
                 Mixer::ShortConv(ShortConv {
                     in_proj: linear(&format!("{c}.in_proj"), 3 * hidden, hidden, conv_bias)?,
@@ -92,14 +130,7 @@ pub fn translate(cfg: &HfConfig, store: &TensorStore) -> Result<Translated> {
                     channels: hidden,
                 })
             }
-            other => {
-                return Err(unknown_layer_type(
-                    model_type,
-                    i,
-                    other,
-                    &["conv", "full_attention"],
-                ));
-            }
+            LayerDims::DeltaNet(_) => unreachable!("lfm2 geometry has no DeltaNet layers"),
         };
         blocks.push(Block {
             mixer_norm: norm(&format!("{p}.operator_norm.weight"), hidden)?,
@@ -129,7 +160,7 @@ pub fn translate(cfg: &HfConfig, store: &TensorStore) -> Result<Translated> {
         logit_softcap: None,
         hidden,
         vocab,
-        max_positions,
+        max_positions: g.max_positions,
     })
 }
 
@@ -141,17 +172,15 @@ fn feed_forward_dim(cfg: &HfConfig) -> Result<usize> {
         Some(s) => s,
         None => cfg.usize("block_ff_dim")?,
     };
-    let mut ff = size;
+    let key = "intermediate_size";
+    let mut ff = in_range(key, size, MAX_INTERMEDIATE)?;
     if cfg.opt_bool("block_auto_adjust_ff_dim")?.unwrap_or(true) {
         ff = 2 * ff / 3;
         if let Some(m) = cfg.opt_f64("block_ffn_dim_multiplier")? {
-            ff = (m * ff as f64) as usize;
+            ff = (positive("block_ffn_dim_multiplier", m, 1e3)? * ff as f64) as usize;
         }
-        let multiple = cfg.opt_usize("block_multiple_of")?.unwrap_or(256).max(1);
+        let multiple = Dims::new(cfg).optional("block_multiple_of", 256, MAX_INTERMEDIATE)?;
         ff = ff.div_ceil(multiple) * multiple;
     }
-    if ff == 0 {
-        return Err(EngineError::Config("the feed-forward width is 0".into()));
-    }
-    Ok(ff)
+    in_range("the adjusted feed-forward width", ff, MAX_INTERMEDIATE)
 }

@@ -3,45 +3,50 @@
 //! and config keys.
 
 use super::Translated;
+use super::geometry::{
+    AttentionDims, Dims, Geometry, LayerDims, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN,
+    MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
+};
 use crate::blocks::{Activation, Attention, Block, GatedMlp, Linear, Mixer, RmsNorm};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
 
-pub fn translate(cfg: &HfConfig, store: &TensorStore) -> Result<Translated> {
-    let model_type = cfg.model_type()?;
-    let hidden = cfg.usize("hidden_size")?;
-    let n_layers = cfg.usize("num_hidden_layers")?;
-    let n_heads = cfg.usize("num_attention_heads")?;
-    let n_kv_heads = cfg.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
-    let intermediate = cfg.usize("intermediate_size")?;
-    let vocab = cfg.usize("vocab_size")?;
-    if hidden == 0 || n_heads == 0 || n_kv_heads == 0 || vocab == 0 || intermediate == 0 {
-        return Err(EngineError::Config(
-            "sizes and head counts must be positive".into(),
-        ));
-    }
-    if n_heads % n_kv_heads != 0 {
-        return Err(EngineError::Config(format!(
-            "num_attention_heads ({n_heads}) is not a multiple of num_key_value_heads ({n_kv_heads})"
-        )));
-    }
-    let head_dim = match cfg.opt_usize("head_dim")? {
-        Some(d) => d,
-        None if hidden % n_heads == 0 => hidden / n_heads,
+/// Sizes from the config, checked.
+pub fn geometry(cfg: &HfConfig) -> Result<Geometry> {
+    let d = Dims::new(cfg);
+    let hidden = d.required("hidden_size", MAX_HIDDEN)?;
+    let n_layers = d.required("num_hidden_layers", MAX_LAYERS)?;
+    let n_heads = d.required("num_attention_heads", MAX_HEADS)?;
+    let n_kv_heads = d.optional("num_key_value_heads", n_heads, MAX_HEADS)?;
+    let head_dim = match d.maybe("head_dim", MAX_HEAD_DIM)? {
+        Some(h) => h,
+        None if hidden.is_multiple_of(n_heads) => hidden / n_heads,
         None => {
             return Err(EngineError::Config(format!(
                 "hidden_size {hidden} is not divisible by num_attention_heads {n_heads}; set head_dim"
             )));
         }
     };
-    if head_dim == 0 || head_dim % 2 != 0 {
-        return Err(EngineError::Config(format!(
-            "head_dim must be even and positive, not {head_dim}"
-        )));
-    }
-    let eps = cfg.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32;
-    let max_positions = cfg.opt_usize("max_position_embeddings")?.unwrap_or(2048);
+    let attention = AttentionDims::new(n_heads, n_kv_heads, head_dim, head_dim, false, None)?;
+    Geometry::new(
+        hidden,
+        d.required("vocab_size", MAX_VOCAB)?,
+        d.required("intermediate_size", MAX_INTERMEDIATE)?,
+        d.optional("max_position_embeddings", 2048, MAX_POSITIONS)?,
+        vec![LayerDims::Attention(attention); n_layers],
+    )
+}
+
+/// Binds the tensors of a checkpoint with geometry `g`.
+pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Translated> {
+    let model_type = cfg.model_type()?;
+    let (hidden, vocab, intermediate) = (g.hidden, g.vocab, g.intermediate);
+    let LayerDims::Attention(dims) = &g.layers[0] else {
+        unreachable!("llama geometry has attention layers only")
+    };
+    let (n_heads, n_kv_heads, head_dim) = (dims.n_heads, dims.n_kv_heads, dims.head_dim);
+    let eps = Dims::new(cfg).eps("rms_norm_eps", 1e-6)?;
     match cfg.opt_str("hidden_act")?.unwrap_or("silu") {
         "silu" => {}
         other => {
@@ -75,8 +80,8 @@ pub fn translate(cfg: &HfConfig, store: &TensorStore) -> Result<Translated> {
     let norm =
         |name: &str, dim: usize| -> Result<RmsNorm> { Ok(RmsNorm::new(tensor(name)?, dim, eps)?) };
 
-    let mut blocks = Vec::with_capacity(n_layers);
-    for i in 0..n_layers {
+    let mut blocks = Vec::with_capacity(g.layers.len());
+    for i in 0..g.layers.len() {
         let p = format!("model.layers.{i}");
         let attention = Attention {
             q: linear(
@@ -160,6 +165,6 @@ pub fn translate(cfg: &HfConfig, store: &TensorStore) -> Result<Translated> {
         logit_softcap: None,
         hidden,
         vocab,
-        max_positions,
+        max_positions: g.max_positions,
     })
 }

@@ -1,10 +1,12 @@
 //! Translators: each turns one family of `model_type`s into generic blocks.
 
 mod gemma3;
+pub mod geometry;
 mod lfm2;
 mod llama;
 mod qwen3_5;
 
+pub use self::geometry::Geometry;
 use crate::blocks::{Block, Linear, RmsNorm};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
@@ -34,24 +36,54 @@ pub struct Translated {
     pub max_positions: usize,
 }
 
-/// Builds the blocks for a config, binding and checking every tensor.
-pub type Translator = fn(&HfConfig, &TensorStore) -> Result<Translated>;
+/// How one family of `model_type`s becomes blocks, in two steps: the
+/// sizes from the config alone (checked before any file is opened), then
+/// the blocks, binding and checking every tensor.
+#[derive(Clone, Copy)]
+pub struct Translator {
+    /// Every size the model needs, from `config.json`.
+    pub geometry: fn(&HfConfig) -> Result<Geometry>,
+    /// The blocks of a checkpoint with that geometry.
+    pub build: fn(&HfConfig, &Geometry, &TensorStore) -> Result<Translated>,
+}
+
+const LLAMA: Translator = Translator {
+    geometry: llama::geometry,
+    build: llama::translate,
+};
+const QWEN3_5: Translator = Translator {
+    geometry: qwen3_5::geometry,
+    build: qwen3_5::translate,
+};
+const GEMMA3: Translator = Translator {
+    geometry: gemma3::geometry,
+    build: gemma3::translate,
+};
+const LFM2: Translator = Translator {
+    geometry: lfm2::geometry,
+    build: lfm2::translate,
+};
 
 /// Every supported `model_type` and its translator.
 const TRANSLATORS: &[(&str, Translator)] = &[
-    ("llama", llama::translate),
-    ("qwen2", llama::translate),
-    ("qwen3", llama::translate),
-    ("qwen3_5_text", qwen3_5::translate),
-    ("qwen3_5", qwen3_5::translate),
-    ("gemma3_text", gemma3::translate),
-    ("gemma3", gemma3::translate),
-    ("lfm2", lfm2::translate),
+    ("llama", LLAMA),
+    ("qwen2", LLAMA),
+    ("qwen3", LLAMA),
+    ("qwen3_5_text", QWEN3_5),
+    ("qwen3_5", QWEN3_5),
+    ("gemma3_text", GEMMA3),
+    ("gemma3", GEMMA3),
+    ("lfm2", LFM2),
 ];
 
 /// The `model_type`s Hayate can run.
 pub fn supported() -> Vec<&'static str> {
     TRANSLATORS.iter().map(|(name, _)| *name).collect()
+}
+
+/// The checked geometry of a config of any supported `model_type`.
+pub fn geometry(config: &HfConfig) -> Result<Geometry> {
+    (translator(config)?.geometry)(config)
 }
 
 /// The translator for `config`'s `model_type`; an error listing the supported ones otherwise.
@@ -135,31 +167,6 @@ pub(crate) fn output_head(
     }
 }
 
-/// Checks that sizes are positive and heads divide evenly.
-pub(crate) fn check_heads(
-    hidden: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-) -> Result<()> {
-    if hidden == 0 || n_heads == 0 || n_kv_heads == 0 {
-        return Err(EngineError::Config(
-            "sizes and head counts must be positive".into(),
-        ));
-    }
-    if !n_heads.is_multiple_of(n_kv_heads) {
-        return Err(EngineError::Config(format!(
-            "num_attention_heads ({n_heads}) is not a multiple of num_key_value_heads ({n_kv_heads})"
-        )));
-    }
-    if head_dim == 0 || !head_dim.is_multiple_of(2) {
-        return Err(EngineError::Config(format!(
-            "head_dim must be even and positive, not {head_dim}"
-        )));
-    }
-    Ok(())
-}
-
 /// A layer type that this architecture does not have.
 pub(crate) fn unknown_layer_type(
     model_type: &str,
@@ -187,7 +194,7 @@ pub(crate) fn layer_types_or_periodic(
     if let Some(types) = cfg.layer_types(n_layers)? {
         return Ok(types);
     }
-    let period = cfg.opt_usize(period_key)?.unwrap_or(default_period).max(1);
+    let period = geometry::Dims::new(cfg).optional(period_key, default_period, n_layers.max(1))?;
     Ok((0..n_layers)
         .map(|i| {
             if (i + 1) % period == 0 {

@@ -5,8 +5,12 @@
 //! `q_proj`, normalises q and k, and rotates only the first
 //! `partial_rotary_factor` of each head. Norms scale by `1 + w`.
 
+use super::geometry::{
+    AttentionDims, DeltaNetDims, Dims, Geometry, LayerDims, MAX_CONV_KERNEL, MAX_HEAD_DIM,
+    MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
+};
 use super::{
-    Translated, check_heads, conv_taps, layer_types_or_periodic, output_head, text_model_names,
+    Translated, conv_taps, layer_types_or_periodic, output_head, text_model_names,
     unknown_layer_type,
 };
 use crate::blocks::{
@@ -16,47 +20,27 @@ use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
 
-pub fn translate(top: &HfConfig, store: &TensorStore) -> Result<Translated> {
+/// Sizes from the config (its `text_config` for multimodal checkpoints), checked.
+pub fn geometry(top: &HfConfig) -> Result<Geometry> {
     let cfg = top.text_config()?;
     let model_type = top.model_type()?;
-    let hidden = cfg.usize("hidden_size")?;
-    let n_layers = cfg.usize("num_hidden_layers")?;
-    let n_heads = cfg.usize("num_attention_heads")?;
-    let n_kv_heads = cfg.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
-    let head_dim = match cfg.opt_usize("head_dim")? {
-        Some(d) => d,
-        None => hidden / n_heads.max(1),
-    };
-    check_heads(hidden, n_heads, n_kv_heads, head_dim)?;
-    let intermediate = cfg.usize("intermediate_size")?;
-    let vocab = cfg.usize("vocab_size")?;
-    let eps = cfg.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32;
-    let max_positions = cfg.opt_usize("max_position_embeddings")?.unwrap_or(32768);
-    if let Some(act) = cfg.opt_str("hidden_act")?
-        && act != "silu"
-    {
-        return Err(EngineError::Config(format!(
-            "hidden_act `{act}` is not supported for {model_type} (supported: silu)"
-        )));
-    }
-    let bias = cfg.opt_bool("attention_bias")?.unwrap_or(false);
-
-    let n_k_heads = cfg.opt_usize("linear_num_key_heads")?.unwrap_or(16);
-    let k_dim = cfg.opt_usize("linear_key_head_dim")?.unwrap_or(128);
-    let n_v_heads = cfg.opt_usize("linear_num_value_heads")?.unwrap_or(32);
-    let v_dim = cfg.opt_usize("linear_value_head_dim")?.unwrap_or(128);
-    let kernel = cfg.opt_usize("linear_conv_kernel_dim")?.unwrap_or(4);
-    if n_k_heads == 0 || k_dim == 0 || n_v_heads == 0 || v_dim == 0 || kernel == 0 {
-        return Err(EngineError::Config(
-            "linear-attention head counts, head dims and conv kernel must be positive".into(),
-        ));
-    }
-    if n_v_heads % n_k_heads != 0 {
-        return Err(EngineError::Config(format!(
-            "linear_num_value_heads ({n_v_heads}) is not a multiple of linear_num_key_heads ({n_k_heads})"
-        )));
-    }
-
+    let d = Dims::new(&cfg);
+    let hidden = d.required("hidden_size", MAX_HIDDEN)?;
+    let n_layers = d.required("num_hidden_layers", MAX_LAYERS)?;
+    let n_heads = d.required("num_attention_heads", MAX_HEADS)?;
+    let n_kv_heads = d.optional("num_key_value_heads", n_heads, MAX_HEADS)?;
+    let head_dim = d.optional("head_dim", (hidden / n_heads).max(1), MAX_HEAD_DIM)?;
+    let partial = cfg.rope()?.partial_rotary_factor;
+    // transformers truncates the rotated share to an integer.
+    let rotary_dim = (head_dim as f64 * partial) as usize;
+    let attention = AttentionDims::new(n_heads, n_kv_heads, head_dim, rotary_dim, true, None)?;
+    let delta = DeltaNetDims::new(
+        d.optional("linear_num_key_heads", 16, MAX_HEADS)?,
+        d.optional("linear_key_head_dim", 128, MAX_HEAD_DIM)?,
+        d.optional("linear_num_value_heads", 32, MAX_HEADS)?,
+        d.optional("linear_value_head_dim", 128, MAX_HEAD_DIM)?,
+        d.optional("linear_conv_kernel_dim", 4, MAX_CONV_KERNEL)?,
+    )?;
     let layer_types = layer_types_or_periodic(
         &cfg,
         n_layers,
@@ -65,15 +49,53 @@ pub fn translate(top: &HfConfig, store: &TensorStore) -> Result<Translated> {
         "full_attention",
         "linear_attention",
     )?;
+    let layers = layer_types
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| match kind.as_str() {
+            "full_attention" => Ok(LayerDims::Attention(attention.clone())),
+            "linear_attention" => Ok(LayerDims::DeltaNet(delta.clone())),
+            other => Err(unknown_layer_type(
+                model_type,
+                i,
+                other,
+                &["linear_attention", "full_attention"],
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Geometry::new(
+        hidden,
+        d.required("vocab_size", MAX_VOCAB)?,
+        d.required("intermediate_size", MAX_INTERMEDIATE)?,
+        d.optional("max_position_embeddings", 32768, MAX_POSITIONS)?,
+        layers,
+    )
+}
 
-    let rope_config = cfg.rope()?;
-    let rotary_dim = (head_dim as f64 * rope_config.partial_rotary_factor) as usize;
-    if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
+/// Binds the tensors of a checkpoint with geometry `g`.
+pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Translated> {
+    let cfg = top.text_config()?;
+    let model_type = top.model_type()?;
+    let (hidden, vocab, intermediate) = (g.hidden, g.vocab, g.intermediate);
+    let eps = Dims::new(&cfg).eps("rms_norm_eps", 1e-6)?;
+    if let Some(act) = cfg.opt_str("hidden_act")?
+        && act != "silu"
+    {
         return Err(EngineError::Config(format!(
-            "partial_rotary_factor {} of head_dim {head_dim} gives {rotary_dim} rotated dimensions; it must be even and positive",
-            rope_config.partial_rotary_factor
+            "hidden_act `{act}` is not supported for {model_type} (supported: silu)"
         )));
     }
+    let bias = cfg.opt_bool("attention_bias")?.unwrap_or(false);
+    let rope_config = cfg.rope()?;
+    // Every attention layer rotates the same share (none without attention).
+    let rotary_dim = g
+        .layers
+        .iter()
+        .find_map(|l| match l {
+            LayerDims::Attention(a) => Some(a.rotary_dim),
+            _ => None,
+        })
+        .unwrap_or(0);
 
     let (model, head_name) = text_model_names(store);
     let linear = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
@@ -83,17 +105,19 @@ pub fn translate(top: &HfConfig, store: &TensorStore) -> Result<Translated> {
         Ok(RmsNorm::one_plus(store.require(name)?, dim, eps)?)
     };
 
-    let mut blocks = Vec::with_capacity(n_layers);
-    for (i, kind) in layer_types.iter().enumerate() {
+    let mut blocks = Vec::with_capacity(g.layers.len());
+    for (i, layer) in g.layers.iter().enumerate() {
         let p = format!("{model}.layers.{i}");
-        let mixer = match kind.as_str() {
-            "full_attention" => {
+        let mixer = match layer {
+            LayerDims::Attention(dims) => {
                 let a = format!("{p}.self_attn");
+                let (n_heads, n_kv_heads, head_dim) =
+                    (dims.n_heads, dims.n_kv_heads, dims.head_dim);
                 Mixer::Attention(Attention {
-                    q: linear(&format!("{a}.q_proj"), 2 * n_heads * head_dim, hidden, bias)?,
-                    k: linear(&format!("{a}.k_proj"), n_kv_heads * head_dim, hidden, bias)?,
-                    v: linear(&format!("{a}.v_proj"), n_kv_heads * head_dim, hidden, bias)?,
-                    o: linear(&format!("{a}.o_proj"), hidden, n_heads * head_dim, bias)?,
+                    q: linear(&format!("{a}.q_proj"), dims.q_rows(), hidden, bias)?,
+                    k: linear(&format!("{a}.k_proj"), dims.kv_dim(), hidden, bias)?,
+                    v: linear(&format!("{a}.v_proj"), dims.kv_dim(), hidden, bias)?,
+                    o: linear(&format!("{a}.o_proj"), hidden, dims.q_dim(), bias)?,
                     q_norm: Some(norm(&format!("{a}.q_norm.weight"), head_dim)?),
                     k_norm: Some(norm(&format!("{a}.k_norm.weight"), head_dim)?),
                     n_heads,
@@ -105,11 +129,17 @@ pub fn translate(top: &HfConfig, store: &TensorStore) -> Result<Translated> {
                     window: None,
                 })
             }
-            "linear_attention" => {
+            LayerDims::DeltaNet(dims) => {
                 let l = format!("{p}.linear_attn");
-                let key_dim = n_k_heads * k_dim;
+                let (n_k_heads, k_dim, n_v_heads, v_dim, kernel) = (
+                    dims.n_k_heads,
+                    dims.k_dim,
+                    dims.n_v_heads,
+                    dims.v_dim,
+                    dims.kernel,
+                );
                 let value_dim = n_v_heads * v_dim;
-                let channels = 2 * key_dim + value_dim;
+                let channels = dims.channels();
                 let a_log = store
                     .require(&format!("{l}.A_log"))?
                     .vector_f32(n_v_heads)?;
@@ -136,14 +166,7 @@ pub fn translate(top: &HfConfig, store: &TensorStore) -> Result<Translated> {
                     v_dim,
                 })
             }
-            other => {
-                return Err(unknown_layer_type(
-                    model_type,
-                    i,
-                    other,
-                    &["linear_attention", "full_attention"],
-                ));
-            }
+            LayerDims::ShortConv(_) => unreachable!("qwen3_5 geometry has no short convolutions"),
         };
         blocks.push(Block {
             mixer_norm: norm(&format!("{p}.input_layernorm.weight"), hidden)?,
@@ -172,6 +195,6 @@ pub fn translate(top: &HfConfig, store: &TensorStore) -> Result<Translated> {
         logit_softcap: None,
         hidden,
         vocab,
-        max_positions,
+        max_positions: g.max_positions,
     })
 }

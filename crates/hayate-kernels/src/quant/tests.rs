@@ -56,7 +56,7 @@ fn exactly_representable_rows_round_trip() {
         // q4: codes 0..=15 with zero point 5 and scale 0.25 (exact in bf16).
         let row: Vec<f32> = (0..cols).map(|c| ((c % 16) as f32 - 5.0) * 0.25).collect();
         let q = quantize_matrix(
-            &ThreadPool::new(1),
+            &ThreadPool::new(1).unwrap(),
             Isa::Scalar,
             QuantFormat::Q4,
             group,
@@ -83,7 +83,7 @@ fn exactly_representable_rows_round_trip() {
             r
         };
         let q = quantize_matrix(
-            &ThreadPool::new(1),
+            &ThreadPool::new(1).unwrap(),
             Isa::Scalar,
             QuantFormat::Q8,
             group,
@@ -101,7 +101,7 @@ fn quantization_error_stays_within_bounds() {
     let (rows, cols) = (64, 256);
     let w = weights(&mut seed, rows * cols);
     let norm: f32 = w.iter().map(|v| v * v).sum::<f32>().sqrt();
-    let pool = ThreadPool::new(2);
+    let pool = ThreadPool::new(2).unwrap();
     for format in [QuantFormat::Q4, QuantFormat::Q8] {
         for group in GROUP_SIZES {
             let q = quantize_matrix(
@@ -203,7 +203,7 @@ fn rotation_lowers_the_error_of_outlier_rows() {
         sign_in: &si,
         sign_out: &so,
     };
-    let pool = ThreadPool::new(1);
+    let pool = ThreadPool::new(1).unwrap();
     let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
     let error = |rotation: Option<Rotation<'_>>| {
         let q = quantize_matrix(&pool, Isa::detect(), QuantFormat::Q4, 32, m, rotation);
@@ -234,7 +234,7 @@ fn reference(w: &[f32], cols: usize, x: &[f32], n_tok: usize) -> Vec<f32> {
 
 #[test]
 fn every_path_matches_the_reference() {
-    let pools = [ThreadPool::new(1), ThreadPool::new(3)];
+    let pools = [ThreadPool::new(1).unwrap(), ThreadPool::new(3).unwrap()];
     let mut seed = 21;
     // Outputs may be few and not a multiple of the rotation block (small
     // per-head projections); those are never rotated.
@@ -328,7 +328,7 @@ fn every_path_matches_the_reference() {
 
 #[test]
 fn fused_jobs_equal_separate_products() {
-    let pool = ThreadPool::new(2);
+    let pool = ThreadPool::new(2).unwrap();
     let mut seed = 3;
     let cols = 128;
     let si = signs(&mut seed, cols);
@@ -426,7 +426,7 @@ fn every_path_quantizes_identically() {
     let w = weights(&mut seed, rows * cols);
     let (si, so) = (signs(&mut seed, cols), signs(&mut seed, rows));
     let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
-    let pool = ThreadPool::new(2);
+    let pool = ThreadPool::new(2).unwrap();
     for format in [QuantFormat::Q4, QuantFormat::Q8] {
         for group in GROUP_SIZES {
             let rot = Rotation {
