@@ -14,10 +14,17 @@ pub struct StreamDecoder<'a> {
     /// Byte length of the text of `ids[prefix_offset..read_offset]`, which
     /// only changes when the offsets advance.
     prefix_len: usize,
+    /// The text of `ids[prefix_offset..]` before the last push.
+    last_text: String,
+    /// Tokens held back since the last piece that changed the text. Tokens
+    /// that decode to nothing (skipped special tokens, ids the tokenizer
+    /// does not know) do not count: they cannot be part of a character.
+    held_changes: usize,
 }
 
-/// A character is at most 4 bytes, and every token at least 1: holding more
-/// tokens than this means the bytes are invalid, not incomplete.
+/// A character is at most 4 bytes, and every token that changes the text
+/// adds at least 1: holding more than this many means the bytes are
+/// invalid, not incomplete.
 const MAX_HELD_TOKENS: usize = 4;
 
 impl<'a> StreamDecoder<'a> {
@@ -28,6 +35,8 @@ impl<'a> StreamDecoder<'a> {
             prefix_offset: 0,
             read_offset: 0,
             prefix_len: 0,
+            last_text: String::new(),
+            held_changes: 0,
         }
     }
 
@@ -41,17 +50,20 @@ impl<'a> StreamDecoder<'a> {
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
         let full = self.decode(&self.ids[self.prefix_offset..])?;
-        let held = self.ids.len() - self.read_offset;
+        if full != self.last_text {
+            self.held_changes += 1;
+        }
         let complete = !full.ends_with('\u{FFFD}');
-        if full.len() > self.prefix_len && (complete || held > MAX_HELD_TOKENS) {
+        if full.len() > self.prefix_len && (complete || self.held_changes > MAX_HELD_TOKENS) {
             let piece = full.get(self.prefix_len..).unwrap_or(&full).to_owned();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
-            self.prefix_len = self
-                .decode(&self.ids[self.prefix_offset..self.read_offset])?
-                .len();
+            self.last_text = self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+            self.prefix_len = self.last_text.len();
+            self.held_changes = 0;
             return Ok(Some(piece));
         }
+        self.last_text = full;
         Ok(None)
     }
 

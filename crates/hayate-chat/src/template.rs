@@ -21,7 +21,40 @@ impl Message {
     }
 }
 
+/// Instructions one render may execute: real templates need a few hundred
+/// per message; a template that loops without end runs out instead.
+const FUEL: u64 = 10_000_000;
+
+/// Most bytes a render may produce (a prompt this long could not be run anyway).
+pub const MAX_OUTPUT_BYTES: usize = 64 << 20;
+
+/// A writer that refuses to grow past [`MAX_OUTPUT_BYTES`].
+#[derive(Default)]
+struct Capped {
+    out: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > MAX_OUTPUT_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A compiled Hugging Face chat template.
+///
+/// Templates come with downloaded models, so they are treated as untrusted:
+/// a render executes at most [`FUEL`] instructions and produces at most
+/// [`MAX_OUTPUT_BYTES`]; beyond that it is an error, not a hang.
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
@@ -40,6 +73,7 @@ impl ChatTemplate {
             .build()
             .map_err(|e| ChatError::Template(e.to_string()))?;
         env.set_syntax(syntax);
+        env.set_fuel(Some(FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -64,14 +98,27 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| ChatError::Template(e.to_string()))?;
-        template
-            .render(context! {
-                messages => Value::from(minijinja::value::Serde(messages)),
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token.as_str(),
-                eos_token => self.eos_token.as_str(),
-            })
-            .map_err(|e| ChatError::Template(e.to_string()))
+        let mut out = Capped::default();
+        let rendered = template
+            .render_captured_to(
+                context! {
+                    messages => Value::from(minijinja::value::Serde(messages)),
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => self.bos_token.as_str(),
+                    eos_token => self.eos_token.as_str(),
+                },
+                &mut out,
+            )
+            .map(drop);
+        if out.overflowed {
+            return Err(ChatError::Template(format!(
+                "the output exceeds {} MiB",
+                MAX_OUTPUT_BYTES >> 20
+            )));
+        }
+        rendered.map_err(|e| ChatError::Template(e.to_string()))?;
+        // The engine writes only the template's (UTF-8) strings.
+        String::from_utf8(out.out).map_err(|e| ChatError::Template(e.to_string()))
     }
 }
 
@@ -170,6 +217,26 @@ mod tests {
         );
         let err = t.render(&[Message::new("system", "x")], false).unwrap_err();
         assert!(err.to_string().contains("first must be user"));
+    }
+
+    #[test]
+    fn endless_and_huge_templates_are_errors() {
+        let t = ChatTemplate::new(
+            "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let err = t.render(&[], false).unwrap_err().to_string();
+        assert!(err.contains("fuel"), "{err}");
+        let t = ChatTemplate::new(
+            "{% for a in range(10) %}{{ 'x' * 10000000 }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let err = t.render(&[], false).unwrap_err().to_string();
+        assert!(err.contains("64 MiB"), "{err}");
     }
 
     #[test]

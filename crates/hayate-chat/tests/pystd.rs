@@ -57,3 +57,30 @@ fn streaming_reassembles_split_characters_and_survives_invalid_bytes() {
     out += &stream.finish().unwrap().unwrap_or_default();
     assert!(out.ends_with("ok") && out.contains('\u{FFFD}'), "{out:?}");
 }
+
+/// Found by the `stream_decoder` fuzz target: special tokens (which decode
+/// to nothing) between the bytes of one character counted as held tokens,
+/// so the stream gave up on the character and emitted U+FFFD.
+#[test]
+fn tokens_that_decode_to_nothing_do_not_break_a_character() {
+    let t = pystd();
+    let text = "s = 'ѩ✓'";
+    let ids = t.encode(text, false).unwrap();
+    let end_of_text = t.token_id("<|endoftext|>").unwrap();
+    // Five skipped special tokens (and ids outside the vocabulary, which
+    // decode to nothing too) after every token.
+    let mut fed = Vec::new();
+    for &id in &ids {
+        fed.push(id);
+        fed.extend([end_of_text; 5]);
+        fed.push(100_000);
+    }
+    let mut stream = t.stream();
+    let mut out = String::new();
+    for &id in &fed {
+        out += &stream.push(id).unwrap().unwrap_or_default();
+    }
+    out += &stream.finish().unwrap().unwrap_or_default();
+    assert_eq!(t.decode(&fed).unwrap(), text);
+    assert_eq!(out, text);
+}

@@ -144,7 +144,7 @@ impl Model {
             EngineError::State(format!("cannot start {threads} kernel threads: {e}"))
         })?;
         let pool = Arc::new(pool);
-        let isa = Isa::detect();
+        let isa = Isa::from_env().map_err(EngineError::State)?;
         let quantization = options
             .quantize
             .as_ref()

@@ -28,7 +28,9 @@ fn reference(dir: &Path) -> (Vec<u32>, Vec<f32>, usize) {
     (ids, logits, vocab)
 }
 
-fn check(name: &str) {
+/// Max |Δlogit| allowed: about ten times the largest measured (in the
+/// comments at the call sites), as in the `hayate logits` tests.
+fn check(name: &str, tolerance: f32) {
     let dir = shared_model(name);
     let (ids, want, vocab) = reference(&dir);
     let model = Model::load(&dir, &LoadOptions::default()).unwrap();
@@ -43,7 +45,10 @@ fn check(name: &str) {
         .zip(&want)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    assert!(max_diff <= 1e-2, "{name} prefill: max |Δ| = {max_diff}");
+    assert!(
+        max_diff <= tolerance,
+        "{name} prefill: max |Δ| = {max_diff}"
+    );
     // One token at a time through the cache.
     let mut state = model.new_state(None).unwrap();
     for (t, &id) in ids.iter().enumerate() {
@@ -54,17 +59,17 @@ fn check(name: &str) {
             .zip(row)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(d <= 1e-2, "{name} incremental at {t}: max |Δ| = {d}");
+        assert!(d <= tolerance, "{name} incremental at {t}: max |Δ| = {d}");
     }
     eprintln!("{name}: prefill max |Δ| = {max_diff}");
 }
 
 #[test]
 fn pystd_qwen3_7m_matches_transformers() {
-    check("pystd-qwen3-7m");
+    check("pystd-qwen3-7m", 2e-4); // measured 1.53e-5
 }
 
 #[test]
 fn stories260k_matches_transformers() {
-    check("stories260K");
+    check("stories260K", 7e-4); // measured 6.29e-5
 }

@@ -209,7 +209,7 @@ impl HfConfig {
                 .ok_or_else(|| FormatError::Config(format!("rope scaling needs `{key}`")))?;
             if !(1e-6..=1e9).contains(&value) {
                 return Err(FormatError::Config(format!(
-                    "rope parameter `{key}` is {value}: it must be between 1e-6 and 1e9"
+                    "rope parameter `{key}` is {value:?}: it must be between 1e-6 and 1e9"
                 )));
             }
             Ok(value)
@@ -260,7 +260,7 @@ impl HfConfig {
         // Below 1 the frequencies grow past f32's range.
         if !(theta.is_finite() && theta >= 1.0) {
             return Err(FormatError::Config(format!(
-                "rope_theta is {theta}: it must be at least 1"
+                "rope_theta is {theta:?}: it must be at least 1"
             )));
         }
         Ok(RopeConfig {

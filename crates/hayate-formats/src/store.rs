@@ -295,12 +295,29 @@ impl TensorStore {
         Ok(store)
     }
 
+    /// A store of the tensors of one safetensors file held in memory
+    /// (`label` names it in errors); validated like a file on disk.
+    pub fn from_bytes(label: &Path, bytes: &[u8]) -> Result<Self> {
+        let mut copy = vec![0u64; bytes.len().div_ceil(8)];
+        // SAFETY: `copy` holds at least `bytes.len()` bytes, and a u64 buffer
+        // may be written as bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                copy.as_mut_ptr().cast::<u8>(),
+                bytes.len(),
+            )
+        };
+        let mut store = TensorStore {
+            tensors: HashMap::new(),
+            metadata: HashMap::new(),
+        };
+        store.add_storage(label, Storage::Owned(copy), bytes.len())?;
+        Ok(store)
+    }
+
     /// Maps one safetensors file and adds its tensors; returns their names.
     pub fn add_file(&mut self, path: &Path) -> Result<Vec<String>> {
-        let invalid = |message: String| FormatError::Safetensors {
-            path: path.to_owned(),
-            message,
-        };
         let file = File::open(path).map_err(|cause| FormatError::Io {
             path: path.to_owned(),
             cause,
@@ -311,10 +328,21 @@ impl TensorStore {
             path: path.to_owned(),
             cause,
         })?;
+        let len = map.len();
+        self.add_storage(path, Storage::Mapped(map), len)
+    }
+
+    /// Adds the tensors of the safetensors file in the first `len` bytes of `storage`.
+    fn add_storage(&mut self, path: &Path, storage: Storage, len: usize) -> Result<Vec<String>> {
+        let invalid = |message: String| FormatError::Safetensors {
+            path: path.to_owned(),
+            message,
+        };
+        let map = &storage.bytes()[..len];
         // Parsing validates the header: size limits, offsets inside the file,
         // contiguous non-overlapping data, byte sizes that match shapes.
         let parsed =
-            safetensors::SafeTensors::deserialize(&map).map_err(|e| invalid(e.to_string()))?;
+            safetensors::SafeTensors::deserialize(map).map_err(|e| invalid(e.to_string()))?;
         let base = map.as_ptr() as usize;
         let mut found: Vec<(String, Dtype, Vec<usize>, usize, usize)> = Vec::new();
         for (name, view) in parsed.tensors() {
@@ -333,17 +361,17 @@ impl TensorStore {
         }
         drop(parsed);
         let (_, header) =
-            safetensors::SafeTensors::read_metadata(&map).map_err(|e| invalid(e.to_string()))?;
+            safetensors::SafeTensors::read_metadata(map).map_err(|e| invalid(e.to_string()))?;
         if let Some(entries) = header.metadata() {
             for (key, value) in entries {
                 self.metadata.insert(key.clone(), value.clone());
             }
         }
-        let mapped = Arc::new(Storage::Mapped(map));
+        let mapped = Arc::new(storage);
         let names = found.iter().map(|f| f.0.clone()).collect();
         for (name, dtype, shape, offset, n_bytes) in found {
-            let storage = if offset % dtype.alignment() == 0 {
-                Arc::clone(&mapped)
+            let (storage, offset) = if offset % dtype.alignment() == 0 {
+                (Arc::clone(&mapped), offset)
             } else {
                 let mut copy = vec![0u64; n_bytes.div_ceil(8)];
                 // SAFETY: `copy` has at least `n_bytes` bytes; the source range was validated.
@@ -354,12 +382,7 @@ impl TensorStore {
                         n_bytes,
                     )
                 };
-                Arc::new(Storage::Owned(copy))
-            };
-            let offset = if matches!(*storage, Storage::Owned(_)) {
-                0
-            } else {
-                offset
+                (Arc::new(Storage::Owned(copy)), 0)
             };
             if self.tensors.contains_key(&name) {
                 return Err(invalid(format!(

@@ -41,26 +41,46 @@ impl Isa {
         }
     }
 
-    /// The best supported level, unless `HAYATE_ISA` asks for a lower one
-    /// (useful to compare paths end to end). Decided once per process.
-    pub fn detect() -> Isa {
-        static CHOSEN: OnceLock<Isa> = OnceLock::new();
-        *CHOSEN.get_or_init(|| {
-            let best = Isa::ALL
-                .iter()
-                .rev()
-                .copied()
-                .find(|isa| isa.is_supported())
-                .unwrap_or(Isa::Scalar);
-            match std::env::var("HAYATE_ISA") {
-                Ok(wanted) => Isa::ALL
-                    .iter()
-                    .copied()
-                    .find(|isa| isa.name() == wanted && isa.is_supported())
-                    .unwrap_or(best),
-                Err(_) => best,
-            }
-        })
+    /// The best level this CPU and OS support.
+    pub fn best() -> Isa {
+        Isa::ALL
+            .iter()
+            .rev()
+            .copied()
+            .find(|isa| isa.is_supported())
+            .unwrap_or(Isa::Scalar)
+    }
+
+    /// The level to run at: the best supported, unless `HAYATE_ISA` names
+    /// another (to compare paths end to end). A name that is unknown, or a
+    /// level this CPU lacks, is an error rather than a silent fallback.
+    /// Decided once per process.
+    pub fn from_env() -> Result<Isa, String> {
+        static CHOSEN: OnceLock<Result<Isa, String>> = OnceLock::new();
+        CHOSEN
+            .get_or_init(|| match std::env::var("HAYATE_ISA") {
+                Err(std::env::VarError::NotPresent) => Ok(Isa::best()),
+                Err(std::env::VarError::NotUnicode(v)) => {
+                    Err(format!("HAYATE_ISA={v:?} is not a kernel level"))
+                }
+                Ok(wanted) => Isa::parse(&wanted),
+            })
+            .clone()
+    }
+
+    /// The level called `name`, if this CPU supports it.
+    pub fn parse(name: &str) -> Result<Isa, String> {
+        let names: Vec<&str> = Isa::ALL.iter().map(|i| i.name()).collect();
+        match Isa::ALL.iter().copied().find(|isa| isa.name() == name) {
+            None => Err(format!(
+                "HAYATE_ISA={name} is not a kernel level (known: {})",
+                names.join(", ")
+            )),
+            Some(isa) if !isa.is_supported() => Err(format!(
+                "HAYATE_ISA={name}: this CPU (or OS) does not support it"
+            )),
+            Some(isa) => Ok(isa),
+        }
     }
 
     /// Every level this machine supports (for tests and benchmarks).
@@ -70,5 +90,43 @@ impl Isa {
             .copied()
             .filter(|i| i.is_supported())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel tests compare every supported SIMD path with the scalar
+    /// reference. On a machine with no SIMD path they would compare scalar
+    /// with scalar and prove nothing: that is a failure, unless the machine
+    /// is declared scalar-only (`HAYATE_SCALAR_ONLY_MACHINE=1`).
+    #[test]
+    fn a_simd_path_is_tested_on_this_machine() {
+        if std::env::var_os("HAYATE_SCALAR_ONLY_MACHINE").is_some() {
+            return;
+        }
+        let simd: Vec<Isa> = Isa::supported()
+            .into_iter()
+            .filter(|&i| i != Isa::Scalar)
+            .collect();
+        assert!(
+            !simd.is_empty(),
+            "no SIMD kernel path runs on this machine, so the SIMD tests compared scalar with scalar"
+        );
+        assert_ne!(Isa::best(), Isa::Scalar);
+    }
+
+    #[test]
+    fn unknown_or_unsupported_levels_are_errors() {
+        assert_eq!(Isa::parse("scalar"), Ok(Isa::Scalar));
+        let err = Isa::parse("avx9000").unwrap_err();
+        assert!(
+            err.contains("avx9000") && err.contains("scalar, avx2"),
+            "{err}"
+        );
+        for isa in Isa::ALL {
+            assert_eq!(Isa::parse(isa.name()).is_ok(), isa.is_supported());
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! Everything here is pure compute over slices: no model knowledge, no I/O.
 //! Each SIMD path has a scalar reference beside it ([`Isa::Scalar`]) and the
 //! fastest path the CPU *and* the OS support is chosen once at run time
-//! ([`Isa::detect`]). Weights are read in their stored dtype (f32, bf16, f16)
+//! ([`Isa::from_env`]). Weights are read in their stored dtype (f32, bf16, f16)
 //! and widened to f32 inside the kernels; quantized weights ([`quant`]: q4,
 //! q8, block Hadamard rotation) meet int8 activations in integer products.
 

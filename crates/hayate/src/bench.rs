@@ -17,17 +17,25 @@ pub struct BenchArgs {
         short = 'p',
         long = "n-prompt",
         value_name = "N",
+        allow_negative_numbers = true,
         default_value_t = 512
     )]
     n_prompt: usize,
     /// Tokens to generate (0 skips the test).
-    #[arg(short = 'n', long = "n-gen", value_name = "N", default_value_t = 128)]
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_name = "N",
+        allow_negative_numbers = true,
+        default_value_t = 128
+    )]
     n_gen: usize,
     /// Repetitions of each test.
     #[arg(
         short = 'r',
         long = "repetitions",
         value_name = "N",
+        allow_negative_numbers = true,
         default_value_t = 5
     )]
     repetitions: usize,

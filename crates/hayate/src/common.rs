@@ -15,10 +15,15 @@ pub struct ModelArgs {
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
     /// Threads for the kernels (default: one per core; more than the cores are capped).
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        default_value_t = 0
+    )]
     pub threads: usize,
     /// Context length in tokens (default: the model's maximum, at most 4096).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub ctx_size: Option<usize>,
     /// Quantize the float weights in memory at load.
     #[arg(long, value_name = "FORMAT")]
@@ -71,7 +76,12 @@ pub enum ActivationsArg {
 #[derive(Args, Clone, Debug)]
 pub struct QuantArgs {
     /// Inputs per quantization group: 32, 64 or 128.
-    #[arg(long, value_name = "G", default_value_t = 32)]
+    #[arg(
+        long,
+        value_name = "G",
+        allow_negative_numbers = true,
+        default_value_t = 32
+    )]
     pub group_size: usize,
     /// Quantize without the block Hadamard rotation (for comparisons).
     #[arg(long)]
@@ -80,7 +90,7 @@ pub struct QuantArgs {
     #[arg(long, value_name = "E", default_value = "bf16")]
     pub embeddings: EmbeddingsArg,
     /// Seed of the rotation signs.
-    #[arg(long, value_name = "S", default_value_t = hayate_engine::quantize::DEFAULT_SEED)]
+    #[arg(long, value_name = "S", allow_negative_numbers = true, default_value_t = hayate_engine::quantize::DEFAULT_SEED)]
     pub rotation_seed: u64,
 }
 
@@ -148,7 +158,7 @@ pub struct SamplingArgs {
     #[arg(long, value_name = "T", allow_negative_numbers = true)]
     pub temperature: Option<f32>,
     /// Keep only the K most likely tokens (0: off).
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", allow_negative_numbers = true)]
     pub top_k: Option<usize>,
     /// Nucleus sampling threshold (1: off).
     #[arg(long, value_name = "P", allow_negative_numbers = true)]
@@ -160,7 +170,7 @@ pub struct SamplingArgs {
     #[arg(long, value_name = "R", allow_negative_numbers = true)]
     pub repeat_penalty: Option<f32>,
     /// Seed of the sampling noise (default: from the clock; printed with the stats).
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", allow_negative_numbers = true)]
     pub seed: Option<u64>,
 }
 

@@ -90,6 +90,7 @@ fn sampling_is_reproducible_with_a_seed_and_varies_without() {
 #[test]
 fn chat_template_is_applied_and_chat_keeps_the_cache_across_turns() {
     let model = shared_model("pystd-qwen3-7m");
+    let tokenizer = hayate_chat::TextTokenizer::load(&model).unwrap();
     let out = chat(
         &[
             "--model",
@@ -101,15 +102,56 @@ fn chat_template_is_applied_and_chat_keeps_the_cache_across_turns() {
         ],
         b"hello\nworld\n/exit\n",
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let replies: Vec<&str> = stdout.lines().collect();
     let prefilled = prefilled_per_turn(&stderr);
     assert_eq!(prefilled.len(), 2, "{stderr}");
-    // The second turn re-uses the cached first turn: without the cache it
-    // would prefill the first prompt and reply again, and more.
-    assert!(prefilled[1] < prefilled[0] + 8, "{prefilled:?}");
+
+    // The first turn is the template's rendering of the user message.
+    let user = |text: &str| hayate_chat::Message::new("user", text);
+    let first = tokenizer.encode_chat(&[user("hello")], true).unwrap();
+    assert_eq!(
+        tokenizer.decode(&first).unwrap(),
+        "user\nhello\nassistant\n",
+        "the template's special tokens are skipped in decoding"
+    );
+    assert_eq!(prefilled[0], first.len(), "{stderr}");
+    // The reply to it is what `hayate run` (the same template) gives.
+    let run = hayate(&[
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hello",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+    ]);
+    assert!(run.status.success());
+    let run_reply = String::from_utf8(run.stdout).unwrap();
+    assert_eq!(run_reply.lines().next().unwrap_or(""), replies[0]);
+
+    // The second turn re-renders the conversation, which starts with the
+    // first prompt; the cache holds it, so at most the rest is prefilled
+    // (plus one token should the reply re-tokenize differently).
+    let second = tokenizer
+        .encode_chat(
+            &[
+                user("hello"),
+                hayate_chat::Message::new("assistant", replies[0]),
+                user("world"),
+            ],
+            true,
+        )
+        .unwrap();
+    assert_eq!(second[..first.len()], first[..]);
+    assert!(
+        prefilled[1] <= second.len() - first.len() + 1,
+        "second turn prefilled {} of {} tokens",
+        prefilled[1],
+        second.len()
+    );
 }

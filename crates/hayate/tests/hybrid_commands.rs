@@ -66,6 +66,61 @@ fn succeed(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Next-token logits at every position of `ids`, from `hayate logits`.
+fn logits(model: &str, ids: &[u32], tmp: &Path) -> (Vec<f32>, usize) {
+    let out = tmp.join("logits.safetensors");
+    let tokens: Vec<String> = ids.iter().map(u32::to_string).collect();
+    succeed(&[
+        "logits",
+        "--model",
+        model,
+        "--tokens",
+        &tokens.join(","),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (values, shape) = read_tensor(&out, "logits");
+    (values, shape[1])
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    row.iter()
+        .enumerate()
+        .fold(0, |b, (i, &v)| if v > row[b] { i } else { b }) as u32
+}
+
+/// The greedy continuation of `prompt`, one `hayate logits` call per token,
+/// up to `n` tokens or an end-of-sequence id.
+fn greedy(model: &str, prompt: &[u32], n: usize, eos: &[u32], tmp: &Path) -> Vec<u32> {
+    let mut ids = prompt.to_vec();
+    for _ in 0..n {
+        let (values, vocab) = logits(model, &ids, tmp);
+        let next = argmax(&values[values.len() - vocab..]);
+        if eos.contains(&next) {
+            break;
+        }
+        ids.push(next);
+    }
+    ids[prompt.len()..].to_vec()
+}
+
+/// Mean negative log-likelihood of `ids[1..]` given what precedes each.
+fn nll(model: &str, ids: &[u32], tmp: &Path) -> f64 {
+    let (values, vocab) = logits(model, &ids[..ids.len() - 1], tmp);
+    let mut total = 0.0;
+    for (row, &target) in values.chunks_exact(vocab).zip(&ids[1..]) {
+        let max = row.iter().fold(f32::MIN, |m, &v| m.max(v)) as f64;
+        let lse = max
+            + row
+                .iter()
+                .map(|&v| (v as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        total += lse - row[target as usize] as f64;
+    }
+    total / (ids.len() - 1) as f64
+}
+
 #[test]
 fn run_chat_bench_and_eval_work_on_every_hybrid_architecture() {
     let tmp = tempfile::tempdir().unwrap();
@@ -88,7 +143,21 @@ fn run_chat_bench_and_eval_work_on_every_hybrid_architecture() {
             "--temperature",
             "0",
         ]);
-        assert!(reply.contains('w'), "{name}: {reply}");
+        // Exactly the greedy continuation, computed token by token.
+        let config: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(fixtures().join(name).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        let eos = config["eos_token_id"]
+            .as_u64()
+            .or(config["text_config"]["eos_token_id"].as_u64())
+            .map(|e| vec![e as u32])
+            .unwrap_or_default();
+        let want: Vec<String> = greedy(model, &[7, 8, 9, 10], 12, &eos, tmp.path())
+            .iter()
+            .map(|id| format!("w{id}"))
+            .collect();
+        assert_eq!(reply.trim_end(), want.join(" "), "{name}");
 
         // Two turns: the second re-renders the conversation and must only
         // prefill what is new (the state rolls back the last few tokens).
@@ -130,11 +199,20 @@ fn run_chat_bench_and_eval_work_on_every_hybrid_architecture() {
             data.to_str().unwrap(),
             "--context",
             "48",
+            "--max-tokens",
+            "49",
             "--json",
         ]);
         let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+        // One window of 48 inputs: the perplexity of its 48 targets.
+        let ids: Vec<u32> = text
+            .split_whitespace()
+            .take(49)
+            .map(|w| w[1..].parse().unwrap())
+            .collect();
+        let want = nll(model, &ids, tmp.path()).exp();
         let ppl = report["model_ppl"].as_f64().unwrap();
-        assert!(ppl.is_finite() && ppl > 1.0, "{name}: {report}");
+        assert!((ppl - want).abs() <= 1e-9 * want, "{name}: {ppl} vs {want}");
         assert_eq!(report["kl_max"].as_f64(), Some(0.0), "{name}: {report}");
     }
 }

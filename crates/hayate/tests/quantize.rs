@@ -43,9 +43,10 @@ fn logits_at(model: &Path, extra: &[&str], isa: Option<&str>) -> Vec<f32> {
     args.extend_from_slice(extra);
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_hayate"));
     command.args(&args);
-    if let Some(isa) = isa {
-        command.env("HAYATE_ISA", isa);
-    }
+    match isa {
+        Some(isa) => command.env("HAYATE_ISA", isa),
+        None => command.env_remove("HAYATE_ISA"),
+    };
     let run = command.output().unwrap();
     assert!(
         run.status.success(),
@@ -58,19 +59,24 @@ fn logits_at(model: &Path, extra: &[&str], isa: Option<&str>) -> Vec<f32> {
 #[test]
 fn checkpoints_on_disk_give_the_logits_of_in_memory_quantization() {
     let model = shared_model("pystd-qwen3-7m");
-    let variants: [&[&str]; 3] = [
-        &["--format", "q4"],
-        &["--format", "q8", "--no-rotation"],
-        &[
-            "--format",
-            "q4",
-            "--group-size",
-            "128",
-            "--embeddings",
-            "q8",
-        ],
+    // The largest |Δlogit| from the float model each may cause: about 1.2x
+    // what is measured (2.29, 0.352, 2.11); quantization is deterministic.
+    let variants: [(&[&str], f32); 3] = [
+        (&["--format", "q4"], 2.75),
+        (&["--format", "q8", "--no-rotation"], 0.42),
+        (
+            &[
+                "--format",
+                "q4",
+                "--group-size",
+                "128",
+                "--embeddings",
+                "q8",
+            ],
+            2.55,
+        ),
     ];
-    for flags in variants {
+    for (flags, max_shift) in variants {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("quantized");
         let run = quantize(&model, &out, flags);
@@ -105,7 +111,10 @@ fn checkpoints_on_disk_give_the_logits_of_in_memory_quantization() {
             .zip(&float)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(worst < 3.0, "{flags:?}: logits moved by {worst}");
+        assert!(
+            worst <= max_shift,
+            "{flags:?}: logits moved by {worst} (at most {max_shift})"
+        );
     }
 }
 
@@ -123,8 +132,9 @@ fn every_fixture_runs_quantized_with_sane_logits_on_every_path() {
         // random fixtures amplify any perturbation (bf16 -> q8 without
         // rotation already moves their logits by up to 10%), so closeness is
         // only checked loosely here; quality is measured on a trained model below.
+        // Measured over the fixtures: at most 0.17 and 0.93 of the range.
         for (flags, tolerance) in [
-            (&["--quantize", "q8", "--group-size", "128"][..], 0.25),
+            (&["--quantize", "q8", "--group-size", "128"][..], 0.22),
             (&["--quantize", "q4", "--embeddings", "q8"][..], 1.0),
         ] {
             let q = logits(&dir, flags);
@@ -147,7 +157,8 @@ fn every_fixture_runs_quantized_with_sane_logits_on_every_path() {
             let scalar = logits_at(&dir, &f32_flags, Some("scalar"));
             let simd = logits_at(&dir, &f32_flags, None);
             for (a, b) in scalar.iter().zip(&simd) {
-                assert!((a - b).abs() <= 1e-3 * range, "scalar vs SIMD: {a} vs {b}");
+                // Measured: at most 4.5e-6 of the range.
+                assert!((a - b).abs() <= 5e-5 * range, "scalar vs SIMD: {a} vs {b}");
             }
         }
     }

@@ -73,7 +73,7 @@ impl<'a> Dims<'a> {
         let eps = self.positive_f64(key, default, 1.0)?;
         // An epsilon below f32's smallest normal rounds to 0 or a denormal.
         if (eps as f32) < f32::MIN_POSITIVE {
-            return Err(bad(key, eps, "it underflows f32"));
+            return Err(bad(key, number(eps), "it underflows f32"));
         }
         Ok(eps as f32)
     }
@@ -90,13 +90,19 @@ pub fn in_range(key: &str, value: usize, max: usize) -> Result<usize> {
 /// `value` of `key`, if it is finite, positive and below `max`.
 pub fn positive(key: &str, value: f64, max: f64) -> Result<f64> {
     if !(value.is_finite() && value > 0.0 && value < max) {
-        return Err(bad(
-            key,
-            value,
-            &format!("it must be positive and below {max}"),
-        ));
+        let why = format!("it must be positive and below {}", number(max));
+        return Err(bad(key, number(value), &why));
     }
     Ok(value)
+}
+
+/// A number as a person writes it: with an exponent when very large or small.
+fn number(v: f64) -> String {
+    if v != 0.0 && !(1e-4..1e6).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
 }
 
 /// The error for a value out of range.

@@ -83,6 +83,7 @@ impl QuantFormat {
 
 /// Sizes of the three arrays of a quantized matrix, in elements:
 /// (code bytes, bf16 scales, zero-point bytes).
+/// Callers check the shape first ([`check_shape`]), which bounds every product.
 pub fn layout_sizes(
     format: QuantFormat,
     rows: usize,
@@ -106,6 +107,13 @@ pub fn check_shape(rows: usize, cols: usize, group: usize) -> Result<(), String>
         return Err(format!(
             "a {rows} x {cols} matrix cannot be cut into groups of {group} inputs"
         ));
+    }
+    // Every size in `layout_sizes` is at most rows * cols.
+    if rows
+        .checked_mul(cols)
+        .is_none_or(|n| n > isize::MAX as usize)
+    {
+        return Err(format!("a {rows} x {cols} matrix is too large"));
     }
     Ok(())
 }

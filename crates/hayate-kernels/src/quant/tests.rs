@@ -106,7 +106,7 @@ fn quantization_error_stays_within_bounds() {
         for group in GROUP_SIZES {
             let q = quantize_matrix(
                 &pool,
-                Isa::detect(),
+                Isa::best(),
                 format,
                 group,
                 MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap(),
@@ -159,7 +159,7 @@ fn rotation_equals_the_dense_transform_and_is_undone_exactly() {
         s / (BLOCK as f64).sqrt()
     };
     let mut rotated = w.clone();
-    rotate_rows(Isa::detect(), &mut rotated, cols, rot);
+    rotate_rows(Isa::best(), &mut rotated, cols, rot);
     for r in 0..rows {
         for c in 0..cols {
             let (rb, cb) = (r / BLOCK * BLOCK, c / BLOCK * BLOCK);
@@ -206,7 +206,7 @@ fn rotation_lowers_the_error_of_outlier_rows() {
     let pool = ThreadPool::new(1).unwrap();
     let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
     let error = |rotation: Option<Rotation<'_>>| {
-        let q = quantize_matrix(&pool, Isa::detect(), QuantFormat::Q4, 32, m, rotation);
+        let q = quantize_matrix(&pool, Isa::best(), QuantFormat::Q4, 32, m, rotation);
         let back = effective(&q, rotation);
         w.iter()
             .zip(&back)
@@ -255,7 +255,7 @@ fn every_path_matches_the_reference() {
                         sign_in: &si,
                         sign_out: &so,
                     });
-                    let q = quantize_matrix(&pools[1], Isa::detect(), format, group, m, rot);
+                    let q = quantize_matrix(&pools[1], Isa::best(), format, group, m, rot);
                     let eff = effective(&q, rot);
                     for n_tok in [1, 2, 4, 5, 7, 13] {
                         let x: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed)).collect();
@@ -346,7 +346,7 @@ fn fused_jobs_equal_separate_products() {
                 sign_in: &si,
                 sign_out: so,
             };
-            quantize_matrix(&pool, Isa::detect(), format, 32, m, Some(rot))
+            quantize_matrix(&pool, Isa::best(), format, 32, m, Some(rot))
         };
         let (qa, qb) = (quant(&wa, &soa, 64), quant(&wb, &sob, 32));
         for n_tok in [1, 9] {
