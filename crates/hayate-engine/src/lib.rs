@@ -2,6 +2,31 @@
 //! configuration by a per-architecture translator ([`arch`]); the forward pass
 //! runs any such list over per-layer state ([`state`]); tokens are drawn by
 //! the Gumbel-max trick under reproducible per-position noise ([`sampler`]).
+//!
+//! # Sizes
+//!
+//! Every size the engine derives from `config.json` is checked once, in
+//! [`arch::geometry`], before any weight file is mapped: bounded values,
+//! consistent head counts, products that fit. Buffers that grow with the
+//! context (KV caches, recurrent states, scratch) are each checked against
+//! the machine's memory before they are allocated, so an absurd context is
+//! an error, not an abort.
+//!
+//! # Threads
+//!
+//! - **Shared:** a [`Model`] (weights, blocks, rotary tables, its kernel
+//!   thread pool) is `Sync` and read-only after loading. Any number of
+//!   threads may call [`Model::forward`] on one model at once.
+//! - **Per sequence:** an [`InferenceState`] holds everything a sequence
+//!   writes: caches, recurrent states, and the scratch buffers the forward
+//!   pass reuses (so decoding does not allocate). `forward` takes it by
+//!   `&mut`, so one state is used by one call at a time, and a state only
+//!   runs on the model that made it (another model's is refused).
+//! - **Kernels:** each product, attention or delta-rule step is one job on
+//!   the model's pool; concurrent callers take turns job by job (the pool's
+//!   docs give the argument why no data race is possible). Results do not
+//!   depend on what else runs: a sequence gives bit-identical logits alone
+//!   or beside others.
 
 pub mod arch;
 pub mod blocks;

@@ -66,3 +66,39 @@ fn every_fixture_matches_with_small_prefill_steps_and_rollback_depths() {
         }
     }
 }
+
+/// States whose buffers the machine cannot hold are refused with an error
+/// naming the context, before anything that large is allocated.
+#[test]
+fn states_larger_than_memory_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixtures().join("qwen3_5-text-gdn");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    let config = tmp.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    json["max_position_embeddings"] = (1u64 << 24).into();
+    std::fs::write(&config, json.to_string()).unwrap();
+    let model = Model::load(tmp.path(), &LoadOptions::default()).unwrap();
+    let context = 1 << 24;
+    // Recurrent states for rolling back the whole context; then scratch
+    // buffers for prefilling it in one step.
+    for (rollback, prefill_chunk) in [(context, 512), (8, context)] {
+        let err = model
+            .new_state_with(&StateOptions {
+                context: Some(context),
+                rollback,
+                prefill_chunk,
+            })
+            .err()
+            .expect("the state does not fit in memory");
+        let message = err.to_string();
+        assert!(
+            message.contains("16777216 tokens") && message.contains("memory"),
+            "{message}"
+        );
+    }
+}

@@ -22,6 +22,7 @@
 
 use crate::cpu::Isa;
 use crate::ops;
+use crate::{holds, is_product};
 
 /// Most tokens [`delta_chunk`] takes at once.
 pub const CHUNK: usize = 64;
@@ -43,7 +44,7 @@ pub fn delta_step(
     delta: &mut [f32],
 ) {
     let (dk, dv) = (k.len(), v.len());
-    assert!(prev.len() == dk * dv && next.len() == dk * dv && q.len() == dk);
+    assert!(is_product(prev.len(), dk, dv) && is_product(next.len(), dk, dv) && q.len() == dk);
     assert!(out.len() == dv && delta.len() == dv);
     let e = g.exp();
     // δ = β (v − e·Sᵀk)
@@ -130,8 +131,9 @@ pub fn delta_chunk(
     assert!(c <= CHUNK && g.len() == c);
     let dk = k.len() / c.max(1);
     let dv = v.len() / c.max(1);
-    assert!(q.len() == c * dk && k.len() == c * dk && v.len() == c * dv && out.len() == c * dv);
-    assert!(state.len() == dk * dv && scratch.u.len() >= c * dv);
+    assert!(is_product(q.len(), c, dk) && is_product(k.len(), c, dk));
+    assert!(is_product(v.len(), c, dv) && is_product(out.len(), c, dv));
+    assert!(is_product(state.len(), dk, dv) && holds(scratch.u.len(), c, dv));
     if c == 0 {
         return;
     }

@@ -18,6 +18,17 @@ pub mod quant;
 pub mod weights;
 
 pub use cpu::Isa;
+
+/// Whether `len` is exactly `a * b`; false when the product overflows, so
+/// that a guard cannot pass on a wrapped size.
+pub(crate) fn is_product(len: usize, a: usize, b: usize) -> bool {
+    a.checked_mul(b) == Some(len)
+}
+
+/// Whether `len` is at least `a * b`; false when the product overflows.
+pub(crate) fn holds(len: usize, a: usize, b: usize) -> bool {
+    a.checked_mul(b).is_some_and(|need| len >= need)
+}
 pub use matmul::{MatmulJob, matmul, matmul_many};
 pub use pool::ThreadPool;
 pub use quant::{ActPrecision, QuantFormat, QuantMatRef};

@@ -63,10 +63,13 @@ pub fn matmul_many(
 ) {
     let Some(first) = jobs.first() else { return };
     let k = first.w.cols;
-    assert!(x.len() >= n_tok * k, "matmul input too short");
+    assert!(crate::holds(x.len(), n_tok, k), "matmul input too short");
     for job in jobs.iter() {
         assert_eq!(job.w.cols, k, "fused matmul inputs differ");
-        assert!(job.y.len() >= n_tok * job.w.rows, "matmul output too short");
+        assert!(
+            crate::holds(job.y.len(), n_tok, job.w.rows),
+            "matmul output too short"
+        );
     }
     assert!(
         jobs.len() <= MAX_FUSED,

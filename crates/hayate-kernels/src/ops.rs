@@ -114,7 +114,11 @@ pub fn causal_conv1d(
 ) {
     let kernel = weight.len() / channels;
     let n = out.len() / channels;
-    assert_eq!(input.len(), (kernel - 1 + n) * channels);
+    let rows = kernel.checked_sub(1).and_then(|k| k.checked_add(n));
+    assert!(
+        rows.is_some_and(|r| crate::is_product(input.len(), r, channels)),
+        "convolution input has the wrong length"
+    );
     for (t, row) in out.chunks_exact_mut(channels).enumerate() {
         match bias {
             Some(b) => row.copy_from_slice(b),

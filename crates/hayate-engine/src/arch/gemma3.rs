@@ -11,9 +11,7 @@ use super::geometry::{
     AttentionDims, Dims, Geometry, LayerDims, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN,
     MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, positive,
 };
-use super::{
-    Translated, layer_types_or_periodic, output_head, text_model_names, unknown_layer_type,
-};
+use super::{Translated, layer_types_or_periodic, layers_by_type, output_head, text_model_names};
 use crate::blocks::{Activation, Attention, Block, GatedMlp, Linear, Mixer, RmsNorm};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
@@ -41,26 +39,19 @@ pub fn geometry(top: &HfConfig) -> Result<Geometry> {
         "full_attention",
         "sliding_attention",
     )?;
-    let layers = layer_types
-        .iter()
-        .enumerate()
-        .map(|(i, kind)| {
-            let window = match kind.as_str() {
-                "sliding_attention" => Some(window),
-                "full_attention" => None,
-                other => {
-                    return Err(unknown_layer_type(
-                        model_type,
-                        i,
-                        other,
-                        &["sliding_attention", "full_attention"],
-                    ));
-                }
-            };
-            let a = AttentionDims::new(n_heads, n_kv_heads, head_dim, head_dim, false, window)?;
-            Ok(LayerDims::Attention(a))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let attention =
+        |window| AttentionDims::new(n_heads, n_kv_heads, head_dim, head_dim, false, window);
+    let layers = layers_by_type(
+        model_type,
+        &layer_types,
+        &[
+            (
+                "sliding_attention",
+                LayerDims::Attention(attention(Some(window))?),
+            ),
+            ("full_attention", LayerDims::Attention(attention(None)?)),
+        ],
+    )?;
     Geometry::new(
         d.required("hidden_size", MAX_HIDDEN)?,
         d.required("vocab_size", MAX_VOCAB)?,

@@ -6,7 +6,7 @@ use super::geometry::{
     AttentionDims, Dims, Geometry, LayerDims, MAX_CONV_KERNEL, MAX_HEADS, MAX_HIDDEN,
     MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, ShortConvDims, in_range, positive,
 };
-use super::{Translated, conv_taps, output_head, unknown_layer_type};
+use super::{Translated, conv_taps, layers_by_type, output_head};
 use crate::blocks::{Activation, Attention, Block, GatedMlp, Linear, Mixer, RmsNorm, ShortConv};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
@@ -54,20 +54,14 @@ pub fn geometry(cfg: &HfConfig) -> Result<Geometry> {
                 .collect()
         }
     };
-    let layers = layer_types
-        .iter()
-        .enumerate()
-        .map(|(i, kind)| match kind.as_str() {
-            "full_attention" => Ok(LayerDims::Attention(attention.clone())),
-            "conv" => Ok(LayerDims::ShortConv(conv.clone())),
-            other => Err(unknown_layer_type(
-                model_type,
-                i,
-                other,
-                &["conv", "full_attention"],
-            )),
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let layers = layers_by_type(
+        model_type,
+        &layer_types,
+        &[
+            ("conv", LayerDims::ShortConv(conv)),
+            ("full_attention", LayerDims::Attention(attention)),
+        ],
+    )?;
     Geometry::new(
         hidden,
         d.required("vocab_size", MAX_VOCAB)?,

@@ -167,6 +167,29 @@ pub(crate) fn output_head(
     }
 }
 
+/// Each layer's sizes, from its type name: `kinds` maps the names this
+/// architecture has to their sizes; another name is an error listing them.
+pub(crate) fn layers_by_type(
+    model_type: &str,
+    types: &[String],
+    kinds: &[(&str, geometry::LayerDims)],
+) -> Result<Vec<geometry::LayerDims>> {
+    types
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| {
+            kinds
+                .iter()
+                .find(|(name, _)| name == kind)
+                .map(|(_, dims)| dims.clone())
+                .ok_or_else(|| {
+                    let known: Vec<&str> = kinds.iter().map(|(name, _)| *name).collect();
+                    unknown_layer_type(model_type, i, kind, &known)
+                })
+        })
+        .collect()
+}
+
 /// A layer type that this architecture does not have.
 pub(crate) fn unknown_layer_type(
     model_type: &str,

@@ -10,8 +10,7 @@ use super::geometry::{
     MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
 };
 use super::{
-    Translated, conv_taps, layer_types_or_periodic, output_head, text_model_names,
-    unknown_layer_type,
+    Translated, conv_taps, layer_types_or_periodic, layers_by_type, output_head, text_model_names,
 };
 use crate::blocks::{
     Activation, Attention, Block, GatedDeltaNet, GatedMlp, Linear, Mixer, RmsNorm,
@@ -49,20 +48,14 @@ pub fn geometry(top: &HfConfig) -> Result<Geometry> {
         "full_attention",
         "linear_attention",
     )?;
-    let layers = layer_types
-        .iter()
-        .enumerate()
-        .map(|(i, kind)| match kind.as_str() {
-            "full_attention" => Ok(LayerDims::Attention(attention.clone())),
-            "linear_attention" => Ok(LayerDims::DeltaNet(delta.clone())),
-            other => Err(unknown_layer_type(
-                model_type,
-                i,
-                other,
-                &["linear_attention", "full_attention"],
-            )),
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let layers = layers_by_type(
+        model_type,
+        &layer_types,
+        &[
+            ("linear_attention", LayerDims::DeltaNet(delta)),
+            ("full_attention", LayerDims::Attention(attention)),
+        ],
+    )?;
     Geometry::new(
         hidden,
         d.required("vocab_size", MAX_VOCAB)?,

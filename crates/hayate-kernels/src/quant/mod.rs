@@ -244,9 +244,10 @@ pub struct Rotation<'a> {
 
 /// Replaces `w` (`rows x cols`, both multiples of 32) by `H·S_out·W·S_in·H`.
 pub fn rotate_rows(isa: Isa, w: &mut [f32], cols: usize, rotation: Rotation<'_>) {
-    assert!(cols.is_multiple_of(BLOCK) && w.len().is_multiple_of(BLOCK * cols));
+    let block_rows = BLOCK.checked_mul(cols).expect("matrix width overflows");
+    assert!(cols.is_multiple_of(BLOCK) && w.len().is_multiple_of(block_rows));
     assert_eq!(rotation.sign_in.len(), cols);
-    assert_eq!(rotation.sign_out.len() * cols, w.len());
+    assert!(crate::is_product(w.len(), rotation.sign_out.len(), cols));
     for (row, &so) in w.chunks_exact_mut(cols).zip(rotation.sign_out) {
         for (v, &si) in row.iter_mut().zip(rotation.sign_in) {
             *v *= so * si;

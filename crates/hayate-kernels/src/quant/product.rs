@@ -89,13 +89,19 @@ pub fn qmatmul_many(
         jobs.len() <= MAX_FUSED,
         "at most {MAX_FUSED} fused products"
     );
-    assert!(x.len() >= n_tok * k, "quantized matmul input too short");
+    assert!(
+        crate::holds(x.len(), n_tok, k),
+        "quantized matmul input too short"
+    );
     if let Some(s) = sign_in {
         assert_eq!(s.len(), k, "input signs do not match the inputs");
     }
     for job in jobs.iter() {
         assert_eq!(job.w.cols, k, "fused matmul inputs differ");
-        assert!(job.y.len() >= n_tok * job.w.rows, "matmul output too short");
+        assert!(
+            crate::holds(job.y.len(), n_tok, job.w.rows),
+            "matmul output too short"
+        );
         assert_eq!(
             job.sign_out.is_some(),
             sign_in.is_some(),
