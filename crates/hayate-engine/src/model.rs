@@ -125,6 +125,7 @@ impl Model {
         // Find the architecture before touching the weights, for a clearer error.
         let translator = arch::translator(&config)?;
         let model_type = config.model_type()?.to_owned();
+        let isa = Isa::from_env().map_err(EngineError::State)?;
         // Every size is checked before a file is mapped or a buffer allocated.
         let geometry = (translator.geometry)(&config)?;
         let store = TensorStore::open_dir(dir)?;
@@ -144,7 +145,6 @@ impl Model {
             EngineError::State(format!("cannot start {threads} kernel threads: {e}"))
         })?;
         let pool = Arc::new(pool);
-        let isa = Isa::from_env().map_err(EngineError::State)?;
         let quantization = options
             .quantize
             .as_ref()
