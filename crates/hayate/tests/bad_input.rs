@@ -6,7 +6,6 @@ use common::*;
 use serde_json::{Map, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 /// A single-file fixture the model-breaking tests start from.
 const FIXTURE: &str = "qwen3-gqa-qknorm";
@@ -15,38 +14,13 @@ const SHARDED: &str = "llama-mqa-headdim";
 /// A tensor every fixture has.
 const UP_PROJ: &str = "model.layers.0.mlp.up_proj.weight";
 
-/// `assert_clean_error`, plus: the error is one line, the last thing printed.
-fn clean_error(out: &Output, needles: &[&str]) {
-    assert_clean_error(out, needles);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let error_lines = stderr.lines().filter(|l| l.starts_with("error:")).count();
-    assert_eq!(error_lines, 1, "expected one error line: {stderr}");
-    let last = stderr.trim_end().lines().last().unwrap_or("");
-    assert!(
-        last.starts_with("error:"),
-        "the error is not one line at the end of stderr: {stderr}"
-    );
-    // Shown with `--nocapture`, to review the messages.
-    eprintln!("{last}");
-}
-
 /// Runs `hayate logits` on `model` and asserts it fails cleanly, mentioning
 /// every needle, without creating `--out` or leaving a temporary file beside it.
 fn logits_fails(model: &Path, tokens: &str, extra: &[&str], needles: &[&str]) {
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().join("logits.safetensors");
-    let mut args = vec![
-        "logits",
-        "--model",
-        model.to_str().unwrap(),
-        "--tokens",
-        tokens,
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let run = hayate(&args);
-    clean_error(&run, needles);
+    let run = hayate(&logits_args(model, tokens, &out, extra));
+    assert_one_error_line(&run, needles);
     assert!(!out.exists(), "--out was created despite the error");
     let left: Vec<_> = fs::read_dir(out_dir.path())
         .unwrap()
@@ -60,7 +34,7 @@ fn run_fails(model: &Path, args: &[&str], needles: &[&str]) {
     let mut all = vec!["run", "--model", model.to_str().unwrap()];
     all.extend_from_slice(args);
     let run = hayate(&all);
-    clean_error(&run, needles);
+    assert_one_error_line(&run, needles);
 }
 
 fn st_path(dir: &Path) -> PathBuf {
@@ -373,7 +347,7 @@ fn logits_out_in_a_missing_directory() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    clean_error(&run, &[out.to_str().unwrap()]);
+    assert_one_error_line(&run, &[out.to_str().unwrap()]);
     assert!(!out.exists());
     assert!(!tmp.path().join("no-such-dir").exists());
 }

@@ -238,41 +238,11 @@ fn edit_config(dir: &Path, edit: Edit) {
     fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
 }
 
-/// Exit code 1, exactly one `error:` line, the last thing on stderr, naming every needle.
-fn clean_error(out: &Output, needles: &[&str]) {
-    assert_clean_error(out, needles);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        stderr.lines().filter(|l| l.starts_with("error:")).count(),
-        1,
-        "{stderr}"
-    );
-    assert!(
-        stderr
-            .trim_end()
-            .lines()
-            .last()
-            .unwrap()
-            .starts_with("error:"),
-        "{stderr}"
-    );
-}
-
 /// `hayate logits` on `model`; the output must not be written on failure.
 fn logits(model: &Path, extra: &[&str]) -> (Output, bool) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("l.safetensors");
-    let mut args = vec![
-        "logits",
-        "--model",
-        model.to_str().unwrap(),
-        "--tokens",
-        "1,2,3",
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let run = hayate(&args);
+    let run = hayate(&logits_args(model, "1,2,3", &out, extra));
     (run, out.exists())
 }
 
@@ -287,7 +257,7 @@ fn hostile_config_values_in_float_sliding_deltanet_and_conv_checkpoints() {
             "case {i} ({fixture}): {}",
             String::from_utf8_lossy(&run.stderr).trim_end()
         );
-        clean_error(&run, needles);
+        assert_one_error_line(&run, needles);
         assert!(!written, "case {i}: output written despite the error");
     }
 }
@@ -332,7 +302,7 @@ fn hostile_config_values_in_a_quantized_checkpoint() {
             }
             edit_config(copy.path(), edit);
             let (run, written) = logits(copy.path(), &[]);
-            clean_error(&run, needles);
+            assert_one_error_line(&run, needles);
             assert!(!written);
         }
     }
@@ -341,7 +311,7 @@ fn hostile_config_values_in_a_quantized_checkpoint() {
 /// Runs `hayate` with `args` and asserts a clean error naming every needle.
 fn fails(args: &[&str], needles: &[&str]) {
     let run = hayate(args);
-    clean_error(&run, needles);
+    assert_one_error_line(&run, needles);
 }
 
 #[test]
@@ -384,7 +354,7 @@ fn hostile_command_line_values() {
     fails(&bench(&["-p", "100000"]), &["100000", "512"]);
     // logits and quantize.
     let (out, written) = logits(&fixtures().join(FLOAT), &["--chunk", "0"]);
-    clean_error(&out, &["--chunk"]);
+    assert_one_error_line(&out, &["--chunk"]);
     assert!(!written);
     let tmp = tempfile::tempdir().unwrap();
     let q = tmp.path().join("q");

@@ -31,18 +31,8 @@ fn logits(model: &Path, extra: &[&str]) -> Vec<f32> {
 fn logits_at(model: &Path, extra: &[&str], isa: Option<&str>) -> Vec<f32> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("l.safetensors");
-    let mut args = vec![
-        "logits",
-        "--model",
-        model.to_str().unwrap(),
-        "--tokens",
-        TOKENS,
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_hayate"));
-    command.args(&args);
+    command.args(logits_args(model, TOKENS, &out, extra));
     match isa {
         Some(isa) => command.env("HAYATE_ISA", isa),
         None => command.env_remove("HAYATE_ISA"),

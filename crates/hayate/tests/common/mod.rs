@@ -64,6 +64,41 @@ pub fn assert_clean_error(out: &Output, needles: &[&str]) {
     }
 }
 
+/// `assert_clean_error`, plus: the error is one line, the last thing printed.
+pub fn assert_one_error_line(out: &Output, needles: &[&str]) {
+    assert_clean_error(out, needles);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let error_lines = stderr.lines().filter(|l| l.starts_with("error:")).count();
+    assert_eq!(error_lines, 1, "expected one error line: {stderr}");
+    let last = stderr.trim_end().lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error:"),
+        "the error is not one line at the end of stderr: {stderr}"
+    );
+    // Shown with `--nocapture`, to review the messages.
+    eprintln!("{last}");
+}
+
+/// The arguments of `hayate logits` for `model`, `tokens` and `out`, then `extra`.
+pub fn logits_args<'a>(
+    model: &'a Path,
+    tokens: &'a str,
+    out: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        tokens,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// Copies a fixture directory into a fresh temporary directory.
 pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
