@@ -26,6 +26,21 @@ pub enum Logits<'a> {
     Last,
     /// After every token: written here, resized to `tokens x vocab` values.
     All(&'a mut Vec<f32>),
+    /// After the tokens at these indices of the call (strictly increasing,
+    /// each below the number of tokens): written here, one row of `vocab`
+    /// values per index (speculative verification asks for k + 1 of them).
+    At(&'a [usize], &'a mut Vec<f32>),
+}
+
+/// One sequence's part of a batched forward call ([`Model::forward_batch`]).
+pub struct SequenceStep<'a> {
+    /// The sequence's state; it advances by `tokens`.
+    pub state: &'a mut InferenceState,
+    /// The new tokens: many for a prefill or a verification, one to decode.
+    pub tokens: &'a [u32],
+    /// Which logits to produce. With [`Logits::Last`] they are read from
+    /// the state afterwards ([`InferenceState::last_logits`]).
+    pub logits: Logits<'a>,
 }
 
 /// cos and sin of one rotary table at each position of a chunk.
@@ -62,7 +77,7 @@ pub struct Scratch {
     up: Vec<f32>,
     ropes: Vec<RopeTable>,
     scores: Vec<f32>,
-    logits: Vec<f32>,
+    pub(crate) logits: Vec<f32>,
     /// Projected inputs of a recurrent mixer (DeltaNet q/k/v, conv B/C/x).
     mixer_in: Vec<f32>,
     /// DeltaNet's output gate `z`.
@@ -188,13 +203,44 @@ impl SyncPtr {
 impl Model {
     /// Runs `tokens` through the model after what `state` already holds.
     /// Returns the last token's logits (borrowed from `state`; meaningful for
-    /// [`Logits::Last`]); [`Logits::All`] writes every position's to its buffer.
+    /// [`Logits::Last`]); [`Logits::All`] and [`Logits::At`] write theirs to
+    /// their buffers.
     pub fn forward<'s>(
         &self,
         state: &'s mut InferenceState,
         tokens: &[u32],
         mut logits: Logits<'_>,
     ) -> Result<&'s [f32]> {
+        self.check_step(state, tokens, &logits)?;
+        self.run_step(state, tokens, &mut logits);
+        Ok(&state.scratch.logits)
+    }
+
+    /// Runs a batch of sequences, each with its own state, new tokens and
+    /// logits request: one sequence with many tokens is a prefill (or a
+    /// speculative verification), many with one token each a batched decode.
+    /// Every step is checked before any runs, so an error leaves all the
+    /// states as they were. Each sequence's results equal those of
+    /// [`forward`](Self::forward) on it alone.
+    pub fn forward_batch(&self, batch: &mut [SequenceStep<'_>]) -> Result<()> {
+        for (i, step) in batch.iter().enumerate() {
+            self.check_step(step.state, step.tokens, &step.logits)
+                .map_err(|e| EngineError::State(format!("sequence {i} of the batch: {e}")))?;
+        }
+        // The fused path across sequences is still to come; each runs in turn.
+        for step in batch.iter_mut() {
+            self.run_step(step.state, step.tokens, &mut step.logits);
+        }
+        Ok(())
+    }
+
+    /// Whether `tokens` can run on `state` with this logits request.
+    fn check_step(
+        &self,
+        state: &InferenceState,
+        tokens: &[u32],
+        logits: &Logits<'_>,
+    ) -> Result<()> {
         if state.model_id != self.id {
             return Err(EngineError::State(
                 "this state was made by another model; states cannot move between models".into(),
@@ -211,8 +257,25 @@ impl Model {
                 capacity: state.capacity,
             });
         }
-        if let Logits::All(out) = &mut logits {
-            out.resize(tokens.len() * vocab, 0.0);
+        if let Logits::At(at, _) = logits
+            && (at.windows(2).any(|w| w[0] >= w[1])
+                || at.last().is_some_and(|&i| i >= tokens.len()))
+        {
+            return Err(EngineError::State(format!(
+                "logits asked at {at:?}: the indices must increase and lie below the {} tokens",
+                tokens.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs a checked step.
+    fn run_step(&self, state: &mut InferenceState, tokens: &[u32], logits: &mut Logits<'_>) {
+        let vocab = self.info.vocab;
+        match logits {
+            Logits::All(out) => out.resize(tokens.len() * vocab, 0.0),
+            Logits::At(at, out) => out.resize(at.len() * vocab, 0.0),
+            Logits::None | Logits::Last => {}
         }
         let chunk = state.scratch.chunk;
         let n_chunks = tokens.len().div_ceil(chunk);
@@ -223,7 +286,7 @@ impl Model {
             let hidden = self.info.hidden;
             let s = &mut state.scratch;
             let head = &self.parts.lm_head;
-            match &mut logits {
+            match logits {
                 Logits::None => {}
                 Logits::Last if c + 1 == n_chunks => {
                     let last = &s.x[(n - 1) * hidden..n * hidden];
@@ -239,9 +302,31 @@ impl Model {
                     self.project([(head, &mut *dst)], &s.h[..n * hidden], n);
                     soft_cap(dst, softcap);
                 }
+                Logits::At(at, out) => {
+                    // The requested rows of this chunk, gathered and normalised.
+                    let first = at.partition_point(|&i| i < c * chunk);
+                    let end = at.partition_point(|&i| i < c * chunk + n);
+                    let m = end - first;
+                    if m == 0 {
+                        continue;
+                    }
+                    let norm = &self.parts.final_norm;
+                    for (j, &i) in at[first..end].iter().enumerate() {
+                        let row = i - c * chunk;
+                        let x = &s.x[row * hidden..(row + 1) * hidden];
+                        ops::rms_norm(
+                            x,
+                            &norm.weight,
+                            norm.eps,
+                            &mut s.h[j * hidden..(j + 1) * hidden],
+                        );
+                    }
+                    let dst = &mut out[first * vocab..end * vocab];
+                    self.project([(head, &mut *dst)], &s.h[..m * hidden], m);
+                    soft_cap(dst, softcap);
+                }
             }
         }
-        Ok(&state.scratch.logits)
     }
 
     /// Runs one chunk (at most `scratch.chunk` tokens); leaves the final

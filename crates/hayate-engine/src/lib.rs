@@ -3,6 +3,12 @@
 //! runs any such list over per-layer state ([`state`]); tokens are drawn by
 //! the Gumbel-max trick under reproducible per-position noise ([`sampler`]).
 //!
+//! The forward pass takes a batch of sequences ([`Model::forward_batch`]),
+//! each with its own state, new tokens and logits request (none, the last,
+//! all, or chosen positions); [`Model::forward`] is the one-sequence case.
+//! A batch is checked whole before any sequence advances, and for now runs
+//! its sequences one after another.
+//!
 //! # Sizes
 //!
 //! Every size the engine derives from `config.json` is checked once, in
@@ -42,7 +48,7 @@ pub mod sampler;
 pub mod state;
 
 pub use error::EngineError;
-pub use forward::Logits;
+pub use forward::{Logits, SequenceStep};
 pub use generate::{GenerationStats, Generator, StopReason};
 pub use model::{LoadOptions, Model, ModelInfo, StateOptions};
 pub use quantize::{EmbeddingFormat, QuantSpec};

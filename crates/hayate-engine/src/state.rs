@@ -248,6 +248,12 @@ impl InferenceState {
         self.len == 0
     }
 
+    /// The next-token logits after the last call that asked for
+    /// [`Logits::Last`](crate::Logits::Last) (zeros before any).
+    pub fn last_logits(&self) -> &[f32] {
+        &self.scratch.logits
+    }
+
     /// Most tokens this state can hold.
     pub fn capacity(&self) -> usize {
         self.capacity
