@@ -7,7 +7,12 @@ use tokenizers::Tokenizer;
 pub struct TextTokenizer {
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
+    /// `eos_token` of `tokenizer_config.json` (empty if none).
+    eos_token: String,
 }
+
+/// Assistant text the template is probed with, to see what follows a turn.
+const TURN_PROBE: &str = "HAYATE-END-OF-TURN-PROBE";
 
 fn file_error(path: &Path, message: impl ToString) -> ChatError {
     ChatError::File {
@@ -67,6 +72,7 @@ impl TextTokenizer {
         Ok(TextTokenizer {
             tokenizer,
             template,
+            eos_token: eos,
         })
     }
 
@@ -89,6 +95,40 @@ impl TextTokenizer {
     /// The id of a token given by its text (e.g. `<|im_end|>`).
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.tokenizer.token_to_id(token)
+    }
+
+    /// Ids that end an assistant's turn, as the model's own files declare
+    /// them: `tokenizer_config.json`'s `eos_token`, and the special token the
+    /// chat template writes right after an assistant message (`<|im_end|>`,
+    /// `<|eot_id|>`, `<end_of_turn>`, ...), found by rendering one.
+    pub fn end_of_turn_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .tokenizer
+            .token_to_id(&self.eos_token)
+            .into_iter()
+            .collect();
+        let probe = [
+            Message::new("user", "hi"),
+            Message::new("assistant", TURN_PROBE),
+        ];
+        // A template that refuses this conversation declares nothing here.
+        let after = self
+            .render_chat(&probe, false)
+            .ok()
+            .and_then(|text| Some(text.split_once(TURN_PROBE)?.1.to_owned()));
+        if let Some(after) = after
+            && let Ok(encoding) = self.tokenizer.encode(after.as_str(), false)
+            && let Some(&first) = encoding.get_ids().first()
+            && self
+                .tokenizer
+                .get_added_tokens_decoder()
+                .get(&first)
+                .is_some_and(|t| t.special)
+            && !ids.contains(&first)
+        {
+            ids.push(first);
+        }
+        ids
     }
 
     /// Whether a chat template is available.

@@ -84,3 +84,11 @@ fn tokens_that_decode_to_nothing_do_not_break_a_character() {
     assert_eq!(t.decode(&fed).unwrap(), text);
     assert_eq!(out, text);
 }
+
+#[test]
+fn the_end_of_a_turn_comes_from_the_template_and_tokenizer_config() {
+    let t = pystd();
+    let im_end = t.token_id("<|im_end|>").unwrap();
+    // eos_token and the template's end of turn are both <|im_end|>.
+    assert_eq!(t.end_of_turn_ids(), vec![im_end]);
+}

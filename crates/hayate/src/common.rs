@@ -228,16 +228,13 @@ pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-/// The ids that end a reply: the model's eos ids plus the tokenizer's end-of-turn tokens.
+/// The ids that end a reply: the model's eos ids, plus, for chat, the end
+/// of an assistant turn as the tokenizer and template declare it.
 pub fn stop_ids(model: &Model, tokenizer: Option<&hayate_chat::TextTokenizer>) -> Vec<u32> {
     let mut ids = model.eos_ids();
-    if let Some(t) = tokenizer {
-        for name in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"] {
-            if let Some(id) = t.token_id(name)
-                && !ids.contains(&id)
-            {
-                ids.push(id);
-            }
+    for id in tokenizer.map(|t| t.end_of_turn_ids()).unwrap_or_default() {
+        if !ids.contains(&id) {
+            ids.push(id);
         }
     }
     ids
