@@ -18,7 +18,9 @@ fuzz_target!(|data: &[u8]| {
             None => Message::new("user", m),
         })
         .collect();
-    let Ok(template) = ChatTemplate::new(source, "<s>", "</s>") else { return };
+    let Ok(template) = ChatTemplate::new(source, "<s>", "</s>") else {
+        return;
+    };
     for add_generation_prompt in [false, true] {
         if let Ok(out) = template.render(&messages, add_generation_prompt) {
             assert!(out.len() <= hayate_chat::MAX_TEMPLATE_OUTPUT);

@@ -40,7 +40,11 @@ fuzz_target!(|data: &[u8]| {
     let metadata = if bit(4) {
         String::from_utf8_lossy(meta_raw).into_owned()
     } else {
-        let (mrows, mcols) = if bit(5) { (rows + 1, cols) } else { (rows, cols) };
+        let (mrows, mcols) = if bit(5) {
+            (rows + 1, cols)
+        } else {
+            (rows, cols)
+        };
         serde_json::json!({
             "format": if q4 { "q4" } else { "q8" },
             "group_size": group,
@@ -70,7 +74,11 @@ fuzz_target!(|data: &[u8]| {
     }
     if rotated ^ bit(11) {
         tensors.push(("w.sign_in".into(), Dtype::I8, vec![cols]));
-        tensors.push(("w.sign_out".into(), Dtype::I8, vec![rows + usize::from(bit(12))]));
+        tensors.push((
+            "w.sign_out".into(),
+            Dtype::I8,
+            vec![rows + usize::from(bit(12))],
+        ));
     }
     let mut buffers = Vec::new();
     let mut k = 0;
@@ -85,7 +93,9 @@ fuzz_target!(|data: &[u8]| {
             .collect();
         // Signs are ±1 unless bit 13 leaves them raw.
         if name.contains("sign") && !bit(13) {
-            bytes.iter_mut().for_each(|b| *b = if *b & 1 == 0 { 1 } else { 0xFF });
+            bytes
+                .iter_mut()
+                .for_each(|b| *b = if *b & 1 == 0 { 1 } else { 0xFF });
         }
         buffers.push(bytes);
     }
@@ -93,27 +103,44 @@ fuzz_target!(|data: &[u8]| {
         .iter()
         .zip(&buffers)
         .map(|((name, dtype, shape), bytes)| {
-            (name.clone(), TensorView::new(*dtype, shape.clone(), bytes).unwrap())
+            (
+                name.clone(),
+                TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
+            )
         })
         .collect();
-    let file = safetensors::serialize(
-        views,
-        Some(HashMap::from([("w".to_owned(), metadata)])),
-    )
-    .unwrap();
+    let file =
+        safetensors::serialize(views, Some(HashMap::from([("w".to_owned(), metadata)]))).unwrap();
     let store = TensorStore::from_bytes(Path::new("fuzz.safetensors"), &file).unwrap();
-    let Ok(Some(q)) = QuantTensors::load(&store, "w", rows, cols) else { return };
+    let Ok(Some(q)) = QuantTensors::load(&store, "w", rows, cols) else {
+        return;
+    };
     let view = q.view().expect("a loaded matrix has a valid view");
     let mut row = vec![0f32; cols];
     view.dequantize_row(rows - 1, &mut row);
     // One product on every kernel path this machine has.
     let x: Vec<f32> = (0..2 * cols).map(|i| (i % 7) as f32 - 3.0).collect();
-    let rotation = q.signs.as_ref().map(|(si, so)| Rotation { sign_in: si, sign_out: so });
+    let rotation = q.signs.as_ref().map(|(si, so)| Rotation {
+        sign_in: si,
+        sign_out: so,
+    });
     for isa in Isa::supported() {
         for precision in [ActPrecision::Int8, ActPrecision::F32] {
             let mut y = vec![0f32; 2 * rows];
-            let mut jobs = [QuantJob { w: view, sign_out: rotation.map(|r| r.sign_out), y: &mut y }];
-            qmatmul_many(pool(), isa, precision, &mut jobs, rotation.map(|r| r.sign_in), &x, 2);
+            let mut jobs = [QuantJob {
+                w: view,
+                sign_out: rotation.map(|r| r.sign_out),
+                y: &mut y,
+            }];
+            qmatmul_many(
+                pool(),
+                isa,
+                precision,
+                &mut jobs,
+                rotation.map(|r| r.sign_in),
+                &x,
+                2,
+            );
         }
     }
 });

@@ -34,7 +34,9 @@ fn exercise(t: &Tensor) {
     assert_eq!(weights.len(), t.n_elements());
     match t.shape[..] {
         [rows, cols] => {
-            let m = t.matrix(rows, cols).expect("a 2-D float tensor is a matrix");
+            let m = t
+                .matrix(rows, cols)
+                .expect("a 2-D float tensor is a matrix");
             if rows > 0 {
                 let mut row = vec![0f32; cols];
                 m.widen_row(rows - 1, &mut row);
@@ -58,7 +60,9 @@ fn exercise_store(store: &TensorStore) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, body)) = data.split_first() else { return };
+    let Some((&mode, body)) = data.split_first() else {
+        return;
+    };
     if mode % 2 == 0 {
         if let Ok(store) = TensorStore::from_bytes(Path::new("fuzz.safetensors"), body) {
             exercise_store(&store);
