@@ -211,7 +211,7 @@ impl Model {
         tokens: &[u32],
         mut logits: Logits<'_>,
     ) -> Result<&'s [f32]> {
-        self.check_step(state, tokens, &logits)?;
+        self.check_step(state, tokens, &mut logits)?;
         self.run_step(state, tokens, &mut logits);
         Ok(&state.scratch.logits)
     }
@@ -223,8 +223,8 @@ impl Model {
     /// states as they were. Each sequence's results equal those of
     /// [`forward`](Self::forward) on it alone.
     pub fn forward_batch(&self, batch: &mut [SequenceStep<'_>]) -> Result<()> {
-        for (i, step) in batch.iter().enumerate() {
-            self.check_step(step.state, step.tokens, &step.logits)
+        for (i, step) in batch.iter_mut().enumerate() {
+            self.check_step(step.state, step.tokens, &mut step.logits)
                 .map_err(|e| EngineError::State(format!("sequence {i} of the batch: {e}")))?;
         }
         // The fused path across sequences is still to come; each runs in turn.
@@ -234,12 +234,14 @@ impl Model {
         Ok(())
     }
 
-    /// Whether `tokens` can run on `state` with this logits request.
+    /// Whether `tokens` can run on `state` with this logits request; also
+    /// reserves the request's buffer, so that one too large for this
+    /// machine is an error here rather than an abort later.
     fn check_step(
         &self,
         state: &InferenceState,
         tokens: &[u32],
-        logits: &Logits<'_>,
+        logits: &mut Logits<'_>,
     ) -> Result<()> {
         if state.model_id != self.id {
             return Err(EngineError::State(
@@ -264,6 +266,17 @@ impl Model {
             return Err(EngineError::State(format!(
                 "logits asked at {at:?}: the indices must increase and lie below the {} tokens",
                 tokens.len()
+            )));
+        }
+        let (rows, out) = match logits {
+            Logits::All(out) => (tokens.len(), out),
+            Logits::At(at, out) => (at.len(), out),
+            Logits::None | Logits::Last => return Ok(()),
+        };
+        let values = rows.checked_mul(vocab);
+        if values.is_none_or(|n| out.try_reserve_exact(n.saturating_sub(out.len())).is_err()) {
+            return Err(EngineError::State(format!(
+                "the logits of {rows} positions ({rows} x {vocab} values) do not fit in memory; ask for fewer at once"
             )));
         }
         Ok(())

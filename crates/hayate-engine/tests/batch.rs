@@ -1,7 +1,7 @@
 //! The batched entry point: sequences of different lengths, states and
 //! logits requests in one call give exactly what each gives alone.
 
-use hayate_engine::{LoadOptions, Logits, Model, SequenceStep};
+use hayate_engine::{LoadOptions, Logits, Model, SequenceStep, StateOptions};
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
@@ -136,5 +136,43 @@ fn a_batch_equals_each_sequence_alone_on_every_layer_type() {
         "qwen2-gqa-bias",
     ] {
         check(&fixture(name));
+    }
+}
+
+/// Chosen positions spread over several prefill steps of a state that
+/// processes 3 tokens per step.
+#[test]
+fn chosen_positions_across_prefill_steps() {
+    for name in ["qwen3_5-text-gdn", "gemma3-text-sliding", "lfm2-conv-attn"] {
+        let model = Model::load(&fixture(name), &LoadOptions::default()).unwrap();
+        let vocab = model.info.vocab;
+        let tokens = ids(13, 4, vocab);
+        let options = StateOptions {
+            context: Some(32),
+            prefill_chunk: 3,
+            ..StateOptions::default()
+        };
+        let at = [0, 2, 3, 7, 12];
+        let mut chosen = Vec::new();
+        let mut s = model.new_state_with(&options).unwrap();
+        model
+            .forward(&mut s, &tokens, Logits::At(&at, &mut chosen))
+            .unwrap();
+        let mut all = Vec::new();
+        let mut s = model.new_state_with(&options).unwrap();
+        model
+            .forward(&mut s, &tokens, Logits::All(&mut all))
+            .unwrap();
+        assert_eq!(chosen.len(), at.len() * vocab);
+        for (k, &i) in at.iter().enumerate() {
+            let got = &chosen[k * vocab..(k + 1) * vocab];
+            let want = &all[i * vocab..(i + 1) * vocab];
+            let d = got
+                .iter()
+                .zip(want)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(d <= 1e-5, "{name}: position {i} differs by {d}");
+        }
     }
 }

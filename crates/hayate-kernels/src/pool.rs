@@ -25,7 +25,10 @@
 //!    with `Acquire`. So the closure outlives every use.
 //! 4. **Nesting.** A job that itself calls `run` (on this pool or another)
 //!    runs the inner job on its own thread, as a pool of one: waiting for the
-//!    mutex there would deadlock, since the outer job holds it.
+//!    mutex there would deadlock, since the outer job holds it. (A thread a
+//!    job *starts* is not inside the job: if the job waited for it while it
+//!    called `run` on the same pool, that would deadlock. Kernels start no
+//!    threads.)
 //!
 //! What a job does with the data it borrows is the job's business: the
 //! kernels split outputs into disjoint ranges per thread index.
@@ -169,10 +172,13 @@ impl ThreadPool {
             job(0, self.n_threads)
         }));
         wait_until(|| shared.pending.load(Ordering::Acquire) == 0);
+        // Clear the flag before passing any panic on: it belongs to this job,
+        // not to whichever job (maybe another caller's) runs next.
+        let worker_panicked = shared.panicked.swap(false, Ordering::AcqRel);
         if let Err(payload) = mine {
             std::panic::resume_unwind(payload);
         }
-        if shared.panicked.swap(false, Ordering::AcqRel) {
+        if worker_panicked {
             panic!("a worker thread panicked while running a kernel");
         }
     }
@@ -318,6 +324,20 @@ mod tests {
                 });
             }
         });
+    }
+
+    #[test]
+    fn a_panic_is_reported_for_its_own_job_only() {
+        let pool = ThreadPool::new(2).unwrap();
+        // Both the caller's share and the worker's panic.
+        let result = catch_unwind(AssertUnwindSafe(|| pool.run(&|_, _| panic!("both"))));
+        assert!(result.is_err());
+        // The next job is not blamed for the worker's panic.
+        let count = AtomicUsize::new(0);
+        pool.run(&|_, _| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -52,7 +52,15 @@ pub fn run(args: LogitsArgs) -> Result<()> {
         );
     }
     let mut state = model.new_state(Some(context))?;
-    let mut logits = Vec::with_capacity(tokens.len() * vocab);
+    let mut logits = Vec::new();
+    let values = tokens.len().checked_mul(vocab);
+    if values.is_none_or(|n| logits.try_reserve_exact(n).is_err()) {
+        bail!(
+            "the logits of {} tokens ({} x {vocab} values) do not fit in memory",
+            tokens.len(),
+            tokens.len()
+        );
+    }
     let step = if args.incremental {
         1
     } else {

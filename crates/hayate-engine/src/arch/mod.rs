@@ -217,7 +217,9 @@ pub(crate) fn layer_types_or_periodic(
     if let Some(types) = cfg.layer_types(n_layers)? {
         return Ok(types);
     }
-    let period = geometry::Dims::new(cfg).optional(period_key, default_period, n_layers.max(1))?;
+    // A period longer than the model just means no layer is periodic.
+    let period =
+        geometry::Dims::new(cfg).optional(period_key, default_period, geometry::MAX_LAYERS)?;
     Ok((0..n_layers)
         .map(|i| {
             if (i + 1) % period == 0 {
@@ -244,6 +246,12 @@ mod tests {
             types,
             ["linear", "linear", "full", "linear", "linear", "full"]
         );
+        // A model shorter than the default period has no periodic layer.
+        let short = HfConfig::from_slice(b"{}").unwrap();
+        let types =
+            layer_types_or_periodic(&short, 2, "sliding_window_pattern", 6, "full", "sliding")
+                .unwrap();
+        assert_eq!(types, ["sliding", "sliding"]);
         let explicit = HfConfig::from_slice(br#"{"layer_types": ["a", "b"]}"#).unwrap();
         let types = layer_types_or_periodic(&explicit, 2, "x", 4, "full", "linear").unwrap();
         assert_eq!(types, ["a", "b"]);
