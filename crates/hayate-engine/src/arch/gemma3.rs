@@ -11,8 +11,11 @@ use super::geometry::{
     AttentionDims, Dims, Geometry, LayerDims, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN,
     MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, positive,
 };
-use super::{Translated, layer_types_or_periodic, layers_by_type, output_head, text_model_names};
-use crate::blocks::{Activation, Attention, Block, GatedMlp, Linear, Mixer, RmsNorm};
+use super::{
+    Binder, NormStyle, Translated, layer_types_or_periodic, layers_by_type, output_head,
+    text_model_names,
+};
+use crate::blocks::{Activation, Attention, Block, Mixer};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
@@ -68,6 +71,11 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
     let (hidden, vocab, intermediate) = (g.hidden, g.vocab, g.intermediate);
     let d = Dims::new(&cfg);
     let eps = d.eps("rms_norm_eps", 1e-6)?;
+    let b = Binder {
+        store,
+        eps,
+        norms: NormStyle::OnePlus,
+    };
     let act = cfg
         .opt_str("hidden_activation")?
         .or(cfg.opt_str("hidden_act")?)
@@ -96,12 +104,6 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
     let global = cfg.rope_for_layer_type("full_attention", None, 1e6)?;
 
     let (model, head_name) = text_model_names(store);
-    let linear = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
-        Ok(Linear::load(store, name, rows, cols, bias)?)
-    };
-    let norm = |name: &str, dim: usize| -> Result<RmsNorm> {
-        Ok(RmsNorm::one_plus(store.require(name)?, dim, eps)?)
-    };
 
     let mut rope_dim = 0;
     let mut blocks = Vec::with_capacity(g.layers.len());
@@ -119,12 +121,12 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
         let p = format!("{model}.layers.{i}");
         let a = format!("{p}.self_attn");
         let attention = Attention {
-            q: linear(&format!("{a}.q_proj"), n_heads * head_dim, hidden, bias)?,
-            k: linear(&format!("{a}.k_proj"), n_kv_heads * head_dim, hidden, bias)?,
-            v: linear(&format!("{a}.v_proj"), n_kv_heads * head_dim, hidden, bias)?,
-            o: linear(&format!("{a}.o_proj"), hidden, n_heads * head_dim, bias)?,
-            q_norm: Some(norm(&format!("{a}.q_norm.weight"), head_dim)?),
-            k_norm: Some(norm(&format!("{a}.k_norm.weight"), head_dim)?),
+            q: b.linear(&format!("{a}.q_proj"), n_heads * head_dim, hidden, bias)?,
+            k: b.linear(&format!("{a}.k_proj"), n_kv_heads * head_dim, hidden, bias)?,
+            v: b.linear(&format!("{a}.v_proj"), n_kv_heads * head_dim, hidden, bias)?,
+            o: b.linear(&format!("{a}.o_proj"), hidden, n_heads * head_dim, bias)?,
+            q_norm: Some(b.norm(&format!("{a}.q_norm.weight"), head_dim)?),
+            k_norm: Some(b.norm(&format!("{a}.k_norm.weight"), head_dim)?),
             n_heads,
             n_kv_heads,
             head_dim,
@@ -134,32 +136,27 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
             window: dims.window,
         };
         blocks.push(Block {
-            mixer_norm: norm(&format!("{p}.input_layernorm.weight"), hidden)?,
+            mixer_norm: b.norm(&format!("{p}.input_layernorm.weight"), hidden)?,
             mixer: Mixer::Attention(attention),
-            post_mixer_norm: Some(norm(
-                &format!("{p}.post_attention_layernorm.weight"),
-                hidden,
-            )?),
-            mlp_norm: norm(&format!("{p}.pre_feedforward_layernorm.weight"), hidden)?,
-            mlp: GatedMlp {
-                gate: linear(&format!("{p}.mlp.gate_proj"), intermediate, hidden, false)?,
-                up: linear(&format!("{p}.mlp.up_proj"), intermediate, hidden, false)?,
-                down: linear(&format!("{p}.mlp.down_proj"), hidden, intermediate, false)?,
-                activation: Activation::GeluTanh,
-            },
-            post_mlp_norm: Some(norm(
-                &format!("{p}.post_feedforward_layernorm.weight"),
-                hidden,
-            )?),
+            post_mixer_norm: Some(b.norm(&format!("{p}.post_attention_layernorm.weight"), hidden)?),
+            mlp_norm: b.norm(&format!("{p}.pre_feedforward_layernorm.weight"), hidden)?,
+            mlp: b.mlp(
+                &format!("{p}.mlp"),
+                ["gate_proj", "up_proj", "down_proj"],
+                (hidden, intermediate),
+                false,
+                Activation::GeluTanh,
+            )?,
+            post_mlp_norm: Some(b.norm(&format!("{p}.post_feedforward_layernorm.weight"), hidden)?),
         });
     }
 
-    let embedding = linear(&format!("{model}.embed_tokens"), vocab, hidden, false)?;
+    let embedding = b.linear(&format!("{model}.embed_tokens"), vocab, hidden, false)?;
     let lm_head = output_head(&cfg, store, &embedding, &head_name, true)?;
     Ok(Translated {
         embedding,
         blocks,
-        final_norm: norm(&format!("{model}.norm.weight"), hidden)?,
+        final_norm: b.norm(&format!("{model}.norm.weight"), hidden)?,
         lm_head,
         ropes: vec![Rope::new(&local, rope_dim), Rope::new(&global, rope_dim)],
         embed_scale: Some((hidden as f32).sqrt()),

@@ -6,8 +6,8 @@ use super::geometry::{
     AttentionDims, Dims, Geometry, LayerDims, MAX_CONV_KERNEL, MAX_HEADS, MAX_HIDDEN,
     MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, ShortConvDims, in_range, positive,
 };
-use super::{Translated, conv_taps, layers_by_type, output_head};
-use crate::blocks::{Activation, Attention, Block, GatedMlp, Linear, Mixer, RmsNorm, ShortConv};
+use super::{Binder, NormStyle, Translated, conv_taps, layers_by_type, output_head};
+use crate::blocks::{Activation, Attention, Block, Mixer, ShortConv};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
@@ -75,15 +75,13 @@ pub fn geometry(cfg: &HfConfig) -> Result<Geometry> {
 pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Translated> {
     let (hidden, vocab, ff) = (g.hidden, g.vocab, g.intermediate);
     let eps = Dims::new(cfg).eps("norm_eps", 1e-5)?;
+    let b = Binder {
+        store,
+        eps,
+        norms: NormStyle::Plain,
+    };
     let conv_bias = cfg.opt_bool("conv_bias")?.unwrap_or(false);
     let rope = cfg.rope_for_layer_type("full_attention", None, 1e6)?;
-
-    let linear = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
-        Ok(Linear::load(store, name, rows, cols, bias)?)
-    };
-    let norm = |name: &str, dim: usize| -> Result<RmsNorm> {
-        Ok(RmsNorm::new(store.require(name)?, dim, eps)?)
-    };
 
     let mut head_dim = 0;
     let mut blocks = Vec::with_capacity(g.layers.len());
@@ -95,12 +93,12 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
                 let (n_heads, n_kv_heads) = (dims.n_heads, dims.n_kv_heads);
                 head_dim = dims.head_dim;
                 Mixer::Attention(Attention {
-                    q: linear(&format!("{a}.q_proj"), dims.q_dim(), hidden, false)?,
-                    k: linear(&format!("{a}.k_proj"), dims.kv_dim(), hidden, false)?,
-                    v: linear(&format!("{a}.v_proj"), dims.kv_dim(), hidden, false)?,
-                    o: linear(&format!("{a}.out_proj"), hidden, dims.q_dim(), false)?,
-                    q_norm: Some(norm(&format!("{a}.q_layernorm.weight"), head_dim)?),
-                    k_norm: Some(norm(&format!("{a}.k_layernorm.weight"), head_dim)?),
+                    q: b.linear(&format!("{a}.q_proj"), dims.q_dim(), hidden, false)?,
+                    k: b.linear(&format!("{a}.k_proj"), dims.kv_dim(), hidden, false)?,
+                    v: b.linear(&format!("{a}.v_proj"), dims.kv_dim(), hidden, false)?,
+                    o: b.linear(&format!("{a}.out_proj"), hidden, dims.q_dim(), false)?,
+                    q_norm: Some(b.norm(&format!("{a}.q_layernorm.weight"), head_dim)?),
+                    k_norm: Some(b.norm(&format!("{a}.k_layernorm.weight"), head_dim)?),
                     n_heads,
                     n_kv_heads,
                     head_dim,
@@ -114,8 +112,8 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
                 let kernel = dims.kernel;
                 let c = format!("{p}.conv");
                 Mixer::ShortConv(ShortConv {
-                    in_proj: linear(&format!("{c}.in_proj"), 3 * hidden, hidden, conv_bias)?,
-                    out: linear(&format!("{c}.out_proj"), hidden, hidden, conv_bias)?,
+                    in_proj: b.linear(&format!("{c}.in_proj"), 3 * hidden, hidden, conv_bias)?,
+                    out: b.linear(&format!("{c}.out_proj"), hidden, hidden, conv_bias)?,
                     conv: conv_taps(store.require(&format!("{c}.conv.weight"))?, hidden, kernel)?,
                     conv_bias: conv_bias
                         .then(|| store.require(&format!("{c}.conv.bias"))?.vector_f32(hidden))
@@ -127,27 +125,28 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
             LayerDims::DeltaNet(_) => unreachable!("lfm2 geometry has no DeltaNet layers"),
         };
         blocks.push(Block {
-            mixer_norm: norm(&format!("{p}.operator_norm.weight"), hidden)?,
+            mixer_norm: b.norm(&format!("{p}.operator_norm.weight"), hidden)?,
             mixer,
             post_mixer_norm: None,
-            mlp_norm: norm(&format!("{p}.ffn_norm.weight"), hidden)?,
-            mlp: GatedMlp {
-                gate: linear(&format!("{p}.feed_forward.w1"), ff, hidden, false)?,
-                up: linear(&format!("{p}.feed_forward.w3"), ff, hidden, false)?,
-                down: linear(&format!("{p}.feed_forward.w2"), hidden, ff, false)?,
-                activation: Activation::Silu,
-            },
+            mlp_norm: b.norm(&format!("{p}.ffn_norm.weight"), hidden)?,
+            mlp: b.mlp(
+                &format!("{p}.feed_forward"),
+                ["w1", "w3", "w2"],
+                (hidden, ff),
+                false,
+                Activation::Silu,
+            )?,
             post_mlp_norm: None,
         });
     }
 
-    let embedding = linear("model.embed_tokens", vocab, hidden, false)?;
+    let embedding = b.linear("model.embed_tokens", vocab, hidden, false)?;
     let tied_by_default = cfg.opt_bool("tie_embedding")?.unwrap_or(true);
     let lm_head = output_head(cfg, store, &embedding, "lm_head", tied_by_default)?;
     Ok(Translated {
         embedding,
         blocks,
-        final_norm: norm("model.embedding_norm.weight", hidden)?,
+        final_norm: b.norm("model.embedding_norm.weight", hidden)?,
         lm_head,
         ropes: vec![Rope::new(&rope, head_dim)],
         embed_scale: None,

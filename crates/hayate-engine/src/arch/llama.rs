@@ -2,12 +2,12 @@
 //! One pre-norm decoder layer shape, with features switched by `model_type`
 //! and config keys.
 
-use super::Translated;
 use super::geometry::{
     AttentionDims, Dims, Geometry, LayerDims, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN,
     MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
 };
-use crate::blocks::{Activation, Attention, Block, GatedMlp, Linear, Mixer, RmsNorm};
+use super::{Binder, NormStyle, Translated, output_head};
+use crate::blocks::{Activation, Attention, Block, Mixer};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
@@ -47,6 +47,11 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
     };
     let (n_heads, n_kv_heads, head_dim) = (dims.n_heads, dims.n_kv_heads, dims.head_dim);
     let eps = Dims::new(cfg).eps("rms_norm_eps", 1e-6)?;
+    let b = Binder {
+        store,
+        eps,
+        norms: NormStyle::Plain,
+    };
     match cfg.opt_str("hidden_act")?.unwrap_or("silu") {
         "silu" => {}
         other => {
@@ -73,46 +78,39 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
     };
     let mlp_bias = cfg.opt_bool("mlp_bias")?.unwrap_or(false);
 
-    let tensor = |name: &str| store.require(name);
-    let linear = |prefix: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
-        Ok(Linear::load(store, prefix, rows, cols, bias)?)
-    };
-    let norm =
-        |name: &str, dim: usize| -> Result<RmsNorm> { Ok(RmsNorm::new(tensor(name)?, dim, eps)?) };
-
     let mut blocks = Vec::with_capacity(g.layers.len());
     for i in 0..g.layers.len() {
         let p = format!("model.layers.{i}");
         let attention = Attention {
-            q: linear(
+            q: b.linear(
                 &format!("{p}.self_attn.q_proj"),
                 n_heads * head_dim,
                 hidden,
                 qkv_bias,
             )?,
-            k: linear(
+            k: b.linear(
                 &format!("{p}.self_attn.k_proj"),
                 n_kv_heads * head_dim,
                 hidden,
                 qkv_bias,
             )?,
-            v: linear(
+            v: b.linear(
                 &format!("{p}.self_attn.v_proj"),
                 n_kv_heads * head_dim,
                 hidden,
                 qkv_bias,
             )?,
-            o: linear(
+            o: b.linear(
                 &format!("{p}.self_attn.o_proj"),
                 hidden,
                 n_heads * head_dim,
                 o_bias,
             )?,
             q_norm: qk_norm
-                .then(|| norm(&format!("{p}.self_attn.q_norm.weight"), head_dim))
+                .then(|| b.norm(&format!("{p}.self_attn.q_norm.weight"), head_dim))
                 .transpose()?,
             k_norm: qk_norm
-                .then(|| norm(&format!("{p}.self_attn.k_norm.weight"), head_dim))
+                .then(|| b.norm(&format!("{p}.self_attn.k_norm.weight"), head_dim))
                 .transpose()?,
             n_heads,
             n_kv_heads,
@@ -123,42 +121,27 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
             window: None,
         };
         blocks.push(Block {
-            mixer_norm: norm(&format!("{p}.input_layernorm.weight"), hidden)?,
+            mixer_norm: b.norm(&format!("{p}.input_layernorm.weight"), hidden)?,
             mixer: Mixer::Attention(attention),
             post_mixer_norm: None,
-            mlp_norm: norm(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
-            mlp: GatedMlp {
-                gate: linear(
-                    &format!("{p}.mlp.gate_proj"),
-                    intermediate,
-                    hidden,
-                    mlp_bias,
-                )?,
-                up: linear(&format!("{p}.mlp.up_proj"), intermediate, hidden, mlp_bias)?,
-                down: linear(
-                    &format!("{p}.mlp.down_proj"),
-                    hidden,
-                    intermediate,
-                    mlp_bias,
-                )?,
-                activation: Activation::Silu,
-            },
+            mlp_norm: b.norm(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
+            mlp: b.mlp(
+                &format!("{p}.mlp"),
+                ["gate_proj", "up_proj", "down_proj"],
+                (hidden, intermediate),
+                mlp_bias,
+                Activation::Silu,
+            )?,
             post_mlp_norm: None,
         });
     }
 
-    let embedding = linear("model.embed_tokens", vocab, hidden, false)?;
-    // Tied models reuse the embedding; some tied checkpoints still carry a copy.
-    let tied = cfg.opt_bool("tie_word_embeddings")?.unwrap_or(false);
-    let lm_head = if tied {
-        embedding.clone()
-    } else {
-        linear("lm_head", vocab, hidden, false)?
-    };
+    let embedding = b.linear("model.embed_tokens", vocab, hidden, false)?;
+    let lm_head = output_head(cfg, store, &embedding, "lm_head", false)?;
     Ok(Translated {
         embedding,
         blocks,
-        final_norm: norm("model.norm.weight", hidden)?,
+        final_norm: b.norm("model.norm.weight", hidden)?,
         lm_head,
         ropes: vec![Rope::new(&cfg.rope()?, head_dim)],
         embed_scale: None,

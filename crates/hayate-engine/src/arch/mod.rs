@@ -7,7 +7,7 @@ mod llama;
 mod qwen3_5;
 
 pub use self::geometry::Geometry;
-use crate::blocks::{Block, Linear, RmsNorm};
+use crate::blocks::{Activation, Block, GatedMlp, Linear, RmsNorm};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, Tensor, TensorStore};
@@ -143,7 +143,57 @@ pub(crate) fn conv_taps(tensor: &Tensor, channels: usize, kernel: usize) -> Resu
     Ok(taps)
 }
 
-/// The output head: the embedding when tied, else its own matrix.
+/// How a family's norms scale: by `w`, or by `1 + w` (zero-centred weights:
+/// Gemma, Qwen3.5).
+#[derive(Clone, Copy)]
+pub(crate) enum NormStyle {
+    Plain,
+    OnePlus,
+}
+
+/// The tensor lookups every translator makes, bound to one checkpoint.
+pub(crate) struct Binder<'a> {
+    pub store: &'a TensorStore,
+    /// Epsilon of the family's norms.
+    pub eps: f32,
+    pub norms: NormStyle,
+}
+
+impl Binder<'_> {
+    /// Linear layer `name` (`name.weight` or quantized tensors), `rows x cols`.
+    pub fn linear(&self, name: &str, rows: usize, cols: usize, bias: bool) -> Result<Linear> {
+        Ok(Linear::load(self.store, name, rows, cols, bias)?)
+    }
+
+    /// The family's norm over `dim` channels from tensor `name`.
+    pub fn norm(&self, name: &str, dim: usize) -> Result<RmsNorm> {
+        let weight = self.store.require(name)?;
+        Ok(match self.norms {
+            NormStyle::Plain => RmsNorm::new(weight, dim, self.eps)?,
+            NormStyle::OnePlus => RmsNorm::one_plus(weight, dim, self.eps)?,
+        })
+    }
+
+    /// A gated MLP of width `inter` from `{prefix}.{gate,up,down}` (names in that order).
+    pub fn mlp(
+        &self,
+        prefix: &str,
+        [gate, up, down]: [&str; 3],
+        (hidden, inter): (usize, usize),
+        bias: bool,
+        activation: Activation,
+    ) -> Result<GatedMlp> {
+        Ok(GatedMlp {
+            gate: self.linear(&format!("{prefix}.{gate}"), inter, hidden, bias)?,
+            up: self.linear(&format!("{prefix}.{up}"), inter, hidden, bias)?,
+            down: self.linear(&format!("{prefix}.{down}"), hidden, inter, bias)?,
+            activation,
+        })
+    }
+}
+
+/// The output head: the embedding when tied (some tied checkpoints still
+/// carry a copy, which is then ignored), else its own matrix.
 pub(crate) fn output_head(
     cfg: &HfConfig,
     store: &TensorStore,

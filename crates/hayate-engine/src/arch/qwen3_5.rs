@@ -10,11 +10,10 @@ use super::geometry::{
     MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
 };
 use super::{
-    Translated, conv_taps, layer_types_or_periodic, layers_by_type, output_head, text_model_names,
+    Binder, NormStyle, Translated, conv_taps, layer_types_or_periodic, layers_by_type, output_head,
+    text_model_names,
 };
-use crate::blocks::{
-    Activation, Attention, Block, GatedDeltaNet, GatedMlp, Linear, Mixer, RmsNorm,
-};
+use crate::blocks::{Activation, Attention, Block, GatedDeltaNet, Mixer, RmsNorm};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
@@ -71,6 +70,11 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
     let model_type = top.model_type()?;
     let (hidden, vocab, intermediate) = (g.hidden, g.vocab, g.intermediate);
     let eps = Dims::new(&cfg).eps("rms_norm_eps", 1e-6)?;
+    let b = Binder {
+        store,
+        eps,
+        norms: NormStyle::OnePlus,
+    };
     if let Some(act) = cfg.opt_str("hidden_act")?
         && act != "silu"
     {
@@ -91,12 +95,6 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
         .unwrap_or(0);
 
     let (model, head_name) = text_model_names(store);
-    let linear = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
-        Ok(Linear::load(store, name, rows, cols, bias)?)
-    };
-    let norm = |name: &str, dim: usize| -> Result<RmsNorm> {
-        Ok(RmsNorm::one_plus(store.require(name)?, dim, eps)?)
-    };
 
     let mut blocks = Vec::with_capacity(g.layers.len());
     for (i, layer) in g.layers.iter().enumerate() {
@@ -107,12 +105,12 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
                 let (n_heads, n_kv_heads, head_dim) =
                     (dims.n_heads, dims.n_kv_heads, dims.head_dim);
                 Mixer::Attention(Attention {
-                    q: linear(&format!("{a}.q_proj"), dims.q_rows(), hidden, bias)?,
-                    k: linear(&format!("{a}.k_proj"), dims.kv_dim(), hidden, bias)?,
-                    v: linear(&format!("{a}.v_proj"), dims.kv_dim(), hidden, bias)?,
-                    o: linear(&format!("{a}.o_proj"), hidden, dims.q_dim(), bias)?,
-                    q_norm: Some(norm(&format!("{a}.q_norm.weight"), head_dim)?),
-                    k_norm: Some(norm(&format!("{a}.k_norm.weight"), head_dim)?),
+                    q: b.linear(&format!("{a}.q_proj"), dims.q_rows(), hidden, bias)?,
+                    k: b.linear(&format!("{a}.k_proj"), dims.kv_dim(), hidden, bias)?,
+                    v: b.linear(&format!("{a}.v_proj"), dims.kv_dim(), hidden, bias)?,
+                    o: b.linear(&format!("{a}.o_proj"), hidden, dims.q_dim(), bias)?,
+                    q_norm: Some(b.norm(&format!("{a}.q_norm.weight"), head_dim)?),
+                    k_norm: Some(b.norm(&format!("{a}.k_norm.weight"), head_dim)?),
                     n_heads,
                     n_kv_heads,
                     head_dim,
@@ -137,11 +135,11 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
                     .require(&format!("{l}.A_log"))?
                     .vector_f32(n_v_heads)?;
                 Mixer::DeltaNet(GatedDeltaNet {
-                    qkv: linear(&format!("{l}.in_proj_qkv"), channels, hidden, false)?,
-                    z: linear(&format!("{l}.in_proj_z"), value_dim, hidden, false)?,
-                    b: linear(&format!("{l}.in_proj_b"), n_v_heads, hidden, false)?,
-                    a: linear(&format!("{l}.in_proj_a"), n_v_heads, hidden, false)?,
-                    out: linear(&format!("{l}.out_proj"), hidden, value_dim, false)?,
+                    qkv: b.linear(&format!("{l}.in_proj_qkv"), channels, hidden, false)?,
+                    z: b.linear(&format!("{l}.in_proj_z"), value_dim, hidden, false)?,
+                    b: b.linear(&format!("{l}.in_proj_b"), n_v_heads, hidden, false)?,
+                    a: b.linear(&format!("{l}.in_proj_a"), n_v_heads, hidden, false)?,
+                    out: b.linear(&format!("{l}.out_proj"), hidden, value_dim, false)?,
                     conv: conv_taps(
                         store.require(&format!("{l}.conv1d.weight"))?,
                         channels,
@@ -162,26 +160,27 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
             LayerDims::ShortConv(_) => unreachable!("qwen3_5 geometry has no short convolutions"),
         };
         blocks.push(Block {
-            mixer_norm: norm(&format!("{p}.input_layernorm.weight"), hidden)?,
+            mixer_norm: b.norm(&format!("{p}.input_layernorm.weight"), hidden)?,
             mixer,
             post_mixer_norm: None,
-            mlp_norm: norm(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
-            mlp: GatedMlp {
-                gate: linear(&format!("{p}.mlp.gate_proj"), intermediate, hidden, false)?,
-                up: linear(&format!("{p}.mlp.up_proj"), intermediate, hidden, false)?,
-                down: linear(&format!("{p}.mlp.down_proj"), hidden, intermediate, false)?,
-                activation: Activation::Silu,
-            },
+            mlp_norm: b.norm(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
+            mlp: b.mlp(
+                &format!("{p}.mlp"),
+                ["gate_proj", "up_proj", "down_proj"],
+                (hidden, intermediate),
+                false,
+                Activation::Silu,
+            )?,
             post_mlp_norm: None,
         });
     }
 
-    let embedding = linear(&format!("{model}.embed_tokens"), vocab, hidden, false)?;
+    let embedding = b.linear(&format!("{model}.embed_tokens"), vocab, hidden, false)?;
     let lm_head = output_head(&cfg, store, &embedding, &head_name, false)?;
     Ok(Translated {
         embedding,
         blocks,
-        final_norm: norm(&format!("{model}.norm.weight"), hidden)?,
+        final_norm: b.norm(&format!("{model}.norm.weight"), hidden)?,
         lm_head,
         ropes: vec![Rope::new(&rope_config, rotary_dim)],
         embed_scale: None,
