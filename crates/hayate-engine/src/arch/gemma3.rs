@@ -12,10 +12,10 @@ use super::geometry::{
     MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, positive,
 };
 use super::{
-    Binder, NormStyle, Translated, layer_types_or_periodic, layers_by_type, output_head,
-    text_model_names,
+    AttentionSpec, Binder, NormStyle, Translated, layer_types_or_periodic, layers_by_type,
+    output_head, text_model_names,
 };
-use crate::blocks::{Activation, Attention, Block, Mixer};
+use crate::blocks::{Activation, Block, Mixer};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
@@ -111,7 +111,6 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
         let LayerDims::Attention(dims) = layer else {
             unreachable!("gemma3 geometry has attention layers only")
         };
-        let (n_heads, n_kv_heads, head_dim) = (dims.n_heads, dims.n_kv_heads, dims.head_dim);
         rope_dim = dims.rotary_dim;
         let rope = if dims.window.is_some() {
             LOCAL_ROPE
@@ -120,21 +119,14 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
         };
         let p = format!("{model}.layers.{i}");
         let a = format!("{p}.self_attn");
-        let attention = Attention {
-            q: b.linear(&format!("{a}.q_proj"), n_heads * head_dim, hidden, bias)?,
-            k: b.linear(&format!("{a}.k_proj"), n_kv_heads * head_dim, hidden, bias)?,
-            v: b.linear(&format!("{a}.v_proj"), n_kv_heads * head_dim, hidden, bias)?,
-            o: b.linear(&format!("{a}.o_proj"), hidden, n_heads * head_dim, bias)?,
-            q_norm: Some(b.norm(&format!("{a}.q_norm.weight"), head_dim)?),
-            k_norm: Some(b.norm(&format!("{a}.k_norm.weight"), head_dim)?),
-            n_heads,
-            n_kv_heads,
-            head_dim,
+        let spec = AttentionSpec {
+            out: "o_proj",
+            qk_norms: Some(("q_norm", "k_norm")),
+            biases: (bias, bias),
             scale: (1.0 / query_scalar.sqrt()) as f32,
-            output_gate: false,
             rope,
-            window: dims.window,
         };
+        let attention = b.attention(&a, dims, hidden, spec)?;
         blocks.push(Block {
             mixer_norm: b.norm(&format!("{p}.input_layernorm.weight"), hidden)?,
             mixer: Mixer::Attention(attention),

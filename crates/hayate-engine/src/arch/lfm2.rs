@@ -6,8 +6,8 @@ use super::geometry::{
     AttentionDims, Dims, Geometry, LayerDims, MAX_CONV_KERNEL, MAX_HEADS, MAX_HIDDEN,
     MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, ShortConvDims, in_range, positive,
 };
-use super::{Binder, NormStyle, Translated, conv_taps, layers_by_type, output_head};
-use crate::blocks::{Activation, Attention, Block, Mixer, ShortConv};
+use super::{AttentionSpec, Binder, NormStyle, Translated, conv_taps, layers_by_type, output_head};
+use crate::blocks::{Activation, Block, Mixer, ShortConv};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
@@ -90,23 +90,15 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
         let mixer = match layer {
             LayerDims::Attention(dims) => {
                 let a = format!("{p}.self_attn");
-                let (n_heads, n_kv_heads) = (dims.n_heads, dims.n_kv_heads);
                 head_dim = dims.head_dim;
-                Mixer::Attention(Attention {
-                    q: b.linear(&format!("{a}.q_proj"), dims.q_dim(), hidden, false)?,
-                    k: b.linear(&format!("{a}.k_proj"), dims.kv_dim(), hidden, false)?,
-                    v: b.linear(&format!("{a}.v_proj"), dims.kv_dim(), hidden, false)?,
-                    o: b.linear(&format!("{a}.out_proj"), hidden, dims.q_dim(), false)?,
-                    q_norm: Some(b.norm(&format!("{a}.q_layernorm.weight"), head_dim)?),
-                    k_norm: Some(b.norm(&format!("{a}.k_layernorm.weight"), head_dim)?),
-                    n_heads,
-                    n_kv_heads,
-                    head_dim,
+                let spec = AttentionSpec {
+                    out: "out_proj",
+                    qk_norms: Some(("q_layernorm", "k_layernorm")),
+                    biases: (false, false),
                     scale: 1.0 / (head_dim as f32).sqrt(),
-                    output_gate: false,
                     rope: 0,
-                    window: None,
-                })
+                };
+                Mixer::Attention(b.attention(&a, dims, hidden, spec)?)
             }
             LayerDims::ShortConv(dims) => {
                 let kernel = dims.kernel;

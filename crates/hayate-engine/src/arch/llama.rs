@@ -6,8 +6,8 @@ use super::geometry::{
     AttentionDims, Dims, Geometry, LayerDims, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN,
     MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
 };
-use super::{Binder, NormStyle, Translated, output_head};
-use crate::blocks::{Activation, Attention, Block, Mixer};
+use super::{AttentionSpec, Binder, NormStyle, Translated, output_head};
+use crate::blocks::{Activation, Block, Mixer};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
@@ -45,7 +45,7 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
     let LayerDims::Attention(dims) = &g.layers[0] else {
         unreachable!("llama geometry has attention layers only")
     };
-    let (n_heads, n_kv_heads, head_dim) = (dims.n_heads, dims.n_kv_heads, dims.head_dim);
+    let head_dim = dims.head_dim;
     let eps = Dims::new(cfg).eps("rms_norm_eps", 1e-6)?;
     let b = Binder {
         store,
@@ -81,45 +81,14 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
     let mut blocks = Vec::with_capacity(g.layers.len());
     for i in 0..g.layers.len() {
         let p = format!("model.layers.{i}");
-        let attention = Attention {
-            q: b.linear(
-                &format!("{p}.self_attn.q_proj"),
-                n_heads * head_dim,
-                hidden,
-                qkv_bias,
-            )?,
-            k: b.linear(
-                &format!("{p}.self_attn.k_proj"),
-                n_kv_heads * head_dim,
-                hidden,
-                qkv_bias,
-            )?,
-            v: b.linear(
-                &format!("{p}.self_attn.v_proj"),
-                n_kv_heads * head_dim,
-                hidden,
-                qkv_bias,
-            )?,
-            o: b.linear(
-                &format!("{p}.self_attn.o_proj"),
-                hidden,
-                n_heads * head_dim,
-                o_bias,
-            )?,
-            q_norm: qk_norm
-                .then(|| b.norm(&format!("{p}.self_attn.q_norm.weight"), head_dim))
-                .transpose()?,
-            k_norm: qk_norm
-                .then(|| b.norm(&format!("{p}.self_attn.k_norm.weight"), head_dim))
-                .transpose()?,
-            n_heads,
-            n_kv_heads,
-            head_dim,
+        let spec = AttentionSpec {
+            out: "o_proj",
+            qk_norms: qk_norm.then_some(("q_norm", "k_norm")),
+            biases: (qkv_bias, o_bias),
             scale: 1.0 / (head_dim as f32).sqrt(),
-            output_gate: false,
             rope: 0,
-            window: None,
         };
+        let attention = b.attention(&format!("{p}.self_attn"), dims, hidden, spec)?;
         blocks.push(Block {
             mixer_norm: b.norm(&format!("{p}.input_layernorm.weight"), hidden)?,
             mixer: Mixer::Attention(attention),

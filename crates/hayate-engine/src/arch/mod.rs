@@ -7,7 +7,7 @@ mod llama;
 mod qwen3_5;
 
 pub use self::geometry::Geometry;
-use crate::blocks::{Activation, Block, GatedMlp, Linear, RmsNorm};
+use crate::blocks::{Activation, Attention, Block, GatedMlp, Linear, RmsNorm};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, Tensor, TensorStore};
@@ -151,6 +151,22 @@ pub(crate) enum NormStyle {
     OnePlus,
 }
 
+/// How a family's attention differs beyond its sizes: tensor names besides
+/// `{q,k,v}_proj`, biases, score scale and rotary table.
+#[derive(Clone, Copy)]
+pub(crate) struct AttentionSpec {
+    /// The output projection (`o_proj`, `out_proj`).
+    pub out: &'static str,
+    /// The per-head query and key norms, if the family has them.
+    pub qk_norms: Option<(&'static str, &'static str)>,
+    /// Whether q, k and v have biases, and whether the output has one.
+    pub biases: (bool, bool),
+    /// Score scale.
+    pub scale: f32,
+    /// Index of the layer's rotary table.
+    pub rope: usize,
+}
+
 /// The tensor lookups every translator makes, bound to one checkpoint.
 pub(crate) struct Binder<'a> {
     pub store: &'a TensorStore,
@@ -171,6 +187,43 @@ impl Binder<'_> {
         Ok(match self.norms {
             NormStyle::Plain => RmsNorm::new(weight, dim, self.eps)?,
             NormStyle::OnePlus => RmsNorm::one_plus(weight, dim, self.eps)?,
+        })
+    }
+
+    /// Attention of sizes `dims` from `{prefix}.{q,k,v}_proj` and
+    /// `{prefix}.{spec.out}`, with the q/k norms `spec.qk_norms` if any.
+    pub fn attention(
+        &self,
+        prefix: &str,
+        dims: &geometry::AttentionDims,
+        hidden: usize,
+        spec: AttentionSpec,
+    ) -> Result<Attention> {
+        let head_dim = dims.head_dim;
+        let (qkv_bias, out_bias) = spec.biases;
+        let qk_norm = |name: Option<&str>| {
+            name.map(|n| self.norm(&format!("{prefix}.{n}.weight"), head_dim))
+                .transpose()
+        };
+        Ok(Attention {
+            q: self.linear(&format!("{prefix}.q_proj"), dims.q_rows(), hidden, qkv_bias)?,
+            k: self.linear(&format!("{prefix}.k_proj"), dims.kv_dim(), hidden, qkv_bias)?,
+            v: self.linear(&format!("{prefix}.v_proj"), dims.kv_dim(), hidden, qkv_bias)?,
+            o: self.linear(
+                &format!("{prefix}.{}", spec.out),
+                hidden,
+                dims.q_dim(),
+                out_bias,
+            )?,
+            q_norm: qk_norm(spec.qk_norms.map(|(q, _)| q))?,
+            k_norm: qk_norm(spec.qk_norms.map(|(_, k)| k))?,
+            n_heads: dims.n_heads,
+            n_kv_heads: dims.n_kv_heads,
+            head_dim,
+            scale: spec.scale,
+            output_gate: dims.output_gate,
+            rope: spec.rope,
+            window: dims.window,
         })
     }
 

@@ -10,10 +10,10 @@ use super::geometry::{
     MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
 };
 use super::{
-    Binder, NormStyle, Translated, conv_taps, layer_types_or_periodic, layers_by_type, output_head,
-    text_model_names,
+    AttentionSpec, Binder, NormStyle, Translated, conv_taps, layer_types_or_periodic,
+    layers_by_type, output_head, text_model_names,
 };
-use crate::blocks::{Activation, Attention, Block, GatedDeltaNet, Mixer, RmsNorm};
+use crate::blocks::{Activation, Block, GatedDeltaNet, Mixer, RmsNorm};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
@@ -102,23 +102,14 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
         let mixer = match layer {
             LayerDims::Attention(dims) => {
                 let a = format!("{p}.self_attn");
-                let (n_heads, n_kv_heads, head_dim) =
-                    (dims.n_heads, dims.n_kv_heads, dims.head_dim);
-                Mixer::Attention(Attention {
-                    q: b.linear(&format!("{a}.q_proj"), dims.q_rows(), hidden, bias)?,
-                    k: b.linear(&format!("{a}.k_proj"), dims.kv_dim(), hidden, bias)?,
-                    v: b.linear(&format!("{a}.v_proj"), dims.kv_dim(), hidden, bias)?,
-                    o: b.linear(&format!("{a}.o_proj"), hidden, dims.q_dim(), bias)?,
-                    q_norm: Some(b.norm(&format!("{a}.q_norm.weight"), head_dim)?),
-                    k_norm: Some(b.norm(&format!("{a}.k_norm.weight"), head_dim)?),
-                    n_heads,
-                    n_kv_heads,
-                    head_dim,
-                    scale: 1.0 / (head_dim as f32).sqrt(),
-                    output_gate: true,
+                let spec = AttentionSpec {
+                    out: "o_proj",
+                    qk_norms: Some(("q_norm", "k_norm")),
+                    biases: (bias, bias),
+                    scale: 1.0 / (dims.head_dim as f32).sqrt(),
                     rope: 0,
-                    window: None,
-                })
+                };
+                Mixer::Attention(b.attention(&a, dims, hidden, spec)?)
             }
             LayerDims::DeltaNet(dims) => {
                 let l = format!("{p}.linear_attn");
