@@ -1,6 +1,6 @@
 //! A loaded model: its blocks, its files, and the threads that run it.
 
-use crate::arch::{self, Geometry, Translated};
+use crate::arch::{self, Translated};
 use crate::blocks::Linear;
 use crate::forward::{PREFILL_CHUNK, Scratch};
 use crate::quantize::{QuantReport, QuantSpec, quantize_parts};
@@ -100,8 +100,6 @@ pub struct Model {
     pub(crate) id: u64,
     /// What the model is.
     pub info: ModelInfo,
-    /// Every size derived from the config, checked.
-    pub geometry: Geometry,
     /// Its `config.json`.
     pub config: HfConfig,
     /// Its `generation_config.json` (defaults when absent).
@@ -154,7 +152,6 @@ impl Model {
         Ok(Model {
             id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
             info,
-            geometry,
             config,
             generation,
             parts,

@@ -53,8 +53,13 @@ impl Budget {
     }
 }
 
-/// Total physical memory in bytes (Linux: `MemTotal`).
+/// Total physical memory in bytes (Linux: `MemTotal`), read once.
 fn physical_memory() -> Option<usize> {
+    static TOTAL: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *TOTAL.get_or_init(read_mem_total)
+}
+
+fn read_mem_total() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib: usize = info
         .lines()

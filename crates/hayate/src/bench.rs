@@ -17,25 +17,17 @@ pub struct BenchArgs {
         short = 'p',
         long = "n-prompt",
         value_name = "N",
-        allow_negative_numbers = true,
         default_value_t = 512
     )]
     n_prompt: usize,
     /// Tokens to generate (0 skips the test).
-    #[arg(
-        short = 'n',
-        long = "n-gen",
-        value_name = "N",
-        allow_negative_numbers = true,
-        default_value_t = 128
-    )]
+    #[arg(short = 'n', long = "n-gen", value_name = "N", default_value_t = 128)]
     n_gen: usize,
     /// Repetitions of each test.
     #[arg(
         short = 'r',
         long = "repetitions",
         value_name = "N",
-        allow_negative_numbers = true,
         default_value_t = 5
     )]
     repetitions: usize,
@@ -219,21 +211,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
             (report.read_bandwidth_bytes_s, report.decode_ceiling_tok_s)
         {
             let share = tg.mean_tok_s / ceiling;
-            if share <= 1.0 {
-                println!(
-                    "memory reads at {:.1} GB/s: ceiling {:.2} tok/s; decode reaches {:.0}% of it",
-                    bw / 1e9,
-                    ceiling,
-                    100.0 * share
-                );
+            let verdict = if share <= 1.0 {
+                format!("decode reaches {:.0}% of it", 100.0 * share)
             } else {
-                println!(
-                    "memory reads at {:.1} GB/s: ceiling {:.2} tok/s; decode is {:.1}x faster, so the weights are read from cache and the memory ceiling does not apply",
-                    bw / 1e9,
-                    ceiling,
-                    share
-                );
-            }
+                format!(
+                    "decode is {share:.1}x faster, so the weights are read from cache and the memory ceiling does not apply"
+                )
+            };
+            println!(
+                "memory reads at {:.1} GB/s: ceiling {ceiling:.2} tok/s; {verdict}",
+                bw / 1e9
+            );
         }
     }
     println!("peak RSS {}", mib(report.peak_rss_bytes));

@@ -16,12 +16,7 @@ pub struct ChatArgs {
     #[arg(long, value_name = "TEXT")]
     system: Option<String>,
     /// Most tokens per reply.
-    #[arg(
-        long,
-        value_name = "N",
-        allow_negative_numbers = true,
-        default_value_t = 1024
-    )]
+    #[arg(long, value_name = "N", default_value_t = 1024)]
     max_tokens: usize,
     #[command(flatten)]
     sampling: SamplingArgs,

@@ -15,15 +15,10 @@ pub struct ModelArgs {
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
     /// Threads for the kernels (default: one per core; more than the cores are capped).
-    #[arg(
-        long,
-        value_name = "N",
-        allow_negative_numbers = true,
-        default_value_t = 0
-    )]
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
     /// Context length in tokens (default: the model's maximum, at most 4096).
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    #[arg(long, value_name = "N")]
     pub ctx_size: Option<usize>,
     /// Quantize the float weights in memory at load.
     #[arg(long, value_name = "FORMAT")]
@@ -76,12 +71,7 @@ pub enum ActivationsArg {
 #[derive(Args, Clone, Debug)]
 pub struct QuantArgs {
     /// Inputs per quantization group: 32, 64 or 128.
-    #[arg(
-        long,
-        value_name = "G",
-        allow_negative_numbers = true,
-        default_value_t = 32
-    )]
+    #[arg(long, value_name = "G", default_value_t = 32)]
     pub group_size: usize,
     /// Quantize without the block Hadamard rotation (for comparisons).
     #[arg(long)]
@@ -90,7 +80,7 @@ pub struct QuantArgs {
     #[arg(long, value_name = "E", default_value = "bf16")]
     pub embeddings: EmbeddingsArg,
     /// Seed of the rotation signs.
-    #[arg(long, value_name = "S", allow_negative_numbers = true, default_value_t = hayate_engine::quantize::DEFAULT_SEED)]
+    #[arg(long, value_name = "S", default_value_t = hayate_engine::quantize::DEFAULT_SEED)]
     pub rotation_seed: u64,
 }
 
@@ -155,22 +145,22 @@ impl ModelArgs {
 #[derive(Args, Clone, Debug)]
 pub struct SamplingArgs {
     /// Temperature; 0 is greedy (default: the model's, greedy if it does not sample).
-    #[arg(long, value_name = "T", allow_negative_numbers = true)]
+    #[arg(long, value_name = "T")]
     pub temperature: Option<f32>,
     /// Keep only the K most likely tokens (0: off).
-    #[arg(long, value_name = "K", allow_negative_numbers = true)]
+    #[arg(long, value_name = "K")]
     pub top_k: Option<usize>,
     /// Nucleus sampling threshold (1: off).
-    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    #[arg(long, value_name = "P")]
     pub top_p: Option<f32>,
     /// Drop tokens less likely than P times the most likely (0: off).
-    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    #[arg(long, value_name = "P")]
     pub min_p: Option<f32>,
     /// Penalty for tokens already in the sequence (1: off).
-    #[arg(long, value_name = "R", allow_negative_numbers = true)]
+    #[arg(long, value_name = "R")]
     pub repeat_penalty: Option<f32>,
     /// Seed of the sampling noise (default: from the clock; printed with the stats).
-    #[arg(long, value_name = "S", allow_negative_numbers = true)]
+    #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
 }
 

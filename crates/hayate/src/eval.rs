@@ -40,15 +40,10 @@ pub struct EvalArgs {
     #[arg(long, value_name = "FILE")]
     data: PathBuf,
     /// Input tokens per window; each window starts from an empty context.
-    #[arg(
-        long,
-        value_name = "N",
-        allow_negative_numbers = true,
-        default_value_t = 512
-    )]
+    #[arg(long, value_name = "N", default_value_t = 512)]
     context: usize,
     /// Keep only the first N tokens of the data.
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    #[arg(long, value_name = "N")]
     max_tokens: Option<usize>,
     /// Print one JSON object instead of a table.
     #[arg(long)]

@@ -23,7 +23,7 @@ pub struct LogitsArgs {
     #[arg(long, conflicts_with = "chunk")]
     incremental: bool,
     /// Prefill in chunks of N tokens through the KV cache.
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    #[arg(long, value_name = "N")]
     chunk: Option<usize>,
 }
 

@@ -8,7 +8,7 @@ mod logits;
 mod quantize;
 mod run;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Run open large language models on this machine: fast, private, offline.
 #[derive(Parser)]
@@ -37,8 +37,24 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
 }
 
+/// Parses the command line. Every option that takes a value accepts a
+/// negative number, so that `--temperature -1` or `--top-k -3` reaches the
+/// value's own check and its message rather than being read as a flag.
+fn parse() -> Result<Cli, clap::Error> {
+    let command = Cli::command().mut_subcommands(|sub| {
+        sub.mut_args(|arg| {
+            if arg.get_action().takes_values() {
+                arg.allow_negative_numbers(true)
+            } else {
+                arg
+            }
+        })
+    });
+    Cli::from_arg_matches(&command.try_get_matches()?)
+}
+
 fn main() {
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {

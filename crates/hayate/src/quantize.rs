@@ -30,12 +30,7 @@ pub struct QuantizeArgs {
     #[arg(long)]
     force: bool,
     /// Threads (default: one per core).
-    #[arg(
-        long,
-        value_name = "N",
-        allow_negative_numbers = true,
-        default_value_t = 0
-    )]
+    #[arg(long, value_name = "N", default_value_t = 0)]
     threads: usize,
 }
 

@@ -15,7 +15,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "TEXT")]
     prompt: String,
     /// Most tokens to generate (default: the model's max_new_tokens, else 256).
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    #[arg(long, value_name = "N")]
     max_tokens: Option<usize>,
     /// Feed the prompt as is, without the chat template.
     #[arg(long)]

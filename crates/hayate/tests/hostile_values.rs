@@ -291,7 +291,7 @@ fn hostile_config_values_in_a_quantized_checkpoint() {
             (|c| set(c, "intermediate_size", json!(96)), &["mlp", "96"]),
             (
                 |c| set(c, "max_position_embeddings", json!(0)),
-                &["max_position_embeddings"],
+                &["max_position_embeddings", "is 0"],
             ),
         ];
         for (edit, needles) in cases {

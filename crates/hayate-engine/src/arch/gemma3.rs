@@ -105,13 +105,11 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
 
     let (model, head_name) = text_model_names(store);
 
-    let mut rope_dim = 0;
     let mut blocks = Vec::with_capacity(g.layers.len());
     for (i, layer) in g.layers.iter().enumerate() {
         let LayerDims::Attention(dims) = layer else {
             unreachable!("gemma3 geometry has attention layers only")
         };
-        rope_dim = dims.rotary_dim;
         let rope = if dims.window.is_some() {
             LOCAL_ROPE
         } else {
@@ -150,7 +148,10 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
         blocks,
         final_norm: b.norm(&format!("{model}.norm.weight"), hidden)?,
         lm_head,
-        ropes: vec![Rope::new(&local, rope_dim), Rope::new(&global, rope_dim)],
+        ropes: vec![
+            Rope::new(&local, g.rotary_dim()),
+            Rope::new(&global, g.rotary_dim()),
+        ],
         embed_scale: Some((hidden as f32).sqrt()),
         logit_softcap: softcap.map(|c| c as f32),
         hidden,

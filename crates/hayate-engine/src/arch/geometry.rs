@@ -240,6 +240,15 @@ pub struct ShortConvDims {
     pub kernel: usize,
 }
 
+impl ShortConvDims {
+    /// Checks the sizes.
+    pub fn new(channels: usize, kernel: usize) -> Result<Self> {
+        in_range("hidden_size", channels, MAX_HIDDEN)?;
+        in_range("conv_L_cache", kernel, MAX_CONV_KERNEL)?;
+        Ok(ShortConvDims { channels, kernel })
+    }
+}
+
 /// What one layer mixes with, and its sizes.
 #[derive(Clone, Debug, PartialEq)]
 pub enum LayerDims {
@@ -280,24 +289,37 @@ impl Geometry {
         in_range("intermediate_size", intermediate, MAX_INTERMEDIATE)?;
         in_range("max_position_embeddings", max_positions, MAX_POSITIONS)?;
         in_range("num_hidden_layers", layers.len(), MAX_LAYERS)?;
-        for layer in &layers {
-            if let LayerDims::ShortConv(c) = layer {
-                in_range("conv_L_cache", c.kernel, MAX_CONV_KERNEL)?;
-                in_range("hidden_size", c.channels, MAX_HIDDEN)?;
-            }
-        }
-        Ok(Geometry {
+        let geometry = Geometry {
             hidden,
             vocab,
             intermediate,
             max_positions,
             layers,
-        })
+        };
+        // The bounds keep this far from overflowing; checked all the same,
+        // since every later size is a product of these.
+        if geometry.matrix_params().is_none() {
+            return Err(EngineError::Config(
+                "the model's matrices are too large to address".into(),
+            ));
+        }
+        Ok(geometry)
+    }
+
+    /// Rotated dimensions per head of the attention layers (the families here
+    /// use one width for all of them); 0 when no layer is attention.
+    pub fn rotary_dim(&self) -> usize {
+        self.layers
+            .iter()
+            .find_map(|l| match l {
+                LayerDims::Attention(a) => Some(a.rotary_dim),
+                _ => None,
+            })
+            .unwrap_or(0)
     }
 
     /// Parameters of the layers' matrices and the embedding, counted with
-    /// checked arithmetic (the bounds above keep it far from overflowing;
-    /// this is the proof).
+    /// checked arithmetic.
     pub fn matrix_params(&self) -> Option<usize> {
         let h = self.hidden;
         let mut total = self.vocab.checked_mul(h)?;

@@ -27,10 +27,7 @@ pub fn geometry(cfg: &HfConfig) -> Result<Geometry> {
     }
     let head_dim = hidden / n_heads;
     let attention = AttentionDims::new(n_heads, n_kv_heads, head_dim, head_dim, false, None)?;
-    let conv = ShortConvDims {
-        channels: hidden,
-        kernel: d.optional("conv_L_cache", 3, MAX_CONV_KERNEL)?,
-    };
+    let conv = ShortConvDims::new(hidden, d.optional("conv_L_cache", 3, MAX_CONV_KERNEL)?)?;
     let layer_types = match cfg.layer_types(n_layers)? {
         Some(t) => t,
         None => {
@@ -83,19 +80,17 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
     let conv_bias = cfg.opt_bool("conv_bias")?.unwrap_or(false);
     let rope = cfg.rope_for_layer_type("full_attention", None, 1e6)?;
 
-    let mut head_dim = 0;
     let mut blocks = Vec::with_capacity(g.layers.len());
     for (i, layer) in g.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
         let mixer = match layer {
             LayerDims::Attention(dims) => {
                 let a = format!("{p}.self_attn");
-                head_dim = dims.head_dim;
                 let spec = AttentionSpec {
                     out: "out_proj",
                     qk_norms: Some(("q_layernorm", "k_layernorm")),
                     biases: (false, false),
-                    scale: 1.0 / (head_dim as f32).sqrt(),
+                    scale: 1.0 / (dims.head_dim as f32).sqrt(),
                     rope: 0,
                 };
                 Mixer::Attention(b.attention(&a, dims, hidden, spec)?)
@@ -140,7 +135,7 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
         blocks,
         final_norm: b.norm("model.embedding_norm.weight", hidden)?,
         lm_head,
-        ropes: vec![Rope::new(&rope, head_dim)],
+        ropes: vec![Rope::new(&rope, g.rotary_dim())],
         embed_scale: None,
         logit_softcap: None,
         hidden,

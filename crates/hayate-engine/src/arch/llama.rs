@@ -112,7 +112,7 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
         blocks,
         final_norm: b.norm("model.norm.weight", hidden)?,
         lm_head,
-        ropes: vec![Rope::new(&cfg.rope()?, head_dim)],
+        ropes: vec![Rope::new(&cfg.rope()?, g.rotary_dim())],
         embed_scale: None,
         logit_softcap: None,
         hidden,

@@ -84,15 +84,6 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
     }
     let bias = cfg.opt_bool("attention_bias")?.unwrap_or(false);
     let rope_config = cfg.rope()?;
-    // Every attention layer rotates the same share (none without attention).
-    let rotary_dim = g
-        .layers
-        .iter()
-        .find_map(|l| match l {
-            LayerDims::Attention(a) => Some(a.rotary_dim),
-            _ => None,
-        })
-        .unwrap_or(0);
 
     let (model, head_name) = text_model_names(store);
 
@@ -173,7 +164,7 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
         blocks,
         final_norm: b.norm(&format!("{model}.norm.weight"), hidden)?,
         lm_head,
-        ropes: vec![Rope::new(&rope_config, rotary_dim)],
+        ropes: vec![Rope::new(&rope_config, g.rotary_dim())],
         embed_scale: None,
         logit_softcap: None,
         hidden,
