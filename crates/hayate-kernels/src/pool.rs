@@ -261,6 +261,15 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
+    /// A plain job still runs once on each of the pool's threads.
+    fn assert_runs_on_every_thread(pool: &ThreadPool) {
+        let count = AtomicUsize::new(0);
+        pool.run(&|_, _| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), pool.n_threads());
+    }
+
     #[test]
     fn every_thread_runs_each_job_once() {
         let pool = ThreadPool::new(3).unwrap();
@@ -295,11 +304,7 @@ mod tests {
             })
         }));
         assert!(result.is_err());
-        let count = AtomicUsize::new(0);
-        pool.run(&|_, _| {
-            count.fetch_add(1, Ordering::Relaxed);
-        });
-        assert_eq!(count.load(Ordering::Relaxed), 2);
+        assert_runs_on_every_thread(&pool);
     }
 
     #[test]
@@ -333,11 +338,7 @@ mod tests {
         let result = catch_unwind(AssertUnwindSafe(|| pool.run(&|_, _| panic!("both"))));
         assert!(result.is_err());
         // The next job is not blamed for the worker's panic.
-        let count = AtomicUsize::new(0);
-        pool.run(&|_, _| {
-            count.fetch_add(1, Ordering::Relaxed);
-        });
-        assert_eq!(count.load(Ordering::Relaxed), 2);
+        assert_runs_on_every_thread(&pool);
     }
 
     #[test]
@@ -353,11 +354,7 @@ mod tests {
         // Each of the two threads ran the inner job alone.
         assert_eq!(inner_calls.load(Ordering::Relaxed), 2);
         // And the pool still runs ordinary jobs on both threads.
-        let count = AtomicUsize::new(0);
-        pool.run(&|_, _| {
-            count.fetch_add(1, Ordering::Relaxed);
-        });
-        assert_eq!(count.load(Ordering::Relaxed), 2);
+        assert_runs_on_every_thread(&pool);
     }
 
     #[test]
