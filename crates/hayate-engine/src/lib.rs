@@ -35,10 +35,11 @@
 //!   or beside others.
 
 pub mod arch;
-pub mod blocks;
+mod budget;
 mod error;
 mod forward;
 pub mod generate;
+pub mod layers;
 pub mod linear;
 pub mod model;
 pub mod quantize;

@@ -1,9 +1,10 @@
-//! Linear layers over float or quantized weights.
+//! Linear layers over float or quantized weights, and the products that run them.
 
 use hayate_formats::{FormatError, QuantTensors, Result, Tensor, TensorStore};
 use hayate_kernels::hadamard::{BLOCK, hadamard_blocks};
-use hayate_kernels::quant::{QuantMatRef, QuantizedMatrix, Rotation};
-use hayate_kernels::{Isa, MatRef};
+use hayate_kernels::quant::{QuantJob, QuantMatRef, QuantizedMatrix, Rotation, qmatmul_many};
+use hayate_kernels::{ActPrecision, Isa, MatRef, MatmulJob, ThreadPool, WeightSlice, matmul_many};
+use std::ops::Range;
 use std::sync::Arc;
 
 thread_local! {
@@ -27,11 +28,47 @@ pub struct Signs {
     pub sign_out: Arc<[f32]>,
 }
 
+/// Floats in a checkpoint's dtype, copied out of it (rows regrouped at load).
+#[derive(Clone)]
+enum OwnedFloats {
+    F32(Arc<[f32]>),
+    Bf16(Arc<[u16]>),
+    F16(Arc<[u16]>),
+}
+
+impl OwnedFloats {
+    fn slice(&self) -> WeightSlice<'_> {
+        match self {
+            OwnedFloats::F32(v) => WeightSlice::F32(v),
+            OwnedFloats::Bf16(v) => WeightSlice::Bf16(v),
+            OwnedFloats::F16(v) => WeightSlice::F16(v),
+        }
+    }
+
+    /// The rows `ranges` of `m`, in that order.
+    fn gather(m: &MatRef<'_>, ranges: &[Range<usize>]) -> Self {
+        fn pick<T: Copy>(data: &[T], cols: usize, ranges: &[Range<usize>]) -> Arc<[T]> {
+            ranges
+                .iter()
+                .flat_map(|r| &data[r.start * cols..r.end * cols])
+                .copied()
+                .collect()
+        }
+        match m.data {
+            WeightSlice::F32(d) => OwnedFloats::F32(pick(d, m.cols, ranges)),
+            WeightSlice::Bf16(d) => OwnedFloats::Bf16(pick(d, m.cols, ranges)),
+            WeightSlice::F16(d) => OwnedFloats::F16(pick(d, m.cols, ranges)),
+        }
+    }
+}
+
 /// The weights of a linear layer.
 #[derive(Clone)]
 enum LinearWeight {
     /// Floats in their stored dtype, memory-mapped.
     Dense(Tensor),
+    /// Floats in their stored dtype, some rows of a stored matrix.
+    Gathered(OwnedFloats),
     /// q4 or q8 codes, with their signs when rotated.
     Quant {
         data: QuantData,
@@ -44,6 +81,9 @@ enum LinearWeight {
 pub struct Linear {
     /// Name in the checkpoint, without `.weight` (e.g. `model.layers.0.mlp.up_proj`).
     pub name: String,
+    /// The stored matrix it was read from: `name`, unless the translator
+    /// took these rows out of a larger one (then quantizing replaces that).
+    pub source: String,
     weight: LinearWeight,
     /// Output features.
     pub rows: usize,
@@ -97,6 +137,7 @@ impl Linear {
         };
         Ok(Linear {
             name: name.to_owned(),
+            source: name.to_owned(),
             weight,
             rows,
             cols,
@@ -115,6 +156,36 @@ impl Linear {
         }
     }
 
+    /// A layer `name` of the rows `ranges` of this float layer, in that
+    /// order (a translator regrouping rows the checkpoint interleaves).
+    /// Quantized weights cannot be regrouped: their rotation mixes rows.
+    pub fn gather_rows(&self, name: &str, ranges: &[Range<usize>]) -> Result<Self> {
+        let bad = |message: String| FormatError::BadTensor {
+            name: self.name.clone(),
+            message,
+        };
+        let Some(m) = self.dense() else {
+            return Err(bad(
+                "was quantized before its rows were regrouped at load; quantize the original checkpoint again"
+                    .into(),
+            ));
+        };
+        if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > self.rows) {
+            return Err(bad(format!("rows {r:?} outside its {} rows", self.rows)));
+        }
+        let pick = |v: &[f32]| -> Vec<f32> {
+            ranges.iter().flat_map(|r| &v[r.clone()]).copied().collect()
+        };
+        Ok(Linear {
+            name: name.to_owned(),
+            source: self.source.clone(),
+            weight: LinearWeight::Gathered(OwnedFloats::gather(&m, ranges)),
+            rows: ranges.iter().map(|r| r.len()).sum(),
+            cols: self.cols,
+            bias: self.bias.as_deref().map(pick),
+        })
+    }
+
     /// The float weights, if the layer has them.
     pub fn dense(&self) -> Option<MatRef<'_>> {
         match &self.weight {
@@ -122,6 +193,9 @@ impl Linear {
                 t.matrix(self.rows, self.cols)
                     .expect("shape and dtype validated at load"),
             ),
+            LinearWeight::Gathered(owned) => {
+                Some(MatRef::new(owned.slice(), self.rows, self.cols).expect("sized when gathered"))
+            }
             LinearWeight::Quant { .. } => None,
         }
     }
@@ -129,7 +203,9 @@ impl Linear {
     /// The weights as the kernels take them.
     pub fn kernel(&self) -> LinearKernel<'_> {
         match &self.weight {
-            LinearWeight::Dense(_) => LinearKernel::Dense(self.dense().expect("dense")),
+            LinearWeight::Dense(_) | LinearWeight::Gathered(_) => {
+                LinearKernel::Dense(self.dense().expect("dense"))
+            }
             LinearWeight::Quant { data, signs } => {
                 let view = match data {
                     QuantData::Mapped(t) => t.view().expect("layout validated at load"),
@@ -203,6 +279,64 @@ impl Linear {
                     *v += b;
                 }
             }
+        }
+    }
+}
+
+/// What the products run on: the kernel threads, the instruction set, and
+/// how activations enter quantized products.
+#[derive(Clone, Copy)]
+pub(crate) struct Compute<'a> {
+    pub pool: &'a ThreadPool,
+    pub isa: Isa,
+    pub precision: ActPrecision,
+}
+
+impl Compute<'_> {
+    /// `y_i = x · W_iᵀ (+ b_i)` for layers that share the input `x` (`n`
+    /// rows): one fused product when their weights allow it, else one each.
+    pub fn project<const N: usize>(&self, jobs: [(&Linear, &mut [f32]); N], x: &[f32], n: usize) {
+        let layers = jobs.each_ref().map(|(l, _)| *l);
+        if layers.iter().all(|l| l.dense().is_some()) {
+            let mut dense = jobs.map(|(l, y)| MatmulJob {
+                w: l.dense().expect("checked above"),
+                y,
+            });
+            matmul_many(self.pool, self.isa, &mut dense, x, n);
+            for (l, job) in layers.iter().zip(&mut dense) {
+                l.add_bias(job.y, n);
+            }
+            return;
+        }
+        if layers.iter().all(|l| l.dense().is_none()) {
+            let signs_in = layers.map(|l| l.sign_in());
+            let mut quant = jobs.map(|(l, y)| {
+                let LinearKernel::Quant(w, rotation) = l.kernel() else {
+                    unreachable!("checked above")
+                };
+                QuantJob {
+                    w,
+                    sign_out: rotation.map(|r| r.sign_out),
+                    y,
+                }
+            });
+            // One fused product per run of layers sharing `S_in` (a group
+            // may mix rotated matrices with small unrotated ones).
+            let mut first = 0;
+            while first < N {
+                let sign_in = signs_in[first];
+                let end = (first..N).find(|&i| signs_in[i] != sign_in).unwrap_or(N);
+                let run = &mut quant[first..end];
+                qmatmul_many(self.pool, self.isa, self.precision, run, sign_in, x, n);
+                first = end;
+            }
+            for (l, job) in layers.iter().zip(&mut quant) {
+                l.add_bias(job.y, n);
+            }
+            return;
+        }
+        for (l, y) in jobs {
+            self.project([(l, y)], x, n);
         }
     }
 }

@@ -1,10 +1,11 @@
 //! A loaded model: its blocks, its files, and the threads that run it.
 
 use crate::arch::{self, Translated};
-use crate::blocks::Linear;
-use crate::forward::{PREFILL_CHUNK, Scratch};
-use crate::quantize::{QuantReport, QuantSpec, quantize_parts};
-use crate::state::{Budget, InferenceState};
+use crate::budget::{Budget, StateShape};
+use crate::layers::Scratch;
+use crate::linear::Linear;
+use crate::quantize::{QuantReport, QuantSpec, quantize_parts, write_quantized};
+use crate::state::InferenceState;
 use crate::{EngineError, Result};
 use hayate_formats::{GenerationConfig, HfConfig, TensorStore};
 use hayate_kernels::{ActPrecision, Isa, ThreadPool};
@@ -12,6 +13,10 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Tokens processed per step of a long prefill by default; bounds the
+/// scratch memory.
+pub const PREFILL_CHUNK: usize = 512;
 
 /// Default context length when the user does not choose one.
 pub const DEFAULT_CONTEXT: usize = 4096;
@@ -212,16 +217,37 @@ impl Model {
             }
             Some(c) => c,
         };
-        let chunk = options.prefill_chunk.clamp(1, capacity);
-        let mut budget = Budget::for_context(capacity);
-        let scratch = Scratch::new(self, capacity, chunk, &mut budget)?;
-        InferenceState::new(
-            self.id,
-            &self.parts.blocks,
+        let shape = StateShape {
             capacity,
-            options.rollback,
-            scratch,
-            &mut budget,
+            chunk: options.prefill_chunk.clamp(1, capacity),
+            rollback: options.rollback.clamp(1, capacity),
+            threads: self.n_threads(),
+        };
+        let mut budget = Budget::for_context(capacity);
+        let p = &self.parts;
+        let sizes = (p.hidden, p.vocab);
+        let scratch = Scratch::new(&p.blocks, &p.ropes, sizes, &shape, &mut budget)?;
+        InferenceState::new(self.id, &p.blocks, &shape, scratch, &mut budget)
+    }
+
+    /// Writes the weights of this (unquantized) model, quantized by `spec`,
+    /// to `path` as one safetensors file. `progress(done, total)` is called
+    /// after each matrix. The caller owns the directory (temporary, renamed
+    /// when complete) and the other files.
+    pub fn write_quantized(
+        &self,
+        spec: &QuantSpec,
+        path: &Path,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<QuantReport> {
+        write_quantized(
+            &self.parts,
+            &self.store,
+            &self.pool,
+            self.isa,
+            spec,
+            path,
+            progress,
         )
     }
 
@@ -242,6 +268,9 @@ fn describe(model_type: String, parts: &Translated, store: &TensorStore) -> Mode
     linears.push(&parts.lm_head);
     let mut seen = HashSet::new();
     linears.retain(|l| seen.insert(l.name.as_str()));
+    // Matrices are counted as the layers hold them; what they were read
+    // from is not counted again below.
+    let sources: HashSet<&str> = linears.iter().map(|l| l.source.as_str()).collect();
     let (mut n_params, mut weight_bytes) = (0, 0);
     for l in &linears {
         n_params += l.rows * l.cols;
@@ -254,7 +283,7 @@ fn describe(model_type: String, parts: &Translated, store: &TensorStore) -> Mode
     for name in store.names() {
         let is_matrix = name
             .rsplit_once('.')
-            .is_some_and(|(prefix, part)| seen.contains(prefix) && MATRIX_PARTS.contains(&part));
+            .is_some_and(|(prefix, part)| sources.contains(prefix) && MATRIX_PARTS.contains(&part));
         if !is_matrix && let Some(t) = store.get(name) {
             n_params += t.n_elements();
             weight_bytes += t.n_bytes();

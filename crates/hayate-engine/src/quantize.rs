@@ -2,8 +2,7 @@
 //! checkpoint (written tensor by tensor, so memory stays bounded).
 
 use crate::arch::Translated;
-use crate::linear::{Linear, Signs};
-use crate::model::Model;
+use crate::linear::{Linear, LinearKernel, Signs};
 use crate::{EngineError, Result};
 use hayate_formats::{
     FormatError, QuantInfo, ROTATION, SafetensorsWriter, TensorSpec, TensorStore,
@@ -267,79 +266,80 @@ fn sign_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().map(|&s| if s < 0.0 { 0xff } else { 1 }).collect()
 }
 
-impl Model {
-    /// Writes the weights of this (unquantized) model, quantized by `spec`,
-    /// to `path` as one safetensors file. `progress(done, total)` is called
-    /// after each matrix. The caller owns the directory (temporary, renamed
-    /// when complete) and the other files.
-    pub fn write_quantized(
-        &self,
-        spec: &QuantSpec,
-        path: &Path,
-        progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<QuantReport> {
-        let (planned, report) = plan(&self.parts, spec)?;
-        let store: &TensorStore = &self.store;
-        let replaced: HashSet<String> = planned
-            .iter()
-            .flatten()
-            .map(|p| format!("{}.weight", p.linear.name))
-            .collect();
-        let mut specs: Vec<TensorSpec> = Vec::new();
-        let mut metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-        for p in planned.iter().flatten() {
-            let info = p.info();
-            specs.extend(info.tensor_specs(&p.linear.name));
-            metadata.insert(p.linear.name.clone(), info.to_json());
-        }
-        metadata.insert(
-            "hayate.quantization".into(),
-            spec.config_section(&report.quantized).to_string(),
-        );
-        let mut copied: Vec<&str> = store.names().filter(|n| !replaced.contains(*n)).collect();
-        copied.sort_unstable();
-        for name in &copied {
-            let t = store.require(name)?;
-            if t.dtype.size().is_none() {
-                return Err(EngineError::Format(FormatError::BadTensor {
-                    name: name.to_string(),
-                    message: format!("cannot copy dtype {}", t.dtype.name()),
-                }));
-            }
-            specs.push(TensorSpec {
-                name: name.to_string(),
-                dtype: t.dtype.clone(),
-                shape: t.shape.clone(),
-            });
-        }
-        let mut writer = SafetensorsWriter::create(path, specs, &metadata)?;
-        let total = planned.iter().map(Vec::len).sum::<usize>();
-        let mut done = 0;
-        for group in &planned {
-            for q in quantize_group(group, spec.seed, &self.pool, self.isa) {
-                let crate::linear::LinearKernel::Quant(m, rot) = q.kernel() else {
-                    unreachable!("just quantized")
-                };
-                let name = &q.name;
-                writer.write(&format!("{name}.qweight"), m.codes)?;
-                writer.write(&format!("{name}.scales"), &bytes_of_u16(m.scales))?;
-                if m.format == QuantFormat::Q4 {
-                    writer.write(&format!("{name}.qzeros"), m.zeros)?;
-                }
-                if let Some(r) = rot {
-                    writer.write(&format!("{name}.sign_in"), &sign_bytes(r.sign_in))?;
-                    writer.write(&format!("{name}.sign_out"), &sign_bytes(r.sign_out))?;
-                }
-                done += 1;
-                progress(done, total);
-            }
-        }
-        for name in copied {
-            writer.write(name, store.require(name)?.bytes())?;
-        }
-        writer.finish()?;
-        Ok(report)
+/// Writes the weights of `parts` (unquantized, read from `store`),
+/// quantized by `spec`, to `path` as one safetensors file (see
+/// [`crate::Model::write_quantized`]).
+pub(crate) fn write_quantized(
+    parts: &Translated,
+    store: &TensorStore,
+    pool: &ThreadPool,
+    isa: Isa,
+    spec: &QuantSpec,
+    path: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<QuantReport> {
+    let (planned, report) = plan(parts, spec)?;
+    // A quantized layer replaces the matrix it was read from (rows a
+    // translator regrouped are stored under the layer's own name).
+    let replaced: HashSet<String> = planned
+        .iter()
+        .flatten()
+        .map(|p| format!("{}.weight", p.linear.source))
+        .collect();
+    let mut specs: Vec<TensorSpec> = Vec::new();
+    let mut metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    for p in planned.iter().flatten() {
+        let info = p.info();
+        specs.extend(info.tensor_specs(&p.linear.name));
+        metadata.insert(p.linear.name.clone(), info.to_json());
     }
+    metadata.insert(
+        "hayate.quantization".into(),
+        spec.config_section(&report.quantized).to_string(),
+    );
+    let mut copied: Vec<&str> = store.names().filter(|n| !replaced.contains(*n)).collect();
+    copied.sort_unstable();
+    for name in &copied {
+        let t = store.require(name)?;
+        if t.dtype.size().is_none() {
+            return Err(EngineError::Format(FormatError::BadTensor {
+                name: name.to_string(),
+                message: format!("cannot copy dtype {}", t.dtype.name()),
+            }));
+        }
+        specs.push(TensorSpec {
+            name: name.to_string(),
+            dtype: t.dtype.clone(),
+            shape: t.shape.clone(),
+        });
+    }
+    let mut writer = SafetensorsWriter::create(path, specs, &metadata)?;
+    let total = planned.iter().map(Vec::len).sum::<usize>();
+    let mut done = 0;
+    for group in &planned {
+        for q in quantize_group(group, spec.seed, pool, isa) {
+            let LinearKernel::Quant(m, rot) = q.kernel() else {
+                unreachable!("just quantized")
+            };
+            let name = &q.name;
+            writer.write(&format!("{name}.qweight"), m.codes)?;
+            writer.write(&format!("{name}.scales"), &bytes_of_u16(m.scales))?;
+            if m.format == QuantFormat::Q4 {
+                writer.write(&format!("{name}.qzeros"), m.zeros)?;
+            }
+            if let Some(r) = rot {
+                writer.write(&format!("{name}.sign_in"), &sign_bytes(r.sign_in))?;
+                writer.write(&format!("{name}.sign_out"), &sign_bytes(r.sign_out))?;
+            }
+            done += 1;
+            progress(done, total);
+        }
+    }
+    for name in copied {
+        writer.write(name, store.require(name)?.bytes())?;
+    }
+    writer.finish()?;
+    Ok(report)
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! Rotary position embedding frequencies, as `transformers` computes them.
 
+use crate::Result;
+use crate::budget::Budget;
 use hayate_formats::{RopeConfig, RopeScaling};
 
 /// Frequencies of the rotated dimensions of one head.
@@ -65,6 +67,46 @@ impl Rope {
             *c = angle.cos();
             *s = angle.sin();
         }
+    }
+}
+
+/// cos and sin of every rotary table at each position of one chunk,
+/// computed once per chunk and shared by the attention layers.
+pub(crate) struct RopeTables {
+    /// Per table: its pairs `half`, then `chunk × half` cosines and sines.
+    tables: Vec<(usize, Vec<f32>, Vec<f32>)>,
+}
+
+impl RopeTables {
+    /// Room for chunks of `chunk` positions of every table in `ropes`.
+    pub(crate) fn new(ropes: &[Rope], chunk: usize, budget: &mut Budget) -> Result<Self> {
+        let tables = ropes
+            .iter()
+            .map(|r| {
+                let n = chunk * r.half();
+                Ok((r.half(), budget.floats(n)?, budget.floats(n)?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(RopeTables { tables })
+    }
+
+    /// Fills the tables for positions `start..start + n`.
+    pub(crate) fn fill(&mut self, ropes: &[Rope], start: usize, n: usize) {
+        for (rope, (half, cos, sin)) in ropes.iter().zip(&mut self.tables) {
+            let half = *half;
+            for t in 0..n {
+                let r = t * half..(t + 1) * half;
+                rope.cos_sin(start + t, &mut cos[r.clone()], &mut sin[r]);
+            }
+        }
+    }
+
+    /// cos and sin of table `table` at the chunk's `t`-th position.
+    pub(crate) fn at(&self, table: usize, t: usize) -> (&[f32], &[f32]) {
+        let (half, cos, sin) = &self.tables[table];
+        let half = *half;
+        let r = t * half..(t + 1) * half;
+        (&cos[r.clone()], &sin[r])
     }
 }
 

@@ -102,3 +102,39 @@ fn states_larger_than_memory_are_errors() {
         );
     }
 }
+
+#[test]
+fn every_fixture_counts_each_stored_weight_once() {
+    // Translators regroup some matrices at load (Qwen3.5's queries and
+    // gates); the sizes still count what the checkpoint stores, once.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("MANIFEST.json")).unwrap()).unwrap();
+    for entry in manifest.as_array().unwrap() {
+        let name = entry["name"].as_str().unwrap();
+        let dir = fixtures().join(name);
+        let model = Model::load(&dir, &LoadOptions::default()).unwrap();
+        let (mut params, mut bytes) = (0, 0);
+        for file in std::fs::read_dir(&dir).unwrap() {
+            let path = file.unwrap().path();
+            let file_name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !file_name.starts_with("model") || !file_name.ends_with(".safetensors") {
+                continue;
+            }
+            let data = std::fs::read(&path).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&data).unwrap();
+            for (_, t) in st.tensors() {
+                params += t.shape().iter().product::<usize>();
+                bytes += t.data().len();
+            }
+        }
+        let tied = model.info.n_params < params;
+        if tied {
+            // A tied checkpoint may still carry a copy of the embedding.
+            let copy = model.info.vocab * model.info.hidden;
+            assert_eq!(model.info.n_params + copy, params, "{name}");
+        } else {
+            assert_eq!(model.info.n_params, params, "{name}");
+            assert_eq!(model.info.weight_bytes, bytes, "{name}");
+        }
+    }
+}

@@ -256,6 +256,43 @@ pub fn split_range(n: usize, parts: usize, index: usize, align: usize) -> std::o
     (start_block * align).min(n)..(end_block * align).min(n)
 }
 
+/// A buffer that the threads of one pool job write in disjoint parts
+/// (each its own rows, heads or columns): the one place the engine and the
+/// kernels hand a `&mut` buffer to several threads at once.
+pub struct DisjointMut<'a, T>(*mut T, usize, std::marker::PhantomData<&'a mut [T]>);
+
+// SAFETY: the wrapper only hands out pieces through `piece`, whose contract
+// makes the caller keep the pieces of different threads apart.
+unsafe impl<T: Send> Sync for DisjointMut<'_, T> {}
+
+impl<'a, T> DisjointMut<'a, T> {
+    /// Shares `buffer` for one job; it stays borrowed while the wrapper lives.
+    pub fn new(buffer: &'a mut [T]) -> Self {
+        DisjointMut(buffer.as_mut_ptr(), buffer.len(), std::marker::PhantomData)
+    }
+
+    /// The first element (for kernels that index by hand).
+    pub fn ptr(&self) -> *mut T {
+        self.0
+    }
+
+    /// `len` elements from `offset`.
+    ///
+    /// # Safety
+    /// No other live piece (on any thread) overlaps this one. The range is
+    /// checked against the buffer.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn piece(&self, offset: usize, len: usize) -> &mut [T] {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.1),
+            "piece {offset}+{len} outside a buffer of {}",
+            self.1
+        );
+        // SAFETY: in bounds (checked above); exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(offset), len) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -357,3 +357,41 @@ fn corrupt_quantized_checkpoints_give_clear_errors() {
     write_raw(&path, &header, &data);
     logits_fails(dir.path(), &["up_proj.sign_in", "sign 0"]);
 }
+
+#[test]
+fn gated_queries_are_stored_apart_and_reload_as_quantized_in_memory() {
+    // Qwen3.5 interleaves each head's query and output gate in `q_proj`; the
+    // translator regroups them at load into two layers, and a quantized
+    // checkpoint stores those two, so that it maps them as they are.
+    for name in ["qwen3_5-text-gdn", "qwen3_5-vl-layout"] {
+        let model = fixtures().join(name);
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("quantized");
+        let run = quantize(&model, &out, &["--format", "q4"]);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let (header, _) = read_raw(&out.join("model.safetensors"));
+        let q_proj: Vec<&String> = header.keys().filter(|n| n.contains(".q_proj")).collect();
+        let count = |part: &str| q_proj.iter().filter(|n| n.ends_with(part)).count();
+        assert!(count(".q_proj.query.qweight") > 0, "{name}: {q_proj:?}");
+        assert_eq!(
+            count(".q_proj.query.qweight"),
+            count(".q_proj.gate.qweight"),
+            "{name}"
+        );
+        assert!(
+            q_proj
+                .iter()
+                .all(|n| n.contains(".q_proj.query.") || n.contains(".q_proj.gate.")),
+            "{name}: the interleaved matrix is stored as well: {q_proj:?}"
+        );
+        assert_eq!(
+            logits(&out, &[]),
+            logits(&model, &["--quantize", "q4"]),
+            "{name}"
+        );
+    }
+}

@@ -12,10 +12,10 @@ use super::geometry::{
     MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, positive,
 };
 use super::{
-    AttentionSpec, Binder, NormStyle, Translated, layer_types_or_periodic, layers_by_type,
-    output_head, text_model_names,
+    AttentionSpec, Binder, BlockLayout, NormStyle, Translated, Translator, layer_types_or_periodic,
+    layers_by_type, output_head, text_model_names,
 };
-use crate::blocks::{Activation, Block, Mixer};
+use crate::layers::{Activation, Mixer};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
@@ -23,6 +23,23 @@ use hayate_formats::{HfConfig, TensorStore};
 /// Indices into [`Translated::ropes`].
 const LOCAL_ROPE: usize = 0;
 const GLOBAL_ROPE: usize = 1;
+
+/// Gemma's block: norms before and after both sublayers, a GeGLU MLP.
+const GEMMA3_BLOCK: BlockLayout = BlockLayout {
+    mixer_norm: "input_layernorm",
+    post_mixer_norm: Some("post_attention_layernorm"),
+    mlp_norm: "pre_feedforward_layernorm",
+    post_mlp_norm: Some("post_feedforward_layernorm"),
+    mlp: "mlp",
+    mlp_parts: ["gate_proj", "up_proj", "down_proj"],
+    activation: Activation::GeluTanh,
+};
+
+/// This family's two steps.
+pub(super) const TRANSLATOR: Translator = Translator {
+    geometry,
+    build: translate,
+};
 
 /// Sizes from the config (its `text_config` for multimodal checkpoints), checked.
 pub fn geometry(top: &HfConfig) -> Result<Geometry> {
@@ -125,20 +142,9 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
             rope,
         };
         let attention = b.attention(&a, dims, hidden, spec)?;
-        blocks.push(Block {
-            mixer_norm: b.norm(&format!("{p}.input_layernorm.weight"), hidden)?,
-            mixer: Mixer::Attention(attention),
-            post_mixer_norm: Some(b.norm(&format!("{p}.post_attention_layernorm.weight"), hidden)?),
-            mlp_norm: b.norm(&format!("{p}.pre_feedforward_layernorm.weight"), hidden)?,
-            mlp: b.mlp(
-                &format!("{p}.mlp"),
-                ["gate_proj", "up_proj", "down_proj"],
-                (hidden, intermediate),
-                false,
-                Activation::GeluTanh,
-            )?,
-            post_mlp_norm: Some(b.norm(&format!("{p}.post_feedforward_layernorm.weight"), hidden)?),
-        });
+        let mixer = Mixer::Attention(attention);
+        let sizes = (hidden, intermediate);
+        blocks.push(b.block(&p, mixer, &GEMMA3_BLOCK, sizes, false)?);
     }
 
     let embedding = b.linear(&format!("{model}.embed_tokens"), vocab, hidden, false)?;

@@ -6,11 +6,31 @@ use super::geometry::{
     AttentionDims, Dims, Geometry, LayerDims, MAX_CONV_KERNEL, MAX_HEADS, MAX_HIDDEN,
     MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, ShortConvDims, in_range, positive,
 };
-use super::{AttentionSpec, Binder, NormStyle, Translated, conv_taps, layers_by_type, output_head};
-use crate::blocks::{Activation, Block, Mixer, ShortConv};
+use super::{
+    AttentionSpec, Binder, BlockLayout, NormStyle, Translated, Translator, conv_taps,
+    layers_by_type, output_head,
+};
+use crate::layers::{Activation, Mixer, ShortConv};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
+
+/// LFM2's block: pre-norms, a SwiGLU MLP named `w1` (gate), `w3` (up), `w2` (down).
+const LFM2_BLOCK: BlockLayout = BlockLayout {
+    mixer_norm: "operator_norm",
+    post_mixer_norm: None,
+    mlp_norm: "ffn_norm",
+    post_mlp_norm: None,
+    mlp: "feed_forward",
+    mlp_parts: ["w1", "w3", "w2"],
+    activation: Activation::Silu,
+};
+
+/// This family's two steps.
+pub(super) const TRANSLATOR: Translator = Translator {
+    geometry,
+    build: translate,
+};
 
 /// Sizes from the config, checked.
 pub fn geometry(cfg: &HfConfig) -> Result<Geometry> {
@@ -111,20 +131,7 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
             }
             LayerDims::DeltaNet(_) => unreachable!("lfm2 geometry has no DeltaNet layers"),
         };
-        blocks.push(Block {
-            mixer_norm: b.norm(&format!("{p}.operator_norm.weight"), hidden)?,
-            mixer,
-            post_mixer_norm: None,
-            mlp_norm: b.norm(&format!("{p}.ffn_norm.weight"), hidden)?,
-            mlp: b.mlp(
-                &format!("{p}.feed_forward"),
-                ["w1", "w3", "w2"],
-                (hidden, ff),
-                false,
-                Activation::Silu,
-            )?,
-            post_mlp_norm: None,
-        });
+        blocks.push(b.block(&p, mixer, &LFM2_BLOCK, (hidden, ff), false)?);
     }
 
     let embedding = b.linear("model.embed_tokens", vocab, hidden, false)?;

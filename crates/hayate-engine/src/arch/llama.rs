@@ -6,11 +6,17 @@ use super::geometry::{
     AttentionDims, Dims, Geometry, LayerDims, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN,
     MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
 };
-use super::{AttentionSpec, Binder, NormStyle, Translated, output_head};
-use crate::blocks::{Activation, Block, Mixer};
+use super::{AttentionSpec, Binder, LLAMA_BLOCK, NormStyle, Translated, Translator, output_head};
+use crate::layers::Mixer;
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
+
+/// This family's two steps.
+pub(super) const TRANSLATOR: Translator = Translator {
+    geometry,
+    build: translate,
+};
 
 /// Sizes from the config, checked.
 pub fn geometry(cfg: &HfConfig) -> Result<Geometry> {
@@ -89,20 +95,9 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
             rope: 0,
         };
         let attention = b.attention(&format!("{p}.self_attn"), dims, hidden, spec)?;
-        blocks.push(Block {
-            mixer_norm: b.norm(&format!("{p}.input_layernorm.weight"), hidden)?,
-            mixer: Mixer::Attention(attention),
-            post_mixer_norm: None,
-            mlp_norm: b.norm(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
-            mlp: b.mlp(
-                &format!("{p}.mlp"),
-                ["gate_proj", "up_proj", "down_proj"],
-                (hidden, intermediate),
-                mlp_bias,
-                Activation::Silu,
-            )?,
-            post_mlp_norm: None,
-        });
+        let mixer = Mixer::Attention(attention);
+        let sizes = (hidden, intermediate);
+        blocks.push(b.block(&p, mixer, &LLAMA_BLOCK, sizes, mlp_bias)?);
     }
 
     let embedding = b.linear("model.embed_tokens", vocab, hidden, false)?;

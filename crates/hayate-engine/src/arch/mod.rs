@@ -7,7 +7,8 @@ mod llama;
 mod qwen3_5;
 
 pub use self::geometry::Geometry;
-use crate::blocks::{Activation, Attention, Block, GatedMlp, Linear, RmsNorm};
+use crate::layers::{Activation, Attention, Block, GatedMlp, Mixer, RmsNorm};
+use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, Tensor, TensorStore};
@@ -47,33 +48,16 @@ pub struct Translator {
     pub build: fn(&HfConfig, &Geometry, &TensorStore) -> Result<Translated>,
 }
 
-const LLAMA: Translator = Translator {
-    geometry: llama::geometry,
-    build: llama::translate,
-};
-const QWEN3_5: Translator = Translator {
-    geometry: qwen3_5::geometry,
-    build: qwen3_5::translate,
-};
-const GEMMA3: Translator = Translator {
-    geometry: gemma3::geometry,
-    build: gemma3::translate,
-};
-const LFM2: Translator = Translator {
-    geometry: lfm2::geometry,
-    build: lfm2::translate,
-};
-
 /// Every supported `model_type` and its translator.
 const TRANSLATORS: &[(&str, Translator)] = &[
-    ("llama", LLAMA),
-    ("qwen2", LLAMA),
-    ("qwen3", LLAMA),
-    ("qwen3_5_text", QWEN3_5),
-    ("qwen3_5", QWEN3_5),
-    ("gemma3_text", GEMMA3),
-    ("gemma3", GEMMA3),
-    ("lfm2", LFM2),
+    ("llama", llama::TRANSLATOR),
+    ("qwen2", llama::TRANSLATOR),
+    ("qwen3", llama::TRANSLATOR),
+    ("qwen3_5_text", qwen3_5::TRANSLATOR),
+    ("qwen3_5", qwen3_5::TRANSLATOR),
+    ("gemma3_text", gemma3::TRANSLATOR),
+    ("gemma3", gemma3::TRANSLATOR),
+    ("lfm2", lfm2::TRANSLATOR),
 ];
 
 /// The `model_type`s Hayate can run.
@@ -106,11 +90,7 @@ pub fn translator(config: &HfConfig) -> Result<Translator> {
 /// the output head. Tensors outside them (a vision tower, multi-token
 /// prediction heads) are not loaded, and the log says so.
 pub(crate) fn text_model_names(store: &TensorStore) -> (String, String) {
-    let has = |prefix: &str| {
-        let name = format!("{prefix}.embed_tokens");
-        store.get(&format!("{name}.weight")).is_some()
-            || store.get(&format!("{name}.qweight")).is_some()
-    };
+    let has = |prefix: &str| has_matrix(store, &format!("{prefix}.embed_tokens"));
     let (model, head) = if has("model.language_model") {
         ("model.language_model", "lm_head")
     } else if has("language_model.model") {
@@ -128,6 +108,12 @@ pub(crate) fn text_model_names(store: &TensorStore) -> (String, String) {
         );
     }
     (model.to_owned(), head.to_owned())
+}
+
+/// Whether `store` holds matrix `name`, float or quantized.
+fn has_matrix(store: &TensorStore, name: &str) -> bool {
+    store.get(&format!("{name}.weight")).is_some()
+        || store.get(&format!("{name}.qweight")).is_some()
 }
 
 /// Convolution taps of a depthwise `[channels, 1, kernel]` weight, reordered
@@ -167,6 +153,30 @@ pub(crate) struct AttentionSpec {
     pub rope: usize,
 }
 
+/// How a family names a block's norms and MLP, and the MLP's activation.
+pub(crate) struct BlockLayout {
+    pub mixer_norm: &'static str,
+    pub post_mixer_norm: Option<&'static str>,
+    pub mlp_norm: &'static str,
+    pub post_mlp_norm: Option<&'static str>,
+    /// The MLP's prefix inside the block.
+    pub mlp: &'static str,
+    /// Its gate, up and down projections, in that order.
+    pub mlp_parts: [&'static str; 3],
+    pub activation: Activation,
+}
+
+/// Llama's block, which most families share: pre-norms only, a SwiGLU MLP.
+pub(crate) const LLAMA_BLOCK: BlockLayout = BlockLayout {
+    mixer_norm: "input_layernorm",
+    post_mixer_norm: None,
+    mlp_norm: "post_attention_layernorm",
+    post_mlp_norm: None,
+    mlp: "mlp",
+    mlp_parts: ["gate_proj", "up_proj", "down_proj"],
+    activation: Activation::Silu,
+};
+
 /// The tensor lookups every translator makes, bound to one checkpoint.
 pub(crate) struct Binder<'a> {
     pub store: &'a TensorStore,
@@ -205,8 +215,16 @@ impl Binder<'_> {
             name.map(|n| self.norm(&format!("{prefix}.{n}.weight"), head_dim))
                 .transpose()
         };
+        let q_name = format!("{prefix}.q_proj");
+        let (q, gate) = if dims.output_gate {
+            let (q, gate) = self.gated_query(&q_name, dims, hidden, qkv_bias)?;
+            (q, Some(gate))
+        } else {
+            (self.linear(&q_name, dims.q_dim(), hidden, qkv_bias)?, None)
+        };
         Ok(Attention {
-            q: self.linear(&format!("{prefix}.q_proj"), dims.q_rows(), hidden, qkv_bias)?,
+            q,
+            gate,
             k: self.linear(&format!("{prefix}.k_proj"), dims.kv_dim(), hidden, qkv_bias)?,
             v: self.linear(&format!("{prefix}.v_proj"), dims.kv_dim(), hidden, qkv_bias)?,
             o: self.linear(
@@ -221,26 +239,71 @@ impl Binder<'_> {
             n_kv_heads: dims.n_kv_heads,
             head_dim,
             scale: spec.scale,
-            output_gate: dims.output_gate,
             rope: spec.rope,
             window: dims.window,
         })
     }
 
-    /// A gated MLP of width `inter` from `{prefix}.{gate,up,down}` (names in that order).
-    pub fn mlp(
+    /// The queries and output gates of a gated attention: checkpoints
+    /// store them interleaved per head in `q_proj` (each head's query, then
+    /// its gate), which is regrouped once here into two layers; quantized
+    /// checkpoints store the two as `q_proj.query` and `q_proj.gate`.
+    fn gated_query(
+        &self,
+        q_name: &str,
+        dims: &geometry::AttentionDims,
+        hidden: usize,
+        bias: bool,
+    ) -> Result<(Linear, Linear)> {
+        let (query, gate) = (format!("{q_name}.query"), format!("{q_name}.gate"));
+        let q_dim = dims.q_dim();
+        if has_matrix(self.store, &query) {
+            return Ok((
+                self.linear(&query, q_dim, hidden, bias)?,
+                self.linear(&gate, q_dim, hidden, bias)?,
+            ));
+        }
+        let both = self.linear(q_name, dims.q_rows(), hidden, bias)?;
+        let hd = dims.head_dim;
+        let rows = |first: usize| -> Vec<_> {
+            (0..dims.n_heads)
+                .map(|h| 2 * h * hd + first..2 * h * hd + first + hd)
+                .collect()
+        };
+        Ok((
+            both.gather_rows(&query, &rows(0))?,
+            both.gather_rows(&gate, &rows(hd))?,
+        ))
+    }
+
+    /// Block `prefix` (e.g. `model.layers.3`) around `mixer`, its norms
+    /// and gated MLP (of width `inter`, biased if `mlp_bias`) named as
+    /// `layout` says.
+    pub fn block(
         &self,
         prefix: &str,
-        [gate, up, down]: [&str; 3],
+        mixer: Mixer,
+        layout: &BlockLayout,
         (hidden, inter): (usize, usize),
-        bias: bool,
-        activation: Activation,
-    ) -> Result<GatedMlp> {
-        Ok(GatedMlp {
-            gate: self.linear(&format!("{prefix}.{gate}"), inter, hidden, bias)?,
-            up: self.linear(&format!("{prefix}.{up}"), inter, hidden, bias)?,
-            down: self.linear(&format!("{prefix}.{down}"), hidden, inter, bias)?,
-            activation,
+        mlp_bias: bool,
+    ) -> Result<Block> {
+        let norm = |name: &str| self.norm(&format!("{prefix}.{name}.weight"), hidden);
+        let [gate, up, down] = layout.mlp_parts;
+        let mlp = format!("{prefix}.{}", layout.mlp);
+        let linear =
+            |name: &str, rows, cols| self.linear(&format!("{mlp}.{name}"), rows, cols, mlp_bias);
+        Ok(Block {
+            mixer_norm: norm(layout.mixer_norm)?,
+            mixer,
+            post_mixer_norm: layout.post_mixer_norm.map(norm).transpose()?,
+            mlp_norm: norm(layout.mlp_norm)?,
+            mlp: GatedMlp {
+                gate: linear(gate, inter, hidden)?,
+                up: linear(up, inter, hidden)?,
+                down: linear(down, hidden, inter)?,
+                activation: layout.activation,
+            },
+            post_mlp_norm: layout.post_mlp_norm.map(norm).transpose()?,
         })
     }
 }

@@ -10,13 +10,19 @@ use super::geometry::{
     MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
 };
 use super::{
-    AttentionSpec, Binder, NormStyle, Translated, conv_taps, layer_types_or_periodic,
-    layers_by_type, output_head, text_model_names,
+    AttentionSpec, Binder, LLAMA_BLOCK, NormStyle, Translated, Translator, conv_taps,
+    layer_types_or_periodic, layers_by_type, output_head, text_model_names,
 };
-use crate::blocks::{Activation, Block, GatedDeltaNet, Mixer, RmsNorm};
+use crate::layers::{GatedDeltaNet, Mixer, RmsNorm};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
+
+/// This family's two steps.
+pub(super) const TRANSLATOR: Translator = Translator {
+    geometry,
+    build: translate,
+};
 
 /// Sizes from the config (its `text_config` for multimodal checkpoints), checked.
 pub fn geometry(top: &HfConfig) -> Result<Geometry> {
@@ -141,20 +147,8 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
             }
             LayerDims::ShortConv(_) => unreachable!("qwen3_5 geometry has no short convolutions"),
         };
-        blocks.push(Block {
-            mixer_norm: b.norm(&format!("{p}.input_layernorm.weight"), hidden)?,
-            mixer,
-            post_mixer_norm: None,
-            mlp_norm: b.norm(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
-            mlp: b.mlp(
-                &format!("{p}.mlp"),
-                ["gate_proj", "up_proj", "down_proj"],
-                (hidden, intermediate),
-                false,
-                Activation::Silu,
-            )?,
-            post_mlp_norm: None,
-        });
+        let sizes = (hidden, intermediate);
+        blocks.push(b.block(&p, mixer, &LLAMA_BLOCK, sizes, false)?);
     }
 
     let embedding = b.linear(&format!("{model}.embed_tokens"), vocab, hidden, false)?;

@@ -1,0 +1,74 @@
+//! What a sequence's state is sized for, and the memory it may take.
+
+use crate::{EngineError, Result};
+
+/// The sizes every layer's per-sequence state and scratch follow.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StateShape {
+    /// Most tokens the sequence holds.
+    pub capacity: usize,
+    /// Most tokens one step of the forward pass processes.
+    pub chunk: usize,
+    /// Tokens that can be rolled back at once (1 ..= capacity).
+    pub rollback: usize,
+    /// Kernel threads (each gets its own work buffers).
+    pub threads: usize,
+}
+
+/// The memory a new state may take, checked buffer by buffer before each is
+/// allocated: asking for a context the machine cannot hold is an error
+/// naming the sizes, not an allocation failure that aborts the process.
+pub(crate) struct Budget {
+    context: usize,
+    left: usize,
+    total: usize,
+}
+
+impl Budget {
+    /// A budget of this machine's physical memory, for a context of `context` tokens.
+    pub(crate) fn for_context(context: usize) -> Self {
+        let total = physical_memory().unwrap_or(isize::MAX as usize);
+        Budget {
+            context,
+            left: total,
+            total,
+        }
+    }
+
+    /// A zeroed buffer of `n` floats, if the budget allows it. Zeroed
+    /// allocations come from fresh pages, so memory is only committed as
+    /// the buffer is written.
+    pub(crate) fn floats(&mut self, n: usize) -> Result<Vec<f32>> {
+        let bytes = n.checked_mul(size_of::<f32>());
+        match bytes {
+            Some(b) if b <= self.left => {
+                self.left -= b;
+                Ok(vec![0.0; n])
+            }
+            _ => Err(EngineError::State(format!(
+                "a state for {} tokens of context needs more memory than this machine has ({:.1} GiB); lower --ctx-size",
+                self.context,
+                self.total as f64 / f64::from(1u32 << 30)
+            ))),
+        }
+    }
+}
+
+/// Total physical memory in bytes (Linux: `MemTotal`), read once.
+fn physical_memory() -> Option<usize> {
+    static TOTAL: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *TOTAL.get_or_init(read_mem_total)
+}
+
+fn read_mem_total() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
