@@ -395,3 +395,59 @@ fn gated_queries_are_stored_apart_and_reload_as_quantized_in_memory() {
         );
     }
 }
+
+#[test]
+fn gated_query_biases_follow_their_rows_through_a_quantized_checkpoint() {
+    // A Qwen3.5 fixture given attention biases: the query/gate bias is
+    // interleaved like the rows, stays so in the quantized checkpoint, and
+    // must be regrouped with them on both paths.
+    let fixture = copy_fixture("qwen3_5-text-gdn");
+    let dir = fixture.path();
+    let weights = dir.join("model.safetensors");
+    let (mut header, mut data) = read_raw(&weights);
+    let projections: Vec<(String, usize)> = header
+        .iter()
+        .filter_map(|(name, info)| {
+            let prefix = name.strip_suffix(".weight")?;
+            let is_attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .iter()
+                .any(|p| prefix.ends_with(&format!("self_attn.{p}")));
+            is_attention.then(|| {
+                (
+                    prefix.to_owned(),
+                    info["shape"][0].as_u64().unwrap() as usize,
+                )
+            })
+        })
+        .collect();
+    assert!(projections.len() >= 4, "{projections:?}");
+    for (i, (prefix, rows)) in projections.iter().enumerate() {
+        let start = data.len();
+        for r in 0..*rows {
+            let value = 0.05 * (((r * 7 + i * 3) % 11) as f32 - 5.0);
+            let bf16 = (value.to_bits() >> 16) as u16;
+            data.extend_from_slice(&bf16.to_le_bytes());
+        }
+        header.insert(
+            format!("{prefix}.bias"),
+            json!({"dtype": "BF16", "shape": [rows], "data_offsets": [start, data.len()]}),
+        );
+    }
+    write_raw(&weights, &header, &data);
+    let config_path = dir.join("config.json");
+    let mut config: Value = serde_json::from_slice(&fs::read(&config_path).unwrap()).unwrap();
+    config["attention_bias"] = json!(true);
+    fs::write(&config_path, config.to_string()).unwrap();
+
+    let biased = logits(dir, &[]);
+    assert_ne!(biased, logits(&fixtures().join("qwen3_5-text-gdn"), &[]));
+    let out = tempfile::tempdir().unwrap();
+    let quantized = out.path().join("q8");
+    let run = quantize(dir, &quantized, &["--format", "q8"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(logits(&quantized, &[]), logits(dir, &["--quantize", "q8"]));
+}

@@ -256,20 +256,27 @@ impl Binder<'_> {
         bias: bool,
     ) -> Result<(Linear, Linear)> {
         let (query, gate) = (format!("{q_name}.query"), format!("{q_name}.gate"));
-        let q_dim = dims.q_dim();
-        if has_matrix(self.store, &query) {
-            return Ok((
-                self.linear(&query, q_dim, hidden, bias)?,
-                self.linear(&gate, q_dim, hidden, bias)?,
-            ));
-        }
-        let both = self.linear(q_name, dims.q_rows(), hidden, bias)?;
         let hd = dims.head_dim;
         let rows = |first: usize| -> Vec<_> {
             (0..dims.n_heads)
                 .map(|h| 2 * h * hd + first..2 * h * hd + first + hd)
                 .collect()
         };
+        if has_matrix(self.store, &query) {
+            let q_dim = dims.q_dim();
+            let mut q = self.linear(&query, q_dim, hidden, false)?;
+            let mut g = self.linear(&gate, q_dim, hidden, false)?;
+            if bias {
+                // The bias stays as the checkpoint had it, interleaved.
+                let name = format!("{q_name}.bias");
+                let both = self.store.require(&name)?.vector_f32(dims.q_rows())?;
+                let pick = |first| rows(first).into_iter().flat_map(|r| both[r].to_vec());
+                q.bias = Some(pick(0).collect());
+                g.bias = Some(pick(hd).collect());
+            }
+            return Ok((q, g));
+        }
+        let both = self.linear(q_name, dims.q_rows(), hidden, bias)?;
         Ok((
             both.gather_rows(&query, &rows(0))?,
             both.gather_rows(&gate, &rows(hd))?,
