@@ -1,6 +1,6 @@
 //! The forward pass: a batch of sequences, each through every block.
 
-use crate::layers::Span;
+use crate::layers::Step;
 use crate::linear::Compute;
 use crate::model::Model;
 use crate::state::InferenceState;
@@ -194,6 +194,7 @@ impl Model {
             layers,
             len,
             scratch: s,
+            ropes,
             recurrent_tail,
             ..
         } = state;
@@ -208,15 +209,16 @@ impl Model {
                 row.iter_mut().for_each(|v| *v *= scale);
             }
         }
-        s.ropes.fill(&self.parts.ropes, start, n);
-        let cx = self.compute();
-        let span = Span {
+        ropes.fill(&self.parts.ropes, start, n);
+        let step = Step {
+            cx: self.compute(),
+            ropes,
             n,
             start,
             recurrent_tail: *recurrent_tail,
         };
         for (block, layer) in self.parts.blocks.iter().zip(layers.iter_mut()) {
-            block.forward(&cx, layer, s, hidden, span);
+            block.forward(&step, layer, s, hidden);
         }
         *len += n;
     }

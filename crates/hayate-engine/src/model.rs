@@ -2,7 +2,6 @@
 
 use crate::arch::{self, Translated};
 use crate::budget::{Budget, StateShape};
-use crate::layers::Scratch;
 use crate::linear::Linear;
 use crate::quantize::{QuantReport, QuantSpec, quantize_parts, write_quantized};
 use crate::state::InferenceState;
@@ -225,9 +224,8 @@ impl Model {
         };
         let mut budget = Budget::for_context(capacity);
         let p = &self.parts;
-        let sizes = (p.hidden, p.vocab);
-        let scratch = Scratch::new(&p.blocks, &p.ropes, sizes, &shape, &mut budget)?;
-        InferenceState::new(self.id, &p.blocks, &shape, scratch, &mut budget)
+        let layers = (&p.blocks[..], &p.ropes[..]);
+        InferenceState::new(self.id, layers, (p.hidden, p.vocab), &shape, &mut budget)
     }
 
     /// Writes the weights of this (unquantized) model, quantized by `spec`,

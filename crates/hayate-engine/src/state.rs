@@ -13,6 +13,7 @@
 
 use crate::budget::{Budget, StateShape};
 use crate::layers::{Block, MixerState, Scratch};
+use crate::rope::{Rope, RopeTables};
 use crate::{EngineError, Result};
 
 /// Everything a sequence carries between forward calls, plus the scratch
@@ -28,18 +29,23 @@ pub struct InferenceState {
     /// Tokens the last recurrent steps of a call keep states for.
     pub(crate) recurrent_tail: usize,
     pub(crate) scratch: Scratch,
+    /// The rotary tables of the current step's positions.
+    pub(crate) ropes: RopeTables,
 }
 
 impl InferenceState {
-    /// State for `blocks` of model `model_id`, sized by `shape`, with the
-    /// forward pass's buffers `scratch`.
+    /// State for `blocks` (rotary tables `ropes`, width `hidden`, output
+    /// `vocab`) of model `model_id`, sized by `shape`, every buffer taken
+    /// from `budget` before it is allocated.
     pub(crate) fn new(
         model_id: u64,
-        blocks: &[Block],
+        (blocks, ropes): (&[Block], &[Rope]),
+        sizes: (usize, usize),
         shape: &StateShape,
-        scratch: Scratch,
         budget: &mut Budget,
     ) -> Result<Self> {
+        let scratch = Scratch::new(blocks, sizes, shape, budget)?;
+        let ropes = RopeTables::new(ropes, shape.chunk, budget)?;
         let mut bounded = false;
         let layers = blocks
             .iter()
@@ -57,6 +63,7 @@ impl InferenceState {
             rollback: bounded.then_some(shape.rollback),
             recurrent_tail: shape.rollback,
             scratch,
+            ropes,
         })
     }
 

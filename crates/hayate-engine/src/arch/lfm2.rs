@@ -129,7 +129,7 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
                     channels: hidden,
                 })
             }
-            LayerDims::DeltaNet(_) => unreachable!("lfm2 geometry has no DeltaNet layers"),
+            _ => unreachable!("lfm2 geometry has attention and convolution layers only"),
         };
         blocks.push(b.block(&p, mixer, &LFM2_BLOCK, (hidden, ff), false)?);
     }

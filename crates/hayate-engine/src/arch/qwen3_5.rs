@@ -145,7 +145,7 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
                     v_dim,
                 })
             }
-            LayerDims::ShortConv(_) => unreachable!("qwen3_5 geometry has no short convolutions"),
+            _ => unreachable!("qwen3_5 geometry has attention and DeltaNet layers only"),
         };
         let sizes = (hidden, intermediate);
         blocks.push(b.block(&p, mixer, &LLAMA_BLOCK, sizes, false)?);

@@ -13,11 +13,11 @@
 //! [`hayate_kernels::ops::axpy`] for scores and values, and the rotation
 //! [`hayate_kernels::ops::rope_rotate_half`].
 
+use super::mixer::{MixerLayer, Step};
 use super::norm::RmsNorm;
 use crate::Result;
 use crate::budget::{Budget, StateShape};
 use crate::linear::{Compute, Linear};
-use crate::rope::RopeTables;
 use hayate_kernels::ops;
 use hayate_kernels::pool::{DisjointMut, split_range};
 
@@ -91,13 +91,33 @@ pub(crate) struct Scratch {
     scores: Vec<f32>,
 }
 
-impl Scratch {
-    /// Room for chunks through any of `layers`.
-    pub(crate) fn new(
-        layers: &[&Attention],
-        shape: &StateShape,
-        budget: &mut Budget,
-    ) -> Result<Self> {
+impl MixerLayer for Attention {
+    type State = KvCache;
+    type Scratch = Scratch;
+
+    /// An empty cache of the whole context, or of the window plus room for
+    /// a whole chunk (its first token still needs the window before it) or
+    /// for rolling back; a ring bounds how far the state can roll back.
+    fn new_state(&self, shape: &StateShape, budget: &mut Budget) -> Result<(KvCache, bool)> {
+        let (slots, ring) = match self.window {
+            Some(w) if w - 1 + shape.chunk.max(shape.rollback) < shape.capacity => {
+                (w - 1 + shape.chunk.max(shape.rollback), true)
+            }
+            _ => (shape.capacity, false),
+        };
+        // The geometry bounds each factor well below overflow.
+        let n = self.n_kv_heads * slots * self.head_dim;
+        let cache = KvCache {
+            k: budget.floats(n)?,
+            v: budget.floats(n)?,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            slots,
+        };
+        Ok((cache, ring))
+    }
+
+    fn new_scratch(layers: &[&Self], shape: &StateShape, budget: &mut Budget) -> Result<Scratch> {
         let (mut q_dim, mut gate_dim, mut kv_dim, mut any) = (0, 0, 0, false);
         for a in layers.iter().copied() {
             q_dim = q_dim.max(a.n_heads * a.head_dim);
@@ -119,66 +139,30 @@ impl Scratch {
             })?,
         })
     }
-}
 
-impl Attention {
-    /// A fresh state: an empty cache of the whole context, or of the
-    /// window plus room for a whole chunk (its first token still needs the
-    /// window before it) or for rolling back. Returns whether the cache
-    /// is a ring, which bounds how far the state can roll back.
-    pub(crate) fn new_state(
-        &self,
-        shape: &StateShape,
-        budget: &mut Budget,
-    ) -> Result<(KvCache, bool)> {
-        let (slots, ring) = match self.window {
-            Some(w) if w - 1 + shape.chunk.max(shape.rollback) < shape.capacity => {
-                (w - 1 + shape.chunk.max(shape.rollback), true)
-            }
-            _ => (shape.capacity, false),
-        };
-        // The geometry bounds each factor well below overflow.
-        let n = self.n_kv_heads * slots * self.head_dim;
-        let cache = KvCache {
-            k: budget.floats(n)?,
-            v: budget.floats(n)?,
-            n_kv_heads: self.n_kv_heads,
-            head_dim: self.head_dim,
-            slots,
-        };
-        Ok((cache, ring))
-    }
-
-    /// The linear layers, grouped by shared input.
-    pub fn linear_groups(&self) -> Vec<Vec<&Linear>> {
+    fn linear_groups(&self) -> Vec<Vec<&Linear>> {
         let mut inputs = vec![&self.q];
         inputs.extend(&self.gate);
         inputs.extend([&self.k, &self.v]);
         vec![inputs, vec![&self.o]]
     }
 
-    /// The linear layers, grouped by shared input.
-    pub fn linear_groups_mut(&mut self) -> Vec<Vec<&mut Linear>> {
+    fn linear_groups_mut(&mut self) -> Vec<Vec<&mut Linear>> {
         let mut inputs = vec![&mut self.q];
         inputs.extend(&mut self.gate);
         inputs.extend([&mut self.k, &mut self.v]);
         vec![inputs, vec![&mut self.o]]
     }
 
-    /// Causal attention of `n` new tokens `x` at positions
-    /// `start..start+n`; the projected output goes to `out`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn forward(
+    fn forward(
         &self,
-        cx: &Compute<'_>,
+        step: &Step<'_>,
         cache: &mut KvCache,
         s: &mut Scratch,
-        ropes: &RopeTables,
         x: &[f32],
         out: &mut [f32],
-        n: usize,
-        start: usize,
     ) {
+        let (cx, ropes, n, start) = (&step.cx, step.ropes, step.n, step.start);
         let hd = self.head_dim;
         let (q_dim, kv_dim) = (self.n_heads * hd, self.n_kv_heads * hd);
         let (q, k, v) = (
@@ -222,7 +206,9 @@ impl Attention {
         }
         cx.project([(&self.o, out)], attn, n);
     }
+}
 
+impl Attention {
     /// Scores, softmax and value mix for every (head, new token), heads split
     /// across threads. Token `t` sees positions up to its own, from the start
     /// of the sequence or of its sliding window.

@@ -16,11 +16,12 @@
 //! tokens of a call step through the recurrence
 //! ([`hayate_kernels::deltanet::delta_step`]) so that each one's state is kept.
 
+use super::mixer::{MixerLayer, Step};
 use super::norm::RmsNorm;
 use super::short_conv::ConvHistory;
 use crate::Result;
 use crate::budget::{Budget, StateShape};
-use crate::linear::{Compute, Linear};
+use crate::linear::Linear;
 use hayate_kernels::deltanet::{self, CHUNK, ChunkScratch};
 use hayate_kernels::ops;
 use hayate_kernels::pool::{DisjointMut, split_range};
@@ -75,13 +76,6 @@ pub struct DeltaState {
     pub size: usize,
 }
 
-impl DeltaState {
-    /// Back to the start: position 0 reads the zero initial state.
-    pub(crate) fn clear(&mut self) {
-        self.states[..self.size].fill(0.0);
-    }
-}
-
 /// One thread's buffers for the delta rule: a chunk of one head's inputs,
 /// gathered contiguous.
 struct Work {
@@ -113,13 +107,37 @@ pub(crate) struct Scratch {
     work: Vec<Mutex<Work>>,
 }
 
-impl Scratch {
-    /// Room for chunks through any of `layers`.
-    pub(crate) fn new(
-        layers: &[&GatedDeltaNet],
-        shape: &StateShape,
-        budget: &mut Budget,
-    ) -> Result<Self> {
+impl GatedDeltaNet {
+    /// Channels of the fused projection (and of the convolution).
+    pub fn channels(&self) -> usize {
+        2 * self.n_k_heads * self.k_dim + self.n_v_heads * self.v_dim
+    }
+}
+
+impl MixerLayer for GatedDeltaNet {
+    type State = DeltaState;
+    type Scratch = Scratch;
+
+    /// Empty history, zero recurrent state, room for the states after each
+    /// of the last `rollback` positions (so rollback is bounded).
+    fn new_state(&self, shape: &StateShape, budget: &mut Budget) -> Result<(DeltaState, bool)> {
+        let slots = shape.rollback + 1;
+        let size = self.n_v_heads * self.k_dim * self.v_dim;
+        let state = DeltaState {
+            conv: ConvHistory::new(self.kernel, self.channels(), shape, budget)?,
+            states: budget.floats(slots * size)?,
+            slots,
+            size,
+        };
+        Ok((state, true))
+    }
+
+    /// Position 0 reads the zero initial state.
+    fn clear(state: &mut DeltaState) {
+        state.states[..state.size].fill(0.0);
+    }
+
+    fn new_scratch(layers: &[&Self], shape: &StateShape, budget: &mut Budget) -> Result<Scratch> {
         let (mut channels, mut value, mut heads, mut window, mut k_dim, mut v_dim) =
             (0, 0, 0, 0, 0, 0);
         for d in layers.iter().copied() {
@@ -159,56 +177,30 @@ impl Scratch {
             work,
         })
     }
-}
 
-impl GatedDeltaNet {
-    /// Channels of the fused projection (and of the convolution).
-    pub fn channels(&self) -> usize {
-        2 * self.n_k_heads * self.k_dim + self.n_v_heads * self.v_dim
-    }
-
-    /// A fresh state: empty history, zero recurrent state, room for the
-    /// states after each of the last `rollback` positions.
-    pub(crate) fn new_state(&self, shape: &StateShape, budget: &mut Budget) -> Result<DeltaState> {
-        let slots = shape.rollback + 1;
-        let size = self.n_v_heads * self.k_dim * self.v_dim;
-        Ok(DeltaState {
-            conv: ConvHistory::new(self.kernel, self.channels(), shape, budget)?,
-            states: budget.floats(slots * size)?,
-            slots,
-            size,
-        })
-    }
-
-    /// The linear layers, grouped by shared input.
-    pub fn linear_groups(&self) -> Vec<Vec<&Linear>> {
+    fn linear_groups(&self) -> Vec<Vec<&Linear>> {
         vec![vec![&self.qkv, &self.z, &self.b, &self.a], vec![&self.out]]
     }
 
-    /// The linear layers, grouped by shared input.
-    pub fn linear_groups_mut(&mut self) -> Vec<Vec<&mut Linear>> {
+    fn linear_groups_mut(&mut self) -> Vec<Vec<&mut Linear>> {
         vec![
             vec![&mut self.qkv, &mut self.z, &mut self.b, &mut self.a],
             vec![&mut self.out],
         ]
     }
 
-    /// Gated DeltaNet over `n` new tokens `x` at positions `start..start+n`;
-    /// the projected output goes to `out`. All but the last
-    /// `recurrent_tail` tokens go through the chunked form; those last ones
-    /// step through the recurrence so that the state after each is kept.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn forward(
+    /// All but the last `recurrent_tail` tokens go through the chunked
+    /// form; those last ones step through the recurrence so that the state
+    /// after each is kept.
+    fn forward(
         &self,
-        cx: &Compute<'_>,
+        step: &Step<'_>,
         st: &mut DeltaState,
         s: &mut Scratch,
         x: &[f32],
         out: &mut [f32],
-        n: usize,
-        start: usize,
-        recurrent_tail: usize,
     ) {
+        let (cx, n, start, recurrent_tail) = (&step.cx, step.n, step.start, step.recurrent_tail);
         let c = self.channels();
         let (nk, dk, nv, dv) = (self.n_k_heads, self.k_dim, self.n_v_heads, self.v_dim);
         let key_dim = nk * dk;

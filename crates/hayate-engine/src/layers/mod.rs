@@ -9,12 +9,14 @@
 //! - [`norm`]: RMS normalisation.
 //!
 //! A translator ([`crate::arch`]) turns a configuration into a list of
-//! [`Block`]s; this module dispatches each block's mixer to its module. A
-//! new mixer is a new module here plus one variant in each of [`Mixer`],
-//! [`MixerState`] and the scratch, whose `match` arms the compiler lists.
+//! [`Block`]s. Each mixer module implements one interface
+//! (`mixer::MixerLayer`: state, scratch, linear layers, forward), and the
+//! `mixers!` list below registers it: a new mixer is a new module plus one
+//! line there.
 
 pub mod attention;
 pub mod deltanet;
+mod mixer;
 pub mod mlp;
 pub mod norm;
 pub mod short_conv;
@@ -25,75 +27,109 @@ pub use mlp::{Activation, GatedMlp};
 pub use norm::RmsNorm;
 pub use short_conv::{ConvHistory, ShortConv};
 
+pub(crate) use mixer::Step;
+
 use crate::Result;
 use crate::budget::{Budget, StateShape};
-use crate::linear::{Compute, Linear};
-use crate::rope::{Rope, RopeTables};
+use crate::linear::Linear;
+use mixer::MixerLayer;
 
-/// What mixes information across positions.
-pub enum Mixer {
-    /// Causal attention over a KV cache (full or sliding-window).
-    Attention(Attention),
-    /// Gated DeltaNet linear attention with a fixed-size state.
-    DeltaNet(GatedDeltaNet),
-    /// Gated short convolution with a few positions of state.
-    ShortConv(ShortConv),
-}
-
-/// The state one layer carries between calls, made by its mixer.
-pub enum MixerState {
-    /// An attention layer's cache.
-    Attention(KvCache),
-    /// A Gated DeltaNet layer's convolution history and recurrent states.
-    DeltaNet(DeltaState),
-    /// A short convolution's history.
-    ShortConv(ConvHistory),
-}
-
-impl MixerState {
-    /// Back to an empty sequence.
-    pub(crate) fn clear(&mut self) {
-        match self {
-            MixerState::DeltaNet(d) => d.clear(),
-            // Entries past the length are overwritten before they are read.
-            MixerState::Attention(_) | MixerState::ShortConv(_) => {}
+/// Declares the mixers: the [`Mixer`] and `MixerState` enums, the
+/// per-type scratch, and their dispatch to each module's [`MixerLayer`].
+macro_rules! mixers {
+    ($($variant:ident($layer:ty, $scratch:ident): $doc:literal;)+) => {
+        /// What mixes information across positions.
+        pub enum Mixer {
+            $(#[doc = $doc] $variant($layer),)+
         }
-    }
-}
 
-impl Mixer {
-    /// A fresh state for this layer, and whether it holds a bounded window
-    /// of positions (which limits rollback).
-    pub(crate) fn new_state(
-        &self,
-        shape: &StateShape,
-        budget: &mut Budget,
-    ) -> Result<(MixerState, bool)> {
-        Ok(match self {
-            Mixer::Attention(a) => {
-                let (cache, ring) = a.new_state(shape, budget)?;
-                (MixerState::Attention(cache), ring)
+        /// The state one layer carries between calls, made by its mixer.
+        pub(crate) enum MixerState {
+            $($variant(<$layer as MixerLayer>::State),)+
+        }
+
+        /// Each mixer type's scratch, sized for its largest layer.
+        struct MixerScratch {
+            $($scratch: <$layer as MixerLayer>::Scratch,)+
+        }
+
+        impl MixerState {
+            /// Back to an empty sequence.
+            pub(crate) fn clear(&mut self) {
+                match self {
+                    $(MixerState::$variant(s) => <$layer as MixerLayer>::clear(s),)+
+                }
             }
-            Mixer::DeltaNet(d) => (MixerState::DeltaNet(d.new_state(shape, budget)?), true),
-            Mixer::ShortConv(c) => (MixerState::ShortConv(c.new_state(shape, budget)?), true),
-        })
-    }
-
-    fn linear_groups(&self) -> Vec<Vec<&Linear>> {
-        match self {
-            Mixer::Attention(a) => a.linear_groups(),
-            Mixer::DeltaNet(d) => d.linear_groups(),
-            Mixer::ShortConv(c) => c.linear_groups(),
         }
-    }
 
-    fn linear_groups_mut(&mut self) -> Vec<Vec<&mut Linear>> {
-        match self {
-            Mixer::Attention(a) => a.linear_groups_mut(),
-            Mixer::DeltaNet(d) => d.linear_groups_mut(),
-            Mixer::ShortConv(c) => c.linear_groups_mut(),
+        impl MixerScratch {
+            fn new(blocks: &[Block], shape: &StateShape, budget: &mut Budget) -> Result<Self> {
+                Ok(MixerScratch {
+                    $($scratch: {
+                        let layers: Vec<&$layer> = blocks
+                            .iter()
+                            .filter_map(|b| match &b.mixer {
+                                Mixer::$variant(m) => Some(m),
+                                _ => None,
+                            })
+                            .collect();
+                        <$layer as MixerLayer>::new_scratch(&layers, shape, budget)?
+                    },)+
+                })
+            }
         }
-    }
+
+        impl Mixer {
+            /// A fresh state for this layer, and whether it holds a bounded
+            /// window of positions (which limits rollback).
+            pub(crate) fn new_state(
+                &self,
+                shape: &StateShape,
+                budget: &mut Budget,
+            ) -> Result<(MixerState, bool)> {
+                Ok(match self {
+                    $(Mixer::$variant(m) => {
+                        let (state, bounded) = m.new_state(shape, budget)?;
+                        (MixerState::$variant(state), bounded)
+                    })+
+                })
+            }
+
+            fn linear_groups(&self) -> Vec<Vec<&Linear>> {
+                match self {
+                    $(Mixer::$variant(m) => m.linear_groups(),)+
+                }
+            }
+
+            fn linear_groups_mut(&mut self) -> Vec<Vec<&mut Linear>> {
+                match self {
+                    $(Mixer::$variant(m) => m.linear_groups_mut(),)+
+                }
+            }
+
+            fn forward(
+                &self,
+                step: &Step<'_>,
+                state: &mut MixerState,
+                scratch: &mut MixerScratch,
+                x: &[f32],
+                out: &mut [f32],
+            ) {
+                match (self, state) {
+                    $((Mixer::$variant(m), MixerState::$variant(s)) => {
+                        m.forward(step, s, &mut scratch.$scratch, x, out)
+                    })+
+                    _ => unreachable!("states are made by the same blocks"),
+                }
+            }
+        }
+    };
+}
+
+mixers! {
+    Attention(Attention, attention): "Causal attention over a KV cache (full or sliding-window).";
+    DeltaNet(GatedDeltaNet, deltanet): "Gated DeltaNet linear attention with a fixed-size state.";
+    ShortConv(ShortConv, short_conv): "Gated short convolution with a few positions of state.";
 }
 
 /// One pre-norm residual layer: `x += post(mixer(norm(x))); x += post(mlp(norm(x)))`,
@@ -133,6 +169,31 @@ impl Block {
     pub fn linears(&self) -> Vec<&Linear> {
         self.linear_groups().into_iter().flatten().collect()
     }
+
+    /// Runs the block over the step's residual rows `s.x`.
+    pub(crate) fn forward(
+        &self,
+        step: &Step<'_>,
+        state: &mut MixerState,
+        s: &mut Scratch,
+        hidden: usize,
+    ) {
+        let rows = step.n * hidden;
+        let (x, h, mix) = (&mut s.x[..rows], &mut s.h[..rows], &mut s.mix[..rows]);
+        self.mixer_norm.rows(x, h, hidden);
+        self.mixer.forward(step, state, &mut s.mixers, h, mix);
+        if let Some(norm) = &self.post_mixer_norm {
+            norm.rows_inplace(mix, hidden);
+        }
+        add_into(x, mix);
+
+        self.mlp_norm.rows(x, h, hidden);
+        self.mlp.forward(&step.cx, &mut s.mlp, h, mix, step.n);
+        if let Some(norm) = &self.post_mlp_norm {
+            norm.rows_inplace(mix, hidden);
+        }
+        add_into(x, mix);
+    }
 }
 
 /// The buffers one sequence's forward pass reuses, sized once when its
@@ -149,32 +210,19 @@ pub(crate) struct Scratch {
     pub mix: Vec<f32>,
     /// The last token's logits.
     pub logits: Vec<f32>,
-    pub ropes: RopeTables,
-    attention: attention::Scratch,
-    deltanet: deltanet::Scratch,
-    short_conv: short_conv::Scratch,
+    mixers: MixerScratch,
     mlp: mlp::Scratch,
 }
 
 impl Scratch {
-    /// Buffers for `blocks` (of width `hidden`, output `vocab`, rotary
-    /// tables `ropes`), each taken from `budget` before it is allocated.
+    /// Buffers for `blocks` (of width `hidden`, output `vocab`), each taken
+    /// from `budget` before it is allocated.
     pub(crate) fn new(
         blocks: &[Block],
-        ropes: &[Rope],
         (hidden, vocab): (usize, usize),
         shape: &StateShape,
         budget: &mut Budget,
     ) -> Result<Self> {
-        // Each layer type's scratch fits the largest layer of that type.
-        let (mut attention, mut deltanet, mut short_conv) = (Vec::new(), Vec::new(), Vec::new());
-        for b in blocks {
-            match &b.mixer {
-                Mixer::Attention(a) => attention.push(a),
-                Mixer::DeltaNet(d) => deltanet.push(d),
-                Mixer::ShortConv(c) => short_conv.push(c),
-            }
-        }
         let mlps: Vec<&GatedMlp> = blocks.iter().map(|b| &b.mlp).collect();
         let chunk = shape.chunk;
         Ok(Scratch {
@@ -183,67 +231,9 @@ impl Scratch {
             h: budget.floats(chunk * hidden)?,
             mix: budget.floats(chunk * hidden)?,
             logits: budget.floats(vocab)?,
-            ropes: RopeTables::new(ropes, chunk, budget)?,
-            attention: attention::Scratch::new(&attention, shape, budget)?,
-            deltanet: deltanet::Scratch::new(&deltanet, shape, budget)?,
-            short_conv: short_conv::Scratch::new(&short_conv, shape, budget)?,
+            mixers: MixerScratch::new(blocks, shape, budget)?,
             mlp: mlp::Scratch::new(&mlps, shape, budget)?,
         })
-    }
-}
-
-/// Where a chunk of new tokens sits in its sequence.
-#[derive(Clone, Copy)]
-pub(crate) struct Span {
-    /// Tokens in the chunk.
-    pub n: usize,
-    /// Position of the first.
-    pub start: usize,
-    /// Recurrent layers keep the state after each of this many last tokens.
-    pub recurrent_tail: usize,
-}
-
-impl Block {
-    /// Runs the block over the chunk's residual rows `s.x`.
-    pub(crate) fn forward(
-        &self,
-        cx: &Compute<'_>,
-        state: &mut MixerState,
-        s: &mut Scratch,
-        hidden: usize,
-        span: Span,
-    ) {
-        let Span {
-            n,
-            start,
-            recurrent_tail,
-        } = span;
-        let rows = n * hidden;
-        let (x, h, mix) = (&mut s.x[..rows], &mut s.h[..rows], &mut s.mix[..rows]);
-        self.mixer_norm.rows(x, h, hidden);
-        match (&self.mixer, state) {
-            (Mixer::Attention(a), MixerState::Attention(cache)) => {
-                a.forward(cx, cache, &mut s.attention, &s.ropes, h, mix, n, start);
-            }
-            (Mixer::DeltaNet(d), MixerState::DeltaNet(st)) => {
-                d.forward(cx, st, &mut s.deltanet, h, mix, n, start, recurrent_tail);
-            }
-            (Mixer::ShortConv(c), MixerState::ShortConv(history)) => {
-                c.forward(cx, history, &mut s.short_conv, h, mix, n, start);
-            }
-            _ => unreachable!("states are made by the same blocks"),
-        }
-        if let Some(norm) = &self.post_mixer_norm {
-            norm.rows_inplace(mix, hidden);
-        }
-        add_into(x, mix);
-
-        self.mlp_norm.rows(x, h, hidden);
-        self.mlp.forward(cx, &mut s.mlp, h, mix, n);
-        if let Some(norm) = &self.post_mlp_norm {
-            norm.rows_inplace(mix, hidden);
-        }
-        add_into(x, mix);
     }
 }
 

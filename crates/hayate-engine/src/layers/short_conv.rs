@@ -6,9 +6,10 @@
 //! can be rolled back), in a ring. Kernels: the products and
 //! [`hayate_kernels::ops::causal_conv1d`].
 
+use super::mixer::{MixerLayer, Step};
 use crate::Result;
 use crate::budget::{Budget, StateShape};
-use crate::linear::{Compute, Linear};
+use crate::linear::Linear;
 use hayate_kernels::ops;
 
 /// Gated short convolution (LFM2): `out(C ⊙ conv(B ⊙ x))` with `B`, `C`
@@ -101,13 +102,19 @@ pub(crate) struct Scratch {
     y: Vec<f32>,
 }
 
-impl Scratch {
-    /// Room for chunks through any of `layers`.
-    pub(crate) fn new(
-        layers: &[&ShortConv],
-        shape: &StateShape,
-        budget: &mut Budget,
-    ) -> Result<Self> {
+impl MixerLayer for ShortConv {
+    type State = ConvHistory;
+    type Scratch = Scratch;
+
+    /// An empty history (a ring, so rollback is bounded).
+    fn new_state(&self, shape: &StateShape, budget: &mut Budget) -> Result<(ConvHistory, bool)> {
+        Ok((
+            ConvHistory::new(self.kernel, self.channels, shape, budget)?,
+            true,
+        ))
+    }
+
+    fn new_scratch(layers: &[&Self], shape: &StateShape, budget: &mut Budget) -> Result<Scratch> {
         let (mut channels, mut window) = (0, 0);
         for c in layers.iter().copied() {
             channels = channels.max(c.channels);
@@ -119,37 +126,24 @@ impl Scratch {
             y: budget.floats(shape.chunk * channels)?,
         })
     }
-}
 
-impl ShortConv {
-    /// A fresh state: an empty history.
-    pub(crate) fn new_state(&self, shape: &StateShape, budget: &mut Budget) -> Result<ConvHistory> {
-        ConvHistory::new(self.kernel, self.channels, shape, budget)
-    }
-
-    /// The linear layers, grouped by shared input.
-    pub fn linear_groups(&self) -> Vec<Vec<&Linear>> {
+    fn linear_groups(&self) -> Vec<Vec<&Linear>> {
         vec![vec![&self.in_proj], vec![&self.out]]
     }
 
-    /// The linear layers, grouped by shared input.
-    pub fn linear_groups_mut(&mut self) -> Vec<Vec<&mut Linear>> {
+    fn linear_groups_mut(&mut self) -> Vec<Vec<&mut Linear>> {
         vec![vec![&mut self.in_proj], vec![&mut self.out]]
     }
 
-    /// The convolution over `n` new tokens `x` at positions
-    /// `start..start + n`; the projected output goes to `out`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn forward(
+    fn forward(
         &self,
-        cx: &Compute<'_>,
+        step: &Step<'_>,
         history: &mut ConvHistory,
         s: &mut Scratch,
         x: &[f32],
         out: &mut [f32],
-        n: usize,
-        start: usize,
     ) {
+        let (cx, n, start) = (&step.cx, step.n, step.start);
         let ch = self.channels;
         let bcx = &mut s.bcx[..n * 3 * ch];
         cx.project([(&self.in_proj, &mut *bcx)], x, n);

@@ -1,0 +1,64 @@
+//! What every mixer module provides: the one interface [`super::Block`]
+//! runs its mixer through, whatever the layer type.
+
+use crate::Result;
+use crate::budget::{Budget, StateShape};
+use crate::linear::{Compute, Linear};
+use crate::rope::RopeTables;
+
+/// One step of the forward pass, as a mixer sees it: `n` new tokens at
+/// positions `start..start + n`.
+pub(crate) struct Step<'a> {
+    /// Where the products run.
+    pub cx: Compute<'a>,
+    /// The rotary tables of these positions.
+    pub ropes: &'a RopeTables,
+    /// Tokens in the step.
+    pub n: usize,
+    /// Position of the first.
+    pub start: usize,
+    /// Recurrent layers keep the state after each of this many last tokens.
+    pub recurrent_tail: usize,
+}
+
+/// A layer type that mixes information across positions (attention,
+/// Gated DeltaNet, short convolution, ...).
+pub(crate) trait MixerLayer: Sized {
+    /// What one sequence keeps between steps for one such layer.
+    type State;
+    /// Buffers one sequence's steps reuse, shared by all layers of this type.
+    type Scratch;
+
+    /// A fresh state, and whether it keeps a bounded window of positions
+    /// (which limits how far the sequence can roll back).
+    fn new_state(&self, shape: &StateShape, budget: &mut Budget) -> Result<(Self::State, bool)>;
+
+    /// Back to an empty sequence. Most states need nothing: entries past
+    /// the length are overwritten before they are read.
+    fn clear(_state: &mut Self::State) {}
+
+    /// Scratch that fits every one of `layers` (possibly none).
+    fn new_scratch(
+        layers: &[&Self],
+        shape: &StateShape,
+        budget: &mut Budget,
+    ) -> Result<Self::Scratch>;
+
+    /// The linear layers, grouped by shared input (one group is one fused
+    /// product and, when quantized with a rotation, shares `S_in`).
+    fn linear_groups(&self) -> Vec<Vec<&Linear>>;
+
+    /// The same, to replace them (quantization at load).
+    fn linear_groups_mut(&mut self) -> Vec<Vec<&mut Linear>>;
+
+    /// The layer over the step's normalised inputs `x` (`n × hidden`);
+    /// its output projection goes to `out` (`n × hidden`).
+    fn forward(
+        &self,
+        step: &Step<'_>,
+        state: &mut Self::State,
+        scratch: &mut Self::Scratch,
+        x: &[f32],
+        out: &mut [f32],
+    );
+}
