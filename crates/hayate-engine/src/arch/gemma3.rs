@@ -12,8 +12,8 @@ use super::geometry::{
     MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, positive,
 };
 use super::{
-    AttentionSpec, Binder, BlockLayout, NormStyle, Translated, Translator, layer_types_or_periodic,
-    layers_by_type, output_head, text_model_names,
+    AttentionSpec, Binder, BlockLayout, NormStyle, Translated, layer_types_or_periodic,
+    layers_by_type, text_model_names,
 };
 use crate::layers::{Activation, Mixer};
 use crate::rope::Rope;
@@ -33,12 +33,6 @@ const GEMMA3_BLOCK: BlockLayout = BlockLayout {
     mlp: "mlp",
     mlp_parts: ["gate_proj", "up_proj", "down_proj"],
     activation: Activation::GeluTanh,
-};
-
-/// This family's two steps.
-pub(super) const TRANSLATOR: Translator = Translator {
-    geometry,
-    build: translate,
 };
 
 /// Sizes from the config (its `text_config` for multimodal checkpoints), checked.
@@ -85,7 +79,7 @@ pub fn geometry(top: &HfConfig) -> Result<Geometry> {
 pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Translated> {
     let cfg = top.text_config()?;
     let model_type = top.model_type()?;
-    let (hidden, vocab, intermediate) = (g.hidden, g.vocab, g.intermediate);
+    let (hidden, intermediate) = (g.hidden, g.intermediate);
     let d = Dims::new(&cfg);
     let eps = d.eps("rms_norm_eps", 1e-6)?;
     let b = Binder {
@@ -147,21 +141,21 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
         blocks.push(b.block(&p, mixer, &GEMMA3_BLOCK, sizes, false)?);
     }
 
-    let embedding = b.linear(&format!("{model}.embed_tokens"), vocab, hidden, false)?;
-    let lm_head = output_head(&cfg, store, &embedding, &head_name, true)?;
-    Ok(Translated {
-        embedding,
+    let ropes = vec![
+        Rope::new(&local, g.rotary_dim()),
+        Rope::new(&global, g.rotary_dim()),
+    ];
+    let final_norm = format!("{model}.norm.weight");
+    let mut translated = b.model(
+        &cfg,
+        g,
+        &model,
+        &final_norm,
+        (&head_name, true),
         blocks,
-        final_norm: b.norm(&format!("{model}.norm.weight"), hidden)?,
-        lm_head,
-        ropes: vec![
-            Rope::new(&local, g.rotary_dim()),
-            Rope::new(&global, g.rotary_dim()),
-        ],
-        embed_scale: Some((hidden as f32).sqrt()),
-        logit_softcap: softcap.map(|c| c as f32),
-        hidden,
-        vocab,
-        max_positions: g.max_positions,
-    })
+        ropes,
+    )?;
+    translated.embed_scale = Some((hidden as f32).sqrt());
+    translated.logit_softcap = softcap.map(|c| c as f32);
+    Ok(translated)
 }

@@ -6,10 +6,7 @@ use super::geometry::{
     AttentionDims, Dims, Geometry, LayerDims, MAX_CONV_KERNEL, MAX_HEADS, MAX_HIDDEN,
     MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, ShortConvDims, in_range, positive,
 };
-use super::{
-    AttentionSpec, Binder, BlockLayout, NormStyle, Translated, Translator, conv_taps,
-    layers_by_type, output_head,
-};
+use super::{AttentionSpec, Binder, BlockLayout, NormStyle, Translated, conv_taps, layers_by_type};
 use crate::layers::{Activation, Mixer, ShortConv};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
@@ -24,12 +21,6 @@ const LFM2_BLOCK: BlockLayout = BlockLayout {
     mlp: "feed_forward",
     mlp_parts: ["w1", "w3", "w2"],
     activation: Activation::Silu,
-};
-
-/// This family's two steps.
-pub(super) const TRANSLATOR: Translator = Translator {
-    geometry,
-    build: translate,
 };
 
 /// Sizes from the config, checked.
@@ -90,7 +81,7 @@ pub fn geometry(cfg: &HfConfig) -> Result<Geometry> {
 
 /// Binds the tensors of a checkpoint with geometry `g`.
 pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Translated> {
-    let (hidden, vocab, ff) = (g.hidden, g.vocab, g.intermediate);
+    let (hidden, ff) = (g.hidden, g.intermediate);
     let eps = Dims::new(cfg).eps("norm_eps", 1e-5)?;
     let b = Binder {
         store,
@@ -134,21 +125,18 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
         blocks.push(b.block(&p, mixer, &LFM2_BLOCK, (hidden, ff), false)?);
     }
 
-    let embedding = b.linear("model.embed_tokens", vocab, hidden, false)?;
     let tied_by_default = cfg.opt_bool("tie_embedding")?.unwrap_or(true);
-    let lm_head = output_head(cfg, store, &embedding, "lm_head", tied_by_default)?;
-    Ok(Translated {
-        embedding,
+    let ropes = vec![Rope::new(&rope, g.rotary_dim())];
+    let head = ("lm_head", tied_by_default);
+    b.model(
+        cfg,
+        g,
+        "model",
+        "model.embedding_norm.weight",
+        head,
         blocks,
-        final_norm: b.norm("model.embedding_norm.weight", hidden)?,
-        lm_head,
-        ropes: vec![Rope::new(&rope, g.rotary_dim())],
-        embed_scale: None,
-        logit_softcap: None,
-        hidden,
-        vocab,
-        max_positions: g.max_positions,
-    })
+        ropes,
+    )
 }
 
 /// The feed-forward width: `intermediate_size` (or the older

@@ -6,17 +6,11 @@ use super::geometry::{
     AttentionDims, Dims, Geometry, LayerDims, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN,
     MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
 };
-use super::{AttentionSpec, Binder, LLAMA_BLOCK, NormStyle, Translated, Translator, output_head};
+use super::{AttentionSpec, Binder, LLAMA_BLOCK, NormStyle, Translated};
 use crate::layers::Mixer;
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
-
-/// This family's two steps.
-pub(super) const TRANSLATOR: Translator = Translator {
-    geometry,
-    build: translate,
-};
 
 /// Sizes from the config, checked.
 pub fn geometry(cfg: &HfConfig) -> Result<Geometry> {
@@ -47,7 +41,7 @@ pub fn geometry(cfg: &HfConfig) -> Result<Geometry> {
 /// Binds the tensors of a checkpoint with geometry `g`.
 pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Translated> {
     let model_type = cfg.model_type()?;
-    let (hidden, vocab, intermediate) = (g.hidden, g.vocab, g.intermediate);
+    let (hidden, intermediate) = (g.hidden, g.intermediate);
     let LayerDims::Attention(dims) = &g.layers[0] else {
         unreachable!("llama geometry has attention layers only")
     };
@@ -100,18 +94,14 @@ pub fn translate(cfg: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
         blocks.push(b.block(&p, mixer, &LLAMA_BLOCK, sizes, mlp_bias)?);
     }
 
-    let embedding = b.linear("model.embed_tokens", vocab, hidden, false)?;
-    let lm_head = output_head(cfg, store, &embedding, "lm_head", false)?;
-    Ok(Translated {
-        embedding,
+    let ropes = vec![Rope::new(&cfg.rope()?, g.rotary_dim())];
+    b.model(
+        cfg,
+        g,
+        "model",
+        "model.norm.weight",
+        ("lm_head", false),
         blocks,
-        final_norm: b.norm("model.norm.weight", hidden)?,
-        lm_head,
-        ropes: vec![Rope::new(&cfg.rope()?, g.rotary_dim())],
-        embed_scale: None,
-        logit_softcap: None,
-        hidden,
-        vocab,
-        max_positions: g.max_positions,
-    })
+        ropes,
+    )
 }

@@ -48,16 +48,31 @@ pub struct Translator {
     pub build: fn(&HfConfig, &Geometry, &TensorStore) -> Result<Translated>,
 }
 
+impl Translator {
+    /// The translator of one family's two steps.
+    const fn of(
+        geometry: fn(&HfConfig) -> Result<Geometry>,
+        build: fn(&HfConfig, &Geometry, &TensorStore) -> Result<Translated>,
+    ) -> Self {
+        Translator { geometry, build }
+    }
+}
+
+const LLAMA: Translator = Translator::of(llama::geometry, llama::translate);
+const QWEN3_5: Translator = Translator::of(qwen3_5::geometry, qwen3_5::translate);
+const GEMMA3: Translator = Translator::of(gemma3::geometry, gemma3::translate);
+const LFM2: Translator = Translator::of(lfm2::geometry, lfm2::translate);
+
 /// Every supported `model_type` and its translator.
 const TRANSLATORS: &[(&str, Translator)] = &[
-    ("llama", llama::TRANSLATOR),
-    ("qwen2", llama::TRANSLATOR),
-    ("qwen3", llama::TRANSLATOR),
-    ("qwen3_5_text", qwen3_5::TRANSLATOR),
-    ("qwen3_5", qwen3_5::TRANSLATOR),
-    ("gemma3_text", gemma3::TRANSLATOR),
-    ("gemma3", gemma3::TRANSLATOR),
-    ("lfm2", lfm2::TRANSLATOR),
+    ("llama", LLAMA),
+    ("qwen2", LLAMA),
+    ("qwen3", LLAMA),
+    ("qwen3_5_text", QWEN3_5),
+    ("qwen3_5", QWEN3_5),
+    ("gemma3_text", GEMMA3),
+    ("gemma3", GEMMA3),
+    ("lfm2", LFM2),
 ];
 
 /// The `model_type`s Hayate can run.
@@ -281,6 +296,37 @@ impl Binder<'_> {
             both.gather_rows(&query, &rows(0))?,
             both.gather_rows(&gate, &rows(hd))?,
         ))
+    }
+
+    /// The model around `blocks`: embedding `{model}.embed_tokens`, the
+    /// final norm `final_norm`, the output head `head` (tied to the
+    /// embedding when the config says so, or says nothing and
+    /// `tied_by_default`), sizes from `g`; no embedding scale or logit cap.
+    #[allow(clippy::too_many_arguments)]
+    pub fn model(
+        &self,
+        cfg: &HfConfig,
+        g: &Geometry,
+        model: &str,
+        final_norm: &str,
+        (head, tied_by_default): (&str, bool),
+        blocks: Vec<Block>,
+        ropes: Vec<Rope>,
+    ) -> Result<Translated> {
+        let embedding = self.linear(&format!("{model}.embed_tokens"), g.vocab, g.hidden, false)?;
+        let lm_head = output_head(cfg, self.store, &embedding, head, tied_by_default)?;
+        Ok(Translated {
+            embedding,
+            blocks,
+            final_norm: self.norm(final_norm, g.hidden)?,
+            lm_head,
+            ropes,
+            embed_scale: None,
+            logit_softcap: None,
+            hidden: g.hidden,
+            vocab: g.vocab,
+            max_positions: g.max_positions,
+        })
     }
 
     /// Block `prefix` (e.g. `model.layers.3`) around `mixer`, its norms

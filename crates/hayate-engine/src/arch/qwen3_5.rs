@@ -10,19 +10,13 @@ use super::geometry::{
     MAX_HEADS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
 };
 use super::{
-    AttentionSpec, Binder, LLAMA_BLOCK, NormStyle, Translated, Translator, conv_taps,
-    layer_types_or_periodic, layers_by_type, output_head, text_model_names,
+    AttentionSpec, Binder, LLAMA_BLOCK, NormStyle, Translated, conv_taps, layer_types_or_periodic,
+    layers_by_type, text_model_names,
 };
 use crate::layers::{GatedDeltaNet, Mixer, RmsNorm};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, TensorStore};
-
-/// This family's two steps.
-pub(super) const TRANSLATOR: Translator = Translator {
-    geometry,
-    build: translate,
-};
 
 /// Sizes from the config (its `text_config` for multimodal checkpoints), checked.
 pub fn geometry(top: &HfConfig) -> Result<Geometry> {
@@ -74,7 +68,7 @@ pub fn geometry(top: &HfConfig) -> Result<Geometry> {
 pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Translated> {
     let cfg = top.text_config()?;
     let model_type = top.model_type()?;
-    let (hidden, vocab, intermediate) = (g.hidden, g.vocab, g.intermediate);
+    let (hidden, intermediate) = (g.hidden, g.intermediate);
     let eps = Dims::new(&cfg).eps("rms_norm_eps", 1e-6)?;
     let b = Binder {
         store,
@@ -151,18 +145,15 @@ pub fn translate(top: &HfConfig, g: &Geometry, store: &TensorStore) -> Result<Tr
         blocks.push(b.block(&p, mixer, &LLAMA_BLOCK, sizes, false)?);
     }
 
-    let embedding = b.linear(&format!("{model}.embed_tokens"), vocab, hidden, false)?;
-    let lm_head = output_head(&cfg, store, &embedding, &head_name, false)?;
-    Ok(Translated {
-        embedding,
+    let ropes = vec![Rope::new(&rope_config, g.rotary_dim())];
+    let final_norm = format!("{model}.norm.weight");
+    b.model(
+        &cfg,
+        g,
+        &model,
+        &final_norm,
+        (&head_name, false),
         blocks,
-        final_norm: b.norm(&format!("{model}.norm.weight"), hidden)?,
-        lm_head,
-        ropes: vec![Rope::new(&rope_config, g.rotary_dim())],
-        embed_scale: None,
-        logit_softcap: None,
-        hidden,
-        vocab,
-        max_positions: g.max_positions,
-    })
+        ropes,
+    )
 }
