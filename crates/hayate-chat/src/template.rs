@@ -53,7 +53,7 @@ impl std::io::Write for Capped {
 /// A compiled Hugging Face chat template.
 ///
 /// Templates come with downloaded models, so they are treated as untrusted:
-/// a render executes at most [`FUEL`] instructions and produces at most
+/// a render executes at most 10 million (`FUEL`) instructions and produces at most
 /// [`MAX_OUTPUT_BYTES`]; beyond that it is an error, not a hang.
 pub struct ChatTemplate {
     env: Environment<'static>,

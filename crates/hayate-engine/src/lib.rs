@@ -1,7 +1,10 @@
 //! The engine: a model is a list of generic blocks built from its
-//! configuration by a per-architecture translator ([`arch`]); the forward pass
-//! runs any such list over per-layer state ([`state`]); tokens are drawn by
-//! the Gumbel-max trick under reproducible per-position noise ([`sampler`]).
+//! configuration by a per-architecture translator ([`arch`]); each layer
+//! type lives in one module of [`layers`] (weights, per-sequence state,
+//! scratch, forward); the forward pass runs any such list over a sequence's
+//! [`InferenceState`]; tokens are drawn by the Gumbel-max trick under
+//! reproducible per-position noise ([`sampler`]). `docs/architecture.md`
+//! walks through it.
 //!
 //! The forward pass takes a batch of sequences ([`Model::forward_batch`]),
 //! each with its own state, new tokens and logits request (none, the last,
@@ -12,7 +15,7 @@
 //! # Sizes
 //!
 //! Every size the engine derives from `config.json` is checked once, in
-//! [`arch::geometry`], before any weight file is mapped: bounded values,
+//! [`arch::geometry`](mod@arch::geometry), before any weight file is mapped: bounded values,
 //! consistent head counts, products that fit. Buffers that grow with the
 //! context (KV caches, recurrent states, scratch) are each checked against
 //! the machine's memory before they are allocated, so an absurd context is

@@ -9,7 +9,7 @@
 //! above any published model and low enough that no product of a few of them
 //! overflows 64 bits; the buffers that scale with the context are checked
 //! against the machine's memory when a state is made
-//! ([`crate::budget::Budget`]).
+//! (the state's memory budget).
 
 use crate::{EngineError, Result};
 use hayate_formats::HfConfig;

@@ -1,5 +1,5 @@
 //! The gated feed-forward network of every block: `down(act(gate(x)) * up(x))`.
-//! Kernels: the products ([`crate::linear::Compute::project`]) and the fused
+//! Kernels: the products (`Compute::project` in `linear.rs`) and the fused
 //! activations [`hayate_kernels::ops::silu_mul`] / [`hayate_kernels::ops::gelu_tanh_mul`].
 
 use crate::Result;
