@@ -97,6 +97,8 @@ pub struct ThreadPool {
     n_threads: usize,
     /// Held for the whole of a job: callers on other threads wait their turn.
     turn: Mutex<()>,
+    /// Jobs run so far, nested ones included (for benchmarks).
+    jobs: AtomicU64,
 }
 
 impl ThreadPool {
@@ -118,6 +120,7 @@ impl ThreadPool {
             workers: Vec::with_capacity(n_threads - 1),
             n_threads,
             turn: Mutex::new(()),
+            jobs: AtomicU64::new(0),
         };
         for index in 1..n_threads {
             let shared = Arc::clone(&shared);
@@ -135,12 +138,19 @@ impl ThreadPool {
         self.n_threads
     }
 
+    /// Jobs this pool has run (each [`run`](Self::run) call, nested ones
+    /// included): a benchmark divides it by the tokens processed.
+    pub fn jobs_run(&self) -> u64 {
+        self.jobs.load(Ordering::Relaxed)
+    }
+
     /// Runs `job(thread_index, n_threads)` once on every thread of the pool
     /// and returns when all have finished. Panics if any of them panicked.
     ///
     /// Callers on several threads take turns. Called from inside a job, it
     /// runs `job(0, 1)` on the calling thread.
     pub fn run(&self, job: &(dyn Fn(usize, usize) + Sync)) {
+        self.jobs.fetch_add(1, Ordering::Relaxed);
         if self.n_threads == 1 || IN_JOB.get() {
             let _in_job = InJob::enter();
             job(0, 1);
@@ -390,6 +400,8 @@ mod tests {
         });
         // Each of the two threads ran the inner job alone.
         assert_eq!(inner_calls.load(Ordering::Relaxed), 2);
+        // The outer job and the two inner ones are counted.
+        assert_eq!(pool.jobs_run(), 3);
         // And the pool still runs ordinary jobs on both threads.
         assert_runs_on_every_thread(&pool);
     }

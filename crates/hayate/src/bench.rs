@@ -67,6 +67,10 @@ struct Report {
     read_bandwidth_bytes_s: Option<f64>,
     /// Decode tok/s the bandwidth allows: bandwidth / bytes per token.
     decode_ceiling_tok_s: Option<f64>,
+    /// Kernel jobs (thread-pool dispatches) one decoded token takes.
+    jobs_per_token: Option<f64>,
+    /// Time of one empty job on the pool: the fixed cost of a dispatch.
+    empty_job_us: f64,
     peak_rss_bytes: u64,
 }
 
@@ -142,7 +146,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     // Warm up: fault in the weights and the caches once.
     time_prompt(&model, ctx, args.n_prompt.clamp(1, 16))?;
-    time_generation(&model, ctx, args.n_gen.min(4))?;
+    let pool = model.pool();
+    let (jobs_before, warm_tokens) = (pool.jobs_run(), args.n_gen.min(4));
+    time_generation(&model, ctx, warm_tokens)?;
+    let jobs_per_token =
+        (warm_tokens > 0).then(|| (pool.jobs_run() - jobs_before) as f64 / warm_tokens as f64);
+    let empty_job_us = empty_job_seconds(&pool) * 1e6;
     let mut results = Vec::new();
     if args.n_prompt > 0 {
         let secs = (0..args.repetitions)
@@ -177,6 +186,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         results,
         read_bandwidth_bytes_s: bandwidth,
         decode_ceiling_tok_s: bandwidth.map(|b| b / model.info.bytes_per_token as f64),
+        jobs_per_token,
+        empty_job_us,
         peak_rss_bytes: peak_rss,
     };
     if args.json {
@@ -224,6 +235,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
         }
     }
+    if let (Some(jobs), Some(tg)) = (
+        report.jobs_per_token,
+        report.results.iter().find(|r| r.test.starts_with("tg")),
+    ) {
+        let share = jobs * report.empty_job_us * 1e-6 * tg.mean_tok_s;
+        println!(
+            "kernel jobs: {jobs:.0} per decoded token, {:.1} µs each when empty: {:.1}% of a token's time",
+            report.empty_job_us,
+            100.0 * share
+        );
+    }
     println!("peak RSS {}", mib(report.peak_rss_bytes));
     Ok(())
+}
+
+/// Mean time of an empty job on `pool`, back to back (the workers stay awake
+/// between them, as they do between the jobs of one token).
+fn empty_job_seconds(pool: &hayate_kernels::ThreadPool) -> f64 {
+    const JOBS: u32 = 2000;
+    pool.run(&|_, _| {});
+    let start = Instant::now();
+    for _ in 0..JOBS {
+        pool.run(&|_, _| {});
+    }
+    start.elapsed().as_secs_f64() / f64::from(JOBS)
 }
