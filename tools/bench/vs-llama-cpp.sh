@@ -77,7 +77,12 @@ fi
 BUILD="$WORK/llama-build"
 if [ ! -x "$BUILD/bin/llama-bench" ] || [ ! -x "$BUILD/bin/llama-quantize" ]; then
   log "building llama.cpp (native) in $BUILD"
+  # Native, but without AMX: on these VMs its AMX path dies with SIGILL
+  # (the kernel does not grant the tile state), so a user could not run it.
+  no_amx=""
+  grep -qw amx_tile /proc/cpuinfo && no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   "$VENV/bin/cmake" -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
     -DLLAMA_BUILD_TOOLS=ON > "$WORK/cmake.log"
   "$VENV/bin/cmake" --build "$BUILD" --config Release -j "$(nproc)" \
@@ -127,7 +132,10 @@ done
 RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"
 run_llama() { # name gguf
-  "$BUILD/bin/llama-bench" -m "$2" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r "$REPS" -o json 2>/dev/null |
+  local out
+  out=$("$BUILD/bin/llama-bench" -m "$2" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r "$REPS" -o json 2>/dev/null) ||
+    { echo "error: llama-bench failed on $2 (exit $?)" >&2; exit 1; }
+  echo "$out" |
     "$VENV/bin/python" -c "
 import json, sys
 for r in json.load(sys.stdin):
