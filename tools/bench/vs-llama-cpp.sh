@@ -12,7 +12,7 @@
 #   2. llama-bench and llama-quantize, built natively (cmake from PyPI);
 #   3. the speed model (tools/speedmodels) converted with llama.cpp's own
 #      convert_hf_to_gguf.py (torch and transformers from PyPI, pinned), then
-#      quantized to Q8_0, Q4_K_M and Q4_0.
+#      quantized to Q8_0, Q4_K_M and Q4_0, and to Hayate's q8 and q4.
 # Then, --rounds times, each format's pair of benches (llama-bench, then
 # `hayate bench` on the matching Hayate format, order alternating by round):
 #   bf16 - bf16;  q8 (G32) - Q8_0;  q4 (G32, q8 embeddings) - Q4_K_M and Q4_0.
@@ -113,6 +113,10 @@ sys.path[:0] = [src, f"{src}/gguf-py"]
 import conversion.base
 conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
 sys.argv = ["convert_hf_to_gguf.py", model, "--outtype", "bf16", "--outfile", out]
+# Qwen3.5 expects multi-token-prediction layers unless told there are none.
+import json
+if json.load(open(f"{model}/config.json"))["model_type"].startswith("qwen3_5"):
+    sys.argv.append("--no-mtp")
 runpy.run_path(f"{src}/convert_hf_to_gguf.py", run_name="__main__")
 EOF
 fi
