@@ -2,7 +2,7 @@
 # Hayate against llama.cpp on this machine, in one run, interleaved.
 #
 #   tools/bench/vs-llama-cpp.sh [--shape qwen3-0.6b] [--threads 2] [--reps 5]
-#                               [-p 512] [-n 128] [--rounds 3] [--formats "bf16 q8 q4"]
+#                               [-p 512] [-n 128] [-d 0] [--rounds 3] [--formats "bf16 q8 q4"]
 #                               [--work DIR] [--hayate PATH]
 #
 # Everything of llama.cpp is fetched and built under --work (default
@@ -26,6 +26,7 @@ THREADS=2
 REPS=5
 PROMPT=512
 GEN=128
+DEPTH=0
 ROUNDS=3
 FORMATS="bf16 q8 q4"
 WORK="$ROOT/target/vs-llama-cpp"
@@ -37,6 +38,7 @@ while [ $# -gt 0 ]; do
     --reps) REPS=$2; shift 2 ;;
     -p) PROMPT=$2; shift 2 ;;
     -n) GEN=$2; shift 2 ;;
+    -d) DEPTH=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
     --formats) FORMATS=$2; shift 2 ;;
     --work) WORK=$2; shift 2 ;;
@@ -137,7 +139,7 @@ RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"
 run_llama() { # name gguf
   local out
-  out=$("$BUILD/bin/llama-bench" -m "$2" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r "$REPS" -o json 2>/dev/null) ||
+  out=$("$BUILD/bin/llama-bench" -m "$2" -t "$THREADS" -p "$PROMPT" -n "$GEN" -d "$DEPTH" -r "$REPS" -o json 2>/dev/null) ||
     { echo "error: llama-bench failed on $2 (exit $?)" >&2; exit 1; }
   echo "$out" |
     "$VENV/bin/python" -c "
@@ -147,7 +149,7 @@ for r in json.load(sys.stdin):
     print(json.dumps({'side': 'llama.cpp', 'format': '$1', 'test': test, 'tok_s': r['avg_ts']}))" >> "$RESULTS"
 }
 run_hayate() { # name dir
-  "$HAYATE" bench --model "$2" --threads "$THREADS" -p "$PROMPT" -n "$GEN" -r "$REPS" --json |
+  "$HAYATE" bench --model "$2" --threads "$THREADS" -p "$PROMPT" -n "$GEN" -d "$DEPTH" -r "$REPS" --json |
     "$VENV/bin/python" -c "
 import json, sys
 for r in json.load(sys.stdin)['results']:

@@ -4,7 +4,7 @@ use crate::common::{ModelArgs, mib, peak_rss_bytes};
 use anyhow::{Result, bail};
 use clap::Args;
 use hayate_engine::sampler::argmax;
-use hayate_engine::{Logits, Model};
+use hayate_engine::{InferenceState, Logits, Model};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -23,6 +23,10 @@ pub struct BenchArgs {
     /// Tokens to generate (0 skips the test).
     #[arg(short = 'n', long = "n-gen", value_name = "N", default_value_t = 128)]
     n_gen: usize,
+    /// Tokens of context already in the cache when each test starts (not
+    /// timed), like llama-bench's `-d`: decode and prefill at depth.
+    #[arg(short = 'd', long = "depth", value_name = "N", default_value_t = 0)]
+    depth: usize,
     /// Repetitions of each test.
     #[arg(
         short = 'r',
@@ -46,6 +50,7 @@ const MAX_REPETITIONS: usize = 1000;
 #[derive(Serialize)]
 struct Rate {
     test: String,
+    depth: usize,
     tokens: usize,
     mean_tok_s: f64,
     stddev_tok_s: f64,
@@ -74,7 +79,7 @@ struct Report {
     peak_rss_bytes: u64,
 }
 
-fn summarise(test: String, tokens: usize, seconds: &[f64]) -> Rate {
+fn summarise(test: String, depth: usize, tokens: usize, seconds: &[f64]) -> Rate {
     let samples: Vec<f64> = seconds.iter().map(|s| tokens as f64 / s).collect();
     let mean = samples.iter().sum::<f64>() / samples.len() as f64;
     let var = if samples.len() > 1 {
@@ -84,6 +89,7 @@ fn summarise(test: String, tokens: usize, seconds: &[f64]) -> Rate {
     };
     Rate {
         test,
+        depth,
         tokens,
         mean_tok_s: mean,
         stddev_tok_s: var.sqrt(),
@@ -104,20 +110,39 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-fn time_prompt(model: &Model, ctx: usize, n: usize) -> Result<f64> {
-    let mut state = model.new_state(Some(ctx))?;
+/// A state holding `depth` tokens of context: the one in `slot` rolled
+/// back to it where its layers allow, else a fresh one prefilled (untimed).
+fn state_at_depth<'a>(
+    model: &Model,
+    ctx: usize,
+    depth: usize,
+    slot: &'a mut Option<InferenceState>,
+) -> Result<&'a mut InferenceState> {
+    let reusable = slot.as_ref().is_some_and(|s| s.can_truncate(depth));
+    if reusable {
+        slot.as_mut().expect("checked above").truncate(depth)?;
+    } else {
+        let mut state = model.new_state(Some(ctx))?;
+        if depth > 0 {
+            model.forward(&mut state, &tokens(depth, model.info.vocab), Logits::None)?;
+        }
+        *slot = Some(state);
+    }
+    Ok(slot.as_mut().expect("set above"))
+}
+
+fn time_prompt(model: &Model, state: &mut InferenceState, n: usize) -> Result<f64> {
     let prompt = tokens(n, model.info.vocab);
     let start = Instant::now();
-    model.forward(&mut state, &prompt, Logits::Last)?;
+    model.forward(state, &prompt, Logits::Last)?;
     Ok(start.elapsed().as_secs_f64())
 }
 
-fn time_generation(model: &Model, ctx: usize, n: usize) -> Result<f64> {
-    let mut state = model.new_state(Some(ctx))?;
+fn time_generation(model: &Model, state: &mut InferenceState, n: usize) -> Result<f64> {
     let mut token = tokens(1, model.info.vocab)[0];
     let start = Instant::now();
     for _ in 0..n {
-        token = argmax(model.forward(&mut state, &[token], Logits::Last)?);
+        token = argmax(model.forward(state, &[token], Logits::Last)?);
     }
     Ok(start.elapsed().as_secs_f64())
 }
@@ -133,41 +158,51 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("nothing to measure: -p (prompt tokens) and -n (generated tokens) are both 0");
     }
     let model = args.model.load()?;
-    let ctx = args
-        .model
-        .ctx_size
-        .unwrap_or(args.n_prompt.max(args.n_gen).max(1));
-    if args.n_prompt.max(args.n_gen) > ctx || ctx > model.info.max_positions {
+    let longest = args.n_prompt.max(args.n_gen).max(1);
+    let needed = args.depth.checked_add(longest);
+    let ctx = args.model.ctx_size.or(needed).unwrap_or(usize::MAX);
+    if needed.is_none_or(|n| n > ctx) || ctx > model.info.max_positions {
         bail!(
-            "the tests need {} tokens of context; the model allows {}",
-            args.n_prompt.max(args.n_gen),
+            "the tests need {} tokens of context ({} of depth + {longest}); the model allows {}",
+            args.depth.saturating_add(longest),
+            args.depth,
             model.info.max_positions
         );
     }
     // Warm up: fault in the weights and the caches once.
-    time_prompt(&model, ctx, args.n_prompt.clamp(1, 16))?;
+    let warm_prompt = args.n_prompt.clamp(1, 16).min(ctx);
+    time_prompt(&model, &mut model.new_state(Some(ctx))?, warm_prompt)?;
     let pool = model.pool();
     let (jobs_before, warm_tokens) = (pool.jobs_run(), args.n_gen.min(4));
-    time_generation(&model, ctx, warm_tokens)?;
+    time_generation(&model, &mut model.new_state(Some(ctx))?, warm_tokens)?;
     let jobs_per_token =
         (warm_tokens > 0).then(|| (pool.jobs_run() - jobs_before) as f64 / warm_tokens as f64);
     let empty_job_us = empty_job_seconds(&pool) * 1e6;
+    let at_depth = |name: String| match args.depth {
+        0 => name,
+        d => format!("{name} @ d{d}"),
+    };
+    let mut slot = None;
     let mut results = Vec::new();
     if args.n_prompt > 0 {
         let secs = (0..args.repetitions)
-            .map(|_| time_prompt(&model, ctx, args.n_prompt))
+            .map(|_| {
+                let state = state_at_depth(&model, ctx, args.depth, &mut slot)?;
+                time_prompt(&model, state, args.n_prompt)
+            })
             .collect::<Result<Vec<_>>>()?;
-        results.push(summarise(
-            format!("pp{}", args.n_prompt),
-            args.n_prompt,
-            &secs,
-        ));
+        let test = at_depth(format!("pp{}", args.n_prompt));
+        results.push(summarise(test, args.depth, args.n_prompt, &secs));
     }
     if args.n_gen > 0 {
         let secs = (0..args.repetitions)
-            .map(|_| time_generation(&model, ctx, args.n_gen))
+            .map(|_| {
+                let state = state_at_depth(&model, ctx, args.depth, &mut slot)?;
+                time_generation(&model, state, args.n_gen)
+            })
             .collect::<Result<Vec<_>>>()?;
-        results.push(summarise(format!("tg{}", args.n_gen), args.n_gen, &secs));
+        let test = at_depth(format!("tg{}", args.n_gen));
+        results.push(summarise(test, args.depth, args.n_gen, &secs));
     }
     // Before the bandwidth probe, whose buffer is not the model's.
     let peak_rss = peak_rss_bytes();

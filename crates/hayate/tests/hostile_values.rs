@@ -352,6 +352,8 @@ fn hostile_command_line_values() {
     fails(&bench(&["-r", "0"]), &["--repetitions", "0"]);
     fails(&bench(&["-r", "100000"]), &["--repetitions", "100000"]);
     fails(&bench(&["-p", "100000"]), &["100000", "512"]);
+    fails(&bench(&["-d", "100000"]), &["100000 of depth"]);
+    fails(&bench(&["-d", "18446744073709551615"]), &["of depth"]);
     // logits and quantize.
     let (out, written) = logits(&fixtures().join(FLOAT), &["--chunk", "0"]);
     assert_one_error_line(&out, &["--chunk"]);

@@ -183,11 +183,18 @@ fn run_chat_bench_and_eval_work_on_every_hybrid_architecture() {
             "-n",
             "8",
             "-r",
-            "1",
+            "2",
+            "-d",
+            "12",
             "--threads",
             "2",
         ]);
-        assert!(table.contains("pp24") && table.contains("tg8"), "{table}");
+        // At depth, with a state that cannot roll back that far (every
+        // hybrid layer type bounds rollback), so each repetition re-prefills.
+        assert!(
+            table.contains("pp24 @ d12") && table.contains("tg8 @ d12"),
+            "{table}"
+        );
 
         let report = succeed(&[
             "eval",
