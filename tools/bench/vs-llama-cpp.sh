@@ -43,7 +43,7 @@ while [ $# -gt 0 ]; do
     --formats) FORMATS=$2; shift 2 ;;
     --work) WORK=$2; shift 2 ;;
     --hayate) HAYATE=$2; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 1 ;;
   esac
 done
@@ -55,11 +55,12 @@ log() { echo "[vs-llama-cpp] $*" >&2; }
 
 # --- Python tools (pinned) ---------------------------------------------------
 VENV="$WORK/venv"
-if [ ! -x "$VENV/bin/python" ]; then
+if [ ! -f "$VENV/.installed" ]; then
   log "creating $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q cmake==3.31.10 numpy==2.2.6 sentencepiece==0.2.1 \
     transformers==4.57.6 protobuf==4.25.8 safetensors==0.6.2 tokenizers==0.22.2 torch==2.11.0
+  touch "$VENV/.installed"
 fi
 
 # --- llama.cpp from the llama-cpp-python source package ----------------------
@@ -79,8 +80,8 @@ fi
 BUILD="$WORK/llama-build"
 if [ ! -x "$BUILD/bin/llama-bench" ] || [ ! -x "$BUILD/bin/llama-quantize" ]; then
   log "building llama.cpp (native) in $BUILD"
-  # Native, but without AMX: on these VMs its AMX path dies with SIGILL
-  # (the kernel does not grant the tile state), so a user could not run it.
+  # Native, but without AMX: on the Xeon VM this was written on, its AMX path died with SIGILL
+  # (an illegal instruction in libggml-cpu on Q8_0), so a user could not run it.
   no_amx=""
   grep -qw amx_tile /proc/cpuinfo && no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   "$VENV/bin/cmake" -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
@@ -170,23 +171,28 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-"$VENV/bin/python" - "$RESULTS" "$SHAPE" "$THREADS" "$PROMPT" "$GEN" <<'EOF'
+"$VENV/bin/python" - "$RESULTS" "$SHAPE" "$THREADS" "$PROMPT" "$GEN" "$DEPTH" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-shape, threads, p, n = sys.argv[2:]
+shape, threads, p, n, d = sys.argv[2:]
 def median(side, fmt, test):
     v = [r['tok_s'] for r in rows if (r['side'], r['format'], r['test']) == (side, fmt, test)]
     return statistics.median(v) if v else None
-print(f"{shape} shape, {threads} threads, medians of interleaved rounds (tok/s)\n")
+def show(v):
+    return '-' if v is None else f"{v:.1f}"
+def ratio(a, b):
+    return '-' if a is None or b is None else f"{a / b:.2f}"
+depth = '' if d == '0' else f", at depth {d}"
+print(f"{shape} shape, {threads} threads{depth}, medians of interleaved rounds (tok/s)\n")
 print(f"| Hayate | pp{p} | tg{n} | llama.cpp | pp{p} | tg{n} | ratio pp / tg |")
 print("|---|---|---|---|---|---|---|")
 against = {'bf16': ['bf16'], 'q8': ['Q8_0'], 'q4': ['Q4_K_M', 'Q4_0']}
 names = {'bf16': 'bf16', 'q8': 'q8 G32', 'q4': 'q4 G32 + q8 emb'}
 for f, others in against.items():
     hp, ht = median('hayate', f, 'pp'), median('hayate', f, 'tg')
-    if hp is None:
+    if hp is None and ht is None:
         continue
     for o in others:
         lp, lt = median('llama.cpp', o, 'pp'), median('llama.cpp', o, 'tg')
-        print(f"| {names[f]} | {hp:.1f} | {ht:.1f} | {o} | {lp:.1f} | {lt:.1f} | {hp / lp:.2f} / {ht / lt:.2f} |")
+        print(f"| {names[f]} | {show(hp)} | {show(ht)} | {o} | {show(lp)} | {show(lt)} | {ratio(hp, lp)} / {ratio(ht, lt)} |")
 EOF

@@ -1,11 +1,10 @@
 //! The forward pass: a batch of sequences, each through every block.
 
-use crate::layers::Step;
+use crate::layers::{Scratch, Step};
 use crate::linear::Compute;
 use crate::model::Model;
 use crate::state::InferenceState;
 use crate::{EngineError, Result};
-use hayate_kernels::ops;
 
 /// Which next-token logits a forward call produces.
 #[derive(Debug)]
@@ -86,10 +85,10 @@ impl Model {
             return Err(EngineError::TokenOutOfRange { token: bad, vocab });
         }
         let needed = state.len + tokens.len();
-        if needed > state.capacity {
+        if needed > state.capacity() {
             return Err(EngineError::ContextFull {
                 needed,
-                capacity: state.capacity,
+                capacity: state.capacity(),
             });
         }
         if let Logits::At(at, _) = logits
@@ -123,57 +122,65 @@ impl Model {
             Logits::At(at, out) => out.resize(at.len() * vocab, 0.0),
             Logits::None | Logits::Last => {}
         }
-        let chunk = state.scratch.chunk;
+        let chunk = state.shape.chunk;
         let n_chunks = tokens.len().div_ceil(chunk);
-        let softcap = self.parts.logit_softcap;
-        let cx = self.compute();
         for (c, piece) in tokens.chunks(chunk).enumerate() {
             self.forward_chunk(state, piece);
-            let n = piece.len();
-            let hidden = self.info.hidden;
-            let s = &mut state.scratch;
-            let head = &self.parts.lm_head;
-            match logits {
-                Logits::None => {}
-                Logits::Last if c + 1 == n_chunks => {
-                    let last = &s.x[(n - 1) * hidden..n * hidden];
-                    let norm = &self.parts.final_norm;
-                    ops::rms_norm(last, &norm.weight, norm.eps, &mut s.h[..hidden]);
-                    cx.project([(head, &mut s.logits[..])], &s.h[..hidden], 1);
-                    soft_cap(&mut s.logits, softcap);
-                }
-                Logits::Last => {}
-                Logits::All(out) => {
-                    self.parts
-                        .final_norm
-                        .rows(&s.x[..n * hidden], &mut s.h[..n * hidden], hidden);
-                    let dst = &mut out[c * chunk * vocab..(c * chunk + n) * vocab];
-                    cx.project([(head, &mut *dst)], &s.h[..n * hidden], n);
-                    soft_cap(dst, softcap);
-                }
+            let (n, first) = (piece.len(), c * chunk);
+            let Scratch {
+                x, h, logits: last, ..
+            } = &mut state.scratch;
+            // This chunk's rows whose logits are asked for (`None`: all),
+            // and where they go.
+            let (rows, dst): (Option<&[usize]>, &mut [f32]) = match logits {
+                Logits::None => continue,
+                Logits::Last if c + 1 < n_chunks => continue,
+                Logits::Last => (Some(&[n - 1]), &mut last[..]),
+                Logits::All(out) => (None, &mut out[first * vocab..(first + n) * vocab]),
                 Logits::At(at, out) => {
-                    // The requested rows of this chunk, gathered and normalised.
-                    let first = at.partition_point(|&i| i < c * chunk);
-                    let end = at.partition_point(|&i| i < c * chunk + n);
-                    let m = end - first;
-                    if m == 0 {
+                    let lo = at.partition_point(|&i| i < first);
+                    let hi = at.partition_point(|&i| i < first + n);
+                    if lo == hi {
                         continue;
                     }
-                    let norm = &self.parts.final_norm;
-                    for (j, &i) in at[first..end].iter().enumerate() {
-                        let row = i - c * chunk;
-                        let x = &s.x[row * hidden..(row + 1) * hidden];
-                        ops::rms_norm(
-                            x,
-                            &norm.weight,
-                            norm.eps,
-                            &mut s.h[j * hidden..(j + 1) * hidden],
-                        );
-                    }
-                    let dst = &mut out[first * vocab..end * vocab];
-                    cx.project([(head, &mut *dst)], &s.h[..m * hidden], m);
-                    soft_cap(dst, softcap);
+                    let local = &at[lo..hi];
+                    (Some(local), &mut out[lo * vocab..hi * vocab])
                 }
+            };
+            self.head((&x[..n * self.info.hidden], h), rows, first, dst);
+        }
+    }
+
+    /// Logits of a chunk's residual rows `x` into `dst`: all of them, or
+    /// those at `rows` (indices of the call; the chunk starts at `first`).
+    /// Final norm (into `h`), output head, soft cap.
+    fn head(
+        &self,
+        (x, h): (&[f32], &mut [f32]),
+        rows: Option<&[usize]>,
+        first: usize,
+        dst: &mut [f32],
+    ) {
+        let hidden = self.info.hidden;
+        let norm = &self.parts.final_norm;
+        let m = match rows {
+            None => {
+                norm.rows(x, &mut h[..x.len()], hidden);
+                x.len() / hidden
+            }
+            Some(rows) => {
+                for (j, &i) in rows.iter().enumerate() {
+                    let row = &x[(i - first) * hidden..(i - first + 1) * hidden];
+                    norm.rows(row, &mut h[j * hidden..(j + 1) * hidden], hidden);
+                }
+                rows.len()
+            }
+        };
+        self.compute()
+            .project([(&self.parts.lm_head, &mut *dst)], &h[..m * hidden], m);
+        if let Some(cap) = self.parts.logit_softcap {
+            for v in dst {
+                *v = (*v / cap).tanh() * cap;
             }
         }
     }
@@ -187,7 +194,7 @@ impl Model {
         }
     }
 
-    /// Runs one chunk (at most `scratch.chunk` tokens); leaves the final
+    /// Runs one chunk (at most `shape.chunk` tokens); leaves the final
     /// hidden states in `scratch.x` and advances the state.
     fn forward_chunk(&self, state: &mut InferenceState, tokens: &[u32]) {
         let InferenceState {
@@ -195,7 +202,7 @@ impl Model {
             len,
             scratch: s,
             ropes,
-            recurrent_tail,
+            shape,
             ..
         } = state;
         let n = tokens.len();
@@ -215,20 +222,11 @@ impl Model {
             ropes,
             n,
             start,
-            recurrent_tail: *recurrent_tail,
+            recurrent_tail: shape.rollback,
         };
         for (block, layer) in self.parts.blocks.iter().zip(layers.iter_mut()) {
             block.forward(&step, layer, s, hidden);
         }
         *len += n;
-    }
-}
-
-/// `x = cap · tanh(x / cap)` when the model caps its logits.
-fn soft_cap(x: &mut [f32], cap: Option<f32>) {
-    if let Some(cap) = cap {
-        for v in x {
-            *v = (*v / cap).tanh() * cap;
-        }
     }
 }

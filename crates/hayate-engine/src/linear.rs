@@ -47,19 +47,22 @@ impl OwnedFloats {
 
     /// The rows `ranges` of `m`, in that order.
     fn gather(m: &MatRef<'_>, ranges: &[Range<usize>]) -> Self {
-        fn pick<T: Copy>(data: &[T], cols: usize, ranges: &[Range<usize>]) -> Arc<[T]> {
-            ranges
-                .iter()
-                .flat_map(|r| &data[r.start * cols..r.end * cols])
-                .copied()
-                .collect()
-        }
         match m.data {
-            WeightSlice::F32(d) => OwnedFloats::F32(pick(d, m.cols, ranges)),
-            WeightSlice::Bf16(d) => OwnedFloats::Bf16(pick(d, m.cols, ranges)),
-            WeightSlice::F16(d) => OwnedFloats::F16(pick(d, m.cols, ranges)),
+            WeightSlice::F32(d) => OwnedFloats::F32(gather_rows(d, m.cols, ranges).into()),
+            WeightSlice::Bf16(d) => OwnedFloats::Bf16(gather_rows(d, m.cols, ranges).into()),
+            WeightSlice::F16(d) => OwnedFloats::F16(gather_rows(d, m.cols, ranges).into()),
         }
     }
+}
+
+/// The rows `ranges` of a row-major array of `width`-long rows, in that
+/// order (weights, or with `width` 1 a bias).
+pub(crate) fn gather_rows<T: Copy>(data: &[T], width: usize, ranges: &[Range<usize>]) -> Vec<T> {
+    ranges
+        .iter()
+        .flat_map(|r| &data[r.start * width..r.end * width])
+        .copied()
+        .collect()
 }
 
 /// The weights of a linear layer.
@@ -173,16 +176,13 @@ impl Linear {
         if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > self.rows) {
             return Err(bad(format!("rows {r:?} outside its {} rows", self.rows)));
         }
-        let pick = |v: &[f32]| -> Vec<f32> {
-            ranges.iter().flat_map(|r| &v[r.clone()]).copied().collect()
-        };
         Ok(Linear {
             name: name.to_owned(),
             source: self.source.clone(),
             weight: LinearWeight::Gathered(OwnedFloats::gather(&m, ranges)),
             rows: ranges.iter().map(|r| r.len()).sum(),
             cols: self.cols,
-            bias: self.bias.as_deref().map(pick),
+            bias: self.bias.as_deref().map(|b| gather_rows(b, 1, ranges)),
         })
     }
 
@@ -297,21 +297,24 @@ impl Compute<'_> {
     /// rows): one fused product when their weights allow it, else one each.
     pub fn project<const N: usize>(&self, jobs: [(&Linear, &mut [f32]); N], x: &[f32], n: usize) {
         let layers = jobs.each_ref().map(|(l, _)| *l);
-        if layers.iter().all(|l| l.dense().is_some()) {
-            let mut dense = jobs.map(|(l, y)| MatmulJob {
-                w: l.dense().expect("checked above"),
-                y,
+        let kernels = layers.map(Linear::kernel);
+        if kernels.iter().all(|k| matches!(k, LinearKernel::Dense(_))) {
+            let mut kernels = kernels.into_iter();
+            let mut dense = jobs.map(|(_, y)| {
+                let Some(LinearKernel::Dense(w)) = kernels.next() else {
+                    unreachable!("checked above")
+                };
+                MatmulJob { w, y }
             });
             matmul_many(self.pool, self.isa, &mut dense, x, n);
             for (l, job) in layers.iter().zip(&mut dense) {
                 l.add_bias(job.y, n);
             }
-            return;
-        }
-        if layers.iter().all(|l| l.dense().is_none()) {
+        } else if kernels.iter().all(|k| matches!(k, LinearKernel::Quant(..))) {
             let signs_in = layers.map(|l| l.sign_in());
-            let mut quant = jobs.map(|(l, y)| {
-                let LinearKernel::Quant(w, rotation) = l.kernel() else {
+            let mut kernels = kernels.into_iter();
+            let mut quant = jobs.map(|(_, y)| {
+                let Some(LinearKernel::Quant(w, rotation)) = kernels.next() else {
                     unreachable!("checked above")
                 };
                 QuantJob {
@@ -333,10 +336,10 @@ impl Compute<'_> {
             for (l, job) in layers.iter().zip(&mut quant) {
                 l.add_bias(job.y, n);
             }
-            return;
-        }
-        for (l, y) in jobs {
-            self.project([(l, y)], x, n);
+        } else {
+            for (l, y) in jobs {
+                self.project([(l, y)], x, n);
+            }
         }
     }
 }

@@ -23,11 +23,11 @@ pub struct InferenceState {
     pub(crate) model_id: u64,
     pub(crate) layers: Vec<MixerState>,
     pub(crate) len: usize,
-    pub(crate) capacity: usize,
-    /// How many tokens can be rolled back; `None` when nothing limits it.
-    pub(crate) rollback: Option<usize>,
-    /// Tokens the last recurrent steps of a call keep states for.
-    pub(crate) recurrent_tail: usize,
+    /// What the buffers were sized for: context, step length, rollback depth.
+    pub(crate) shape: StateShape,
+    /// Whether some layer keeps only the last positions (a ring), so that
+    /// rolling back is limited to `shape.rollback` tokens.
+    pub(crate) bounded: bool,
     pub(crate) scratch: Scratch,
     /// The rotary tables of the current step's positions.
     pub(crate) ropes: RopeTables,
@@ -59,9 +59,8 @@ impl InferenceState {
             model_id,
             layers,
             len: 0,
-            capacity: shape.capacity,
-            rollback: bounded.then_some(shape.rollback),
-            recurrent_tail: shape.rollback,
+            shape: *shape,
+            bounded,
             scratch,
             ropes,
         })
@@ -85,18 +84,18 @@ impl InferenceState {
 
     /// Most tokens this state can hold.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.shape.capacity
     }
 
     /// Most tokens [`truncate`](Self::truncate) can take back at once;
     /// `None` when only growing caches are involved (no limit).
     pub fn max_rollback(&self) -> Option<usize> {
-        self.rollback
+        self.bounded.then_some(self.shape.rollback)
     }
 
     /// Whether [`truncate`](Self::truncate)`(len)` would succeed.
     pub fn can_truncate(&self, len: usize) -> bool {
-        len <= self.len && self.rollback.is_none_or(|r| self.len - len <= r)
+        len <= self.len && self.max_rollback().is_none_or(|r| self.len - len <= r)
     }
 
     /// Forgets everything after the first `len` tokens, so they can be
@@ -111,7 +110,7 @@ impl InferenceState {
                 self.len
             )));
         }
-        if let Some(r) = self.rollback
+        if let Some(r) = self.max_rollback()
             && self.len - len > r
         {
             return Err(EngineError::State(format!(

@@ -127,14 +127,7 @@ fn every_fixture_counts_each_stored_weight_once() {
                 bytes += t.data().len();
             }
         }
-        let tied = model.info.n_params < params;
-        if tied {
-            // A tied checkpoint may still carry a copy of the embedding.
-            let copy = model.info.vocab * model.info.hidden;
-            assert_eq!(model.info.n_params + copy, params, "{name}");
-        } else {
-            assert_eq!(model.info.n_params, params, "{name}");
-            assert_eq!(model.info.weight_bytes, bytes, "{name}");
-        }
+        assert_eq!(model.info.n_params, params, "{name}");
+        assert_eq!(model.info.weight_bytes, bytes, "{name}");
     }
 }

@@ -267,8 +267,8 @@ pub fn split_range(n: usize, parts: usize, index: usize, align: usize) -> std::o
 }
 
 /// A buffer that the threads of one pool job write in disjoint parts
-/// (each its own rows, heads or columns): the one place the engine and the
-/// kernels hand a `&mut` buffer to several threads at once.
+/// (each its own rows, heads or columns), handed out piece by piece with
+/// bounds checked: how the engine shares a `&mut` buffer across a job.
 pub struct DisjointMut<'a, T>(*mut T, usize, std::marker::PhantomData<&'a mut [T]>);
 
 // SAFETY: the wrapper only hands out pieces through `piece`, whose contract
@@ -279,11 +279,6 @@ impl<'a, T> DisjointMut<'a, T> {
     /// Shares `buffer` for one job; it stays borrowed while the wrapper lives.
     pub fn new(buffer: &'a mut [T]) -> Self {
         DisjointMut(buffer.as_mut_ptr(), buffer.len(), std::marker::PhantomData)
-    }
-
-    /// The first element (for kernels that index by hand).
-    pub fn ptr(&self) -> *mut T {
-        self.0
     }
 
     /// `len` elements from `offset`.

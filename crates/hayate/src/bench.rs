@@ -110,23 +110,25 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// A state holding `depth` tokens of context: the one in `slot` rolled
-/// back to it where its layers allow, else a fresh one prefilled (untimed).
+/// A state holding `depth` tokens of context, the one in `slot` where it
+/// can be cleared or rolled back to that, else a fresh one prefilled
+/// (untimed).
 fn state_at_depth<'a>(
     model: &Model,
     ctx: usize,
     depth: usize,
     slot: &'a mut Option<InferenceState>,
 ) -> Result<&'a mut InferenceState> {
-    let reusable = slot.as_ref().is_some_and(|s| s.can_truncate(depth));
-    if reusable {
-        slot.as_mut().expect("checked above").truncate(depth)?;
-    } else {
-        let mut state = model.new_state(Some(ctx))?;
-        if depth > 0 {
-            model.forward(&mut state, &tokens(depth, model.info.vocab), Logits::None)?;
+    match slot {
+        Some(state) if depth == 0 => state.clear(),
+        Some(state) if state.can_truncate(depth) => state.truncate(depth)?,
+        _ => {
+            let mut state = model.new_state(Some(ctx))?;
+            if depth > 0 {
+                model.forward(&mut state, &tokens(depth, model.info.vocab), Logits::None)?;
+            }
+            *slot = Some(state);
         }
-        *slot = Some(state);
     }
     Ok(slot.as_mut().expect("set above"))
 }
@@ -169,12 +171,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
             model.info.max_positions
         );
     }
-    // Warm up: fault in the weights and the caches once.
+    // Warm up: fault in the weights and the state's buffers once; the tests
+    // reuse that state wherever it can be brought to their depth.
+    let mut slot = None;
     let warm_prompt = args.n_prompt.clamp(1, 16).min(ctx);
-    time_prompt(&model, &mut model.new_state(Some(ctx))?, warm_prompt)?;
+    time_prompt(
+        &model,
+        state_at_depth(&model, ctx, 0, &mut slot)?,
+        warm_prompt,
+    )?;
     let pool = model.pool();
     let (jobs_before, warm_tokens) = (pool.jobs_run(), args.n_gen.min(4));
-    time_generation(&model, &mut model.new_state(Some(ctx))?, warm_tokens)?;
+    time_generation(
+        &model,
+        state_at_depth(&model, ctx, 0, &mut slot)?,
+        warm_tokens,
+    )?;
     let jobs_per_token =
         (warm_tokens > 0).then(|| (pool.jobs_run() - jobs_before) as f64 / warm_tokens as f64);
     let empty_job_us = empty_job_seconds(&pool) * 1e6;
@@ -182,7 +194,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         0 => name,
         d => format!("{name} @ d{d}"),
     };
-    let mut slot = None;
     let mut results = Vec::new();
     if args.n_prompt > 0 {
         let secs = (0..args.repetitions)

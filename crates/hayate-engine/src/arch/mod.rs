@@ -8,7 +8,7 @@ mod qwen3_5;
 
 pub use self::geometry::Geometry;
 use crate::layers::{Activation, Attention, Block, GatedMlp, Mixer, RmsNorm};
-use crate::linear::Linear;
+use crate::linear::{Linear, gather_rows};
 use crate::rope::Rope;
 use crate::{EngineError, Result};
 use hayate_formats::{HfConfig, Tensor, TensorStore};
@@ -285,9 +285,8 @@ impl Binder<'_> {
                 // The bias stays as the checkpoint had it, interleaved.
                 let name = format!("{q_name}.bias");
                 let both = self.store.require(&name)?.vector_f32(dims.q_rows())?;
-                let pick = |first| rows(first).into_iter().flat_map(|r| both[r].to_vec());
-                q.bias = Some(pick(0).collect());
-                g.bias = Some(pick(hd).collect());
+                q.bias = Some(gather_rows(&both, 1, &rows(0)));
+                g.bias = Some(gather_rows(&both, 1, &rows(hd)));
             }
             return Ok((q, g));
         }
@@ -314,7 +313,15 @@ impl Binder<'_> {
         ropes: Vec<Rope>,
     ) -> Result<Translated> {
         let embedding = self.linear(&format!("{model}.embed_tokens"), g.vocab, g.hidden, false)?;
-        let lm_head = output_head(cfg, self.store, &embedding, head, tied_by_default)?;
+        // Some tied checkpoints still carry a copy of the head: it is ignored.
+        let tied = cfg
+            .opt_bool("tie_word_embeddings")?
+            .unwrap_or(tied_by_default);
+        let lm_head = if tied {
+            embedding.clone()
+        } else {
+            self.linear(head, g.vocab, g.hidden, false)?
+        };
         Ok(Translated {
             embedding,
             blocks,
@@ -358,31 +365,6 @@ impl Binder<'_> {
             },
             post_mlp_norm: layout.post_mlp_norm.map(norm).transpose()?,
         })
-    }
-}
-
-/// The output head: the embedding when tied (some tied checkpoints still
-/// carry a copy, which is then ignored), else its own matrix.
-pub(crate) fn output_head(
-    cfg: &HfConfig,
-    store: &TensorStore,
-    embedding: &Linear,
-    name: &str,
-    tied_by_default: bool,
-) -> Result<Linear> {
-    let tied = cfg
-        .opt_bool("tie_word_embeddings")?
-        .unwrap_or(tied_by_default);
-    if tied {
-        Ok(embedding.clone())
-    } else {
-        Ok(Linear::load(
-            store,
-            name,
-            embedding.rows,
-            embedding.cols,
-            false,
-        )?)
     }
 }
 

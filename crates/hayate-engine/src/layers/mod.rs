@@ -200,8 +200,6 @@ impl Block {
 /// state is made so that decoding does not allocate: the residual stream
 /// and the per-layer-type scratch (shared by all layers of a type).
 pub(crate) struct Scratch {
-    /// Most tokens per step.
-    pub chunk: usize,
     /// The residual stream, `chunk × hidden`.
     pub x: Vec<f32>,
     /// The normalised input of the current sublayer.
@@ -226,7 +224,6 @@ impl Scratch {
         let mlps: Vec<&GatedMlp> = blocks.iter().map(|b| &b.mlp).collect();
         let chunk = shape.chunk;
         Ok(Scratch {
-            chunk,
             x: budget.floats(chunk * hidden)?,
             h: budget.floats(chunk * hidden)?,
             mix: budget.floats(chunk * hidden)?,
