@@ -9,17 +9,28 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C (256-bit vectors).
     Avx2,
+    /// AVX2's features plus AVX-512 F/BW/VL with VNNI (int8 dot products)
+    /// and BF16 (Zen 4, Sapphire Rapids and later). Kernels without an
+    /// AVX-512 version run their AVX2 one at this level.
+    Avx512,
 }
 
 impl Isa {
     /// Every level this build knows, slowest first.
-    pub const ALL: [Isa; 2] = [Isa::Scalar, Isa::Avx2];
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
 
     /// Whether this CPU and OS can run kernels of this level.
     ///
     /// `is_x86_feature_detected!` also checks that the OS saves the vector
     /// registers (XGETBV), so a feature the kernel disabled is reported absent.
     pub fn is_supported(self) -> bool {
+        // Kernels ask this on every call; detect once.
+        static SUPPORTED: OnceLock<[bool; Isa::ALL.len()]> = OnceLock::new();
+        SUPPORTED.get_or_init(|| Isa::ALL.map(Isa::detect))[self as usize]
+    }
+
+    /// What [`Isa::is_supported`] caches.
+    fn detect(self) -> bool {
         match self {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
@@ -28,9 +39,30 @@ impl Isa {
                     && std::arch::is_x86_feature_detected!("fma")
                     && std::arch::is_x86_feature_detected!("f16c")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.detect()
+                    && std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+                    && std::arch::is_x86_feature_detected!("avx512bf16")
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 => false,
+            Isa::Avx2 | Isa::Avx512 => false,
         }
+    }
+
+    /// Whether AVX2 kernels may run: the level is AVX2 or above and the
+    /// CPU supports it (a level is only chosen when supported, but a caller
+    /// may pass any value).
+    pub fn has_avx2(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::Avx512) && self.is_supported()
+    }
+
+    /// Whether AVX-512 kernels may run at this level on this CPU.
+    pub fn has_avx512(self) -> bool {
+        self == Isa::Avx512 && self.is_supported()
     }
 
     /// Short lowercase name, as accepted by `HAYATE_ISA`.
@@ -38,6 +70,7 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
         }
     }
 
@@ -122,7 +155,7 @@ mod tests {
         assert_eq!(Isa::parse("scalar"), Ok(Isa::Scalar));
         let err = Isa::parse("avx9000").unwrap_err();
         assert!(
-            err.contains("avx9000") && err.contains("scalar, avx2"),
+            err.contains("avx9000") && err.contains("scalar, avx2, avx512"),
             "{err}"
         );
         for isa in Isa::ALL {

@@ -81,7 +81,7 @@ fn update_row(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if Isa::Avx2.is_supported() => {
+        isa if isa.has_avx2() => {
             // SAFETY: the CPU supports AVX2 and FMA (checked); all slices are `dv` long
             // (checked by the caller's asserts).
             unsafe { avx2::update_row(prev, next, e, kr, delta, qr, out) }

@@ -24,7 +24,7 @@ pub fn hadamard_blocks(isa: Isa, x: &mut [f32]) {
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if Isa::Avx2.is_supported() => {
+        isa if isa.has_avx2() => {
             for block in x.chunks_exact_mut(BLOCK) {
                 // SAFETY: the CPU supports AVX2 (checked); the block has 32 values.
                 unsafe { avx2::fwht32(block) }

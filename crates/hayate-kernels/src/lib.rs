@@ -7,6 +7,7 @@
 //! and widened to f32 inside the kernels; quantized weights ([`quant`]: q4,
 //! q8, block Hadamard rotation) meet int8 activations in integer products.
 
+pub mod attention;
 pub mod bandwidth;
 pub mod cpu;
 pub mod deltanet;

@@ -117,11 +117,8 @@ pub unsafe fn matmul_rows(
             unsafe { scalar::matmul_rows(w, x, n_tok, rows, y) }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            assert!(
-                Isa::Avx2.is_supported(),
-                "AVX2 kernel on a CPU without AVX2"
-            );
+        Isa::Avx2 | Isa::Avx512 => {
+            assert!(isa.has_avx2(), "AVX2 kernel on a CPU without AVX2");
             // SAFETY: forwarded contract; the CPU supports the features (checked above).
             unsafe {
                 if n_tok <= GEMV_MAX_TOKENS {
@@ -132,7 +129,7 @@ pub unsafe fn matmul_rows(
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2 => unreachable!("AVX2 is never reported on this architecture"),
+        Isa::Avx2 | Isa::Avx512 => unreachable!("AVX2 is never reported on this architecture"),
     }
 }
 

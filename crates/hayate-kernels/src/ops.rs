@@ -1,5 +1,5 @@
 //! Vector operations of a transformer layer: norms, activations, rotary
-//! embeddings, softmax, and the dot / axpy steps of attention.
+//! embeddings, and the dot / axpy steps of the recurrent layers.
 
 use crate::cpu::Isa;
 
@@ -133,20 +133,6 @@ pub fn causal_conv1d(
     }
 }
 
-/// Softmax over `x` in place; entries of `-inf` get probability 0.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
 /// Rotates the first `2 * cos.len()` dimensions of one head in the
 /// "rotate half" layout: dimension `i` pairs with `i + half`.
 pub fn rope_rotate_half(head: &mut [f32], cos: &[f32], sin: &[f32]) {
@@ -164,7 +150,7 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if Isa::Avx2.is_supported() => {
+        isa if isa.has_avx2() => {
             // SAFETY: the CPU supports AVX2 and FMA (checked); lengths are equal.
             unsafe { avx2::dot(a, b) }
         }
@@ -192,7 +178,7 @@ pub fn axpy(isa: Isa, alpha: f32, x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), y.len());
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if Isa::Avx2.is_supported() => {
+        isa if isa.has_avx2() => {
             // SAFETY: the CPU supports AVX2 and FMA (checked); lengths are equal.
             unsafe { avx2::axpy(alpha, x, y) }
         }
@@ -313,14 +299,6 @@ mod tests {
         let rms = (12.5f32).sqrt();
         assert!((out[0] - 3.0 / rms).abs() < 1e-6);
         assert!((out[1] - 8.0 / rms).abs() < 1e-6);
-    }
-
-    #[test]
-    fn softmax_sums_to_one_and_masks() {
-        let mut x = [1.0, 2.0, f32::NEG_INFINITY];
-        softmax(&mut x);
-        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert_eq!(x[2], 0.0);
     }
 
     #[test]

@@ -4,20 +4,22 @@
 //!
 //! Per token: project q (and the gate), k and v in one fused product;
 //! norm and rotate each query and key head; append k and v to the cache;
-//! for each query head, scores against every visible cached key, softmax,
-//! and the weighted sum of values; gate; output projection.
+//! then, per KV head, the query rows of its group (every head of the group,
+//! several tokens) attend together over the visible cached positions;
+//! gate; output projection.
 //!
 //! State: the KV cache ([`KvCache`]), the whole context for full attention,
 //! a ring of the window (plus a chunk or the rollback depth) for sliding
-//! windows. Kernels: the products, [`hayate_kernels::ops::dot`] /
-//! [`hayate_kernels::ops::axpy`] for scores and values, and the rotation
-//! [`hayate_kernels::ops::rope_rotate_half`].
+//! windows. Kernels: the products, [`hayate_kernels::attention::attend`]
+//! (scores, softmax and values in one pass; the key layout it reads), and
+//! the rotation [`hayate_kernels::ops::rope_rotate_half`].
 
 use super::mixer::{MixerLayer, Step};
 use super::norm::RmsNorm;
 use crate::Result;
 use crate::budget::{Budget, StateShape};
 use crate::linear::{Compute, Linear};
+use hayate_kernels::attention::{self as kernel, KEY_TILE, KvHead, MAX_ROWS, QueryRow};
 use hayate_kernels::ops;
 use hayate_kernels::pool::{DisjointMut, split_range};
 
@@ -54,8 +56,9 @@ pub struct Attention {
     pub window: Option<usize>,
 }
 
-/// Keys and values of one attention layer, laid out `[kv_head][slot][dim]`
-/// so that each head's history is contiguous for the score and mix loops.
+/// Keys and values of one attention layer, each head's history contiguous:
+/// keys `[kv_head][tile of 16 positions][dim][16]`, values
+/// `[kv_head][slot][dim]` (the layout [`hayate_kernels::attention`] reads).
 /// Position `p` lives in slot `p % slots`: with a sliding window the buffer
 /// holds only the window (plus room for a chunk and for rollback) and wraps.
 pub struct KvCache {
@@ -67,15 +70,35 @@ pub struct KvCache {
     pub n_kv_heads: usize,
     /// Dimensions per head.
     pub head_dim: usize,
-    /// Positions the buffers hold.
+    /// Positions the buffers hold (a multiple of 16).
     pub slots: usize,
 }
 
 impl KvCache {
-    /// Offset of `(head, position)` in `k` and `v`.
-    #[inline]
-    pub fn offset(&self, head: usize, position: usize) -> usize {
-        (head * self.slots + position % self.slots) * self.head_dim
+    /// Stores the key and value of `position` for KV head `head`.
+    fn store(&mut self, head: usize, position: usize, key: &[f32], value: &[f32]) {
+        let per_head = self.slots * self.head_dim;
+        let range = head * per_head..(head + 1) * per_head;
+        kernel::store(
+            &mut self.k[range.clone()],
+            &mut self.v[range],
+            self.slots,
+            position,
+            key,
+            value,
+        );
+    }
+
+    /// KV head `head` as the attention kernel reads it.
+    fn head(&self, head: usize) -> KvHead<'_> {
+        let per_head = self.slots * self.head_dim;
+        let range = head * per_head..(head + 1) * per_head;
+        KvHead::new(
+            &self.k[range.clone()],
+            &self.v[range],
+            self.slots,
+            self.head_dim,
+        )
     }
 }
 
@@ -87,8 +110,8 @@ pub(crate) struct Scratch {
     v: Vec<f32>,
     /// The heads' outputs before the output projection.
     attn: Vec<f32>,
-    /// One row of scores per kernel thread, as long as the context.
-    scores: Vec<f32>,
+    /// Per kernel thread, the outputs of one tile of query rows.
+    tiles: Vec<f32>,
 }
 
 impl MixerLayer for Attention {
@@ -99,12 +122,13 @@ impl MixerLayer for Attention {
     /// a whole chunk (its first token still needs the window before it) or
     /// for rolling back; a ring bounds how far the state can roll back.
     fn new_state(&self, shape: &StateShape, budget: &mut Budget) -> Result<(KvCache, bool)> {
-        let (slots, ring) = match self.window {
+        let (held, ring) = match self.window {
             Some(w) if w - 1 + shape.chunk.max(shape.rollback) < shape.capacity => {
                 (w - 1 + shape.chunk.max(shape.rollback), true)
             }
             _ => (shape.capacity, false),
         };
+        let slots = held.next_multiple_of(KEY_TILE);
         // The geometry bounds each factor well below overflow.
         let n = self.n_kv_heads * slots * self.head_dim;
         let cache = KvCache {
@@ -118,12 +142,12 @@ impl MixerLayer for Attention {
     }
 
     fn new_scratch(layers: &[&Self], shape: &StateShape, budget: &mut Budget) -> Result<Scratch> {
-        let (mut q_dim, mut gate_dim, mut kv_dim, mut any) = (0, 0, 0, false);
+        let (mut q_dim, mut gate_dim, mut kv_dim, mut head_dim) = (0, 0, 0, 0);
         for a in layers.iter().copied() {
             q_dim = q_dim.max(a.n_heads * a.head_dim);
             gate_dim = gate_dim.max(a.gate.as_ref().map_or(0, |g| g.rows));
             kv_dim = kv_dim.max(a.n_kv_heads * a.head_dim);
-            any = true;
+            head_dim = head_dim.max(a.head_dim);
         }
         let chunk = shape.chunk;
         Ok(Scratch {
@@ -132,11 +156,7 @@ impl MixerLayer for Attention {
             k: budget.floats(chunk * kv_dim)?,
             v: budget.floats(chunk * kv_dim)?,
             attn: budget.floats(chunk * q_dim)?,
-            scores: budget.floats(if any {
-                shape.threads * shape.capacity
-            } else {
-                0
-            })?,
+            tiles: budget.floats(shape.threads * MAX_ROWS * head_dim)?,
         })
     }
 
@@ -193,14 +213,12 @@ impl MixerLayer for Attention {
                     ops::rms_norm_inplace(head, &norm.weight, norm.eps);
                 }
                 ops::rope_rotate_half(head, cos, sin);
-                let off = cache.offset(kvh, start + t);
-                cache.k[off..off + hd].copy_from_slice(head);
                 let v = &s.v[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
-                cache.v[off..off + hd].copy_from_slice(v);
+                cache.store(kvh, start + t, head, v);
             }
         }
         let attn = &mut s.attn[..n * q_dim];
-        self.attend(cx, cache, &s.q[..n * q_dim], attn, &mut s.scores, n, start);
+        self.attend(cx, cache, &s.q[..n * q_dim], attn, &mut s.tiles, n, start);
         if self.gate.is_some() {
             ops::mul_sigmoid(attn, &s.gate[..n * q_dim]);
         }
@@ -209,9 +227,11 @@ impl MixerLayer for Attention {
 }
 
 impl Attention {
-    /// Scores, softmax and value mix for every (head, new token), heads split
-    /// across threads. Token `t` sees positions up to its own, from the start
-    /// of the sequence or of its sliding window.
+    /// Every (head, new token) row attends over the positions it sees: token
+    /// `t` those up to its own, from the start of the sequence or of its
+    /// sliding window. Rows go in tiles of one KV head's query heads times
+    /// several tokens (at most [`MAX_ROWS`]), so a tile reads each cached key
+    /// and value once; tiles are split across threads.
     #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
@@ -219,7 +239,7 @@ impl Attention {
         cache: &KvCache,
         q: &[f32],
         out: &mut [f32],
-        scores: &mut [f32],
+        tiles: &mut [f32],
         n: usize,
         start: usize,
     ) {
@@ -227,33 +247,49 @@ impl Attention {
         let hd = self.head_dim;
         let q_dim = self.n_heads * hd;
         let group = self.n_heads / self.n_kv_heads;
-        let per_thread = scores.len() / cx.pool.n_threads();
+        let heads_per_tile = group.min(MAX_ROWS);
+        let head_chunks = group.div_ceil(heads_per_tile);
+        let tokens_per_tile = MAX_ROWS / heads_per_tile;
+        let token_tiles = n.div_ceil(tokens_per_tile);
+        let items = self.n_kv_heads * head_chunks * token_tiles;
+        let per_thread = tiles.len() / cx.pool.n_threads();
         let out = DisjointMut::new(out);
-        let scores = DisjointMut::new(scores);
+        let tiles = DisjointMut::new(tiles);
         cx.pool.run(&|tid, n_threads| {
-            // SAFETY: each thread owns `scores[tid * per_thread..][..per_thread]`
-            // (the buffer holds `n_threads * per_thread`), and writes only the
-            // output slices of its own heads.
-            let scores = unsafe { scores.piece(tid * per_thread, per_thread) };
-            for head in split_range(self.n_heads, n_threads, tid, 1) {
-                let kvh = head / group;
-                for t in 0..n {
-                    let position = start + t;
-                    let first = self.window.map_or(0, |w| (position + 1).saturating_sub(w));
-                    let len = position + 1 - first;
-                    let qh = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
-                    for (j, score) in scores[..len].iter_mut().enumerate() {
-                        let off = cache.offset(kvh, first + j);
-                        *score = ops::dot(isa, qh, &cache.k[off..off + hd]) * self.scale;
+            // SAFETY: each thread owns `tiles[tid * per_thread..][..per_thread]`
+            // (the buffer holds `n_threads * per_thread`).
+            let tile_out = unsafe { tiles.piece(tid * per_thread, per_thread) };
+            for item in split_range(items, n_threads, tid, 1) {
+                let kvh = item / (head_chunks * token_tiles);
+                let chunk = item / token_tiles % head_chunks;
+                let tokens = item % token_tiles * tokens_per_tile;
+                let tokens = tokens..(tokens + tokens_per_tile).min(n);
+                let heads = kvh * group + chunk * heads_per_tile;
+                let heads = heads..(heads + heads_per_tile).min((kvh + 1) * group);
+                let mut rows = [QueryRow {
+                    at: 0,
+                    first: 0,
+                    last: 0,
+                }; MAX_ROWS];
+                let mut count = 0;
+                for t in tokens {
+                    let last = start + t;
+                    let first = self.window.map_or(0, |w| (last + 1).saturating_sub(w));
+                    for head in heads.clone() {
+                        rows[count] = QueryRow {
+                            at: t * q_dim + head * hd,
+                            first,
+                            last,
+                        };
+                        count += 1;
                     }
-                    ops::softmax(&mut scores[..len]);
-                    // SAFETY: see above.
-                    let dst = unsafe { out.piece(t * q_dim + head * hd, hd) };
-                    dst.fill(0.0);
-                    for (j, &p) in scores[..len].iter().enumerate() {
-                        let off = cache.offset(kvh, first + j);
-                        ops::axpy(isa, p, &cache.v[off..off + hd], dst);
-                    }
+                }
+                let rows = &rows[..count];
+                kernel::attend(isa, cache.head(kvh), self.scale, q, rows, tile_out);
+                for (row, result) in rows.iter().zip(tile_out.chunks_exact(hd)) {
+                    // SAFETY: query row `row.at` is one (token, head) of this
+                    // item, and items are split across threads without overlap.
+                    unsafe { out.piece(row.at, hd) }.copy_from_slice(result);
                 }
             }
         });

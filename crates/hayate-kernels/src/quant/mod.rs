@@ -23,6 +23,8 @@
 mod acts;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod product;
 
 pub use acts::{ActPrecision, QuantizedActs};
@@ -479,7 +481,7 @@ fn q4_codes(values: &[f32], s: f32, z: i32, q: &mut [u8]) {
 /// depend on the machine that quantized it. `values.len()` is a multiple of 32.
 fn q4_trial(isa: Isa, values: &[f32], s: f32, z: i32) -> (f32, f32, f32) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && Isa::Avx2.is_supported() {
+    if isa.has_avx2() {
         // SAFETY: the CPU supports AVX2 (checked); the length is a multiple of 8.
         return unsafe { avx2::q4_trial(values, s, z) };
     }

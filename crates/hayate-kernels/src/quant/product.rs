@@ -216,22 +216,24 @@ unsafe fn rows_product(
             unsafe { int8_rows_scalar(w, acts, rows, y) }
         }
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2, ActPrecision::Int8) => {
-            assert!(
-                Isa::Avx2.is_supported(),
-                "AVX2 kernel on a CPU without AVX2"
-            );
-            // SAFETY: forwarded contract; the CPU supports AVX2 (checked).
+        (Isa::Avx2 | Isa::Avx512, ActPrecision::Int8) => {
+            assert!(isa.has_avx2(), "AVX2 kernel on a CPU without AVX2");
+            // SAFETY: forwarded contract; the CPU supports AVX2, and AVX-512
+            // where that kernel runs (checked).
             unsafe {
                 if acts.n_tok <= GEMV_MAX_TOKENS {
                     super::avx2::gemv_rows(w, acts, rows, y)
+                } else if isa.has_avx512() {
+                    super::avx512::gemm_rows(w, acts, rows, y)
                 } else {
                     super::avx2::gemm_rows(w, acts, rows, y)
                 }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        (Isa::Avx2, _) => unreachable!("AVX2 is never reported on this architecture"),
+        (Isa::Avx2 | Isa::Avx512, _) => {
+            unreachable!("AVX2 is never reported on this architecture")
+        }
     }
 }
 

@@ -237,8 +237,17 @@ fn every_path_matches_the_reference() {
     let pools = [ThreadPool::new(1).unwrap(), ThreadPool::new(3).unwrap()];
     let mut seed = 21;
     // Outputs may be few and not a multiple of the rotation block (small
-    // per-head projections); those are never rotated.
-    for &(rows, cols) in &[(32, 128), (96, 256), (160, 640), (4, 64), (20, 96), (1, 32)] {
+    // per-head projections); those are never rotated. 1152 inputs span two
+    // packed panels of the GEMM kernels (1024 inputs each).
+    for &(rows, cols) in &[
+        (32, 128),
+        (96, 256),
+        (160, 640),
+        (4, 64),
+        (20, 96),
+        (1, 32),
+        (48, 1152),
+    ] {
         let w = weights(&mut seed, rows * cols);
         let (si, so) = (signs(&mut seed, cols), signs(&mut seed, rows));
         let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();

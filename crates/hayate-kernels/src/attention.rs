@@ -1,0 +1,748 @@
+//! Attention of query rows over one key/value head of a cache: scores,
+//! softmax and the weighted sum of values, in one pass over the keys
+//! (flash-style: a running maximum and sum per row, the output rescaled as
+//! the maximum grows).
+//!
+//! Rows that share a KV head (the query heads of its group, and several
+//! tokens of a prefill chunk) are processed together, so each block of 16
+//! keys and values is read once for all of them and reused from L1.
+//!
+//! Keys are stored in tiles of [`KEY_TILE`] positions, dimension-major
+//! inside a tile (`[tile][dim][16]`, see [`key_index`]), so that one vector
+//! load gives one dimension of 16 keys and scores accumulate with one
+//! broadcast FMA per dimension. Values stay position-major (`[slot][dim]`).
+//!
+//! Each row's result depends only on its own query and visible positions:
+//! the blocks it visits, the order of every sum and the rounding of every
+//! step are the same whichever rows share its call, so decoding one token
+//! gives bit for bit what a prefill chunk gives at the same position. The
+//! SIMD paths use the same fused multiply-adds in the same order as the
+//! scalar reference, which computes the same values.
+
+use crate::cpu::Isa;
+
+/// Positions per key tile, and per block of the softmax pass.
+pub const KEY_TILE: usize = 16;
+/// Most query rows one [`attend`] call takes.
+pub const MAX_ROWS: usize = 16;
+
+/// One query row: where its query lies in `q` and the positions it sees
+/// (`first..=last`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueryRow {
+    /// Offset of the query in `q`.
+    pub at: usize,
+    /// First visible position.
+    pub first: usize,
+    /// Last visible position.
+    pub last: usize,
+}
+
+/// One key/value head of a cache that holds `slots` positions (a multiple
+/// of [`KEY_TILE`]); position `p` lives in slot `p % slots`.
+#[derive(Clone, Copy, Debug)]
+pub struct KvHead<'a> {
+    /// Keys, `slots x head_dim` in tiles (see [`key_index`]).
+    pub keys: &'a [f32],
+    /// Values, `[slot][dim]`.
+    pub values: &'a [f32],
+    /// Positions held.
+    pub slots: usize,
+    /// Dimensions per head.
+    pub head_dim: usize,
+}
+
+impl<'a> KvHead<'a> {
+    /// A head view; panics if the buffers do not hold `slots` positions or
+    /// `slots` is not a whole number of tiles (a caller bug).
+    pub fn new(keys: &'a [f32], values: &'a [f32], slots: usize, head_dim: usize) -> Self {
+        assert!(
+            slots > 0 && slots.is_multiple_of(KEY_TILE),
+            "{slots} slots are not whole key tiles"
+        );
+        assert!(
+            crate::is_product(keys.len(), slots, head_dim)
+                && crate::is_product(values.len(), slots, head_dim),
+            "a KV head of {slots} x {head_dim} needs that many keys and values"
+        );
+        KvHead {
+            keys,
+            values,
+            slots,
+            head_dim,
+        }
+    }
+}
+
+/// Index of dimension `d` of the key at `position` in one head's keys.
+#[inline]
+pub fn key_index(slots: usize, head_dim: usize, position: usize, d: usize) -> usize {
+    let slot = position % slots;
+    ((slot / KEY_TILE) * head_dim + d) * KEY_TILE + slot % KEY_TILE
+}
+
+/// Stores the key and value of `position` into one head's buffers.
+pub fn store(
+    keys: &mut [f32],
+    values: &mut [f32],
+    slots: usize,
+    position: usize,
+    key: &[f32],
+    value: &[f32],
+) {
+    let hd = key.len();
+    assert_eq!(value.len(), hd, "key and value lengths differ");
+    for (d, &k) in key.iter().enumerate() {
+        keys[key_index(slots, hd, position, d)] = k;
+    }
+    let slot = position % slots;
+    values[slot * hd..(slot + 1) * hd].copy_from_slice(value);
+}
+
+/// `out[r] = softmax(scale · q_r · Kᵀ) · V` over the positions each row
+/// sees, for up to [`MAX_ROWS`] rows; `out` holds `rows.len() x head_dim`.
+///
+/// Panics on shapes that do not fit or rows that see more positions than
+/// the cache holds (caller bugs).
+pub fn attend(isa: Isa, kv: KvHead<'_>, scale: f32, q: &[f32], rows: &[QueryRow], out: &mut [f32]) {
+    let hd = kv.head_dim;
+    assert!(rows.len() <= MAX_ROWS, "at most {MAX_ROWS} rows per call");
+    assert!(out.len() >= rows.len() * hd, "attention output too short");
+    for r in rows {
+        assert!(
+            r.first <= r.last && r.last - r.first < kv.slots,
+            "row sees positions {}..={} of a {}-slot cache",
+            r.first,
+            r.last,
+            kv.slots
+        );
+        assert!(
+            r.at.checked_add(hd).is_some_and(|end| end <= q.len()),
+            "query row out of range"
+        );
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.has_avx512() => {
+            // SAFETY: the CPU supports AVX-512 (checked); shapes checked above.
+            unsafe { x86::attend_avx512(kv, scale, q, rows, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        isa if isa.has_avx2() => {
+            // SAFETY: the CPU supports AVX2 and FMA (checked); shapes checked above.
+            unsafe { x86::attend_avx2(kv, scale, q, rows, out) }
+        }
+        _ => run::<Scalar>(kv, scale, q, rows, out),
+    }
+}
+
+/// The three steps an instruction set provides; [`run`] does the rest.
+trait Steps {
+    /// `s[i][j] = Σ_d q_i[d] · k_j[d]` (fused, `d` ascending) for the 16 keys of a tile.
+    fn scores(tile: &[f32], hd: usize, queries: &[&[f32]], s: &mut [[f32; KEY_TILE]]);
+    /// `p[j] = exp(s[j] - max)` ([`exp`] lane by lane).
+    fn exps(s: &[f32; KEY_TILE], max: f32, p: &mut [f32; KEY_TILE]);
+    /// `o = o · alpha`, then `o = fma(p[j], v_j, o)` for `j` ascending.
+    fn mix(o: &mut [f32], alpha: f32, p: &[f32; KEY_TILE], values: &[f32]);
+}
+
+/// The pass over the blocks of keys, shared by every instruction set.
+#[inline(always)]
+fn run<S: Steps>(kv: KvHead<'_>, scale: f32, q: &[f32], rows: &[QueryRow], out: &mut [f32]) {
+    let hd = kv.head_dim;
+    let Some(lo) = rows.iter().map(|r| r.first).min() else {
+        return;
+    };
+    let hi = rows.iter().map(|r| r.last).max().unwrap_or(lo);
+    let mut max = [f32::NEG_INFINITY; MAX_ROWS];
+    let mut sums = [[0f32; KEY_TILE]; MAX_ROWS];
+    let mut s = [[0f32; KEY_TILE]; MAX_ROWS];
+    let mut p = [0f32; KEY_TILE];
+    out[..rows.len() * hd].fill(0.0);
+    for block in lo / KEY_TILE..=hi / KEY_TILE {
+        let base = block * KEY_TILE;
+        let slot = base % kv.slots;
+        let tile = &kv.keys[slot * hd..(slot + KEY_TILE) * hd];
+        let values = &kv.values[slot * hd..(slot + KEY_TILE) * hd];
+        let mut active = [0usize; MAX_ROWS];
+        let mut queries: [&[f32]; MAX_ROWS] = [&[]; MAX_ROWS];
+        let mut n = 0;
+        for (i, r) in rows.iter().enumerate() {
+            if r.first < base + KEY_TILE && r.last >= base {
+                active[n] = i;
+                queries[n] = &q[r.at..r.at + hd];
+                n += 1;
+            }
+        }
+        S::scores(tile, hd, &queries[..n], &mut s[..n]);
+        for (&i, si) in active[..n].iter().zip(&mut s[..n]) {
+            let r = rows[i];
+            let from = r.first.saturating_sub(base);
+            let to = (r.last - base).min(KEY_TILE - 1);
+            let mut block_max = f32::NEG_INFINITY;
+            for (j, v) in si.iter_mut().enumerate() {
+                *v = if (from..=to).contains(&j) {
+                    *v * scale
+                } else {
+                    f32::NEG_INFINITY
+                };
+                block_max = block_max.max(*v);
+            }
+            let new_max = max[i].max(block_max);
+            let alpha = exp(max[i] - new_max);
+            max[i] = new_max;
+            S::exps(si, new_max, &mut p);
+            for (l, &pj) in sums[i].iter_mut().zip(&p) {
+                *l = l.mul_add(alpha, pj);
+            }
+            S::mix(&mut out[i * hd..(i + 1) * hd], alpha, &p, values);
+        }
+    }
+    for (o, lanes) in out.chunks_exact_mut(hd).zip(&sums[..rows.len()]) {
+        let total: f32 = lanes.iter().sum();
+        let inv = 1.0 / total;
+        for v in o {
+            *v *= inv;
+        }
+    }
+}
+
+/// `e^x` to about 2 ulp (Cephes' polynomial after reduction by `ln 2`),
+/// exactly 0 below -87.3 (and for -∞ and NaN). Every SIMD path computes the same.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    // As the vector compare: NaN is not `>=`, so it gives 0 too.
+    if x.is_nan() || x < EXP_MIN {
+        return 0.0;
+    }
+    let x = x.min(EXP_MAX);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = n.mul_add(-LN2_HI, x);
+    let r = n.mul_add(-LN2_LO, r);
+    let mut poly = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        poly = poly.mul_add(r, c);
+    }
+    let y = poly.mul_add(r * r, r) + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+const EXP_MIN: f32 = -87.3;
+const EXP_MAX: f32 = 88.3;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_2e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
+/// The reference.
+struct Scalar;
+
+impl Steps for Scalar {
+    fn scores(tile: &[f32], hd: usize, queries: &[&[f32]], s: &mut [[f32; KEY_TILE]]) {
+        for (qi, si) in queries.iter().zip(s.iter_mut()) {
+            *si = [0.0; KEY_TILE];
+            for d in 0..hd {
+                let k = &tile[d * KEY_TILE..(d + 1) * KEY_TILE];
+                for (v, &kj) in si.iter_mut().zip(k) {
+                    *v = qi[d].mul_add(kj, *v);
+                }
+            }
+        }
+    }
+
+    fn exps(s: &[f32; KEY_TILE], max: f32, p: &mut [f32; KEY_TILE]) {
+        for (pj, &sj) in p.iter_mut().zip(s) {
+            *pj = exp(sj - max);
+        }
+    }
+
+    fn mix(o: &mut [f32], alpha: f32, p: &[f32; KEY_TILE], values: &[f32]) {
+        let hd = o.len();
+        for v in o.iter_mut() {
+            *v *= alpha;
+        }
+        for (j, &pj) in p.iter().enumerate() {
+            for (v, &x) in o.iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
+                *v = pj.mul_add(x, *v);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{
+        EXP_MAX, EXP_MIN, EXP_POLY, KEY_TILE, KvHead, LN2_HI, LN2_LO, QueryRow, Scalar, Steps, run,
+    };
+    use std::arch::x86_64::*;
+
+    /// [`super::attend`] with AVX2 steps.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; shapes were checked by the caller.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn attend_avx2(
+        kv: KvHead<'_>,
+        scale: f32,
+        q: &[f32],
+        rows: &[QueryRow],
+        out: &mut [f32],
+    ) {
+        run::<Avx2>(kv, scale, q, rows, out)
+    }
+
+    /// [`super::attend`] with AVX-512 steps.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512 F (and AVX2, FMA); shapes were checked by the caller.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn attend_avx512(
+        kv: KvHead<'_>,
+        scale: f32,
+        q: &[f32],
+        rows: &[QueryRow],
+        out: &mut [f32],
+    ) {
+        run::<Avx512>(kv, scale, q, rows, out)
+    }
+
+    struct Avx2;
+    struct Avx512;
+
+    /// [`super::exp`] on 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp8(x: __m256) -> __m256 {
+        let low = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(EXP_MIN));
+        let x = _mm256_min_ps(x, _mm256_set1_ps(EXP_MAX));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+        let mut poly = _mm256_set1_ps(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
+            poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(poly, _mm256_mul_ps(r, r), r),
+            _mm256_set1_ps(1.0),
+        );
+        let pow = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow)), low)
+    }
+
+    /// AVX2 scores of `R` rows (`R` known at compile time, so the
+    /// accumulators stay in registers).
+    ///
+    /// # Safety
+    /// AVX2 and FMA are enabled; each query holds `hd` values and the tile `hd * 16`.
+    #[inline(always)]
+    unsafe fn scores_avx2<const R: usize>(
+        tile: &[f32],
+        hd: usize,
+        qs: &[&[f32]],
+        ss: &mut [[f32; KEY_TILE]],
+    ) {
+        // SAFETY: within the query rows and the tile (caller).
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for d in 0..hd {
+                let k0 = _mm256_loadu_ps(tile.as_ptr().add(d * KEY_TILE));
+                let k1 = _mm256_loadu_ps(tile.as_ptr().add(d * KEY_TILE + 8));
+                for (a, qi) in acc.iter_mut().zip(qs) {
+                    let x = _mm256_set1_ps(*qi.get_unchecked(d));
+                    a[0] = _mm256_fmadd_ps(x, k0, a[0]);
+                    a[1] = _mm256_fmadd_ps(x, k1, a[1]);
+                }
+            }
+            for (a, si) in acc.iter().zip(ss.iter_mut()) {
+                _mm256_storeu_ps(si.as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(si.as_mut_ptr().add(8), a[1]);
+            }
+        }
+    }
+
+    /// AVX-512 scores of `R` rows.
+    ///
+    /// # Safety
+    /// AVX-512 F is enabled; each query holds `hd` values and the tile `hd * 16`.
+    #[inline(always)]
+    unsafe fn scores_avx512<const R: usize>(
+        tile: &[f32],
+        hd: usize,
+        qs: &[&[f32]],
+        ss: &mut [[f32; KEY_TILE]],
+    ) {
+        // SAFETY: within the query rows and the tile (caller).
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for d in 0..hd {
+                let k = _mm512_loadu_ps(tile.as_ptr().add(d * KEY_TILE));
+                for (a, qi) in acc.iter_mut().zip(qs) {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*qi.get_unchecked(d)), k, *a);
+                }
+            }
+            for (a, si) in acc.iter().zip(ss.iter_mut()) {
+                _mm512_storeu_ps(si.as_mut_ptr(), *a);
+            }
+        }
+    }
+
+    impl Steps for Avx2 {
+        #[inline(always)]
+        fn scores(tile: &[f32], hd: usize, queries: &[&[f32]], s: &mut [[f32; KEY_TILE]]) {
+            assert!(tile.len() >= hd * KEY_TILE);
+            for (qs, ss) in queries.chunks(4).zip(s.chunks_mut(4)) {
+                // SAFETY: AVX2 and FMA are enabled in every caller
+                // (`attend_avx2`); each query holds `hd` values and the tile
+                // `hd * 16` (asserted).
+                unsafe {
+                    match qs.len() {
+                        4 => scores_avx2::<4>(tile, hd, qs, ss),
+                        3 => scores_avx2::<3>(tile, hd, qs, ss),
+                        2 => scores_avx2::<2>(tile, hd, qs, ss),
+                        _ => scores_avx2::<1>(tile, hd, qs, ss),
+                    }
+                }
+            }
+        }
+
+        #[inline(always)]
+        fn exps(s: &[f32; KEY_TILE], max: f32, p: &mut [f32; KEY_TILE]) {
+            // SAFETY: AVX2 and FMA are enabled in every caller; 16 lanes each.
+            unsafe {
+                let m = _mm256_set1_ps(max);
+                for h in 0..2 {
+                    let x = _mm256_sub_ps(_mm256_loadu_ps(s.as_ptr().add(8 * h)), m);
+                    _mm256_storeu_ps(p.as_mut_ptr().add(8 * h), exp8(x));
+                }
+            }
+        }
+
+        #[inline(always)]
+        fn mix(o: &mut [f32], alpha: f32, p: &[f32; KEY_TILE], values: &[f32]) {
+            let hd = o.len();
+            if !hd.is_multiple_of(8) {
+                return Scalar::mix(o, alpha, p, values);
+            }
+            assert!(values.len() >= KEY_TILE * hd);
+            let mut d = 0;
+            while d < hd {
+                // SAFETY: AVX2 and FMA are enabled in every caller; the
+                // pieces lie within `o` and the 16 value rows (asserted).
+                unsafe {
+                    d += match (hd - d) / 8 {
+                        4.. => mix_avx2::<4>(o, d, alpha, p, values),
+                        3 => mix_avx2::<3>(o, d, alpha, p, values),
+                        2 => mix_avx2::<2>(o, d, alpha, p, values),
+                        _ => mix_avx2::<1>(o, d, alpha, p, values),
+                    };
+                }
+            }
+        }
+    }
+
+    /// The mix on dimensions `d..d + 8W` of `o`; returns `8W`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are enabled; `d + 8W <= o.len()`, `values` holds 16 rows of `o.len()`.
+    #[inline(always)]
+    unsafe fn mix_avx2<const W: usize>(
+        o: &mut [f32],
+        d: usize,
+        alpha: f32,
+        p: &[f32; KEY_TILE],
+        values: &[f32],
+    ) -> usize {
+        let hd = o.len();
+        // SAFETY: within `o` and the value rows (caller).
+        unsafe {
+            let a = _mm256_set1_ps(alpha);
+            let mut acc = [_mm256_setzero_ps(); W];
+            for (w, v) in acc.iter_mut().enumerate() {
+                *v = _mm256_mul_ps(_mm256_loadu_ps(o.as_ptr().add(d + 8 * w)), a);
+            }
+            for (j, &pj) in p.iter().enumerate() {
+                let pv = _mm256_set1_ps(pj);
+                let row = values.as_ptr().add(j * hd + d);
+                for (w, v) in acc.iter_mut().enumerate() {
+                    *v = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * w)), *v);
+                }
+            }
+            for (w, v) in acc.iter().enumerate() {
+                _mm256_storeu_ps(o.as_mut_ptr().add(d + 8 * w), *v);
+            }
+        }
+        8 * W
+    }
+
+    /// The mix on dimensions `d..d + 16W` of `o`; returns `16W`.
+    ///
+    /// # Safety
+    /// AVX-512 F is enabled; `d + 16W <= o.len()`, `values` holds 16 rows of `o.len()`.
+    #[inline(always)]
+    unsafe fn mix_avx512<const W: usize>(
+        o: &mut [f32],
+        d: usize,
+        alpha: f32,
+        p: &[f32; KEY_TILE],
+        values: &[f32],
+    ) -> usize {
+        let hd = o.len();
+        // SAFETY: within `o` and the value rows (caller).
+        unsafe {
+            let a = _mm512_set1_ps(alpha);
+            let mut acc = [_mm512_setzero_ps(); W];
+            for (w, v) in acc.iter_mut().enumerate() {
+                *v = _mm512_mul_ps(_mm512_loadu_ps(o.as_ptr().add(d + 16 * w)), a);
+            }
+            for (j, &pj) in p.iter().enumerate() {
+                let pv = _mm512_set1_ps(pj);
+                let row = values.as_ptr().add(j * hd + d);
+                for (w, v) in acc.iter_mut().enumerate() {
+                    *v = _mm512_fmadd_ps(pv, _mm512_loadu_ps(row.add(16 * w)), *v);
+                }
+            }
+            for (w, v) in acc.iter().enumerate() {
+                _mm512_storeu_ps(o.as_mut_ptr().add(d + 16 * w), *v);
+            }
+        }
+        16 * W
+    }
+
+    /// [`super::exp`] on 16 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp16(x: __m512) -> __m512 {
+        let low = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(EXP_MIN));
+        let x = _mm512_min_ps(x, _mm512_set1_ps(EXP_MAX));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
+        let mut poly = _mm512_set1_ps(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
+            poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(c));
+        }
+        let y = _mm512_add_ps(
+            _mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r),
+            _mm512_set1_ps(1.0),
+        );
+        let pow = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        _mm512_maskz_mul_ps(low, y, _mm512_castsi512_ps(pow))
+    }
+
+    impl Steps for Avx512 {
+        #[inline(always)]
+        fn scores(tile: &[f32], hd: usize, queries: &[&[f32]], s: &mut [[f32; KEY_TILE]]) {
+            assert!(tile.len() >= hd * KEY_TILE);
+            for (qs, ss) in queries.chunks(8).zip(s.chunks_mut(8)) {
+                // SAFETY: AVX-512 F is enabled in every caller
+                // (`attend_avx512`); each query holds `hd` values and the
+                // tile `hd * 16` (asserted).
+                unsafe {
+                    match qs.len() {
+                        8 => scores_avx512::<8>(tile, hd, qs, ss),
+                        7 => scores_avx512::<7>(tile, hd, qs, ss),
+                        6 => scores_avx512::<6>(tile, hd, qs, ss),
+                        5 => scores_avx512::<5>(tile, hd, qs, ss),
+                        4 => scores_avx512::<4>(tile, hd, qs, ss),
+                        3 => scores_avx512::<3>(tile, hd, qs, ss),
+                        2 => scores_avx512::<2>(tile, hd, qs, ss),
+                        _ => scores_avx512::<1>(tile, hd, qs, ss),
+                    }
+                }
+            }
+        }
+
+        #[inline(always)]
+        fn exps(s: &[f32; KEY_TILE], max: f32, p: &mut [f32; KEY_TILE]) {
+            // SAFETY: AVX-512 F is enabled in every caller; 16 lanes each.
+            unsafe {
+                let x = _mm512_sub_ps(_mm512_loadu_ps(s.as_ptr()), _mm512_set1_ps(max));
+                _mm512_storeu_ps(p.as_mut_ptr(), exp16(x));
+            }
+        }
+
+        #[inline(always)]
+        fn mix(o: &mut [f32], alpha: f32, p: &[f32; KEY_TILE], values: &[f32]) {
+            let hd = o.len();
+            if !hd.is_multiple_of(16) {
+                return Avx2::mix(o, alpha, p, values);
+            }
+            assert!(values.len() >= KEY_TILE * hd);
+            let mut d = 0;
+            while d < hd {
+                // SAFETY: AVX-512 F is enabled in every caller; the pieces
+                // lie within `o` and the 16 value rows (asserted).
+                unsafe {
+                    d += match (hd - d) / 16 {
+                        8.. => mix_avx512::<8>(o, d, alpha, p, values),
+                        4..=7 => mix_avx512::<4>(o, d, alpha, p, values),
+                        2 | 3 => mix_avx512::<2>(o, d, alpha, p, values),
+                        _ => mix_avx512::<1>(o, d, alpha, p, values),
+                    };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// Softmax attention in f64, positions in order.
+    fn reference(
+        kv: &KvHead<'_>,
+        keys: &[Vec<f32>],
+        scale: f32,
+        q: &[f32],
+        row: QueryRow,
+    ) -> Vec<f64> {
+        let hd = kv.head_dim;
+        let qr = &q[row.at..row.at + hd];
+        let scores: Vec<f64> = (row.first..=row.last)
+            .map(|p| {
+                let k = &keys[p];
+                qr.iter()
+                    .zip(k)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+                    * scale as f64
+            })
+            .collect();
+        let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+        let total: f64 = w.iter().sum();
+        let mut out = vec![0f64; hd];
+        for (i, p) in (row.first..=row.last).enumerate() {
+            let slot = p % kv.slots;
+            for (o, &v) in out.iter_mut().zip(&kv.values[slot * hd..(slot + 1) * hd]) {
+                *o += w[i] / total * v as f64;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn exp_matches_the_library_and_every_path_agrees() {
+        let mut x = -90.0f32;
+        while x < 5.0 {
+            let (got, want) = (exp(x), (x as f64).exp());
+            if x < EXP_MIN {
+                assert_eq!(got, 0.0);
+            } else {
+                assert!(
+                    ((got as f64 - want) / want).abs() < 3e-7,
+                    "exp({x}) = {got}, want {want}"
+                );
+            }
+            x += 0.0137;
+        }
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    /// Every path against an f64 softmax, each row's result independent of
+    /// the rows beside it (bit for bit), and the SIMD paths equal to the
+    /// scalar reference (bit for bit: same operations, same order).
+    #[test]
+    fn every_path_matches_the_reference_and_rows_are_independent() {
+        let mut seed = 5;
+        for &(hd, slots, wrap) in &[
+            (128, 64, false),
+            (64, 48, true),
+            (8, 32, false),
+            (12, 16, true),
+            (48, 80, false),
+        ] {
+            // Positions written: a ring wraps once when `wrap`.
+            let written = if wrap { slots + slots / 2 } else { slots };
+            let keys_by_pos: Vec<Vec<f32>> = (0..written)
+                .map(|_| (0..hd).map(|_| 2.0 * lcg(&mut seed)).collect())
+                .collect();
+            let mut keys = vec![0f32; slots * hd];
+            let mut values = vec![0f32; slots * hd];
+            for (p, k) in keys_by_pos.iter().enumerate() {
+                let v: Vec<f32> = (0..hd).map(|_| lcg(&mut seed)).collect();
+                store(&mut keys, &mut values, slots, p, k, &v);
+            }
+            let kv = KvHead::new(&keys, &values, slots, hd);
+            let n_rows = 11;
+            let q: Vec<f32> = (0..n_rows * hd).map(|_| lcg(&mut seed)).collect();
+            let oldest = written - slots;
+            let rows: Vec<QueryRow> = (0..n_rows)
+                .map(|i| {
+                    let last = written - 1 - (i * 7) % (slots / 2);
+                    let first = (oldest + (i * 5) % 9).min(last);
+                    QueryRow {
+                        at: i * hd,
+                        first,
+                        last,
+                    }
+                })
+                .collect();
+            let scale = 1.0 / (hd as f32).sqrt();
+            let mut want = vec![0f32; n_rows * hd];
+            attend(Isa::Scalar, kv, scale, &q, &rows, &mut want);
+            for (i, row) in rows.iter().enumerate() {
+                let exact = reference(&kv, &keys_by_pos, scale, &q, *row);
+                for (a, b) in want[i * hd..(i + 1) * hd].iter().zip(&exact) {
+                    assert!((*a as f64 - b).abs() < 2e-6, "hd={hd} row {i}: {a} vs {b}");
+                }
+            }
+            for isa in Isa::supported() {
+                let mut all = vec![f32::NAN; n_rows * hd];
+                attend(isa, kv, scale, &q, &rows, &mut all);
+                assert_eq!(
+                    all, want,
+                    "{isa:?} hd={hd}: differs from the scalar reference"
+                );
+                for (i, row) in rows.iter().enumerate() {
+                    let mut alone = vec![f32::NAN; hd];
+                    attend(isa, kv, scale, &q, &[*row], &mut alone);
+                    assert_eq!(
+                        alone[..],
+                        all[i * hd..(i + 1) * hd],
+                        "{isa:?} hd={hd} row {i}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "16-slot cache")]
+    fn a_row_wider_than_the_cache_is_a_bug() {
+        let (keys, values) = (vec![0f32; 16 * 4], vec![0f32; 16 * 4]);
+        let kv = KvHead::new(&keys, &values, 16, 4);
+        let row = QueryRow {
+            at: 0,
+            first: 0,
+            last: 16,
+        };
+        attend(Isa::Scalar, kv, 1.0, &[0.0; 4], &[row], &mut [0.0; 4]);
+    }
+}
