@@ -20,6 +20,7 @@
 //! scalar reference, which computes the same values.
 
 use crate::cpu::Isa;
+use crate::exp::exp;
 
 /// Positions per key tile, and per block of the softmax pass.
 pub const KEY_TILE: usize = 16;
@@ -140,8 +141,39 @@ pub fn attend(isa: Isa, kv: KvHead<'_>, scale: f32, q: &[f32], rows: &[QueryRow]
 trait Steps {
     /// `s[i][j] = Σ_d q_i[d] · k_j[d]` (fused, `d` ascending) for the 16 keys of a tile.
     fn scores(tile: &[f32], hd: usize, queries: &[&[f32]], s: &mut [[f32; KEY_TILE]]);
-    /// `p[j] = exp(s[j] - max)` ([`exp`] lane by lane).
-    fn exps(s: &[f32; KEY_TILE], max: f32, p: &mut [f32; KEY_TILE]);
+    /// One row's softmax step over a block: scales the scores of lanes
+    /// `from..=to` (the others become -∞), raises the running maximum,
+    /// sets `p[j] = exp(s[j] - max)` and `sums = sums · alpha + p` lane by
+    /// lane, and returns `alpha = exp(old max - new max)`.
+    #[inline(always)]
+    fn softmax_block(
+        s: &mut [f32; KEY_TILE],
+        lanes: std::ops::RangeInclusive<usize>,
+        scale: f32,
+        max: &mut f32,
+        sums: &mut [f32; KEY_TILE],
+        p: &mut [f32; KEY_TILE],
+    ) -> f32 {
+        let mut block_max = f32::NEG_INFINITY;
+        for (j, v) in s.iter_mut().enumerate() {
+            *v = if lanes.contains(&j) {
+                *v * scale
+            } else {
+                f32::NEG_INFINITY
+            };
+            block_max = block_max.max(*v);
+        }
+        let new_max = max.max(block_max);
+        let alpha = exp(*max - new_max);
+        *max = new_max;
+        for (pj, &sj) in p.iter_mut().zip(s.iter()) {
+            *pj = exp(sj - new_max);
+        }
+        for (l, &pj) in sums.iter_mut().zip(p.iter()) {
+            *l = l.mul_add(alpha, pj);
+        }
+        alpha
+    }
     /// `o = o · alpha`, then `o = fma(p[j], v_j, o)` for `j` ascending.
     fn mix(o: &mut [f32], alpha: f32, p: &[f32; KEY_TILE], values: &[f32]);
 }
@@ -179,22 +211,7 @@ fn run<S: Steps>(kv: KvHead<'_>, scale: f32, q: &[f32], rows: &[QueryRow], out: 
             let r = rows[i];
             let from = r.first.saturating_sub(base);
             let to = (r.last - base).min(KEY_TILE - 1);
-            let mut block_max = f32::NEG_INFINITY;
-            for (j, v) in si.iter_mut().enumerate() {
-                *v = if (from..=to).contains(&j) {
-                    *v * scale
-                } else {
-                    f32::NEG_INFINITY
-                };
-                block_max = block_max.max(*v);
-            }
-            let new_max = max[i].max(block_max);
-            let alpha = exp(max[i] - new_max);
-            max[i] = new_max;
-            S::exps(si, new_max, &mut p);
-            for (l, &pj) in sums[i].iter_mut().zip(&p) {
-                *l = l.mul_add(alpha, pj);
-            }
+            let alpha = S::softmax_block(si, from..=to, scale, &mut max[i], &mut sums[i], &mut p);
             S::mix(&mut out[i * hd..(i + 1) * hd], alpha, &p, values);
         }
     }
@@ -206,39 +223,6 @@ fn run<S: Steps>(kv: KvHead<'_>, scale: f32, q: &[f32], rows: &[QueryRow], out: 
         }
     }
 }
-
-/// `e^x` to about 2 ulp (Cephes' polynomial after reduction by `ln 2`),
-/// exactly 0 below -87.3 (and for -∞ and NaN). Every SIMD path computes the same.
-#[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    // As the vector compare: NaN is not `>=`, so it gives 0 too.
-    if x.is_nan() || x < EXP_MIN {
-        return 0.0;
-    }
-    let x = x.min(EXP_MAX);
-    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
-    let r = n.mul_add(-LN2_HI, x);
-    let r = n.mul_add(-LN2_LO, r);
-    let mut poly = EXP_POLY[0];
-    for &c in &EXP_POLY[1..] {
-        poly = poly.mul_add(r, c);
-    }
-    let y = poly.mul_add(r * r, r) + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
-const EXP_MIN: f32 = -87.3;
-const EXP_MAX: f32 = 88.3;
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-const EXP_POLY: [f32; 6] = [
-    1.987_569_1e-4,
-    1.398_2e-3,
-    8.333_452e-3,
-    4.166_579_6e-2,
-    0.166_666_65,
-    0.5,
-];
 
 /// The reference.
 struct Scalar;
@@ -253,12 +237,6 @@ impl Steps for Scalar {
                     *v = qi[d].mul_add(kj, *v);
                 }
             }
-        }
-    }
-
-    fn exps(s: &[f32; KEY_TILE], max: f32, p: &mut [f32; KEY_TILE]) {
-        for (pj, &sj) in p.iter_mut().zip(s) {
-            *pj = exp(sj - max);
         }
     }
 
@@ -277,8 +255,10 @@ impl Steps for Scalar {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{
-        EXP_MAX, EXP_MIN, EXP_POLY, KEY_TILE, KvHead, LN2_HI, LN2_LO, QueryRow, Scalar, Steps, run,
+    use super::{KEY_TILE, KvHead, QueryRow, Scalar, Steps, run};
+    use crate::exp::{
+        exp,
+        x86::{exp8, exp16},
     };
     use std::arch::x86_64::*;
 
@@ -314,32 +294,6 @@ mod x86 {
 
     struct Avx2;
     struct Avx512;
-
-    /// [`super::exp`] on 8 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn exp8(x: __m256) -> __m256 {
-        let low = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(EXP_MIN));
-        let x = _mm256_min_ps(x, _mm256_set1_ps(EXP_MAX));
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
-        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
-        let mut poly = _mm256_set1_ps(EXP_POLY[0]);
-        for &c in &EXP_POLY[1..] {
-            poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
-        }
-        let y = _mm256_add_ps(
-            _mm256_fmadd_ps(poly, _mm256_mul_ps(r, r), r),
-            _mm256_set1_ps(1.0),
-        );
-        let pow = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        ));
-        _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow)), low)
-    }
 
     /// AVX2 scores of `R` rows (`R` known at compile time, so the
     /// accumulators stay in registers).
@@ -400,6 +354,56 @@ mod x86 {
 
     impl Steps for Avx2 {
         #[inline(always)]
+        fn softmax_block(
+            s: &mut [f32; KEY_TILE],
+            lanes: std::ops::RangeInclusive<usize>,
+            scale: f32,
+            max: &mut f32,
+            sums: &mut [f32; KEY_TILE],
+            p: &mut [f32; KEY_TILE],
+        ) -> f32 {
+            let (from, to) = (*lanes.start() as i32, *lanes.end() as i32);
+            // SAFETY: AVX2 and FMA are enabled in every caller; 16 lanes each.
+            unsafe {
+                let mut v = [_mm256_setzero_ps(); 2];
+                let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+                for (h, vh) in v.iter_mut().enumerate() {
+                    let j = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                    let j = _mm256_add_epi32(j, _mm256_set1_epi32(8 * h as i32));
+                    let inside = _mm256_andnot_si256(
+                        _mm256_cmpgt_epi32(_mm256_set1_epi32(from), j),
+                        _mm256_cmpgt_epi32(_mm256_set1_epi32(to + 1), j),
+                    );
+                    let scaled = _mm256_mul_ps(
+                        _mm256_loadu_ps(s.as_ptr().add(8 * h)),
+                        _mm256_set1_ps(scale),
+                    );
+                    *vh = _mm256_blendv_ps(
+                        _mm256_set1_ps(f32::NEG_INFINITY),
+                        scaled,
+                        _mm256_castsi256_ps(inside),
+                    );
+                    _mm256_storeu_ps(s.as_mut_ptr().add(8 * h), *vh);
+                    m = _mm256_max_ps(m, *vh);
+                }
+                let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+                let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+                let block_max = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+                let new_max = max.max(block_max);
+                let alpha = exp(*max - new_max);
+                *max = new_max;
+                for (h, vh) in v.iter().enumerate() {
+                    let e = exp8(_mm256_sub_ps(*vh, _mm256_set1_ps(new_max)));
+                    _mm256_storeu_ps(p.as_mut_ptr().add(8 * h), e);
+                    let l = _mm256_loadu_ps(sums.as_ptr().add(8 * h));
+                    let l = _mm256_fmadd_ps(l, _mm256_set1_ps(alpha), e);
+                    _mm256_storeu_ps(sums.as_mut_ptr().add(8 * h), l);
+                }
+                alpha
+            }
+        }
+
+        #[inline(always)]
         fn scores(tile: &[f32], hd: usize, queries: &[&[f32]], s: &mut [[f32; KEY_TILE]]) {
             assert!(tile.len() >= hd * KEY_TILE);
             for (qs, ss) in queries.chunks(4).zip(s.chunks_mut(4)) {
@@ -413,18 +417,6 @@ mod x86 {
                         2 => scores_avx2::<2>(tile, hd, qs, ss),
                         _ => scores_avx2::<1>(tile, hd, qs, ss),
                     }
-                }
-            }
-        }
-
-        #[inline(always)]
-        fn exps(s: &[f32; KEY_TILE], max: f32, p: &mut [f32; KEY_TILE]) {
-            // SAFETY: AVX2 and FMA are enabled in every caller; 16 lanes each.
-            unsafe {
-                let m = _mm256_set1_ps(max);
-                for h in 0..2 {
-                    let x = _mm256_sub_ps(_mm256_loadu_ps(s.as_ptr().add(8 * h)), m);
-                    _mm256_storeu_ps(p.as_mut_ptr().add(8 * h), exp8(x));
                 }
             }
         }
@@ -520,32 +512,6 @@ mod x86 {
         16 * W
     }
 
-    /// [`super::exp`] on 16 lanes.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn exp16(x: __m512) -> __m512 {
-        let low = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(EXP_MIN));
-        let x = _mm512_min_ps(x, _mm512_set1_ps(EXP_MAX));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
-        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
-        let mut poly = _mm512_set1_ps(EXP_POLY[0]);
-        for &c in &EXP_POLY[1..] {
-            poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(c));
-        }
-        let y = _mm512_add_ps(
-            _mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r),
-            _mm512_set1_ps(1.0),
-        );
-        let pow = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-            _mm512_cvtps_epi32(n),
-            _mm512_set1_epi32(127),
-        ));
-        _mm512_maskz_mul_ps(low, y, _mm512_castsi512_ps(pow))
-    }
-
     impl Steps for Avx512 {
         #[inline(always)]
         fn scores(tile: &[f32], hd: usize, queries: &[&[f32]], s: &mut [[f32; KEY_TILE]]) {
@@ -570,11 +536,33 @@ mod x86 {
         }
 
         #[inline(always)]
-        fn exps(s: &[f32; KEY_TILE], max: f32, p: &mut [f32; KEY_TILE]) {
+        fn softmax_block(
+            s: &mut [f32; KEY_TILE],
+            lanes: std::ops::RangeInclusive<usize>,
+            scale: f32,
+            max: &mut f32,
+            sums: &mut [f32; KEY_TILE],
+            p: &mut [f32; KEY_TILE],
+        ) -> f32 {
+            let (from, to) = (*lanes.start(), *lanes.end());
+            let keep = ((1u32 << (to + 1)) - (1u32 << from)) as u16;
             // SAFETY: AVX-512 F is enabled in every caller; 16 lanes each.
             unsafe {
-                let x = _mm512_sub_ps(_mm512_loadu_ps(s.as_ptr()), _mm512_set1_ps(max));
-                _mm512_storeu_ps(p.as_mut_ptr(), exp16(x));
+                let v = _mm512_mask_mul_ps(
+                    _mm512_set1_ps(f32::NEG_INFINITY),
+                    keep,
+                    _mm512_loadu_ps(s.as_ptr()),
+                    _mm512_set1_ps(scale),
+                );
+                _mm512_storeu_ps(s.as_mut_ptr(), v);
+                let new_max = max.max(_mm512_reduce_max_ps(v));
+                let alpha = exp(*max - new_max);
+                *max = new_max;
+                let e = exp16(_mm512_sub_ps(v, _mm512_set1_ps(new_max)));
+                _mm512_storeu_ps(p.as_mut_ptr(), e);
+                let l = _mm512_fmadd_ps(_mm512_loadu_ps(sums.as_ptr()), _mm512_set1_ps(alpha), e);
+                _mm512_storeu_ps(sums.as_mut_ptr(), l);
+                alpha
             }
         }
 
@@ -644,25 +632,6 @@ mod tests {
             }
         }
         out
-    }
-
-    #[test]
-    fn exp_matches_the_library_and_every_path_agrees() {
-        let mut x = -90.0f32;
-        while x < 5.0 {
-            let (got, want) = (exp(x), (x as f64).exp());
-            if x < EXP_MIN {
-                assert_eq!(got, 0.0);
-            } else {
-                assert!(
-                    ((got as f64 - want) / want).abs() < 3e-7,
-                    "exp({x}) = {got}, want {want}"
-                );
-            }
-            x += 0.0137;
-        }
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp(0.0), 1.0);
     }
 
     /// Every path against an f64 softmax, each row's result independent of

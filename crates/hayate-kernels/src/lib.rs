@@ -11,6 +11,7 @@ pub mod attention;
 pub mod bandwidth;
 pub mod cpu;
 pub mod deltanet;
+pub mod exp;
 pub mod hadamard;
 pub mod matmul;
 pub mod ops;

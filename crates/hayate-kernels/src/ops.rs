@@ -35,10 +35,19 @@ fn sum_of_squares(x: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail.iter().map(|v| v * v).sum::<f32>()
 }
 
-/// `gate = silu(gate) * up`, the SwiGLU activation.
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+/// `gate = silu(gate) * up`, the SwiGLU activation, with [`crate::exp::exp`]
+/// (the same bits on every path).
+pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked); lengths are equal.
+        done = unsafe { avx2::silu_mul(gate, up) };
+    }
+    let _ = isa;
+    for (g, &u) in gate[done..].iter_mut().zip(&up[done..]) {
+        *g = *g / (1.0 + crate::exp::exp(-*g)) * u;
     }
 }
 
@@ -224,6 +233,26 @@ mod avx2 {
         _mm_cvtss_f32(s) + tail
     }
 
+    /// [`super::silu_mul`] on the whole vectors of 8; returns how many values it did.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) -> usize {
+        let body = gate.len() - gate.len() % 8;
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        // SAFETY: i + 8 <= body <= len for both slices.
+        unsafe {
+            while i < body {
+                let gp = gate.as_mut_ptr().add(i);
+                let g = _mm256_loadu_ps(gp);
+                let e = crate::exp::x86::exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+                let s = _mm256_div_ps(g, _mm256_add_ps(one, e));
+                _mm256_storeu_ps(gp, _mm256_mul_ps(s, _mm256_loadu_ps(up.as_ptr().add(i))));
+                i += 8;
+            }
+        }
+        body
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
         let n = x.len();
@@ -299,6 +328,33 @@ mod tests {
         let rms = (12.5f32).sqrt();
         assert!((out[0] - 3.0 / rms).abs() < 1e-6);
         assert!((out[1] - 8.0 / rms).abs() < 1e-6);
+    }
+
+    #[test]
+    fn silu_mul_is_the_same_on_every_path() {
+        let gate: Vec<f32> = (0..203).map(|i| (i as f32 - 100.0) * 0.37).collect();
+        let up: Vec<f32> = (0..203).map(|i| 1.0 + (i % 7) as f32 * 0.25).collect();
+        let mut want = gate.clone();
+        silu_mul(Isa::Scalar, &mut want, &up);
+        for ((&g, &u), &w) in gate.iter().zip(&up).zip(&want) {
+            let exact = g as f64 / (1.0 + (-g as f64).exp()) * u as f64;
+            assert!(
+                (w as f64 - exact).abs() <= 1e-6 * exact.abs().max(1.0),
+                "{g}: {w} vs {exact}"
+            );
+        }
+        for isa in Isa::supported() {
+            let mut got = gate.clone();
+            silu_mul(isa, &mut got, &up);
+            assert_eq!(got, want, "{isa:?}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if Isa::Avx2.is_supported() {
+            let mut got = gate.clone();
+            // SAFETY: AVX2 and FMA are supported (checked); lengths are equal.
+            let done = unsafe { avx2::silu_mul(&mut got, &up) };
+            assert_eq!((done, &got[..done]), (200, &want[..200]), "the AVX2 path");
+        }
     }
 
     #[test]

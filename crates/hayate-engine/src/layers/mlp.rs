@@ -69,7 +69,7 @@ impl GatedMlp {
         let (gate, up) = (&mut s.gate[..n * inter], &mut s.up[..n * inter]);
         cx.project([(&self.gate, &mut *gate), (&self.up, &mut *up)], x, n);
         match self.activation {
-            Activation::Silu => ops::silu_mul(gate, up),
+            Activation::Silu => ops::silu_mul(cx.isa, gate, up),
             Activation::GeluTanh => ops::gelu_tanh_mul(gate, up),
         }
         cx.project([(&self.down, out)], gate, n);

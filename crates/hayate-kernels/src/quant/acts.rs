@@ -154,13 +154,24 @@ pub(crate) fn prepare_token(
         None => out.x.copy_from_slice(src),
     }
     if precision == ActPrecision::Int8 {
-        quantize_blocks(out.x, out.codes, out.scales, out.sums);
+        quantize_blocks(isa, out.x, out.codes, out.scales, out.sums);
     }
 }
 
 /// int8 codes per block of 32: `scale = max|x| / 127`, `code = round(x / scale)`
-/// (ties to even, as the vector units round).
-fn quantize_blocks(x: &[f32], codes: &mut [i8], scales: &mut [f32], sums: &mut [f32]) {
+/// (ties to even, as the vector units round). Every path gives the same bits.
+fn quantize_blocks(isa: Isa, x: &[f32], codes: &mut [i8], scales: &mut [f32], sums: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked).
+        return unsafe { avx2::quantize_blocks(x, codes, scales, sums) };
+    }
+    let _ = isa;
+    quantize_blocks_scalar(x, codes, scales, sums)
+}
+
+/// The reference for [`quantize_blocks`].
+fn quantize_blocks_scalar(x: &[f32], codes: &mut [i8], scales: &mut [f32], sums: &mut [f32]) {
     for (((xb, cb), scale), sum) in x
         .chunks_exact(BLOCK)
         .zip(codes.chunks_exact_mut(BLOCK))
@@ -178,5 +189,110 @@ fn quantize_blocks(x: &[f32], codes: &mut [i8], scales: &mut [f32], sums: &mut [
         }
         *scale = s;
         *sum = s * total as f32;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use crate::hadamard::BLOCK;
+    use std::arch::x86_64::*;
+
+    /// [`super::quantize_blocks`] on AVX2: the same operations per value.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_blocks(
+        x: &[f32],
+        codes: &mut [i8],
+        scales: &mut [f32],
+        sums: &mut [f32],
+    ) {
+        let n = (x.len() / BLOCK)
+            .min(codes.len() / BLOCK)
+            .min(scales.len())
+            .min(sums.len());
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        for b in 0..n {
+            // SAFETY: block `b` lies within `x` and `codes` (n is bounded by both).
+            unsafe {
+                let p = x.as_ptr().add(b * BLOCK);
+                let v = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o)));
+                let m = v.iter().fold(_mm256_setzero_ps(), |m, &x| {
+                    _mm256_max_ps(m, _mm256_and_ps(x, abs_mask))
+                });
+                let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+                let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+                let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+                let s = amax / 127.0;
+                let inv = _mm256_set1_ps(if s > 0.0 { 1.0 / s } else { 0.0 });
+                let q = v.map(|x| {
+                    let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                        _mm256_mul_ps(x, inv),
+                    );
+                    _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
+                });
+                let total =
+                    _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+                let t = _mm_add_epi32(
+                    _mm256_castsi256_si128(total),
+                    _mm256_extracti128_si256(total, 1),
+                );
+                let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+                let t = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01)));
+                // Packing interleaves 128-bit lanes; the permute restores input order.
+                let w16 = [
+                    _mm256_packs_epi32(q[0], q[1]),
+                    _mm256_packs_epi32(q[2], q[3]),
+                ];
+                let bytes = _mm256_packs_epi16(w16[0], w16[1]);
+                let ordered =
+                    _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(codes.as_mut_ptr().add(b * BLOCK).cast(), ordered);
+                *scales.get_unchecked_mut(b) = s;
+                *sums.get_unchecked_mut(b) = s * t as f32;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_path_quantizes_activations_identically() {
+        let mut seed = 3u64;
+        let mut x: Vec<f32> = (0..32 * 37)
+            .map(|i| {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                let v = ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0;
+                // Some blocks with an outlier, one all zero, exact ties.
+                if i % 97 == 0 { v * 50.0 } else { v }
+            })
+            .collect();
+        x[64..96].fill(0.0);
+        x[96] = 127.0;
+        x[97] = 0.5;
+        x[98] = -1.5;
+        let nb = x.len() / BLOCK;
+        let run = |isa| {
+            let (mut c, mut s, mut m) = (vec![0i8; x.len()], vec![0f32; nb], vec![0f32; nb]);
+            quantize_blocks(isa, &x, &mut c, &mut s, &mut m);
+            (c, s, m)
+        };
+        let want = run(Isa::Scalar);
+        assert_eq!((want.0[97], want.0[98]), (0, -2), "ties go to even");
+        for isa in Isa::supported() {
+            assert_eq!(run(isa), want, "{isa:?}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if Isa::Avx2.is_supported() {
+            let (mut c, mut s, mut m) = (vec![0i8; x.len()], vec![0f32; nb], vec![0f32; nb]);
+            // SAFETY: AVX2 is supported (checked).
+            unsafe { avx2::quantize_blocks(&x, &mut c, &mut s, &mut m) };
+            assert_eq!((c, s, m), want, "the AVX2 path");
+        }
     }
 }
