@@ -15,7 +15,8 @@
 #      quantized to Q8_0, Q4_K_M and Q4_0, and to Hayate's q8 and q4.
 # Then, --rounds times, each format's pair of benches (llama-bench, then
 # `hayate bench` on the matching Hayate format, order alternating by round):
-#   bf16 - bf16;  q8 (G32) - Q8_0;  q4 (G32, q8 embeddings) - Q4_K_M and Q4_0.
+#   bf16 - bf16;  q8 (G32, q8 embeddings) - Q8_0;  q4 (G32, q8 embeddings) - Q4_K_M and
+#   Q4_0 (llama.cpp's files quantize the embeddings and output head too).
 # Prints one table of medians with the ratios Hayate / llama.cpp, and
 # writes every run to --work/results.jsonl.
 set -euo pipefail
@@ -129,10 +130,9 @@ for q in Q8_0 Q4_K_M Q4_0; do
 done
 [ -x "$HAYATE" ] || { echo "error: $HAYATE not found; run cargo build --release" >&2; exit 1; }
 for f in q8 q4; do
-  out="$MODELS/$SHAPE-speed-$f"
+  out="$MODELS/$SHAPE-speed-$f-q8emb"
   [ -f "$out/config.json" ] && continue
-  if [ "$f" = q4 ]; then extra=(--embeddings q8); else extra=(); fi
-  "$HAYATE" quantize --model "$HF" --out "$out" --format "$f" "${extra[@]}" > /dev/null
+  "$HAYATE" quantize --model "$HF" --out "$out" --format "$f" --embeddings q8 > /dev/null
 done
 
 # --- The benches, interleaved ------------------------------------------------
@@ -160,8 +160,8 @@ for round in $(seq "$ROUNDS"); do
   for f in $FORMATS; do
     case $f in
       bf16) pairs=("bf16:$GGUF/bf16.gguf") ; dir="$HF" ;;
-      q8) pairs=("Q8_0:$GGUF/Q8_0.gguf") ; dir="$MODELS/$SHAPE-speed-q8" ;;
-      q4) pairs=("Q4_K_M:$GGUF/Q4_K_M.gguf" "Q4_0:$GGUF/Q4_0.gguf") ; dir="$MODELS/$SHAPE-speed-q4" ;;
+      q8) pairs=("Q8_0:$GGUF/Q8_0.gguf") ; dir="$MODELS/$SHAPE-speed-q8-q8emb" ;;
+      q4) pairs=("Q4_K_M:$GGUF/Q4_K_M.gguf" "Q4_0:$GGUF/Q4_0.gguf") ; dir="$MODELS/$SHAPE-speed-q4-q8emb" ;;
       *) echo "error: unknown format $f" >&2; exit 1 ;;
     esac
     log "round $round: $f"
@@ -187,7 +187,7 @@ print(f"{shape} shape, {threads} threads{depth}, medians of interleaved rounds (
 print(f"| Hayate | pp{p} | tg{n} | llama.cpp | pp{p} | tg{n} | ratio pp / tg |")
 print("|---|---|---|---|---|---|---|")
 against = {'bf16': ['bf16'], 'q8': ['Q8_0'], 'q4': ['Q4_K_M', 'Q4_0']}
-names = {'bf16': 'bf16', 'q8': 'q8 G32', 'q4': 'q4 G32 + q8 emb'}
+names = {'bf16': 'bf16', 'q8': 'q8 G32 + q8 emb', 'q4': 'q4 G32 + q8 emb'}
 for f, others in against.items():
     hp, ht = median('hayate', f, 'pp'), median('hayate', f, 'tg')
     if hp is None and ht is None:
