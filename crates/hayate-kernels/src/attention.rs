@@ -93,8 +93,10 @@ pub fn store(
 ) {
     let hd = key.len();
     assert_eq!(value.len(), hd, "key and value lengths differ");
+    // Dimension `d` sits 16 values after dimension `d - 1` within the tile.
+    let first = key_index(slots, hd, position, 0);
     for (d, &k) in key.iter().enumerate() {
-        keys[key_index(slots, hd, position, d)] = k;
+        keys[first + d * KEY_TILE] = k;
     }
     let slot = position % slots;
     values[slot * hd..(slot + 1) * hd].copy_from_slice(value);

@@ -10,7 +10,7 @@
 //!   rate), accumulating int32 per block of 32 before scaling.
 
 use super::acts::QuantizedActs;
-use super::{QuantFormat, QuantMatRef, group_nibble};
+use super::{QuantFormat, QuantMatRef, group_nibble, unpack_q4_block};
 use crate::hadamard::BLOCK;
 use crate::matmul::avx2::hsum;
 use std::arch::x86_64::*;
@@ -254,10 +254,8 @@ fn row_codes(w: &QuantMatRef<'_>, r: usize, k0: usize, kc: usize, out: &mut [i16
         QuantFormat::Q4 => {
             let src = &w.codes[r * w.cols / 2 + k0 / 2..r * w.cols / 2 + (k0 + kc) / 2];
             for (bytes, dst) in src.chunks_exact(16).zip(out.chunks_exact_mut(BLOCK)) {
-                let (lo, hi) = dst.split_at_mut(16);
-                for ((l, h), &byte) in lo.iter_mut().zip(hi.iter_mut()).zip(bytes) {
-                    *l = i16::from(byte & 15);
-                    *h = i16::from(byte >> 4);
+                for (o, c) in dst.iter_mut().zip(unpack_q4_block(bytes)) {
+                    *o = i16::from(c);
                 }
             }
         }

@@ -13,7 +13,7 @@
 //! Decode keeps the AVX2 row kernels (see [`super::avx2`]).
 
 use super::acts::QuantizedActs;
-use super::{QuantFormat, QuantMatRef};
+use super::{QuantFormat, QuantMatRef, unpack_q4_block};
 use crate::hadamard::BLOCK;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -71,11 +71,7 @@ fn pack_panel(w: &QuantMatRef<'_>, n0: usize, n_end: usize, k0: usize, kc: usize
         if q4 {
             let src = &w.codes[r * w.cols / 2 + k0 / 2..r * w.cols / 2 + (k0 + kc) / 2];
             for (bytes, dst) in src.chunks_exact(16).zip(row.chunks_exact_mut(BLOCK)) {
-                let (lo, hi) = dst.split_at_mut(16);
-                for ((l, h), &byte) in lo.iter_mut().zip(hi.iter_mut()).zip(bytes) {
-                    *l = byte & 15;
-                    *h = byte >> 4;
-                }
+                dst.copy_from_slice(&unpack_q4_block(bytes));
             }
         } else {
             let src = &w.codes[r * w.cols + k0..r * w.cols + k0 + kc];

@@ -229,6 +229,19 @@ impl<'a> QuantMatRef<'a> {
     }
 }
 
+/// The 32 codes of one q4 block (its 16 bytes) in input order: byte `j`
+/// holds input `j` in its low nibble and input `j + 16` in its high one.
+#[inline]
+pub(crate) fn unpack_q4_block(bytes: &[u8]) -> [u8; BLOCK] {
+    let mut codes = [0u8; BLOCK];
+    let (lo, hi) = codes.split_at_mut(BLOCK / 2);
+    for ((l, h), &byte) in lo.iter_mut().zip(hi.iter_mut()).zip(&bytes[..BLOCK / 2]) {
+        *l = byte & 15;
+        *h = byte >> 4;
+    }
+    codes
+}
+
 /// The nibble of group `g` in its zero-point byte (even groups low, odd high).
 #[inline]
 pub(crate) fn group_nibble(byte: u8, g: usize) -> u8 {
