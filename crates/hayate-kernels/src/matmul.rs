@@ -119,10 +119,13 @@ pub unsafe fn matmul_rows(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => {
             assert!(isa.has_avx2(), "AVX2 kernel on a CPU without AVX2");
-            // SAFETY: forwarded contract; the CPU supports the features (checked above).
+            // SAFETY: forwarded contract; the CPU supports the features (checked
+            // above, AVX-512 where that kernel runs).
             unsafe {
                 if n_tok <= GEMV_MAX_TOKENS {
                     avx2::gemv_rows(w, x, n_tok, rows, y)
+                } else if isa.has_avx512() {
+                    avx512::gemm_rows(w, x, n_tok, rows, y)
                 } else {
                     avx2::gemm_rows(w, x, n_tok, rows, y)
                 }
@@ -133,11 +136,20 @@ pub unsafe fn matmul_rows(
     }
 }
 
-/// Widens a panel of `NR` weight rows starting at `n0` (rows past `n_end` are
+/// Widens a panel of `nr` weight rows starting at `n0` (rows past `n_end` are
 /// zero) and inputs `k0..k0+kc` into `pack`, laid out `[k][j]`.
-fn pack_panel(w: MatRef<'_>, n0: usize, n_end: usize, k0: usize, kc: usize, pack: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn pack_panel(
+    w: MatRef<'_>,
+    n0: usize,
+    n_end: usize,
+    k0: usize,
+    kc: usize,
+    nr: usize,
+    pack: &mut [f32],
+) {
     let mut row = [0f32; KC];
-    for j in 0..NR {
+    for j in 0..nr {
         let r = n0 + j;
         if r < n_end {
             w.data.widen_into(r * w.cols + k0, &mut row[..kc]);
@@ -145,30 +157,39 @@ fn pack_panel(w: MatRef<'_>, n0: usize, n_end: usize, k0: usize, kc: usize, pack
             row[..kc].fill(0.0);
         }
         for (k, &v) in row[..kc].iter().enumerate() {
-            pack[k * NR + j] = v;
+            pack[k * nr + j] = v;
         }
     }
 }
 
 /// Packs inputs `k0..k0+kc` of all `n_tok` activation rows (each `k` long)
-/// into blocks of `MR` rows laid out `[block][k][row]`, so the micro-kernel
+/// into blocks of `mr` rows laid out `[block][k][row]`, so the micro-kernel
 /// reads its broadcasts from one sequential stream. Rows past `n_tok` are zero.
-fn pack_activations(x: &[f32], k: usize, n_tok: usize, k0: usize, kc: usize, out: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn pack_activations(
+    x: &[f32],
+    k: usize,
+    n_tok: usize,
+    k0: usize,
+    kc: usize,
+    mr: usize,
+    out: &mut [f32],
+) {
     for (mb, block) in out
-        .chunks_exact_mut(kc * MR)
-        .take(n_tok.div_ceil(MR))
+        .chunks_exact_mut(kc * mr)
+        .take(n_tok.div_ceil(mr))
         .enumerate()
     {
-        for i in 0..MR {
-            let row = mb * MR + i;
+        for i in 0..mr {
+            let row = mb * mr + i;
             if row < n_tok {
                 let src = &x[row * k + k0..row * k + k0 + kc];
                 for (kk, &v) in src.iter().enumerate() {
-                    block[kk * MR + i] = v;
+                    block[kk * mr + i] = v;
                 }
             } else {
                 for kk in 0..kc {
-                    block[kk * MR + i] = 0.0;
+                    block[kk * mr + i] = 0.0;
                 }
             }
         }
@@ -449,11 +470,11 @@ pub(crate) mod avx2 {
                 let mut k0 = 0;
                 while k0 < k {
                     let kc = KC.min(k - k0);
-                    pack_activations(x, k, n_tok, k0, kc, pack_x);
+                    pack_activations(x, k, n_tok, k0, kc, MR, pack_x);
                     let mut n0 = rows.start;
                     while n0 < rows.end {
                         let ncols = NR.min(rows.end - n0);
-                        pack_panel(w, n0, rows.end, k0, kc, pack);
+                        pack_panel(w, n0, rows.end, k0, kc, NR, pack);
                         for mb in 0..m_blocks {
                             let m0 = mb * MR;
                             let m = MR.min(n_tok - m0);
@@ -466,6 +487,124 @@ pub(crate) mod avx2 {
                                 let b = pack.as_ptr();
                                 let acc = k0 > 0;
                                 match m {
+                                    6 => micro_kernel::<6>(kc, a, b, c, ldc, ncols, acc),
+                                    5 => micro_kernel::<5>(kc, a, b, c, ldc, ncols, acc),
+                                    4 => micro_kernel::<4>(kc, a, b, c, ldc, ncols, acc),
+                                    3 => micro_kernel::<3>(kc, a, b, c, ldc, ncols, acc),
+                                    2 => micro_kernel::<2>(kc, a, b, c, ldc, ncols, acc),
+                                    _ => micro_kernel::<1>(kc, a, b, c, ldc, ncols, acc),
+                                }
+                            }
+                        }
+                        n0 += NR;
+                    }
+                    k0 += kc;
+                }
+            })
+        });
+    }
+}
+
+/// The AVX-512 GEMM: 8 tokens x 32 outputs per micro-kernel call, twice the
+/// AVX2 tile's width. Each output is the same chain of fused multiply-adds
+/// over the same `KC` chunks as on AVX2, so both give the same bits.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// Outputs per packed panel: two 16-lane vectors.
+    const NR: usize = 32;
+    /// Tokens per micro-kernel call (16 accumulators).
+    const MR: usize = 8;
+
+    /// `c (+)= a · b` for `M` tokens of the packed activations `a`
+    /// (`a[k * MR + i]`) and the 32-output panel `b` (`b[k * 32 + j]`);
+    /// only the first `ncols` outputs are stored.
+    ///
+    /// # Safety
+    /// `a` holds `kc * MR` values, `b` `kc * 32`, and `c` has `M` rows of
+    /// `ncols` writable values `ldc` apart; the CPU supports AVX-512 F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro_kernel<const M: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        ncols: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; M];
+        // SAFETY: all offsets are within the extents stated above.
+        unsafe {
+            for k in 0..kc {
+                let b0 = _mm512_loadu_ps(b.add(k * NR));
+                let b1 = _mm512_loadu_ps(b.add(k * NR + 16));
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    let ai = _mm512_set1_ps(*a.add(k * MR + i));
+                    acc_i[0] = _mm512_fmadd_ps(ai, b0, acc_i[0]);
+                    acc_i[1] = _mm512_fmadd_ps(ai, b1, acc_i[1]);
+                }
+            }
+            let lo = ncols.min(16);
+            let masks = [
+                ((1u32 << lo) - 1) as u16,
+                ((1u32 << (ncols - lo)) - 1) as u16,
+            ];
+            for (i, acc_i) in acc.iter().enumerate() {
+                for (h, (&mask, &v)) in masks.iter().zip(acc_i).enumerate() {
+                    let dst = c.add(i * ldc + 16 * h);
+                    let v = if accumulate {
+                        _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, dst))
+                    } else {
+                        v
+                    };
+                    _mm512_mask_storeu_ps(dst, mask, v);
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// See [`super::matmul_rows`]; the CPU supports AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gemm_rows(
+        w: MatRef<'_>,
+        x: &[f32],
+        n_tok: usize,
+        rows: std::ops::Range<usize>,
+        y: *mut f32,
+    ) {
+        let (k, ldc) = (w.cols, w.rows);
+        let m_blocks = n_tok.div_ceil(MR);
+        PACK.with_borrow_mut(|pack| {
+            PACK_X.with_borrow_mut(|pack_x| {
+                pack.resize(KC * NR, 0.0);
+                pack_x.resize(m_blocks * KC * MR, 0.0);
+                let mut k0 = 0;
+                while k0 < k {
+                    let kc = KC.min(k - k0);
+                    pack_activations(x, k, n_tok, k0, kc, MR, pack_x);
+                    let mut n0 = rows.start;
+                    while n0 < rows.end {
+                        let ncols = NR.min(rows.end - n0);
+                        pack_panel(w, n0, rows.end, k0, kc, NR, pack);
+                        for mb in 0..m_blocks {
+                            let m0 = mb * MR;
+                            // SAFETY: `MR.min(n_tok - m0)` rows from `m0` lie
+                            // within `y`; columns `n0..n0+ncols` within `rows`
+                            // (caller); the packed buffers hold what is read.
+                            unsafe {
+                                let a = pack_x.as_ptr().add(mb * kc * MR);
+                                let c = y.add(m0 * ldc + n0);
+                                let b = pack.as_ptr();
+                                let acc = k0 > 0;
+                                match MR.min(n_tok - m0) {
+                                    8 => micro_kernel::<8>(kc, a, b, c, ldc, ncols, acc),
+                                    7 => micro_kernel::<7>(kc, a, b, c, ldc, ncols, acc),
                                     6 => micro_kernel::<6>(kc, a, b, c, ldc, ncols, acc),
                                     5 => micro_kernel::<5>(kc, a, b, c, ldc, ncols, acc),
                                     4 => micro_kernel::<4>(kc, a, b, c, ldc, ncols, acc),
@@ -525,9 +664,19 @@ mod tests {
                 WeightSlice::F16(&wh),
             ] {
                 let w = MatRef::new(data, rows, cols).unwrap();
-                for n_tok in [1, 2, 4, 5, 7, 13] {
+                // Above 4 tokens the GEMM runs, in tiles of 6 (AVX2) or 8
+                // (AVX-512) tokens: these counts reach tails of every length.
+                for n_tok in [1, 2, 4, 5, 7, 10, 11, 13, 15, 20] {
                     let x: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed)).collect();
                     let want = reference(w, &x, n_tok);
+                    if Isa::Avx512.is_supported() {
+                        // Same FMA chains over the same chunks: the same bits.
+                        let (mut wide, mut narrow) =
+                            (vec![0f32; n_tok * rows], vec![0f32; n_tok * rows]);
+                        matmul(&pools[1], Isa::Avx512, w, &x, n_tok, &mut wide);
+                        matmul(&pools[1], Isa::Avx2, w, &x, n_tok, &mut narrow);
+                        assert_eq!(wide, narrow, "AVX-512 vs AVX2 {rows}x{cols} n_tok={n_tok}");
+                    }
                     for isa in Isa::supported() {
                         for pool in &pools {
                             let mut y = vec![f32::NAN; n_tok * rows];
