@@ -24,7 +24,8 @@ impl Isa {
     /// `is_x86_feature_detected!` also checks that the OS saves the vector
     /// registers (XGETBV), so a feature the kernel disabled is reported absent.
     pub fn is_supported(self) -> bool {
-        // Kernels ask this on every call; detect once.
+        // Kernels ask this on every call; detect once. `ALL` lists the
+        // levels in declaration order, so a level's discriminant indexes it.
         static SUPPORTED: OnceLock<[bool; Isa::ALL.len()]> = OnceLock::new();
         SUPPORTED.get_or_init(|| Isa::ALL.map(Isa::detect))[self as usize]
     }
