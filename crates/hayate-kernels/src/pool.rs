@@ -266,6 +266,95 @@ pub fn split_range(n: usize, parts: usize, index: usize, align: usize) -> std::o
     (start_block * align).min(n)..(end_block * align).min(n)
 }
 
+/// Splits `0..n` between the threads of a job, each taking its own
+/// contiguous share chunk by chunk from the front; a thread that runs out
+/// takes chunks from the back of another's share. On a shared machine one
+/// core often runs slower than the other: with a fixed split a job would end
+/// when the slowest share does, here it ends when the work does, while each
+/// thread still streams mostly contiguous memory (which the prefetchers
+/// need). Chunk bounds are multiples of `align` (except the end).
+pub struct ChunkQueue {
+    /// Per owning thread: its remaining chunks `front..back`, packed as
+    /// `front | back << 32`.
+    shares: [AtomicU64; Self::MAX_SHARES],
+    n_shares: usize,
+    n: usize,
+    chunk: usize,
+}
+
+impl ChunkQueue {
+    /// Chunks per thread: enough that the threads finish close together,
+    /// few enough that taking one costs nothing next to its work.
+    pub const PER_THREAD: usize = 8;
+    /// Threads beyond this many own no share and only take from others.
+    const MAX_SHARES: usize = 64;
+
+    /// Chunks of `0..n` for `n_threads` threads: about [`ChunkQueue::PER_THREAD`]
+    /// per thread, each a multiple of `align` and at least `min_chunk` long.
+    pub fn new(n: usize, n_threads: usize, align: usize, min_chunk: usize) -> Self {
+        let align = align.max(1);
+        let n_shares = n_threads.clamp(1, Self::MAX_SHARES);
+        let chunk = n
+            .div_ceil(n_shares * Self::PER_THREAD)
+            .max(min_chunk)
+            .div_ceil(align)
+            .max(1)
+            * align;
+        // At most `n_shares * PER_THREAD + 1` chunks: their indices fit in 32 bits.
+        let chunks = n.div_ceil(chunk) as u64;
+        let shares = std::array::from_fn(|i| {
+            let i = i as u64;
+            let parts = n_shares as u64;
+            let (front, back) = if i < parts {
+                (i * chunks / parts, (i + 1) * chunks / parts)
+            } else {
+                (0, 0)
+            };
+            AtomicU64::new(front | back << 32)
+        });
+        ChunkQueue {
+            shares,
+            n_shares,
+            n,
+            chunk,
+        }
+    }
+
+    /// Thread `tid`'s next chunk: from its own share, else from the back of
+    /// another's; `None` when every chunk is taken.
+    pub fn next_chunk(&self, tid: usize) -> Option<std::ops::Range<usize>> {
+        let own = (tid < self.n_shares)
+            .then(|| self.take(tid, true))
+            .flatten();
+        let index = own.or_else(|| {
+            (1..=self.n_shares).find_map(|d| self.take((tid + d) % self.n_shares, false))
+        })?;
+        let start = index * self.chunk;
+        Some(start..(start + self.chunk).min(self.n))
+    }
+
+    /// Takes the front (owner) or back (anyone else) chunk of share `i`.
+    fn take(&self, i: usize, front: bool) -> Option<usize> {
+        let share = &self.shares[i];
+        let mut packed = share.load(Ordering::Relaxed);
+        loop {
+            let (f, b) = (packed & 0xffff_ffff, packed >> 32);
+            if f >= b {
+                return None;
+            }
+            let (next, index) = if front {
+                ((f + 1) | b << 32, f)
+            } else {
+                (f | (b - 1) << 32, b - 1)
+            };
+            match share.compare_exchange_weak(packed, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(index as usize),
+                Err(now) => packed = now,
+            }
+        }
+    }
+}
+
 /// A buffer that the threads of one pool job write in disjoint parts
 /// (each its own rows, heads or columns), handed out piece by piece with
 /// bounds checked: how the engine shares a `&mut` buffer across a job.
@@ -310,6 +399,39 @@ mod tests {
             count.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(count.load(Ordering::Relaxed), pool.n_threads());
+    }
+
+    #[test]
+    fn a_chunk_queue_hands_out_every_index_once() {
+        let pool = ThreadPool::new(3).unwrap();
+        for (n, align, min_chunk) in [(1000, 32, 32), (7, 1, 1), (0, 4, 4), (96, 32, 64)] {
+            let queue = ChunkQueue::new(n, pool.n_threads(), align, min_chunk);
+            let seen: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            pool.run(&|tid, _| {
+                // One thread sleeps: the others must take over its share.
+                if tid == 1 {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                while let Some(chunk) = queue.next_chunk(tid) {
+                    assert!(chunk.start.is_multiple_of(align) && chunk.end <= n);
+                    assert!(chunk.len() >= min_chunk.min(n - chunk.start));
+                    for i in chunk {
+                        seen[i].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+            assert!(seen.iter().all(|c| c.load(Ordering::Relaxed) == 1), "n={n}");
+        }
+        // A thread that sleeps through the whole job leaves nothing undone,
+        // and the thread that owns a share takes it from the front.
+        let queue = ChunkQueue::new(64, 2, 1, 1);
+        assert_eq!(queue.next_chunk(0), Some(0..4));
+        assert_eq!(queue.next_chunk(1), Some(32..36));
+        let rest: Vec<_> = std::iter::from_fn(|| queue.next_chunk(0)).collect();
+        assert_eq!(rest.len(), 14);
+        assert_eq!(rest[..7].last(), Some(&(28..32)));
+        assert_eq!(rest[7], 60..64, "then the back of the other share");
+        assert_eq!(queue.next_chunk(1), None);
     }
 
     #[test]

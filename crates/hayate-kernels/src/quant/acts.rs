@@ -4,6 +4,7 @@
 use super::round_even;
 use crate::cpu::Isa;
 use crate::hadamard::{BLOCK, hadamard_blocks};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How activations enter a quantized product.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -40,6 +41,11 @@ pub struct QuantizedActs {
     pub scales: Vec<f32>,
     /// Sum of the dequantized block, `scale · Σ codes` (for zero points).
     pub sums: Vec<f32>,
+    /// Sum of the codes per block, `Σ codes` (for offsets applied in int32).
+    pub totals: Vec<i32>,
+    /// Unique to these contents: a new one on every [`QuantizedActs::resize`],
+    /// so that kernels can tell whether what they derived from them is current.
+    pub id: u64,
 }
 
 impl QuantizedActs {
@@ -49,12 +55,15 @@ impl QuantizedActs {
             k.is_multiple_of(BLOCK),
             "{k} inputs are not a multiple of 32"
         );
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        self.id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         self.n_tok = n_tok;
         self.k = k;
         self.x.resize(n_tok * k, 0.0);
         self.codes.resize(n_tok * k, 0);
         self.scales.resize(n_tok * k / BLOCK, 0.0);
         self.sums.resize(n_tok * k / BLOCK, 0.0);
+        self.totals.resize(n_tok * k / BLOCK, 0);
     }
 
     /// Prepares the rows `tokens` of `x` (`n_tok x k`): `H·S_in·x` when signs
@@ -79,6 +88,7 @@ impl QuantizedActs {
                     codes: &mut self.codes[t * k..(t + 1) * k],
                     scales: &mut self.scales[t * nb..(t + 1) * nb],
                     sums: &mut self.sums[t * nb..(t + 1) * nb],
+                    totals: &mut self.totals[t * nb..(t + 1) * nb],
                 },
             );
         }
@@ -92,6 +102,7 @@ impl QuantizedActs {
             codes: self.codes.as_mut_ptr(),
             scales: self.scales.as_mut_ptr(),
             sums: self.sums.as_mut_ptr(),
+            totals: self.totals.as_mut_ptr(),
         }
     }
 }
@@ -102,6 +113,7 @@ pub(crate) struct TokenRows<'a> {
     codes: &'a mut [i8],
     scales: &'a mut [f32],
     sums: &'a mut [f32],
+    totals: &'a mut [i32],
 }
 
 /// Raw parts of [`QuantizedActs`] that threads split by token.
@@ -111,6 +123,7 @@ pub(crate) struct SharedActs {
     codes: *mut i8,
     scales: *mut f32,
     sums: *mut f32,
+    totals: *mut i32,
 }
 
 // SAFETY: threads only form slices of disjoint tokens, see `SharedActs::token`.
@@ -131,6 +144,7 @@ impl SharedActs {
                 codes: std::slice::from_raw_parts_mut(self.codes.add(t * k), k),
                 scales: std::slice::from_raw_parts_mut(self.scales.add(t * nb), nb),
                 sums: std::slice::from_raw_parts_mut(self.sums.add(t * nb), nb),
+                totals: std::slice::from_raw_parts_mut(self.totals.add(t * nb), nb),
             }
         }
     }
@@ -154,29 +168,43 @@ pub(crate) fn prepare_token(
         None => out.x.copy_from_slice(src),
     }
     if precision == ActPrecision::Int8 {
-        quantize_blocks(isa, out.x, out.codes, out.scales, out.sums);
+        quantize_blocks(isa, out.x, out.codes, out.scales, out.sums, out.totals);
     }
 }
 
 /// int8 codes per block of 32: `scale = max|x| / 127`, `code = round(x / scale)`
 /// (ties to even, as the vector units round). Every path gives the same bits.
-fn quantize_blocks(isa: Isa, x: &[f32], codes: &mut [i8], scales: &mut [f32], sums: &mut [f32]) {
+fn quantize_blocks(
+    isa: Isa,
+    x: &[f32],
+    codes: &mut [i8],
+    scales: &mut [f32],
+    sums: &mut [f32],
+    totals: &mut [i32],
+) {
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
         // SAFETY: the CPU supports AVX2 (checked).
-        return unsafe { avx2::quantize_blocks(x, codes, scales, sums) };
+        return unsafe { avx2::quantize_blocks(x, codes, scales, sums, totals) };
     }
     let _ = isa;
-    quantize_blocks_scalar(x, codes, scales, sums)
+    quantize_blocks_scalar(x, codes, scales, sums, totals)
 }
 
 /// The reference for [`quantize_blocks`].
-fn quantize_blocks_scalar(x: &[f32], codes: &mut [i8], scales: &mut [f32], sums: &mut [f32]) {
-    for (((xb, cb), scale), sum) in x
+fn quantize_blocks_scalar(
+    x: &[f32],
+    codes: &mut [i8],
+    scales: &mut [f32],
+    sums: &mut [f32],
+    totals: &mut [i32],
+) {
+    for ((((xb, cb), scale), sum), sum_codes) in x
         .chunks_exact(BLOCK)
         .zip(codes.chunks_exact_mut(BLOCK))
         .zip(scales.iter_mut())
         .zip(sums.iter_mut())
+        .zip(totals.iter_mut())
     {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let s = amax / 127.0;
@@ -189,6 +217,7 @@ fn quantize_blocks_scalar(x: &[f32], codes: &mut [i8], scales: &mut [f32], sums:
         }
         *scale = s;
         *sum = s * total as f32;
+        *sum_codes = total;
     }
 }
 
@@ -207,11 +236,13 @@ mod avx2 {
         codes: &mut [i8],
         scales: &mut [f32],
         sums: &mut [f32],
+        totals: &mut [i32],
     ) {
         let n = (x.len() / BLOCK)
             .min(codes.len() / BLOCK)
             .min(scales.len())
-            .min(sums.len());
+            .min(sums.len())
+            .min(totals.len());
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
         let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
         for b in 0..n {
@@ -252,6 +283,7 @@ mod avx2 {
                 _mm256_storeu_si256(codes.as_mut_ptr().add(b * BLOCK).cast(), ordered);
                 *scales.get_unchecked_mut(b) = s;
                 *sums.get_unchecked_mut(b) = s * t as f32;
+                *totals.get_unchecked_mut(b) = t;
             }
         }
     }
@@ -279,20 +311,26 @@ mod tests {
         let nb = x.len() / BLOCK;
         let run = |isa| {
             let (mut c, mut s, mut m) = (vec![0i8; x.len()], vec![0f32; nb], vec![0f32; nb]);
-            quantize_blocks(isa, &x, &mut c, &mut s, &mut m);
-            (c, s, m)
+            let mut t = vec![0i32; nb];
+            quantize_blocks(isa, &x, &mut c, &mut s, &mut m, &mut t);
+            (c, s, m, t)
         };
         let want = run(Isa::Scalar);
         assert_eq!((want.0[97], want.0[98]), (0, -2), "ties go to even");
+        for (b, codes) in want.0.chunks_exact(BLOCK).enumerate() {
+            let total: i32 = codes.iter().map(|&c| i32::from(c)).sum();
+            assert_eq!(want.3[b], total, "block {b}");
+        }
         for isa in Isa::supported() {
             assert_eq!(run(isa), want, "{isa:?}");
         }
         #[cfg(target_arch = "x86_64")]
         if Isa::Avx2.is_supported() {
             let (mut c, mut s, mut m) = (vec![0i8; x.len()], vec![0f32; nb], vec![0f32; nb]);
+            let mut t = vec![0i32; nb];
             // SAFETY: AVX2 is supported (checked).
-            unsafe { avx2::quantize_blocks(&x, &mut c, &mut s, &mut m) };
-            assert_eq!((c, s, m), want, "the AVX2 path");
+            unsafe { avx2::quantize_blocks(&x, &mut c, &mut s, &mut m, &mut t) };
+            assert_eq!((c, s, m, t), want, "the AVX2 path");
         }
     }
 }

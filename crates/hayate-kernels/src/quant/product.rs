@@ -6,11 +6,15 @@ use crate::cpu::Isa;
 use crate::hadamard::{BLOCK, hadamard_blocks};
 use crate::matmul::GEMV_MAX_TOKENS;
 use crate::ops;
-use crate::pool::{ThreadPool, split_range};
+use crate::pool::{ChunkQueue, ThreadPool, split_range};
 use std::cell::RefCell;
 
 /// Most products one [`qmatmul_many`] call fuses.
 pub const MAX_FUSED: usize = 4;
+
+/// Fewest output rows a thread takes at once: below this, taking a chunk
+/// and setting up its kernels would cost more than the rows.
+const MIN_CHUNK_ROWS: usize = 64;
 
 thread_local! {
     /// Activations of the current product, prepared by the calling thread.
@@ -121,24 +125,26 @@ pub fn qmatmul_many(
         acts.resize(n_tok, k);
         prepare(pool, isa, acts, x, sign_in, precision);
         let acts = &*acts;
-        pool.run(&|tid, n_threads| {
-            let mine = split_range(total_rows, n_threads, tid, BLOCK);
-            let mut base = 0;
-            for (w, sign_out, y) in targets.iter().flatten() {
-                let start = mine.start.max(base);
-                let end = mine.end.min(base + w.rows);
-                if start < end {
-                    let rows = start - base..end - base;
-                    // SAFETY: shapes were checked above; this thread alone
-                    // writes columns `rows` of this output.
-                    unsafe {
-                        rows_product(isa, precision, *w, acts, rows.clone(), y.get());
-                        if let Some(signs) = sign_out {
-                            rotate_output(isa, y.get(), n_tok, w.rows, rows, signs);
+        let queue = ChunkQueue::new(total_rows, pool.n_threads(), BLOCK, MIN_CHUNK_ROWS);
+        pool.run(&|tid, _| {
+            while let Some(mine) = queue.next_chunk(tid) {
+                let mut base = 0;
+                for (w, sign_out, y) in targets.iter().flatten() {
+                    let start = mine.start.max(base);
+                    let end = mine.end.min(base + w.rows);
+                    if start < end {
+                        let rows = start - base..end - base;
+                        // SAFETY: shapes were checked above; this thread alone
+                        // writes columns `rows` of this output (its chunk).
+                        unsafe {
+                            rows_product(isa, precision, *w, acts, rows.clone(), y.get());
+                            if let Some(signs) = sign_out {
+                                rotate_output(isa, y.get(), n_tok, w.rows, rows, signs);
+                            }
                         }
                     }
+                    base += w.rows;
                 }
-                base += w.rows;
             }
         });
     });
@@ -221,7 +227,9 @@ unsafe fn rows_product(
             // SAFETY: forwarded contract; the CPU supports AVX2, and AVX-512
             // where that kernel runs (checked).
             unsafe {
-                if acts.n_tok <= GEMV_MAX_TOKENS {
+                if isa.has_avx512() && acts.n_tok <= super::avx512::GEMV_MAX_TOKENS {
+                    super::avx512::gemv_rows(w, acts, rows, y)
+                } else if acts.n_tok <= GEMV_MAX_TOKENS {
                     super::avx2::gemv_rows(w, acts, rows, y)
                 } else if isa.has_avx512() {
                     super::avx512::gemm_rows(w, acts, rows, y)
