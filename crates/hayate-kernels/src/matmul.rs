@@ -7,15 +7,27 @@
 //!   widened into a small f32 buffer (`KC` inputs x `NR` outputs) that stays in
 //!   L1 and is reused by a register-blocked micro-kernel for every token.
 //!
-//! Work is split across the pool by output rows, in multiples of 16.
+//! Work is split across the pool by output rows, in multiples of 16, each
+//! thread taking its own contiguous share (see [`ChunkQueue`]).
 
 use crate::cpu::Isa;
-use crate::pool::{ThreadPool, split_range};
+use crate::pool::{ChunkQueue, ThreadPool};
 use crate::weights::{MatRef, WeightSlice};
 use std::cell::RefCell;
 
 /// Up to this many tokens the streaming (GEMV) path is used.
 pub const GEMV_MAX_TOKENS: usize = 4;
+/// The same for bf16 weights on AVX-512, whose row kernel serves up to 8
+/// tokens per pass over a row (which stays in L1 between passes).
+pub const GEMV_MAX_TOKENS_BF16: usize = 16;
+
+/// Most tokens the row kernels take for `w` on `isa`.
+fn gemv_max_tokens(isa: Isa, w: MatRef<'_>) -> usize {
+    match w.data {
+        WeightSlice::Bf16(_) if isa.has_avx512() => GEMV_MAX_TOKENS_BF16,
+        _ => GEMV_MAX_TOKENS,
+    }
+}
 /// Inputs per packed panel.
 const KC: usize = 256;
 /// Outputs per packed panel.
@@ -24,6 +36,8 @@ const NR: usize = 16;
 const MR: usize = 6;
 /// Most products one [`matmul_many`] call fuses.
 pub const MAX_FUSED: usize = 4;
+/// Fewest output rows a thread takes at once (see [`ChunkQueue`]).
+const MIN_CHUNK_ROWS: usize = 32;
 
 thread_local! {
     /// Per-thread buffer for a packed weight panel (GEMM) or a reordered input (GEMV).
@@ -82,18 +96,20 @@ pub fn matmul_many(
     }
     let targets = &slots[..jobs.len()];
     let total_rows: usize = targets.iter().flatten().map(|(w, _)| w.rows).sum();
-    pool.run(&|tid, n_threads| {
-        let mine = split_range(total_rows, n_threads, tid, NR);
-        let mut base = 0;
-        for (w, y) in targets.iter().flatten() {
-            let start = mine.start.max(base);
-            let end = mine.end.min(base + w.rows);
-            if start < end {
-                // SAFETY: shapes were checked above; each thread writes only
-                // columns `start - base .. end - base` of this output.
-                unsafe { matmul_rows(isa, *w, x, n_tok, start - base..end - base, y.0) };
+    let queue = ChunkQueue::new(total_rows, pool.n_threads(), NR, MIN_CHUNK_ROWS);
+    pool.run(&|tid, _| {
+        while let Some(mine) = queue.next_chunk(tid) {
+            let mut base = 0;
+            for (w, y) in targets.iter().flatten() {
+                let start = mine.start.max(base);
+                let end = mine.end.min(base + w.rows);
+                if start < end {
+                    // SAFETY: shapes were checked above; each thread writes only
+                    // columns `start - base .. end - base` of this output (its chunk).
+                    unsafe { matmul_rows(isa, *w, x, n_tok, start - base..end - base, y.0) };
+                }
+                base += w.rows;
             }
-            base += w.rows;
         }
     });
 }
@@ -122,7 +138,9 @@ pub unsafe fn matmul_rows(
             // SAFETY: forwarded contract; the CPU supports the features (checked
             // above, AVX-512 where that kernel runs).
             unsafe {
-                if n_tok <= GEMV_MAX_TOKENS {
+                if isa.has_avx512() && n_tok <= gemv_max_tokens(isa, w) {
+                    avx512::gemv_rows(w, x, n_tok, rows, y)
+                } else if n_tok <= GEMV_MAX_TOKENS {
                     avx2::gemv_rows(w, x, n_tok, rows, y)
                 } else if isa.has_avx512() {
                     avx512::gemm_rows(w, x, n_tok, rows, y)
@@ -509,9 +527,214 @@ pub(crate) mod avx2 {
 /// AVX2 tile's width. Each output is the same chain of fused multiply-adds
 /// over the same `KC` chunks as on AVX2, so both give the same bits.
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
+
+    /// Horizontal sums of `N` vectors. Four at a time they are folded into one
+    /// vector by shuffles (14 instructions for 4 sums instead of 4 × 10).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn hsums<const N: usize>(v: [__m512; N]) -> [f32; N] {
+        let mut out = [0f32; N];
+        let mut i = 0;
+        while i + 4 <= N {
+            let (a, b, c, d) = (v[i], v[i + 1], v[i + 2], v[i + 3]);
+            // 128-bit quarters: [a0+a2, a1+a3, b0+b2, b1+b3], then one quarter per vector.
+            let ab = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(a, b),
+                _mm512_shuffle_f32x4::<0xEE>(a, b),
+            );
+            let cd = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(c, d),
+                _mm512_shuffle_f32x4::<0xEE>(c, d),
+            );
+            let q = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(ab, cd),
+                _mm512_shuffle_f32x4::<0xDD>(ab, cd),
+            );
+            // Within each quarter, every lane ends up with the quarter's sum.
+            let q = _mm512_add_ps(q, _mm512_shuffle_ps::<0b10_11_00_01>(q, q));
+            let q = _mm512_add_ps(q, _mm512_shuffle_ps::<0b01_00_11_10>(q, q));
+            let sums = _mm512_castps512_ps128(_mm512_permutexvar_ps(
+                _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+                q,
+            ));
+            let mut four = [0f32; 4];
+            // SAFETY: 4 floats.
+            unsafe { _mm_storeu_ps(four.as_mut_ptr(), sums) };
+            out[i..i + 4].copy_from_slice(&four);
+            i += 4;
+        }
+        while i < N {
+            out[i] = _mm512_reduce_add_ps(v[i]);
+            i += 1;
+        }
+        out
+    }
+
+    /// Bytes ahead of the current position that the row kernel prefetches.
+    const PREFETCH_BYTES: usize = 4096;
+
+    /// Rows per pass of the bf16 row kernel for `T` tokens: as many as the
+    /// registers hold (one accumulator per row and token).
+    const fn bf16_rows_per_pass(t: usize) -> usize {
+        if t <= 2 {
+            4
+        } else if t <= 4 {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Lays out each token's inputs for [`bf16_rows`]: per 32 inputs, the 16
+    /// even-indexed ones, then the 16 odd ones; the last 32 padded with zeros.
+    fn deinterleave32(x: &[f32], out: &mut [f32]) {
+        for (src, dst) in x.chunks(32).zip(out.chunks_exact_mut(32)) {
+            dst.fill(0.0);
+            for (j, &v) in src.iter().enumerate() {
+                dst[(j % 2) * 16 + j / 2] = v;
+            }
+        }
+    }
+
+    /// Rows `r0..r0+R` of a bf16 matrix against `T` tokens laid out by
+    /// [`deinterleave32`]. A 32-bit lane of 32 loaded bf16 values holds an
+    /// even- and an odd-indexed value: a shift widens the even one, a mask
+    /// the odd one; each token's inputs are loaded once for all `R` rows.
+    ///
+    /// # Safety
+    /// Rows `r0..r0+R` lie within `w` (`k` values each, at `w`); `xd` holds
+    /// `T` tokens of `padded` values; the CPU supports AVX-512 F/BW.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn bf16_rows<const R: usize, const T: usize>(
+        w: *const u16,
+        k: usize,
+        r0: usize,
+        xd: *const f32,
+        padded: usize,
+    ) -> [[f32; T]; R] {
+        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let (full, rest) = (k / 32, k % 32);
+        // SAFETY: every read lies within the rows and the tokens (caller);
+        // prefetch addresses are not dereferenced.
+        unsafe {
+            let rows: [*const u16; R] = std::array::from_fn(|r| w.add((r0 + r) * k));
+            macro_rules! step {
+                ($c:expr, $load:expr) => {{
+                    let c = $c;
+                    let x: [(__m512, __m512); T] = std::array::from_fn(|t| {
+                        let p = xd.add(t * padded + c * 32);
+                        (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+                    });
+                    for (acc_r, &row) in acc.iter_mut().zip(&rows) {
+                        let v: __m512i = $load(row);
+                        let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                        let odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+                        for (acc_t, &(xe, xo)) in acc_r.iter_mut().zip(&x) {
+                            *acc_t = _mm512_fmadd_ps(odd, xo, _mm512_fmadd_ps(even, xe, *acc_t));
+                        }
+                    }
+                }};
+            }
+            for c in 0..full {
+                step!(c, |row: *const u16| {
+                    let p = row.add(c * 32);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES / 2).cast());
+                    _mm512_loadu_si512(p.cast())
+                });
+            }
+            if rest > 0 {
+                let mask = (1u32 << rest) - 1;
+                step!(full, |row: *const u16| {
+                    _mm512_maskz_loadu_epi16(mask, row.add(full * 32).cast())
+                });
+            }
+        }
+        let mut out = [[0f32; T]; R];
+        for (out_r, &acc_r) in out.iter_mut().zip(&acc) {
+            *out_r = hsums(acc_r);
+        }
+        out
+    }
+
+    /// Decode and short passes over bf16 weights (up to [`GEMV_MAX_TOKENS_BF16`]
+    /// tokens, in passes of up to 8 over each row); other dtypes take the
+    /// AVX2 row kernels.
+    ///
+    /// # Safety
+    /// See [`super::matmul_rows`]; the CPU supports AVX-512 F/BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn gemv_rows(
+        w: MatRef<'_>,
+        x: &[f32],
+        n_tok: usize,
+        rows: std::ops::Range<usize>,
+        y: *mut f32,
+    ) {
+        let WeightSlice::Bf16(s) = w.data else {
+            // SAFETY: forwarded contract; AVX-512 implies AVX2, FMA and F16C here.
+            return unsafe { super::avx2::gemv_rows(w, x, n_tok, rows, y) };
+        };
+        let (k, n) = (w.cols, w.rows);
+        let padded = k.div_ceil(32) * 32;
+        PACK.with_borrow_mut(|xd| {
+            xd.resize(n_tok * padded, 0.0);
+            for t in 0..n_tok {
+                deinterleave32(
+                    &x[t * k..(t + 1) * k],
+                    &mut xd[t * padded..(t + 1) * padded],
+                );
+            }
+            let mut t0 = 0;
+            while t0 < n_tok {
+                let tokens = (n_tok - t0).min(8);
+                macro_rules! run {
+                    ($t:literal) => {{
+                        const R: usize = bf16_rows_per_pass($t);
+                        let mut r = rows.start;
+                        while r < rows.end {
+                            let step = if r + R <= rows.end { R } else { 1 };
+                            // SAFETY: rows `r..r+step` lie within `rows`, rows of
+                            // `w`; the tokens lie within `xd` and `y` (caller).
+                            unsafe {
+                                let xp = xd.as_ptr().add(t0 * padded);
+                                let put = |i: usize, out: [f32; $t]| {
+                                    for (t, v) in out.into_iter().enumerate() {
+                                        *y.add((t0 + t) * n + r + i) = v;
+                                    }
+                                };
+                                if step == R {
+                                    let out = bf16_rows::<R, $t>(s.as_ptr(), k, r, xp, padded);
+                                    for (i, o) in out.into_iter().enumerate() {
+                                        put(i, o);
+                                    }
+                                } else {
+                                    let [o] = bf16_rows::<1, $t>(s.as_ptr(), k, r, xp, padded);
+                                    put(0, o);
+                                }
+                            }
+                            r += step;
+                        }
+                    }};
+                }
+                match tokens {
+                    1 => run!(1),
+                    2 => run!(2),
+                    3 => run!(3),
+                    4 => run!(4),
+                    5 => run!(5),
+                    6 => run!(6),
+                    7 => run!(7),
+                    _ => run!(8),
+                }
+                t0 += tokens;
+            }
+        });
+    }
 
     /// Outputs per packed panel: two 16-lane vectors.
     const NR: usize = 32;
@@ -664,13 +887,14 @@ mod tests {
                 WeightSlice::F16(&wh),
             ] {
                 let w = MatRef::new(data, rows, cols).unwrap();
-                // Above 4 tokens the GEMM runs, in tiles of 6 (AVX2) or 8
-                // (AVX-512) tokens: these counts reach tails of every length.
-                for n_tok in [1, 2, 4, 5, 7, 10, 11, 13, 15, 20] {
+                // Above 4 tokens (16 for bf16 on AVX-512, in passes of up to
+                // 8) the GEMM runs, in tiles of 6 (AVX2) or 8 (AVX-512)
+                // tokens: these counts reach tails of every length.
+                for n_tok in (1..=24).chain([29, 31]) {
                     let x: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed)).collect();
                     let want = reference(w, &x, n_tok);
-                    if Isa::Avx512.is_supported() {
-                        // Same FMA chains over the same chunks: the same bits.
+                    if Isa::Avx512.is_supported() && n_tok > gemv_max_tokens(Isa::Avx512, w) {
+                        // The GEMMs: the same FMA chains over the same chunks, the same bits.
                         let (mut wide, mut narrow) =
                             (vec![0f32; n_tok * rows], vec![0f32; n_tok * rows]);
                         matmul(&pools[1], Isa::Avx512, w, &x, n_tok, &mut wide);

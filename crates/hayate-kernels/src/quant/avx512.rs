@@ -24,6 +24,7 @@
 use super::acts::QuantizedActs;
 use super::{QuantFormat, QuantMatRef, unpack_q4_block};
 use crate::hadamard::BLOCK;
+use crate::matmul::avx512::hsums;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
@@ -480,48 +481,6 @@ struct TokenPtrs {
     lanes: usize,
     /// Groups per token.
     groups: usize,
-}
-
-/// Horizontal sums of `N` vectors. Four at a time they are folded into one
-/// vector by shuffles (14 instructions for 4 sums instead of 4 × 10).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-fn hsums<const N: usize>(v: [__m512; N]) -> [f32; N] {
-    let mut out = [0f32; N];
-    let mut i = 0;
-    while i + 4 <= N {
-        let (a, b, c, d) = (v[i], v[i + 1], v[i + 2], v[i + 3]);
-        // 128-bit quarters: [a0+a2, a1+a3, b0+b2, b1+b3], then one quarter per vector.
-        let ab = _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0x44>(a, b),
-            _mm512_shuffle_f32x4::<0xEE>(a, b),
-        );
-        let cd = _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0x44>(c, d),
-            _mm512_shuffle_f32x4::<0xEE>(c, d),
-        );
-        let q = _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0x88>(ab, cd),
-            _mm512_shuffle_f32x4::<0xDD>(ab, cd),
-        );
-        // Within each quarter, every lane ends up with the quarter's sum.
-        let q = _mm512_add_ps(q, _mm512_shuffle_ps::<0b10_11_00_01>(q, q));
-        let q = _mm512_add_ps(q, _mm512_shuffle_ps::<0b01_00_11_10>(q, q));
-        let sums = _mm512_castps512_ps128(_mm512_permutexvar_ps(
-            _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-            q,
-        ));
-        let mut four = [0f32; 4];
-        // SAFETY: 4 floats.
-        unsafe { _mm_storeu_ps(four.as_mut_ptr(), sums) };
-        out[i..i + 4].copy_from_slice(&four);
-        i += 4;
-    }
-    while i < N {
-        out[i] = _mm512_reduce_add_ps(v[i]);
-        i += 1;
-    }
-    out
 }
 
 /// Rows `r0..r0+R` of a q4 matrix against `T` tokens. Per chunk of 4 blocks
