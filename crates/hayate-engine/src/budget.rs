@@ -13,6 +13,8 @@ pub(crate) struct StateShape {
     pub rollback: usize,
     /// Kernel threads (each gets its own work buffers).
     pub threads: usize,
+    /// How attention caches store keys and values.
+    pub kv: crate::layers::KvFormat,
 }
 
 /// The memory a new state may take, checked buffer by buffer before each is
@@ -39,11 +41,16 @@ impl Budget {
     /// allocations come from fresh pages, so memory is only committed as
     /// the buffer is written.
     pub(crate) fn floats(&mut self, n: usize) -> Result<Vec<f32>> {
-        let bytes = n.checked_mul(size_of::<f32>());
+        self.zeroed(n)
+    }
+
+    /// A buffer of `n` zero (default) values, if the budget allows it.
+    pub(crate) fn zeroed<T: Clone + Default>(&mut self, n: usize) -> Result<Vec<T>> {
+        let bytes = n.checked_mul(size_of::<T>());
         match bytes {
             Some(b) if b <= self.left => {
                 self.left -= b;
-                Ok(vec![0.0; n])
+                Ok(vec![T::default(); n])
             }
             _ => Err(EngineError::State(format!(
                 "a state for {} tokens of context needs more memory than this machine has ({:.1} GiB); lower --ctx-size",

@@ -1,7 +1,7 @@
 //! The decode loop shared by every front end.
 
 use crate::forward::Logits;
-use crate::model::Model;
+use crate::model::{Model, StateOptions};
 use crate::sampler::Sampler;
 use crate::state::InferenceState;
 use crate::{EngineError, Result};
@@ -71,9 +71,9 @@ pub struct Generator<'m> {
 }
 
 impl<'m> Generator<'m> {
-    /// A generator with a fresh state of `context` tokens (see [`Model::new_state`]).
-    pub fn new(model: &'m Model, context: Option<usize>) -> Result<Self> {
-        let state = model.new_state(context)?;
+    /// A generator with a fresh state as `options` say (see [`Model::new_state_with`]).
+    pub fn new(model: &'m Model, options: &StateOptions) -> Result<Self> {
+        let state = model.new_state_with(options)?;
         let tokens = Vec::with_capacity(state.capacity());
         Ok(Generator {
             model,

@@ -54,6 +54,7 @@ pub mod state;
 pub use error::EngineError;
 pub use forward::{Logits, SequenceStep};
 pub use generate::{GenerationStats, Generator, StopReason};
+pub use layers::KvFormat;
 pub use model::{LoadOptions, Model, ModelInfo, StateOptions};
 pub use quantize::{EmbeddingFormat, QuantSpec};
 pub use sampler::{Sampler, SamplingParams};

@@ -2,6 +2,7 @@
 
 use crate::arch::{self, Translated};
 use crate::budget::{Budget, StateShape};
+use crate::layers::KvFormat;
 use crate::linear::Linear;
 use crate::quantize::{QuantReport, QuantSpec, quantize_parts, write_quantized};
 use crate::state::InferenceState;
@@ -38,6 +39,8 @@ pub struct StateOptions {
     /// scratch memory, and sliding-window caches keep this many positions
     /// beyond the window.
     pub prefill_chunk: usize,
+    /// How attention caches store keys and values (default f32, exact).
+    pub kv_cache: KvFormat,
 }
 
 impl Default for StateOptions {
@@ -46,6 +49,7 @@ impl Default for StateOptions {
             context: None,
             rollback: DEFAULT_ROLLBACK,
             prefill_chunk: PREFILL_CHUNK,
+            kv_cache: KvFormat::F32,
         }
     }
 }
@@ -221,6 +225,7 @@ impl Model {
             chunk: options.prefill_chunk.clamp(1, capacity),
             rollback: options.rollback.clamp(1, capacity),
             threads: self.n_threads(),
+            kv: options.kv_cache,
         };
         let mut budget = Budget::for_context(capacity);
         let p = &self.parts;

@@ -44,6 +44,7 @@ fn every_fixture_matches_with_small_prefill_steps_and_rollback_depths() {
                     context: None,
                     rollback,
                     prefill_chunk,
+                    ..StateOptions::default()
                 })
                 .unwrap();
             let mut got = Vec::new();
@@ -92,6 +93,7 @@ fn states_larger_than_memory_are_errors() {
                 context: Some(context),
                 rollback,
                 prefill_chunk,
+                ..StateOptions::default()
             })
             .err()
             .expect("the state does not fit in memory");

@@ -21,6 +21,83 @@
 
 use crate::cpu::Isa;
 use crate::exp::exp;
+use half::bf16;
+
+/// How a cache stores keys and values: f32, or bf16 (half the bytes per
+/// position; widening back to f32 is exact, so every path still computes
+/// the same values from what is stored).
+pub trait KvElement: Copy + Default + Send + Sync + 'static {
+    /// The stored value of `v` (bf16: rounded to nearest, ties to even).
+    fn from_f32(v: f32) -> Self;
+    /// The value as f32.
+    fn to_f32(self) -> f32;
+    /// 8 consecutive values widened to f32.
+    ///
+    /// # Safety
+    /// `p` points to 8 readable values; the caller runs with AVX2 enabled.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// 16 consecutive values widened to f32.
+    ///
+    /// # Safety
+    /// `p` points to 16 readable values; the caller runs with AVX-512 F enabled.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl KvElement for f32 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: 8 values, AVX2 enabled (caller).
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: 16 values, AVX-512 F enabled (caller).
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl KvElement for bf16 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: 8 values (16 bytes), AVX2 enabled (caller).
+        unsafe {
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: 16 values (32 bytes), AVX-512 F enabled (caller).
+        unsafe {
+            let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+        }
+    }
+}
 
 /// Positions per key tile, and per block of the softmax pass.
 pub const KEY_TILE: usize = 16;
@@ -42,21 +119,21 @@ pub struct QueryRow {
 /// One key/value head of a cache that holds `slots` positions (a multiple
 /// of [`KEY_TILE`]); position `p` lives in slot `p % slots`.
 #[derive(Clone, Copy, Debug)]
-pub struct KvHead<'a> {
+pub struct KvHead<'a, E = f32> {
     /// Keys, `slots x head_dim` in tiles (see [`key_index`]).
-    pub keys: &'a [f32],
+    pub keys: &'a [E],
     /// Values, `[slot][dim]`.
-    pub values: &'a [f32],
+    pub values: &'a [E],
     /// Positions held.
     pub slots: usize,
     /// Dimensions per head.
     pub head_dim: usize,
 }
 
-impl<'a> KvHead<'a> {
+impl<'a, E> KvHead<'a, E> {
     /// A head view; panics if the buffers do not hold `slots` positions or
     /// `slots` is not a whole number of tiles (a caller bug).
-    pub fn new(keys: &'a [f32], values: &'a [f32], slots: usize, head_dim: usize) -> Self {
+    pub fn new(keys: &'a [E], values: &'a [E], slots: usize, head_dim: usize) -> Self {
         assert!(
             slots > 0 && slots.is_multiple_of(KEY_TILE),
             "{slots} slots are not whole key tiles"
@@ -83,9 +160,9 @@ pub fn key_index(slots: usize, head_dim: usize, position: usize, d: usize) -> us
 }
 
 /// Stores the key and value of `position` into one head's buffers.
-pub fn store(
-    keys: &mut [f32],
-    values: &mut [f32],
+pub fn store<E: KvElement>(
+    keys: &mut [E],
+    values: &mut [E],
     slots: usize,
     position: usize,
     key: &[f32],
@@ -96,10 +173,12 @@ pub fn store(
     // Dimension `d` sits 16 values after dimension `d - 1` within the tile.
     let first = key_index(slots, hd, position, 0);
     for (d, &k) in key.iter().enumerate() {
-        keys[first + d * KEY_TILE] = k;
+        keys[first + d * KEY_TILE] = E::from_f32(k);
     }
     let slot = position % slots;
-    values[slot * hd..(slot + 1) * hd].copy_from_slice(value);
+    for (o, &v) in values[slot * hd..(slot + 1) * hd].iter_mut().zip(value) {
+        *o = E::from_f32(v);
+    }
 }
 
 /// `out[r] = softmax(scale · q_r · Kᵀ) · V` over the positions each row
@@ -107,7 +186,14 @@ pub fn store(
 ///
 /// Panics on shapes that do not fit or rows that see more positions than
 /// the cache holds (caller bugs).
-pub fn attend(isa: Isa, kv: KvHead<'_>, scale: f32, q: &[f32], rows: &[QueryRow], out: &mut [f32]) {
+pub fn attend<E: KvElement>(
+    isa: Isa,
+    kv: KvHead<'_, E>,
+    scale: f32,
+    q: &[f32],
+    rows: &[QueryRow],
+    out: &mut [f32],
+) {
     let hd = kv.head_dim;
     assert!(rows.len() <= MAX_ROWS, "at most {MAX_ROWS} rows per call");
     assert!(out.len() >= rows.len() * hd, "attention output too short");
@@ -135,14 +221,14 @@ pub fn attend(isa: Isa, kv: KvHead<'_>, scale: f32, q: &[f32], rows: &[QueryRow]
             // SAFETY: the CPU supports AVX2 and FMA (checked); shapes checked above.
             unsafe { x86::attend_avx2(kv, scale, q, rows, out) }
         }
-        _ => run::<Scalar>(kv, scale, q, rows, out),
+        _ => run::<Scalar, E>(kv, scale, q, rows, out),
     }
 }
 
 /// The three steps an instruction set provides; [`run`] does the rest.
 trait Steps {
     /// `s[i][j] = Σ_d q_i[d] · k_j[d]` (fused, `d` ascending) for the 16 keys of a tile.
-    fn scores(tile: &[f32], hd: usize, queries: &[&[f32]], s: &mut [[f32; KEY_TILE]]);
+    fn scores<E: KvElement>(tile: &[E], hd: usize, queries: &[&[f32]], s: &mut [[f32; KEY_TILE]]);
     /// One row's softmax step over a block: scales the scores of lanes
     /// `from..=to` (the others become -∞), raises the running maximum,
     /// sets `p[j] = exp(s[j] - max)` and `sums = sums · alpha + p` lane by
@@ -177,12 +263,18 @@ trait Steps {
         alpha
     }
     /// `o = o · alpha`, then `o = fma(p[j], v_j, o)` for `j` ascending.
-    fn mix(o: &mut [f32], alpha: f32, p: &[f32; KEY_TILE], values: &[f32]);
+    fn mix<E: KvElement>(o: &mut [f32], alpha: f32, p: &[f32; KEY_TILE], values: &[E]);
 }
 
 /// The pass over the blocks of keys, shared by every instruction set.
 #[inline(always)]
-fn run<S: Steps>(kv: KvHead<'_>, scale: f32, q: &[f32], rows: &[QueryRow], out: &mut [f32]) {
+fn run<S: Steps, E: KvElement>(
+    kv: KvHead<'_, E>,
+    scale: f32,
+    q: &[f32],
+    rows: &[QueryRow],
+    out: &mut [f32],
+) {
     let hd = kv.head_dim;
     let Some(lo) = rows.iter().map(|r| r.first).min() else {
         return;
@@ -230,26 +322,26 @@ fn run<S: Steps>(kv: KvHead<'_>, scale: f32, q: &[f32], rows: &[QueryRow], out: 
 struct Scalar;
 
 impl Steps for Scalar {
-    fn scores(tile: &[f32], hd: usize, queries: &[&[f32]], s: &mut [[f32; KEY_TILE]]) {
+    fn scores<E: KvElement>(tile: &[E], hd: usize, queries: &[&[f32]], s: &mut [[f32; KEY_TILE]]) {
         for (qi, si) in queries.iter().zip(s.iter_mut()) {
             *si = [0.0; KEY_TILE];
             for d in 0..hd {
                 let k = &tile[d * KEY_TILE..(d + 1) * KEY_TILE];
                 for (v, &kj) in si.iter_mut().zip(k) {
-                    *v = qi[d].mul_add(kj, *v);
+                    *v = qi[d].mul_add(kj.to_f32(), *v);
                 }
             }
         }
     }
 
-    fn mix(o: &mut [f32], alpha: f32, p: &[f32; KEY_TILE], values: &[f32]) {
+    fn mix<E: KvElement>(o: &mut [f32], alpha: f32, p: &[f32; KEY_TILE], values: &[E]) {
         let hd = o.len();
         for v in o.iter_mut() {
             *v *= alpha;
         }
         for (j, &pj) in p.iter().enumerate() {
             for (v, &x) in o.iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
-                *v = pj.mul_add(x, *v);
+                *v = pj.mul_add(x.to_f32(), *v);
             }
         }
     }
@@ -257,7 +349,7 @@ impl Steps for Scalar {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{KEY_TILE, KvHead, QueryRow, Scalar, Steps, run};
+    use super::{KEY_TILE, KvElement, KvHead, QueryRow, Scalar, Steps, run};
     use crate::exp::{
         exp,
         x86::{exp8, exp16},
@@ -269,14 +361,14 @@ mod x86 {
     /// # Safety
     /// The CPU supports AVX2 and FMA; shapes were checked by the caller.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attend_avx2(
-        kv: KvHead<'_>,
+    pub(super) unsafe fn attend_avx2<E: KvElement>(
+        kv: KvHead<'_, E>,
         scale: f32,
         q: &[f32],
         rows: &[QueryRow],
         out: &mut [f32],
     ) {
-        run::<Avx2>(kv, scale, q, rows, out)
+        run::<Avx2, E>(kv, scale, q, rows, out)
     }
 
     /// [`super::attend`] with AVX-512 steps.
@@ -284,14 +376,14 @@ mod x86 {
     /// # Safety
     /// The CPU supports AVX-512 F (and AVX2, FMA); shapes were checked by the caller.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn attend_avx512(
-        kv: KvHead<'_>,
+    pub(super) unsafe fn attend_avx512<E: KvElement>(
+        kv: KvHead<'_, E>,
         scale: f32,
         q: &[f32],
         rows: &[QueryRow],
         out: &mut [f32],
     ) {
-        run::<Avx512>(kv, scale, q, rows, out)
+        run::<Avx512, E>(kv, scale, q, rows, out)
     }
 
     struct Avx2;
@@ -303,8 +395,8 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA are enabled; each query holds `hd` values and the tile `hd * 16`.
     #[inline(always)]
-    unsafe fn scores_avx2<const R: usize>(
-        tile: &[f32],
+    unsafe fn scores_avx2<const R: usize, E: KvElement>(
+        tile: &[E],
         hd: usize,
         qs: &[&[f32]],
         ss: &mut [[f32; KEY_TILE]],
@@ -313,8 +405,8 @@ mod x86 {
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
             for d in 0..hd {
-                let k0 = _mm256_loadu_ps(tile.as_ptr().add(d * KEY_TILE));
-                let k1 = _mm256_loadu_ps(tile.as_ptr().add(d * KEY_TILE + 8));
+                let k0 = E::load8(tile.as_ptr().add(d * KEY_TILE));
+                let k1 = E::load8(tile.as_ptr().add(d * KEY_TILE + 8));
                 for (a, qi) in acc.iter_mut().zip(qs) {
                     let x = _mm256_set1_ps(*qi.get_unchecked(d));
                     a[0] = _mm256_fmadd_ps(x, k0, a[0]);
@@ -333,8 +425,8 @@ mod x86 {
     /// # Safety
     /// AVX-512 F is enabled; each query holds `hd` values and the tile `hd * 16`.
     #[inline(always)]
-    unsafe fn scores_avx512<const R: usize>(
-        tile: &[f32],
+    unsafe fn scores_avx512<const R: usize, E: KvElement>(
+        tile: &[E],
         hd: usize,
         qs: &[&[f32]],
         ss: &mut [[f32; KEY_TILE]],
@@ -343,7 +435,7 @@ mod x86 {
         unsafe {
             let mut acc = [_mm512_setzero_ps(); R];
             for d in 0..hd {
-                let k = _mm512_loadu_ps(tile.as_ptr().add(d * KEY_TILE));
+                let k = E::load16(tile.as_ptr().add(d * KEY_TILE));
                 for (a, qi) in acc.iter_mut().zip(qs) {
                     *a = _mm512_fmadd_ps(_mm512_set1_ps(*qi.get_unchecked(d)), k, *a);
                 }
@@ -406,7 +498,12 @@ mod x86 {
         }
 
         #[inline(always)]
-        fn scores(tile: &[f32], hd: usize, queries: &[&[f32]], s: &mut [[f32; KEY_TILE]]) {
+        fn scores<E: KvElement>(
+            tile: &[E],
+            hd: usize,
+            queries: &[&[f32]],
+            s: &mut [[f32; KEY_TILE]],
+        ) {
             assert!(tile.len() >= hd * KEY_TILE);
             for (qs, ss) in queries.chunks(4).zip(s.chunks_mut(4)) {
                 // SAFETY: AVX2 and FMA are enabled in every caller
@@ -414,17 +511,17 @@ mod x86 {
                 // `hd * 16` (asserted).
                 unsafe {
                     match qs.len() {
-                        4 => scores_avx2::<4>(tile, hd, qs, ss),
-                        3 => scores_avx2::<3>(tile, hd, qs, ss),
-                        2 => scores_avx2::<2>(tile, hd, qs, ss),
-                        _ => scores_avx2::<1>(tile, hd, qs, ss),
+                        4 => scores_avx2::<4, E>(tile, hd, qs, ss),
+                        3 => scores_avx2::<3, E>(tile, hd, qs, ss),
+                        2 => scores_avx2::<2, E>(tile, hd, qs, ss),
+                        _ => scores_avx2::<1, E>(tile, hd, qs, ss),
                     }
                 }
             }
         }
 
         #[inline(always)]
-        fn mix(o: &mut [f32], alpha: f32, p: &[f32; KEY_TILE], values: &[f32]) {
+        fn mix<E: KvElement>(o: &mut [f32], alpha: f32, p: &[f32; KEY_TILE], values: &[E]) {
             let hd = o.len();
             if !hd.is_multiple_of(8) {
                 return Scalar::mix(o, alpha, p, values);
@@ -436,10 +533,10 @@ mod x86 {
                 // pieces lie within `o` and the 16 value rows (asserted).
                 unsafe {
                     d += match (hd - d) / 8 {
-                        4.. => mix_avx2::<4>(o, d, alpha, p, values),
-                        3 => mix_avx2::<3>(o, d, alpha, p, values),
-                        2 => mix_avx2::<2>(o, d, alpha, p, values),
-                        _ => mix_avx2::<1>(o, d, alpha, p, values),
+                        4.. => mix_avx2::<4, E>(o, d, alpha, p, values),
+                        3 => mix_avx2::<3, E>(o, d, alpha, p, values),
+                        2 => mix_avx2::<2, E>(o, d, alpha, p, values),
+                        _ => mix_avx2::<1, E>(o, d, alpha, p, values),
                     };
                 }
             }
@@ -451,12 +548,12 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA are enabled; `d + 8W <= o.len()`, `values` holds 16 rows of `o.len()`.
     #[inline(always)]
-    unsafe fn mix_avx2<const W: usize>(
+    unsafe fn mix_avx2<const W: usize, E: KvElement>(
         o: &mut [f32],
         d: usize,
         alpha: f32,
         p: &[f32; KEY_TILE],
-        values: &[f32],
+        values: &[E],
     ) -> usize {
         let hd = o.len();
         // SAFETY: within `o` and the value rows (caller).
@@ -470,7 +567,7 @@ mod x86 {
                 let pv = _mm256_set1_ps(pj);
                 let row = values.as_ptr().add(j * hd + d);
                 for (w, v) in acc.iter_mut().enumerate() {
-                    *v = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * w)), *v);
+                    *v = _mm256_fmadd_ps(pv, E::load8(row.add(8 * w)), *v);
                 }
             }
             for (w, v) in acc.iter().enumerate() {
@@ -485,12 +582,12 @@ mod x86 {
     /// # Safety
     /// AVX-512 F is enabled; `d + 16W <= o.len()`, `values` holds 16 rows of `o.len()`.
     #[inline(always)]
-    unsafe fn mix_avx512<const W: usize>(
+    unsafe fn mix_avx512<const W: usize, E: KvElement>(
         o: &mut [f32],
         d: usize,
         alpha: f32,
         p: &[f32; KEY_TILE],
-        values: &[f32],
+        values: &[E],
     ) -> usize {
         let hd = o.len();
         // SAFETY: within `o` and the value rows (caller).
@@ -504,7 +601,7 @@ mod x86 {
                 let pv = _mm512_set1_ps(pj);
                 let row = values.as_ptr().add(j * hd + d);
                 for (w, v) in acc.iter_mut().enumerate() {
-                    *v = _mm512_fmadd_ps(pv, _mm512_loadu_ps(row.add(16 * w)), *v);
+                    *v = _mm512_fmadd_ps(pv, E::load16(row.add(16 * w)), *v);
                 }
             }
             for (w, v) in acc.iter().enumerate() {
@@ -516,7 +613,12 @@ mod x86 {
 
     impl Steps for Avx512 {
         #[inline(always)]
-        fn scores(tile: &[f32], hd: usize, queries: &[&[f32]], s: &mut [[f32; KEY_TILE]]) {
+        fn scores<E: KvElement>(
+            tile: &[E],
+            hd: usize,
+            queries: &[&[f32]],
+            s: &mut [[f32; KEY_TILE]],
+        ) {
             assert!(tile.len() >= hd * KEY_TILE);
             for (qs, ss) in queries.chunks(8).zip(s.chunks_mut(8)) {
                 // SAFETY: AVX-512 F is enabled in every caller
@@ -524,14 +626,14 @@ mod x86 {
                 // tile `hd * 16` (asserted).
                 unsafe {
                     match qs.len() {
-                        8 => scores_avx512::<8>(tile, hd, qs, ss),
-                        7 => scores_avx512::<7>(tile, hd, qs, ss),
-                        6 => scores_avx512::<6>(tile, hd, qs, ss),
-                        5 => scores_avx512::<5>(tile, hd, qs, ss),
-                        4 => scores_avx512::<4>(tile, hd, qs, ss),
-                        3 => scores_avx512::<3>(tile, hd, qs, ss),
-                        2 => scores_avx512::<2>(tile, hd, qs, ss),
-                        _ => scores_avx512::<1>(tile, hd, qs, ss),
+                        8 => scores_avx512::<8, E>(tile, hd, qs, ss),
+                        7 => scores_avx512::<7, E>(tile, hd, qs, ss),
+                        6 => scores_avx512::<6, E>(tile, hd, qs, ss),
+                        5 => scores_avx512::<5, E>(tile, hd, qs, ss),
+                        4 => scores_avx512::<4, E>(tile, hd, qs, ss),
+                        3 => scores_avx512::<3, E>(tile, hd, qs, ss),
+                        2 => scores_avx512::<2, E>(tile, hd, qs, ss),
+                        _ => scores_avx512::<1, E>(tile, hd, qs, ss),
                     }
                 }
             }
@@ -569,7 +671,7 @@ mod x86 {
         }
 
         #[inline(always)]
-        fn mix(o: &mut [f32], alpha: f32, p: &[f32; KEY_TILE], values: &[f32]) {
+        fn mix<E: KvElement>(o: &mut [f32], alpha: f32, p: &[f32; KEY_TILE], values: &[E]) {
             let hd = o.len();
             if !hd.is_multiple_of(16) {
                 return Avx2::mix(o, alpha, p, values);
@@ -581,10 +683,10 @@ mod x86 {
                 // lie within `o` and the 16 value rows (asserted).
                 unsafe {
                     d += match (hd - d) / 16 {
-                        8.. => mix_avx512::<8>(o, d, alpha, p, values),
-                        4..=7 => mix_avx512::<4>(o, d, alpha, p, values),
-                        2 | 3 => mix_avx512::<2>(o, d, alpha, p, values),
-                        _ => mix_avx512::<1>(o, d, alpha, p, values),
+                        8.. => mix_avx512::<8, E>(o, d, alpha, p, values),
+                        4..=7 => mix_avx512::<4, E>(o, d, alpha, p, values),
+                        2 | 3 => mix_avx512::<2, E>(o, d, alpha, p, values),
+                        _ => mix_avx512::<1, E>(o, d, alpha, p, values),
                     };
                 }
             }
@@ -700,6 +802,63 @@ mod tests {
                         "{isa:?} hd={hd} row {i}"
                     );
                 }
+            }
+        }
+    }
+
+    /// A bf16 cache stores each value rounded to bf16 and reads it back
+    /// exactly: on every path it gives bit for bit what an f32 cache holding
+    /// the rounded values gives.
+    #[test]
+    fn a_bf16_cache_equals_an_f32_cache_of_rounded_values() {
+        let mut seed = 9;
+        for &(hd, slots) in &[(128, 48), (64, 32), (12, 16)] {
+            let (mut kb, mut vb) = (vec![bf16::ZERO; slots * hd], vec![bf16::ZERO; slots * hd]);
+            let (mut kr, mut vr) = (vec![0f32; slots * hd], vec![0f32; slots * hd]);
+            let round =
+                |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect() };
+            let mut changed = 0;
+            for p in 0..slots {
+                let k: Vec<f32> = (0..hd).map(|_| 2.0 * lcg(&mut seed)).collect();
+                let v: Vec<f32> = (0..hd).map(|_| lcg(&mut seed)).collect();
+                store(&mut kb, &mut vb, slots, p, &k, &v);
+                let (k2, v2) = (round(&k), round(&v));
+                changed += k.iter().zip(&k2).filter(|(a, b)| a != b).count();
+                store(&mut kr, &mut vr, slots, p, &k2, &v2);
+            }
+            assert!(
+                changed > slots * hd / 2,
+                "the rounding must change most keys"
+            );
+            let n_rows = 5;
+            let q: Vec<f32> = (0..n_rows * hd).map(|_| lcg(&mut seed)).collect();
+            let rows: Vec<QueryRow> = (0..n_rows)
+                .map(|i| QueryRow {
+                    at: i * hd,
+                    first: i,
+                    last: slots - 1 - 2 * i,
+                })
+                .collect();
+            let scale = 1.0 / (hd as f32).sqrt();
+            for isa in Isa::supported() {
+                let (mut a, mut b) = (vec![f32::NAN; n_rows * hd], vec![f32::NAN; n_rows * hd]);
+                attend(
+                    isa,
+                    KvHead::new(&kb, &vb, slots, hd),
+                    scale,
+                    &q,
+                    &rows,
+                    &mut a,
+                );
+                attend(
+                    isa,
+                    KvHead::new(&kr, &vr, slots, hd),
+                    scale,
+                    &q,
+                    &rows,
+                    &mut b,
+                );
+                assert_eq!(a, b, "{isa:?} hd={hd}");
             }
         }
     }

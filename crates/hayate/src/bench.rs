@@ -4,7 +4,7 @@ use crate::common::{ModelArgs, mib, peak_rss_bytes};
 use anyhow::{Result, bail};
 use clap::Args;
 use hayate_engine::sampler::argmax;
-use hayate_engine::{InferenceState, Logits, Model};
+use hayate_engine::{InferenceState, KvFormat, Logits, Model, StateOptions};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -67,6 +67,8 @@ struct Report {
     bytes_per_token: usize,
     threads: usize,
     kernels: String,
+    /// How the attention cache stores keys and values.
+    kv_cache: String,
     results: Vec<Rate>,
     /// Measured memory read bandwidth (with --bandwidth).
     read_bandwidth_bytes_s: Option<f64>,
@@ -115,7 +117,7 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
 /// (untimed).
 fn state_at_depth<'a>(
     model: &Model,
-    ctx: usize,
+    options: &StateOptions,
     depth: usize,
     slot: &'a mut Option<InferenceState>,
 ) -> Result<&'a mut InferenceState> {
@@ -123,7 +125,7 @@ fn state_at_depth<'a>(
         Some(state) if depth == 0 => state.clear(),
         Some(state) if state.can_truncate(depth) => state.truncate(depth)?,
         _ => {
-            let mut state = model.new_state(Some(ctx))?;
+            let mut state = model.new_state_with(options)?;
             if depth > 0 {
                 model.forward(&mut state, &tokens(depth, model.info.vocab), Logits::None)?;
             }
@@ -171,20 +173,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
             model.info.max_positions
         );
     }
+    let options = args.model.state_options(Some(ctx), KvFormat::Bf16);
     // Warm up: fault in the weights and the state's buffers once; the tests
     // reuse that state wherever it can be brought to their depth.
     let mut slot = None;
     let warm_prompt = args.n_prompt.clamp(1, 16).min(ctx);
     time_prompt(
         &model,
-        state_at_depth(&model, ctx, 0, &mut slot)?,
+        state_at_depth(&model, &options, 0, &mut slot)?,
         warm_prompt,
     )?;
     let pool = model.pool();
     let (jobs_before, warm_tokens) = (pool.jobs_run(), args.n_gen.min(4));
     time_generation(
         &model,
-        state_at_depth(&model, ctx, 0, &mut slot)?,
+        state_at_depth(&model, &options, 0, &mut slot)?,
         warm_tokens,
     )?;
     let jobs_per_token =
@@ -198,7 +201,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.n_prompt > 0 {
         let secs = (0..args.repetitions)
             .map(|_| {
-                let state = state_at_depth(&model, ctx, args.depth, &mut slot)?;
+                let state = state_at_depth(&model, &options, args.depth, &mut slot)?;
                 time_prompt(&model, state, args.n_prompt)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -208,7 +211,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.n_gen > 0 {
         let secs = (0..args.repetitions)
             .map(|_| {
-                let state = state_at_depth(&model, ctx, args.depth, &mut slot)?;
+                let state = state_at_depth(&model, &options, args.depth, &mut slot)?;
                 time_generation(&model, state, args.n_gen)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -229,6 +232,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bytes_per_token: model.info.bytes_per_token,
         threads: model.n_threads(),
         kernels: model.isa().name().to_owned(),
+        kv_cache: options.kv_cache.name().to_owned(),
         results,
         read_bandwidth_bytes_s: bandwidth,
         decode_ceiling_tok_s: bandwidth.map(|b| b / model.info.bytes_per_token as f64),
@@ -241,17 +245,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "| model | size | params | bpw | threads | kernels | test | t/s |\n|---|---|---|---|---|---|---|---|"
+        "| model | size | params | bpw | threads | kernels | kv | test | t/s |\n|---|---|---|---|---|---|---|---|---|"
     );
     for r in &report.results {
         println!(
-            "| {} | {} | {:.1} M | {:.2} | {} | {} | {} | {:.2} ± {:.2} |",
+            "| {} | {} | {:.1} M | {:.2} | {} | {} | {} | {} | {:.2} ± {:.2} |",
             report.model_type,
             mib(report.size_bytes as u64),
             report.params as f64 / 1e6,
             report.bits_per_weight,
             report.threads,
             report.kernels,
+            report.kv_cache,
             r.test,
             r.mean_tok_s,
             r.stddev_tok_s

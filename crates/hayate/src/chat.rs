@@ -5,7 +5,7 @@ use crate::common::{ModelArgs, SamplingArgs, stop_ids};
 use anyhow::{Result, bail};
 use clap::Args;
 use hayate_chat::{Message, TextTokenizer};
-use hayate_engine::{Generator, Sampler, StopReason};
+use hayate_engine::{Generator, KvFormat, Sampler, StopReason};
 use std::io::{BufRead, Write};
 
 #[derive(Args)]
@@ -30,7 +30,10 @@ pub fn run(args: ChatArgs) -> Result<()> {
     }
     let params = args.sampling.resolve(&model)?;
     let stops = stop_ids(&model, Some(&tokenizer));
-    let mut generator = Generator::new(&model, args.model.ctx_size)?;
+    let options = args
+        .model
+        .state_options(args.model.ctx_size, KvFormat::Bf16);
+    let mut generator = Generator::new(&model, &options)?;
     let mut sampler = Sampler::new(params, model.info.vocab);
     let base: Vec<Message> = args
         .system

@@ -3,7 +3,9 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use clap::ValueEnum;
-use hayate_engine::{EmbeddingFormat, LoadOptions, Model, QuantSpec, SamplingParams};
+use hayate_engine::{
+    EmbeddingFormat, KvFormat, LoadOptions, Model, QuantSpec, SamplingParams, StateOptions,
+};
 use hayate_kernels::{ActPrecision, QuantFormat};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -28,6 +30,40 @@ pub struct ModelArgs {
     /// How activations enter products with quantized weights (f32: for accuracy checks).
     #[arg(long, value_name = "P", default_value = "int8")]
     pub activations: ActivationsArg,
+    /// How the attention cache stores keys and values (default: bf16; f32 for `logits`).
+    #[arg(long, value_name = "F")]
+    pub kv_cache: Option<KvCacheArg>,
+}
+
+impl ModelArgs {
+    /// State options for these arguments: the context, and the KV cache
+    /// format (`default` unless `--kv-cache` says otherwise).
+    pub fn state_options(&self, context: Option<usize>, default: KvFormat) -> StateOptions {
+        StateOptions {
+            context,
+            kv_cache: self.kv_cache.map_or(default, KvCacheArg::format),
+            ..StateOptions::default()
+        }
+    }
+}
+
+/// A KV cache format on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvCacheArg {
+    /// f32 keys and values: exactly what the projections computed.
+    F32,
+    /// bf16 keys and values: half the memory and half the bytes read per token.
+    Bf16,
+}
+
+impl KvCacheArg {
+    /// The engine's format.
+    pub fn format(self) -> KvFormat {
+        match self {
+            KvCacheArg::F32 => KvFormat::F32,
+            KvCacheArg::Bf16 => KvFormat::Bf16,
+        }
+    }
 }
 
 /// A quantized format on the command line.

@@ -13,7 +13,7 @@ use crate::common::{FormatArg, ModelArgs};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use hayate_chat::TextTokenizer;
-use hayate_engine::{LoadOptions, Logits, Model};
+use hayate_engine::{KvFormat, LoadOptions, Logits, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::io::IsTerminal;
@@ -63,6 +63,9 @@ struct Report {
     model_nll: f64,
     model_ppl: f64,
     model_bits_per_weight: f64,
+    /// How the model's attention cache stores keys and values (the
+    /// reference's is always f32).
+    model_kv_cache: String,
     reference_nll: Option<f64>,
     reference_ppl: Option<f64>,
     reference_bits_per_weight: Option<f64>,
@@ -294,7 +297,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let windows = inputs.len().div_ceil(args.context);
     let capacity = args.context.min(inputs.len());
     let vocab = model.info.vocab;
-    let mut state = model.new_state(Some(capacity))?;
+    let options = args.model.state_options(Some(capacity), KvFormat::Bf16);
+    let mut state = model.new_state_with(&options)?;
+    // The reference keeps exact (f32) keys and values: what the model's
+    // own cache format costs shows in the KL.
     let mut reference_state = reference
         .as_ref()
         .map(|r| r.new_state(Some(capacity)))
@@ -358,6 +364,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         model_nll: model_nll / n,
         model_ppl: (model_nll / n).exp(),
         model_bits_per_weight: model.info.bits_per_weight(),
+        model_kv_cache: options.kv_cache.name().to_owned(),
         reference_nll: has_reference.then(|| reference_nll / n),
         reference_ppl: has_reference.then(|| (reference_nll / n).exp()),
         reference_bits_per_weight: reference.as_ref().map(|r| r.info.bits_per_weight()),
@@ -454,6 +461,13 @@ fn print_table(r: &Report) {
             both(
                 format!("{:.2}", r.model_bits_per_weight),
                 r.reference_bits_per_weight.map(|b| format!("{b:.2}")),
+            ),
+        ),
+        row(
+            "KV cache",
+            both(
+                r.model_kv_cache.clone(),
+                r.reference.as_ref().map(|_| "f32".into()),
             ),
         ),
         row(

@@ -4,7 +4,7 @@ use crate::common::ModelArgs;
 use crate::run::parse_token_list;
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use hayate_engine::Logits;
+use hayate_engine::{KvFormat, Logits};
 use safetensors::{Dtype, tensor::TensorView};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -51,7 +51,8 @@ pub fn run(args: LogitsArgs) -> Result<()> {
             tokens.len()
         );
     }
-    let mut state = model.new_state(Some(context))?;
+    let mut state =
+        model.new_state_with(&args.model.state_options(Some(context), KvFormat::F32))?;
     let mut logits = Vec::new();
     let values = tokens.len().checked_mul(vocab);
     if values.is_none_or(|n| logits.try_reserve_exact(n).is_err()) {

@@ -4,7 +4,7 @@ use crate::common::{ModelArgs, SamplingArgs, mib, peak_rss_bytes, stop_ids};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use hayate_chat::{Message, TextTokenizer};
-use hayate_engine::{Generator, Sampler};
+use hayate_engine::{Generator, KvFormat, Sampler};
 use std::io::Write;
 
 #[derive(Args)]
@@ -40,7 +40,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
-    let mut generator = Generator::new(&model, args.model.ctx_size)?;
+    let options = args
+        .model
+        .state_options(args.model.ctx_size, KvFormat::Bf16);
+    let mut generator = Generator::new(&model, &options)?;
     let capacity = generator.state.capacity();
     if prompt.len() >= capacity {
         bail!(

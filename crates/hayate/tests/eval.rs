@@ -21,8 +21,14 @@ fn eval(args: &[&str]) -> Output {
 }
 
 /// Runs `hayate eval --json` on the first 1500 tokens of the held-out text
-/// (3 windows of 512) and returns the report.
+/// (3 windows of 512) and returns the report; the model keeps an f32 KV
+/// cache, so that the pinned figures are the model's alone.
 fn eval_json(model: &str, reference: &str) -> Value {
+    eval_json_with(model, reference, "f32")
+}
+
+/// [`eval_json`] with the model's KV cache in format `kv`.
+fn eval_json_with(model: &str, reference: &str, kv: &str) -> Value {
     let model = shared_model(model);
     let reference = shared_model(reference);
     let data = valid_data();
@@ -37,6 +43,8 @@ fn eval_json(model: &str, reference: &str) -> Value {
         "1500",
         "--context",
         "512",
+        "--kv-cache",
+        kv,
         "--json",
     ]);
     assert!(
@@ -88,6 +96,20 @@ fn model_against_itself_has_zero_divergence() {
     assert!((num(&r, "model_nll").exp() - ppl).abs() < 1e-9 * ppl);
     assert_eq!(num(&r, "model_bits_per_weight"), 16.0);
     assert_eq!(num(&r, "reference_bits_per_weight"), 16.0);
+}
+
+/// What a bf16 KV cache costs, measured against the same model with exact
+/// keys and values (the reference always keeps f32): a small but nonzero KL.
+#[test]
+fn a_bf16_cache_costs_a_small_kl() {
+    let r = eval_json_with("pystd-qwen3-7m", "pystd-qwen3-7m", "bf16");
+    assert_eq!(r["model_kv_cache"], "bf16");
+    let kl = num(&r, "kl_mean");
+    // Measured: 5.15e-6, top-1 agreement 99.87% (q4 weights cost ~8e-3).
+    assert!((1e-7..3e-5).contains(&kl), "kl_mean = {kl}");
+    assert!(num(&r, "top1_agreement") > 0.995);
+    let ppl = (num(&r, "model_ppl") / PPL_7M - 1.0).abs();
+    assert!(ppl < 1e-3, "perplexity moved by {ppl}");
 }
 
 #[test]

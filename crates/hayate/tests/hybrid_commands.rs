@@ -208,6 +208,9 @@ fn run_chat_bench_and_eval_work_on_every_hybrid_architecture() {
             "48",
             "--max-tokens",
             "49",
+            // The same exact cache as `logits` (see `nll`): the reference keeps f32.
+            "--kv-cache",
+            "f32",
             "--json",
         ]);
         let report: serde_json::Value = serde_json::from_str(&report).unwrap();

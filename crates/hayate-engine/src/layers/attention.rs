@@ -19,6 +19,8 @@ use super::norm::RmsNorm;
 use crate::Result;
 use crate::budget::{Budget, StateShape};
 use crate::linear::{Compute, Linear};
+use half::bf16;
+use hayate_kernels::Isa;
 use hayate_kernels::attention::{self as kernel, KEY_TILE, KvHead, MAX_ROWS, QueryRow};
 use hayate_kernels::ops;
 use hayate_kernels::pool::{DisjointMut, split_range};
@@ -56,16 +58,60 @@ pub struct Attention {
     pub window: Option<usize>,
 }
 
+/// How a KV cache stores keys and values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KvFormat {
+    /// f32: exactly what the projections computed (for logits comparisons).
+    #[default]
+    F32,
+    /// bf16: half the memory and half the bytes attention reads per token.
+    Bf16,
+}
+
+impl KvFormat {
+    /// `f32` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvFormat::F32 => "f32",
+            KvFormat::Bf16 => "bf16",
+        }
+    }
+
+    /// Bytes per stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvFormat::F32 => 4,
+            KvFormat::Bf16 => 2,
+        }
+    }
+}
+
+/// The keys and values of a cache, in its format.
+pub enum KvData {
+    /// f32 keys and values.
+    F32 {
+        /// Keys.
+        k: Vec<f32>,
+        /// Values.
+        v: Vec<f32>,
+    },
+    /// bf16 keys and values.
+    Bf16 {
+        /// Keys.
+        k: Vec<bf16>,
+        /// Values.
+        v: Vec<bf16>,
+    },
+}
+
 /// Keys and values of one attention layer, each head's history contiguous:
 /// keys `[kv_head][tile of 16 positions][dim][16]`, values
 /// `[kv_head][slot][dim]` (the layout [`hayate_kernels::attention`] reads).
 /// Position `p` lives in slot `p % slots`: with a sliding window the buffer
 /// holds only the window (plus room for a chunk and for rollback) and wraps.
 pub struct KvCache {
-    /// Keys.
-    pub k: Vec<f32>,
-    /// Values.
-    pub v: Vec<f32>,
+    /// Keys and values.
+    pub data: KvData,
     /// Key/value heads.
     pub n_kv_heads: usize,
     /// Dimensions per head.
@@ -79,26 +125,50 @@ impl KvCache {
     fn store(&mut self, head: usize, position: usize, key: &[f32], value: &[f32]) {
         let per_head = self.slots * self.head_dim;
         let range = head * per_head..(head + 1) * per_head;
-        kernel::store(
-            &mut self.k[range.clone()],
-            &mut self.v[range],
-            self.slots,
-            position,
-            key,
-            value,
-        );
+        let slots = self.slots;
+        match &mut self.data {
+            KvData::F32 { k, v } => kernel::store(
+                &mut k[range.clone()],
+                &mut v[range],
+                slots,
+                position,
+                key,
+                value,
+            ),
+            KvData::Bf16 { k, v } => kernel::store(
+                &mut k[range.clone()],
+                &mut v[range],
+                slots,
+                position,
+                key,
+                value,
+            ),
+        }
     }
 
-    /// KV head `head` as the attention kernel reads it.
-    fn head(&self, head: usize) -> KvHead<'_> {
+    /// The query `rows` attend over KV head `head` (see [`kernel::attend`]).
+    fn attend(
+        &self,
+        isa: Isa,
+        head: usize,
+        scale: f32,
+        q: &[f32],
+        rows: &[QueryRow],
+        out: &mut [f32],
+    ) {
         let per_head = self.slots * self.head_dim;
         let range = head * per_head..(head + 1) * per_head;
-        KvHead::new(
-            &self.k[range.clone()],
-            &self.v[range],
-            self.slots,
-            self.head_dim,
-        )
+        let (slots, hd) = (self.slots, self.head_dim);
+        match &self.data {
+            KvData::F32 { k, v } => {
+                let kv = KvHead::new(&k[range.clone()], &v[range], slots, hd);
+                kernel::attend(isa, kv, scale, q, rows, out)
+            }
+            KvData::Bf16 { k, v } => {
+                let kv = KvHead::new(&k[range.clone()], &v[range], slots, hd);
+                kernel::attend(isa, kv, scale, q, rows, out)
+            }
+        }
     }
 }
 
@@ -131,9 +201,18 @@ impl MixerLayer for Attention {
         let slots = held.next_multiple_of(KEY_TILE);
         // The geometry bounds each factor well below overflow.
         let n = self.n_kv_heads * slots * self.head_dim;
+        let data = match shape.kv {
+            KvFormat::F32 => KvData::F32 {
+                k: budget.zeroed(n)?,
+                v: budget.zeroed(n)?,
+            },
+            KvFormat::Bf16 => KvData::Bf16 {
+                k: budget.zeroed(n)?,
+                v: budget.zeroed(n)?,
+            },
+        };
         let cache = KvCache {
-            k: budget.floats(n)?,
-            v: budget.floats(n)?,
+            data,
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
             slots,
@@ -285,7 +364,7 @@ impl Attention {
                     }
                 }
                 let rows = &rows[..count];
-                kernel::attend(isa, cache.head(kvh), self.scale, q, rows, tile_out);
+                cache.attend(isa, kvh, self.scale, q, rows, tile_out);
                 for (row, result) in rows.iter().zip(tile_out.chunks_exact(hd)) {
                     // SAFETY: query row `row.at` is one (token, head) of this
                     // item, and items are split across threads without overlap.

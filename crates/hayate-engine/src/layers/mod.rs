@@ -21,7 +21,7 @@ pub mod mlp;
 pub mod norm;
 pub mod short_conv;
 
-pub use attention::{Attention, KvCache};
+pub use attention::{Attention, KvCache, KvData, KvFormat};
 pub use deltanet::{DeltaState, GatedDeltaNet};
 pub use mlp::{Activation, GatedMlp};
 pub use norm::RmsNorm;
