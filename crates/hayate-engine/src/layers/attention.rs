@@ -120,30 +120,30 @@ pub struct KvCache {
     pub slots: usize,
 }
 
+/// `$body` with `$k` and `$v` bound to the cache's keys and values, whatever their format.
+macro_rules! with_kv {
+    ($data:expr, |$k:ident, $v:ident| $body:expr) => {
+        match $data {
+            KvData::F32 { k: $k, v: $v } => $body,
+            KvData::Bf16 { k: $k, v: $v } => $body,
+        }
+    };
+}
+
 impl KvCache {
     /// Stores the key and value of `position` for KV head `head`.
     fn store(&mut self, head: usize, position: usize, key: &[f32], value: &[f32]) {
         let per_head = self.slots * self.head_dim;
         let range = head * per_head..(head + 1) * per_head;
         let slots = self.slots;
-        match &mut self.data {
-            KvData::F32 { k, v } => kernel::store(
-                &mut k[range.clone()],
-                &mut v[range],
-                slots,
-                position,
-                key,
-                value,
-            ),
-            KvData::Bf16 { k, v } => kernel::store(
-                &mut k[range.clone()],
-                &mut v[range],
-                slots,
-                position,
-                key,
-                value,
-            ),
-        }
+        with_kv!(&mut self.data, |k, v| kernel::store(
+            &mut k[range.clone()],
+            &mut v[range],
+            slots,
+            position,
+            key,
+            value
+        ))
     }
 
     /// The query `rows` attend over KV head `head` (see [`kernel::attend`]).
@@ -159,16 +159,10 @@ impl KvCache {
         let per_head = self.slots * self.head_dim;
         let range = head * per_head..(head + 1) * per_head;
         let (slots, hd) = (self.slots, self.head_dim);
-        match &self.data {
-            KvData::F32 { k, v } => {
-                let kv = KvHead::new(&k[range.clone()], &v[range], slots, hd);
-                kernel::attend(isa, kv, scale, q, rows, out)
-            }
-            KvData::Bf16 { k, v } => {
-                let kv = KvHead::new(&k[range.clone()], &v[range], slots, hd);
-                kernel::attend(isa, kv, scale, q, rows, out)
-            }
-        }
+        with_kv!(&self.data, |k, v| {
+            let kv = KvHead::new(&k[range.clone()], &v[range], slots, hd);
+            kernel::attend(isa, kv, scale, q, rows, out)
+        })
     }
 }
 

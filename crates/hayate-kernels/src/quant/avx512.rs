@@ -335,11 +335,11 @@ struct DecodeActs {
     q4: bool,
     /// The weights' group size they were prepared for.
     group: usize,
-    /// Inputs per token after padding to whole chunks.
+    /// Inputs per token after padding to whole chunks (q4).
     stride: usize,
-    /// Codes per token, chunk by chunk. q4: the low halves (inputs 0..16)
-    /// of the chunk's 4 blocks, then their high halves, matching the low and
-    /// high nibbles of the codes; q8: the inputs in order.
+    /// q4 codes per token, chunk by chunk: the low halves (inputs 0..16) of
+    /// the chunk's 4 blocks, then their high halves, matching the low and
+    /// high nibbles of the weights. q8 reads `QuantizedActs::codes` as they are.
     x: Vec<i8>,
     /// `s_x` of the block each of a chunk's 16 int32 lanes covers.
     sx: Vec<f32>,
@@ -366,7 +366,9 @@ impl DecodeActs {
         (self.id, self.q4, self.group) = (acts.id, q4, group);
         self.stride = stride;
         self.x.clear();
-        self.x.resize(acts.n_tok * stride, 0);
+        if q4 {
+            self.x.resize(acts.n_tok * stride, 0);
+        }
         self.sx.clear();
         self.sx.resize(acts.n_tok * chunks * 16, 0.0);
         self.off.clear();
@@ -379,16 +381,12 @@ impl DecodeActs {
         let lanes_per_block = 16 / bpc;
         for t in 0..acts.n_tok {
             let codes = &acts.codes[t * k..(t + 1) * k];
-            let x = &mut self.x[t * stride..(t + 1) * stride];
             for b in 0..nb {
-                let src = &codes[b * BLOCK..(b + 1) * BLOCK];
                 if q4 {
-                    let (c, j) = (b / 4, b % 4);
-                    let at = c * 128 + j * 16;
-                    x[at..at + 16].copy_from_slice(&src[..16]);
-                    x[at + 64..at + 80].copy_from_slice(&src[16..]);
-                } else {
-                    x[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(src);
+                    let src = &codes[b * BLOCK..(b + 1) * BLOCK];
+                    let at = t * stride + (b / 4) * 128 + (b % 4) * 16;
+                    self.x[at..at + 16].copy_from_slice(&src[..16]);
+                    self.x[at + 64..at + 80].copy_from_slice(&src[16..]);
                 }
                 let lane0 = t * chunks * 16 + (b / bpc) * 16 + (b % bpc) * lanes_per_block;
                 self.sx[lane0..lane0 + lanes_per_block].fill(acts.scales[t * nb + b]);
@@ -706,11 +704,15 @@ pub unsafe fn gemv_rows(
             // within `d`'s buffers (empty ones are never read).
             let a = unsafe {
                 TokenPtrs {
-                    x: d.x.as_ptr().add(t0 * d.stride),
+                    x: if q4 {
+                        d.x.as_ptr().add(t0 * d.stride)
+                    } else {
+                        acts.codes.as_ptr().add(t0 * acts.k)
+                    },
                     sx: d.sx.as_ptr().add(t0 * chunks * 16),
                     off: d.off.as_ptr().wrapping_add(t0 * chunks * 16),
                     sums: d.sums.as_ptr().wrapping_add(t0 * groups),
-                    stride: d.stride,
+                    stride: if q4 { d.stride } else { acts.k },
                     lanes: chunks * 16,
                     groups,
                 }
