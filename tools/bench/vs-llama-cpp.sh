@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Hayate against llama.cpp on this machine, in one run, interleaved.
 #
-#   tools/bench/vs-llama-cpp.sh [--shape qwen3-0.6b] [--threads 2] [--reps 5]
+#   tools/bench/vs-llama-cpp.sh [--shape qwen3-0.6b | --model DIR] [--threads 2] [--reps 5]
 #                               [-p 512] [-n 128] [-d 0] [--rounds 3] [--formats "bf16 q8 q4"]
 #                               [--work DIR] [--hayate PATH]
 #
@@ -12,7 +12,9 @@
 #   2. llama-bench and llama-quantize, built natively (cmake from PyPI);
 #   3. the speed model (tools/speedmodels) converted with llama.cpp's own
 #      convert_hf_to_gguf.py (torch and transformers from PyPI, pinned), then
-#      quantized to Q8_0, Q4_K_M and Q4_0, and to Hayate's q8 and q4.
+#      quantized to Q8_0, Q4_K_M and Q4_0, and to Hayate's q8 and q4;
+#      `--model DIR` takes a Hugging Face checkpoint (e.g.
+#      ../shared/models/pystd-qwen3-7m) instead of a speed model.
 # Then, --rounds times, each format's pair of benches (llama-bench, then
 # `hayate bench` on the matching Hayate format, order alternating by round):
 #   bf16 - bf16;  q8 (G32, q8 embeddings) - Q8_0;  q4 (G32, q8 embeddings) - Q4_K_M and
@@ -32,9 +34,11 @@ ROUNDS=3
 FORMATS="bf16 q8 q4"
 WORK="$ROOT/target/vs-llama-cpp"
 HAYATE="$ROOT/target/release/hayate"
+MODEL=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --shape) SHAPE=$2; shift 2 ;;
+    --model) MODEL=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
     --reps) REPS=$2; shift 2 ;;
     -p) PROMPT=$2; shift 2 ;;
@@ -95,7 +99,15 @@ fi
 
 # --- The model, both ways ----------------------------------------------------
 MODELS="$ROOT/models"
-HF="$MODELS/$SHAPE-speed"
+if [ -n "$MODEL" ]; then
+  [ -f "$MODEL/config.json" ] || { echo "error: $MODEL/config.json not found" >&2; exit 1; }
+  HF=$(cd "$MODEL" && pwd)
+  SHAPE=$(basename "$HF")
+  QUANTIZED="$MODELS/$SHAPE"
+else
+  HF="$MODELS/$SHAPE-speed"
+  QUANTIZED="$MODELS/$SHAPE-speed"
+fi
 if [ ! -f "$HF/config.json" ]; then
   log "writing the speed model $HF"
   SPEEDVENV="$WORK/speedvenv"
@@ -107,10 +119,24 @@ GGUF="$WORK/gguf/$SHAPE"
 mkdir -p "$GGUF"
 if [ ! -f "$GGUF/bf16.gguf" ]; then
   log "converting to GGUF"
+  # Checkpoints written by newer transformers list `extra_special_tokens`,
+  # which the pinned one reads as a mapping: convert from a copy (links, and
+  # that one file rewritten) where the list is dropped (the same tokens stay
+  # in `additional_special_tokens` and the tokenizer itself).
+  if python3 -c "import json,sys; sys.exit(not isinstance(json.load(open('$HF/tokenizer_config.json')).get('extra_special_tokens'), list))" 2>/dev/null; then
+    fixed="$WORK/hf/$SHAPE"
+    rm -rf "$fixed" && mkdir -p "$fixed"
+    for f in "$HF"/*; do ln -s "$f" "$fixed/"; done
+    rm "$fixed/tokenizer_config.json"
+    python3 -c "import json; d=json.load(open('$HF/tokenizer_config.json')); d.pop('extra_special_tokens'); json.dump(d, open('$fixed/tokenizer_config.json','w'))"
+    HF_CONVERT=$fixed
+  else
+    HF_CONVERT=$HF
+  fi
   # The speed models' small tokenizer is not one llama.cpp knows by hash;
   # its pre-tokenizer is declared `qwen2` (as for ../shared/anchors), which
   # changes nothing that is timed.
-  "$VENV/bin/python" - "$SRC" "$HF" "$GGUF/bf16.gguf" > "$WORK/convert.log" 2>&1 <<'EOF'
+  "$VENV/bin/python" - "$SRC" "$HF_CONVERT" "$GGUF/bf16.gguf" > "$WORK/convert.log" 2>&1 <<'EOF'
 import runpy, sys
 src, model, out = sys.argv[1:]
 sys.path[:0] = [src, f"{src}/gguf-py"]
@@ -130,7 +156,7 @@ for q in Q8_0 Q4_K_M Q4_0; do
 done
 [ -x "$HAYATE" ] || { echo "error: $HAYATE not found; run cargo build --release" >&2; exit 1; }
 for f in q8 q4; do
-  out="$MODELS/$SHAPE-speed-$f-q8emb"
+  out="$QUANTIZED-$f-q8emb"
   [ -f "$out/config.json" ] && continue
   "$HAYATE" quantize --model "$HF" --out "$out" --format "$f" --embeddings q8 > /dev/null
 done
@@ -160,8 +186,8 @@ for round in $(seq "$ROUNDS"); do
   for f in $FORMATS; do
     case $f in
       bf16) pairs=("bf16:$GGUF/bf16.gguf") ; dir="$HF" ;;
-      q8) pairs=("Q8_0:$GGUF/Q8_0.gguf") ; dir="$MODELS/$SHAPE-speed-q8-q8emb" ;;
-      q4) pairs=("Q4_K_M:$GGUF/Q4_K_M.gguf" "Q4_0:$GGUF/Q4_0.gguf") ; dir="$MODELS/$SHAPE-speed-q4-q8emb" ;;
+      q8) pairs=("Q8_0:$GGUF/Q8_0.gguf") ; dir="$QUANTIZED-q8-q8emb" ;;
+      q4) pairs=("Q4_K_M:$GGUF/Q4_K_M.gguf" "Q4_0:$GGUF/Q4_0.gguf") ; dir="$QUANTIZED-q4-q8emb" ;;
       *) echo "error: unknown format $f" >&2; exit 1 ;;
     esac
     log "round $round: $f"
@@ -183,7 +209,7 @@ def show(v):
 def ratio(a, b):
     return '-' if a is None or b is None else f"{a / b:.2f}"
 depth = '' if d == '0' else f", at depth {d}"
-print(f"{shape} shape, {threads} threads{depth}, medians of interleaved rounds (tok/s)\n")
+print(f"{shape}, {threads} threads{depth}, medians of interleaved rounds (tok/s)\n")
 print(f"| Hayate | pp{p} | tg{n} | llama.cpp | pp{p} | tg{n} | ratio pp / tg |")
 print("|---|---|---|---|---|---|---|")
 against = {'bf16': ['bf16'], 'q8': ['Q8_0'], 'q4': ['Q4_K_M', 'Q4_0']}

@@ -212,7 +212,7 @@ pub fn attend<E: KvElement>(
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.has_avx512() => {
+        Isa::Avx512 | Isa::Amx if isa.has_avx512() => {
             // SAFETY: the CPU supports AVX-512 (checked); shapes checked above.
             unsafe { x86::attend_avx512(kv, scale, q, rows, out) }
         }

@@ -13,11 +13,16 @@ pub enum Isa {
     /// and BF16 (Zen 4, Sapphire Rapids and later). Kernels without an
     /// AVX-512 version run their AVX2 one at this level.
     Avx512,
+    /// AVX-512's features plus the AMX tile unit with BF16 and INT8 tile
+    /// products (Sapphire Rapids and later), with the OS's permission to use
+    /// the tile registers (Linux `arch_prctl(ARCH_REQ_XCOMP_PERM)`). Kernels
+    /// without a tile version run their AVX-512 one at this level.
+    Amx,
 }
 
 impl Isa {
     /// Every level this build knows, slowest first.
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx];
 
     /// Whether this CPU and OS can run kernels of this level.
     ///
@@ -49,8 +54,10 @@ impl Isa {
                     && std::arch::is_x86_feature_detected!("avx512vnni")
                     && std::arch::is_x86_feature_detected!("avx512bf16")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => Isa::Avx512.detect() && amx::enable(),
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 | Isa::Avx512 => false,
+            Isa::Avx2 | Isa::Avx512 | Isa::Amx => false,
         }
     }
 
@@ -58,12 +65,17 @@ impl Isa {
     /// CPU supports it (a level is only chosen when supported, but a caller
     /// may pass any value).
     pub fn has_avx2(self) -> bool {
-        matches!(self, Isa::Avx2 | Isa::Avx512) && self.is_supported()
+        matches!(self, Isa::Avx2 | Isa::Avx512 | Isa::Amx) && self.is_supported()
     }
 
     /// Whether AVX-512 kernels may run at this level on this CPU.
     pub fn has_avx512(self) -> bool {
-        self == Isa::Avx512 && self.is_supported()
+        matches!(self, Isa::Avx512 | Isa::Amx) && self.is_supported()
+    }
+
+    /// Whether AMX tile kernels may run at this level on this CPU and OS.
+    pub fn has_amx(self) -> bool {
+        self == Isa::Amx && self.is_supported()
     }
 
     /// Short lowercase name, as accepted by `HAYATE_ISA`.
@@ -72,6 +84,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Amx => "amx",
         }
     }
 
@@ -127,6 +140,72 @@ impl Isa {
     }
 }
 
+/// The AMX tile unit: whether the CPU has it and the OS lets us use it.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    /// Whether the CPU reports AMX-TILE, AMX-BF16 and AMX-INT8, the OS saves
+    /// the tile state (XCR0 bits 17 and 18), and this process is granted the
+    /// tile data (on Linux the state is off until asked for, per process).
+    pub fn enable() -> bool {
+        use std::arch::x86_64::__cpuid_count;
+        if !std::arch::is_x86_feature_detected!("xsave") {
+            return false;
+        }
+        let leaf7 = __cpuid_count(7, 0);
+        let (bf16, tile, int8) = (1 << 22, 1 << 24, 1 << 25);
+        if leaf7.edx & (bf16 | tile | int8) != bf16 | tile | int8 {
+            return false;
+        }
+        // SAFETY: XSAVE (hence XGETBV) is supported, checked above.
+        let xcr0 = unsafe { xgetbv0() };
+        let (tilecfg, tiledata) = (1 << 17, 1 << 18);
+        xcr0 & (tilecfg | tiledata) == tilecfg | tiledata && request_tile_data()
+    }
+
+    /// XCR0, the state components the OS saves.
+    ///
+    /// # Safety
+    /// The CPU supports XSAVE.
+    #[target_feature(enable = "xsave")]
+    unsafe fn xgetbv0() -> u64 {
+        // SAFETY: the caller guarantees XSAVE.
+        unsafe { std::arch::x86_64::_xgetbv(0) }
+    }
+
+    /// Asks Linux for the tile data state and checks that it was granted.
+    #[cfg(target_os = "linux")]
+    fn request_tile_data() -> bool {
+        const ARCH_GET_XCOMP_PERM: libc::c_long = 0x1022;
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with these codes reads or writes only the
+        // process's permission mask and the u64 passed by pointer.
+        unsafe {
+            if libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            ) != 0
+            {
+                return false;
+            }
+            let mut granted: u64 = 0;
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_GET_XCOMP_PERM,
+                &mut granted as *mut u64,
+            ) == 0
+                && granted & (1 << XFEATURE_XTILEDATA) != 0
+        }
+    }
+
+    /// Other systems: not tested, so not used.
+    #[cfg(not(target_os = "linux"))]
+    fn request_tile_data() -> bool {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,7 +235,7 @@ mod tests {
         assert_eq!(Isa::parse("scalar"), Ok(Isa::Scalar));
         let err = Isa::parse("avx9000").unwrap_err();
         assert!(
-            err.contains("avx9000") && err.contains("scalar, avx2, avx512"),
+            err.contains("avx9000") && err.contains("scalar, avx2, avx512, amx"),
             "{err}"
         );
         for isa in Isa::ALL {

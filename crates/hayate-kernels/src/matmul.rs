@@ -15,6 +15,9 @@ use crate::pool::{ChunkQueue, ThreadPool};
 use crate::weights::{MatRef, WeightSlice};
 use std::cell::RefCell;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
+
 /// Up to this many tokens the streaming (GEMV) path is used.
 pub const GEMV_MAX_TOKENS: usize = 4;
 /// The same for bf16 weights on AVX-512, whose row kernel serves up to 8
@@ -44,6 +47,19 @@ thread_local! {
     static PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Per-thread buffer for the packed activations of one `KC` block (GEMM).
     static PACK_X: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's buffer for activations split for the tile unit,
+    /// read by every thread of the product.
+    #[cfg(target_arch = "x86_64")]
+    static SPLIT: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One thread's share of a product on the tile unit: weights, output rows, output.
+type TileProduct<'a> = dyn Fn(MatRef<'_>, std::ops::Range<usize>, *mut f32) + Sync + 'a;
+
+/// Whether [`matmul_many`] runs `w` on the AMX tile unit: bf16 weights, more
+/// tokens than the row kernels take.
+fn uses_amx(isa: Isa, w: MatRef<'_>, n_tok: usize) -> bool {
+    matches!(w.data, WeightSlice::Bf16(_)) && isa.has_amx() && n_tok > gemv_max_tokens(isa, w)
 }
 
 /// One matrix of a fused product: all jobs of a [`matmul_many`] call read the
@@ -97,21 +113,49 @@ pub fn matmul_many(
     let targets = &slots[..jobs.len()];
     let total_rows: usize = targets.iter().flatten().map(|(w, _)| w.rows).sum();
     let queue = ChunkQueue::new(total_rows, pool.n_threads(), NR, MIN_CHUNK_ROWS);
-    pool.run(&|tid, _| {
-        while let Some(mine) = queue.next_chunk(tid) {
-            let mut base = 0;
-            for (w, y) in targets.iter().flatten() {
-                let start = mine.start.max(base);
-                let end = mine.end.min(base + w.rows);
-                if start < end {
-                    // SAFETY: shapes were checked above; each thread writes only
-                    // columns `start - base .. end - base` of this output (its chunk).
-                    unsafe { matmul_rows(isa, *w, x, n_tok, start - base..end - base, y.0) };
+    let products = |split: Option<&TileProduct<'_>>| {
+        pool.run(&|tid, _| {
+            while let Some(mine) = queue.next_chunk(tid) {
+                let mut base = 0;
+                for (w, y) in targets.iter().flatten() {
+                    let start = mine.start.max(base);
+                    let end = mine.end.min(base + w.rows);
+                    if start < end {
+                        let rows = start - base..end - base;
+                        match split {
+                            Some(tiles) if uses_amx(isa, *w, n_tok) => tiles(*w, rows, y.0),
+                            // SAFETY: shapes were checked above; each thread writes
+                            // only columns `rows` of this output (its chunk).
+                            _ => unsafe { matmul_rows(isa, *w, x, n_tok, rows, y.0) },
+                        }
+                    }
+                    base += w.rows;
                 }
-                base += w.rows;
             }
-        }
-    });
+        });
+    };
+    #[cfg(target_arch = "x86_64")]
+    if targets
+        .iter()
+        .flatten()
+        .any(|(w, _)| uses_amx(isa, *w, n_tok))
+    {
+        SPLIT.with_borrow_mut(|buf| {
+            // SAFETY: AMX implies AVX-512 F/BW; `x` holds `n_tok * k` values (checked).
+            let acts = unsafe { amx::split_activations(pool, x, n_tok, k, buf) };
+            products(Some(&|w, rows, y| {
+                let WeightSlice::Bf16(data) = w.data else {
+                    unreachable!("only bf16 weights run on the tiles")
+                };
+                // SAFETY: the CPU and OS support AMX (`uses_amx`); `acts` was
+                // split from these inputs and `buf` outlives the product;
+                // `rows` is this thread's chunk of `w`; shapes were checked above.
+                unsafe { amx::gemm_rows(data, k, w.rows, acts, rows, y) }
+            }))
+        });
+        return;
+    }
+    products(None);
 }
 
 /// Computes output columns `rows` of `y` (`n_tok x w.rows`) on this thread.
@@ -133,7 +177,7 @@ pub unsafe fn matmul_rows(
             unsafe { scalar::matmul_rows(w, x, n_tok, rows, y) }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => {
+        Isa::Avx2 | Isa::Avx512 | Isa::Amx => {
             assert!(isa.has_avx2(), "AVX2 kernel on a CPU without AVX2");
             // SAFETY: forwarded contract; the CPU supports the features (checked
             // above, AVX-512 where that kernel runs).
@@ -150,7 +194,9 @@ pub unsafe fn matmul_rows(
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2 | Isa::Avx512 => unreachable!("AVX2 is never reported on this architecture"),
+        Isa::Avx2 | Isa::Avx512 | Isa::Amx => {
+            unreachable!("AVX2 is never reported on this architecture")
+        }
     }
 }
 
@@ -889,8 +935,9 @@ mod tests {
                 let w = MatRef::new(data, rows, cols).unwrap();
                 // Above 4 tokens (16 for bf16 on AVX-512, in passes of up to
                 // 8) the GEMM runs, in tiles of 6 (AVX2) or 8 (AVX-512)
-                // tokens: these counts reach tails of every length.
-                for n_tok in (1..=24).chain([29, 31]) {
+                // tokens, or 16 (AMX, bf16, in pairs of tiles): these counts
+                // reach tails of every length.
+                for n_tok in (1..=24).chain([29, 31, 47]) {
                     let x: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed)).collect();
                     let want = reference(w, &x, n_tok);
                     if Isa::Avx512.is_supported() && n_tok > gemv_max_tokens(Isa::Avx512, w) {
@@ -915,6 +962,33 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The tile path over more output rows than one packed panel holds, with
+    /// a tail of rows, and token counts with one, two and three token blocks.
+    #[test]
+    fn tile_products_span_panels_and_token_blocks() {
+        if !Isa::Amx.is_supported() {
+            return;
+        }
+        let pool = ThreadPool::new(2).unwrap();
+        let mut seed = 11;
+        let (rows, cols) = (300, 2048);
+        let wb: Vec<u16> = (0..rows * cols)
+            .map(|_| bf16::from_f32(lcg(&mut seed)).to_bits())
+            .collect();
+        let w = MatRef::new(WeightSlice::Bf16(&wb), rows, cols).unwrap();
+        for n_tok in [17, 40] {
+            assert!(uses_amx(Isa::Amx, w, n_tok));
+            let x: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed)).collect();
+            let want = reference(w, &x, n_tok);
+            let mut y = vec![f32::NAN; n_tok * rows];
+            matmul(&pool, Isa::Amx, w, &x, n_tok, &mut y);
+            let tol = 4e-5 * (cols as f32).sqrt();
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= tol, "n_tok={n_tok} at {i}: {a} vs {b}");
             }
         }
     }

@@ -222,7 +222,7 @@ unsafe fn rows_product(
             unsafe { int8_rows_scalar(w, acts, rows, y) }
         }
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2 | Isa::Avx512, ActPrecision::Int8) => {
+        (Isa::Avx2 | Isa::Avx512 | Isa::Amx, ActPrecision::Int8) => {
             assert!(isa.has_avx2(), "AVX2 kernel on a CPU without AVX2");
             // SAFETY: forwarded contract; the CPU supports AVX2, and AVX-512
             // where that kernel runs (checked).
@@ -239,7 +239,7 @@ unsafe fn rows_product(
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        (Isa::Avx2 | Isa::Avx512, _) => {
+        (Isa::Avx2 | Isa::Avx512 | Isa::Amx, _) => {
             unreachable!("AVX2 is never reported on this architecture")
         }
     }
