@@ -74,16 +74,15 @@ fn stories260k_matches_transformers() {
     check("stories260K", 7e-4); // measured 6.29e-5
 }
 
-/// A bf16 KV cache on the trained checkpoint: the logits stay close to
-/// `transformers`' (f32 keys and values) and the next-token distributions
-/// barely move (mean KL), yet they do move, so the cache really is bf16.
-#[test]
-fn pystd_qwen3_7m_with_a_bf16_cache_stays_close() {
+/// Mean KL from `transformers`' next-token distributions (f32 keys and
+/// values) to ours with a `kv` cache on the trained checkpoint, and the
+/// largest logit difference.
+fn pystd_with_cache(kv: KvFormat) -> (f64, f32) {
     let dir = shared_model("pystd-qwen3-7m");
     let (ids, want, vocab) = reference(&dir);
     let model = Model::load(&dir, &LoadOptions::default()).unwrap();
     let options = StateOptions {
-        kv_cache: KvFormat::Bf16,
+        kv_cache: kv,
         ..StateOptions::default()
     };
     let mut state = model.new_state_with(&options).unwrap();
@@ -116,7 +115,19 @@ fn pystd_qwen3_7m_with_a_bf16_cache_stays_close() {
         .zip(&want)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    eprintln!("pystd-qwen3-7m, bf16 cache: mean KL {kl:.3e}, max |Δ| {max_diff}");
+    eprintln!(
+        "pystd-qwen3-7m, {} cache: mean KL {kl:.3e}, max |Δ| {max_diff}",
+        kv.name()
+    );
+    (kl, max_diff)
+}
+
+/// A bf16 KV cache: the logits stay close to `transformers`' and the
+/// next-token distributions barely move (mean KL), yet they do move, so the
+/// cache really is bf16.
+#[test]
+fn pystd_qwen3_7m_with_a_bf16_cache_stays_close() {
+    let (kl, max_diff) = pystd_with_cache(KvFormat::Bf16);
     // Measured: mean KL 5.79e-6, max |Δ| 0.0255 (an f32 cache: 1.5e-5).
     assert!(kl < 3e-5, "mean KL {kl}");
     assert!(max_diff < 0.1, "max |Δ| {max_diff}");
@@ -124,4 +135,15 @@ fn pystd_qwen3_7m_with_a_bf16_cache_stays_close() {
         max_diff > 2e-4,
         "max |Δ| {max_diff}: no larger than with an f32 cache"
     );
+}
+
+/// An int8 KV cache: close too, and further than bf16 (8 bits of each
+/// value against bf16's 8 significant bits, but one scale per vector).
+#[test]
+fn pystd_qwen3_7m_with_a_q8_cache_stays_close() {
+    let (kl, max_diff) = pystd_with_cache(KvFormat::Q8);
+    // Measured: mean KL 5.36e-5, max |Δ| 0.0814 (bf16: 5.7e-6, 0.0255).
+    assert!(kl < 2e-4, "mean KL {kl}");
+    assert!(kl > 2e-5, "mean KL {kl}: no further than a bf16 cache");
+    assert!(max_diff < 0.3, "max |Δ| {max_diff}");
 }

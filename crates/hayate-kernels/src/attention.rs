@@ -23,11 +23,24 @@ use crate::cpu::Isa;
 use crate::exp::exp;
 use half::bf16;
 
-/// How a cache stores keys and values: f32, or bf16 (half the bytes per
+/// How a cache stores keys and values: f32, bf16 (half the bytes per
 /// position; widening back to f32 is exact, so every path still computes
-/// the same values from what is stored).
+/// the same values from what is stored), or int8 codes with one f32 scale
+/// per position and head for the keys and another for the values (a
+/// quarter of the bytes, plus the scales).
+///
+/// The scales of an int8 cache are applied outside the instruction-set
+/// steps, by the same scalar code on every path: a tile's scores are
+/// multiplied by its keys' scales, and the softmax weights (after the
+/// running sums took them) by the values' scales, so every path still
+/// computes the same values.
 pub trait KvElement: Copy + Default + Send + Sync + 'static {
-    /// The stored value of `v` (bf16: rounded to nearest, ties to even).
+    /// Whether values carry a scale per position and head ([`store`]
+    /// divides by it before [`KvElement::from_f32`]).
+    const SCALED: bool = false;
+    /// The stored value of `v` (bf16: rounded to nearest, ties to even;
+    /// int8: rounded to nearest and saturated, `v` already divided by the
+    /// scale).
     fn from_f32(v: f32) -> Self;
     /// The value as f32.
     fn to_f32(self) -> f32;
@@ -99,6 +112,41 @@ impl KvElement for bf16 {
     }
 }
 
+impl KvElement for i8 {
+    const SCALED: bool = true;
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        // `as` saturates (and sends NaN to 0).
+        v.round_ties_even() as i8
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: 8 values (8 bytes), AVX2 enabled (caller).
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: 16 values (16 bytes), AVX-512 F enabled (caller).
+        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast()))) }
+    }
+}
+
+/// The scale an int8 cache stores `v` with: its largest magnitude maps to
+/// 127 (1 for a zero vector, so codes stay 0; a non-finite value gives a
+/// non-finite scale, as an f32 cache would hold non-finite values).
+fn int8_scale(v: &[f32]) -> f32 {
+    let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    if max == 0.0 { 1.0 } else { max / 127.0 }
+}
+
 /// Positions per key tile, and per block of the softmax pass.
 pub const KEY_TILE: usize = 16;
 /// Most query rows one [`attend`] call takes.
@@ -124,16 +172,35 @@ pub struct KvHead<'a, E = f32> {
     pub keys: &'a [E],
     /// Values, `[slot][dim]`.
     pub values: &'a [E],
+    /// Per slot, the keys' and the values' scales (int8 caches; empty otherwise).
+    pub scales: Scales<'a>,
     /// Positions held.
     pub slots: usize,
     /// Dimensions per head.
     pub head_dim: usize,
 }
 
-impl<'a, E> KvHead<'a, E> {
-    /// A head view; panics if the buffers do not hold `slots` positions or
-    /// `slots` is not a whole number of tiles (a caller bug).
-    pub fn new(keys: &'a [E], values: &'a [E], slots: usize, head_dim: usize) -> Self {
+/// The scales of one head of an int8 cache, one f32 per slot for the keys
+/// and one for the values (empty slices for an unscaled cache).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Scales<'a> {
+    /// The keys' scales, `[slot]`.
+    pub keys: &'a [f32],
+    /// The values' scales, `[slot]`.
+    pub values: &'a [f32],
+}
+
+impl<'a, E: KvElement> KvHead<'a, E> {
+    /// A head view; panics if the buffers do not hold `slots` positions,
+    /// `slots` is not a whole number of tiles, or the scales are missing
+    /// (int8) or present (otherwise): caller bugs.
+    pub fn new(
+        keys: &'a [E],
+        values: &'a [E],
+        scales: Scales<'a>,
+        slots: usize,
+        head_dim: usize,
+    ) -> Self {
         assert!(
             slots > 0 && slots.is_multiple_of(KEY_TILE),
             "{slots} slots are not whole key tiles"
@@ -143,13 +210,32 @@ impl<'a, E> KvHead<'a, E> {
                 && crate::is_product(values.len(), slots, head_dim),
             "a KV head of {slots} x {head_dim} needs that many keys and values"
         );
+        let n_scales = if E::SCALED { slots } else { 0 };
+        assert!(
+            scales.keys.len() == n_scales && scales.values.len() == n_scales,
+            "a KV head of {slots} slots needs {n_scales} scales each for keys and values"
+        );
         KvHead {
             keys,
             values,
+            scales,
             slots,
             head_dim,
         }
     }
+}
+
+/// One head's buffers to write: keys, values, and their scales (int8
+/// caches; empty slices otherwise), as in [`KvHead`].
+pub struct KvHeadMut<'a, E> {
+    /// Keys, in tiles.
+    pub keys: &'a mut [E],
+    /// Values, `[slot][dim]`.
+    pub values: &'a mut [E],
+    /// The keys' scales, `[slot]`.
+    pub key_scales: &'a mut [f32],
+    /// The values' scales, `[slot]`.
+    pub value_scales: &'a mut [f32],
 }
 
 /// Index of dimension `d` of the key at `position` in one head's keys.
@@ -159,10 +245,10 @@ pub fn key_index(slots: usize, head_dim: usize, position: usize, d: usize) -> us
     ((slot / KEY_TILE) * head_dim + d) * KEY_TILE + slot % KEY_TILE
 }
 
-/// Stores the key and value of `position` into one head's buffers.
+/// Stores the key and value of `position` into one head's buffers (int8:
+/// each with its own scale, see [`KvElement`]).
 pub fn store<E: KvElement>(
-    keys: &mut [E],
-    values: &mut [E],
+    head: KvHeadMut<'_, E>,
     slots: usize,
     position: usize,
     key: &[f32],
@@ -170,14 +256,24 @@ pub fn store<E: KvElement>(
 ) {
     let hd = key.len();
     assert_eq!(value.len(), hd, "key and value lengths differ");
+    let slot = position % slots;
+    let (mut key_inv, mut value_inv) = (1.0, 1.0);
+    if E::SCALED {
+        let (ks, vs) = (int8_scale(key), int8_scale(value));
+        head.key_scales[slot] = ks;
+        head.value_scales[slot] = vs;
+        (key_inv, value_inv) = (1.0 / ks, 1.0 / vs);
+    }
     // Dimension `d` sits 16 values after dimension `d - 1` within the tile.
     let first = key_index(slots, hd, position, 0);
     for (d, &k) in key.iter().enumerate() {
-        keys[first + d * KEY_TILE] = E::from_f32(k);
+        head.keys[first + d * KEY_TILE] = E::from_f32(k * key_inv);
     }
-    let slot = position % slots;
-    for (o, &v) in values[slot * hd..(slot + 1) * hd].iter_mut().zip(value) {
-        *o = E::from_f32(v);
+    for (o, &v) in head.values[slot * hd..(slot + 1) * hd]
+        .iter_mut()
+        .zip(value)
+    {
+        *o = E::from_f32(v * value_inv);
     }
 }
 
@@ -301,11 +397,25 @@ fn run<S: Steps, E: KvElement>(
             }
         }
         S::scores(tile, hd, &queries[..n], &mut s[..n]);
+        if E::SCALED {
+            let key_scales = &kv.scales.keys[slot..slot + KEY_TILE];
+            for si in &mut s[..n] {
+                for (v, &ks) in si.iter_mut().zip(key_scales) {
+                    *v *= ks;
+                }
+            }
+        }
         for (&i, si) in active[..n].iter().zip(&mut s[..n]) {
             let r = rows[i];
             let from = r.first.saturating_sub(base);
             let to = (r.last - base).min(KEY_TILE - 1);
             let alpha = S::softmax_block(si, from..=to, scale, &mut max[i], &mut sums[i], &mut p);
+            if E::SCALED {
+                // The sums took the weights; the values take them scaled.
+                for (pj, &vs) in p.iter_mut().zip(&kv.scales.values[slot..slot + KEY_TILE]) {
+                    *pj *= vs;
+                }
+            }
             S::mix(&mut out[i * hd..(i + 1) * hd], alpha, &p, values);
         }
     }
@@ -705,6 +815,16 @@ mod tests {
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
+    /// A writable view of an f32 or bf16 head.
+    fn unscaled<'a, E>(keys: &'a mut [E], values: &'a mut [E]) -> KvHeadMut<'a, E> {
+        KvHeadMut {
+            keys,
+            values,
+            key_scales: &mut [],
+            value_scales: &mut [],
+        }
+    }
+
     /// Softmax attention in f64, positions in order.
     fn reference(
         kv: &KvHead<'_>,
@@ -760,9 +880,9 @@ mod tests {
             let mut values = vec![0f32; slots * hd];
             for (p, k) in keys_by_pos.iter().enumerate() {
                 let v: Vec<f32> = (0..hd).map(|_| lcg(&mut seed)).collect();
-                store(&mut keys, &mut values, slots, p, k, &v);
+                store(unscaled(&mut keys, &mut values), slots, p, k, &v);
             }
-            let kv = KvHead::new(&keys, &values, slots, hd);
+            let kv = KvHead::new(&keys, &values, Scales::default(), slots, hd);
             let n_rows = 11;
             let q: Vec<f32> = (0..n_rows * hd).map(|_| lcg(&mut seed)).collect();
             let oldest = written - slots;
@@ -821,10 +941,10 @@ mod tests {
             for p in 0..slots {
                 let k: Vec<f32> = (0..hd).map(|_| 2.0 * lcg(&mut seed)).collect();
                 let v: Vec<f32> = (0..hd).map(|_| lcg(&mut seed)).collect();
-                store(&mut kb, &mut vb, slots, p, &k, &v);
+                store(unscaled(&mut kb, &mut vb), slots, p, &k, &v);
                 let (k2, v2) = (round(&k), round(&v));
                 changed += k.iter().zip(&k2).filter(|(a, b)| a != b).count();
-                store(&mut kr, &mut vr, slots, p, &k2, &v2);
+                store(unscaled(&mut kr, &mut vr), slots, p, &k2, &v2);
             }
             assert!(
                 changed > slots * hd / 2,
@@ -842,23 +962,117 @@ mod tests {
             let scale = 1.0 / (hd as f32).sqrt();
             for isa in Isa::supported() {
                 let (mut a, mut b) = (vec![f32::NAN; n_rows * hd], vec![f32::NAN; n_rows * hd]);
-                attend(
-                    isa,
-                    KvHead::new(&kb, &vb, slots, hd),
-                    scale,
-                    &q,
-                    &rows,
-                    &mut a,
-                );
-                attend(
-                    isa,
-                    KvHead::new(&kr, &vr, slots, hd),
-                    scale,
-                    &q,
-                    &rows,
-                    &mut b,
-                );
+                let none = Scales::default();
+                let bf = KvHead::new(&kb, &vb, none, slots, hd);
+                attend(isa, bf, scale, &q, &rows, &mut a);
+                let rounded = KvHead::new(&kr, &vr, none, slots, hd);
+                attend(isa, rounded, scale, &q, &rows, &mut b);
                 assert_eq!(a, b, "{isa:?} hd={hd}");
+            }
+        }
+    }
+
+    /// An int8 cache: every path gives the scalar reference's bits; the
+    /// result is what an f32 cache of the dequantized values gives (up to
+    /// where the scales are applied); and the codes are the nearest, so the
+    /// error against the exact values stays within what rounding allows.
+    #[test]
+    fn an_int8_cache_matches_its_dequantized_values_on_every_path() {
+        let mut seed = 13;
+        for &(hd, slots) in &[(128, 48), (64, 32), (12, 16)] {
+            let n = slots * hd;
+            let (mut kq, mut vq) = (vec![0i8; n], vec![0i8; n]);
+            let (mut ks, mut vs) = (vec![0f32; slots], vec![0f32; slots]);
+            let (mut kd, mut vd) = (vec![0f32; n], vec![0f32; n]);
+            let (mut kx, mut vx) = (vec![0f32; n], vec![0f32; n]);
+            for p in 0..slots {
+                // Magnitudes that differ by position, as real keys do.
+                let spread = 0.1 + (p % 5) as f32;
+                let k: Vec<f32> = (0..hd).map(|_| spread * lcg(&mut seed)).collect();
+                let v: Vec<f32> = (0..hd).map(|_| lcg(&mut seed)).collect();
+                let head = KvHeadMut {
+                    keys: &mut kq,
+                    values: &mut vq,
+                    key_scales: &mut ks,
+                    value_scales: &mut vs,
+                };
+                store(head, slots, p, &k, &v);
+                let (k_s, v_s) = (ks[p % slots], vs[p % slots]);
+                let kdeq: Vec<f32> = (0..hd)
+                    .map(|d| kq[key_index(slots, hd, p, d)] as f32 * k_s)
+                    .collect();
+                let vdeq: Vec<f32> = (0..hd).map(|d| vq[p * hd + d] as f32 * v_s).collect();
+                for d in 0..hd {
+                    assert!(
+                        (kdeq[d] - k[d]).abs() <= 0.5 * k_s * 1.0001,
+                        "key code {p},{d}"
+                    );
+                    assert!(
+                        (vdeq[d] - v[d]).abs() <= 0.5 * v_s * 1.0001,
+                        "value code {p},{d}"
+                    );
+                }
+                store(unscaled(&mut kd, &mut vd), slots, p, &kdeq, &vdeq);
+                store(unscaled(&mut kx, &mut vx), slots, p, &k, &v);
+            }
+            let n_rows = 5;
+            let q: Vec<f32> = (0..n_rows * hd).map(|_| lcg(&mut seed)).collect();
+            let rows: Vec<QueryRow> = (0..n_rows)
+                .map(|i| QueryRow {
+                    at: i * hd,
+                    first: i,
+                    last: slots - 1 - 2 * i,
+                })
+                .collect();
+            let scale = 1.0 / (hd as f32).sqrt();
+            let scales = Scales {
+                keys: &ks,
+                values: &vs,
+            };
+            let q8 = KvHead::new(&kq, &vq, scales, slots, hd);
+            let mut want = vec![f32::NAN; n_rows * hd];
+            attend(Isa::Scalar, q8, scale, &q, &rows, &mut want);
+            let none = Scales::default();
+            let (mut deq, mut exact) = (vec![0f32; n_rows * hd], vec![0f32; n_rows * hd]);
+            attend(
+                Isa::Scalar,
+                KvHead::new(&kd, &vd, none, slots, hd),
+                scale,
+                &q,
+                &rows,
+                &mut deq,
+            );
+            attend(
+                Isa::Scalar,
+                KvHead::new(&kx, &vx, none, slots, hd),
+                scale,
+                &q,
+                &rows,
+                &mut exact,
+            );
+            let (mut worst_deq, mut worst_exact) = (0f32, 0f32);
+            for ((a, b), c) in want.iter().zip(&deq).zip(&exact) {
+                worst_deq = worst_deq.max((a - b).abs());
+                worst_exact = worst_exact.max((a - c).abs());
+            }
+            // Shown with `--nocapture`, to review the bounds.
+            eprintln!(
+                "int8 cache hd={hd}: max |Δ| {worst_deq:.1e} vs dequantized, {worst_exact:.1e} vs exact"
+            );
+            assert!(
+                worst_deq <= 1e-6,
+                "hd={hd}: {worst_deq} from the dequantized cache"
+            );
+            // Values are within [-1, 1]: 8 bits leave errors near 1/254.
+            assert!(
+                worst_exact <= 6e-3,
+                "hd={hd}: {worst_exact} from the exact cache"
+            );
+            assert!(worst_exact > 1e-5, "hd={hd}: the codes must lose something");
+            for isa in Isa::supported() {
+                let mut got = vec![f32::NAN; n_rows * hd];
+                attend(isa, q8, scale, &q, &rows, &mut got);
+                assert_eq!(got, want, "{isa:?} hd={hd}");
             }
         }
     }
@@ -867,7 +1081,7 @@ mod tests {
     #[should_panic(expected = "16-slot cache")]
     fn a_row_wider_than_the_cache_is_a_bug() {
         let (keys, values) = (vec![0f32; 16 * 4], vec![0f32; 16 * 4]);
-        let kv = KvHead::new(&keys, &values, 16, 4);
+        let kv = KvHead::new(&keys, &values, Scales::default(), 16, 4);
         let row = QueryRow {
             at: 0,
             first: 0,

@@ -12,21 +12,36 @@ use std::time::Instant;
 pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Prompt tokens to process (0 skips the test).
+    /// Prompt tokens to process (0 skips the test); a comma list runs one
+    /// test per value.
     #[arg(
         short = 'p',
         long = "n-prompt",
         value_name = "N",
-        default_value_t = 512
+        value_delimiter = ',',
+        default_value = "512"
     )]
-    n_prompt: usize,
-    /// Tokens to generate (0 skips the test).
-    #[arg(short = 'n', long = "n-gen", value_name = "N", default_value_t = 128)]
-    n_gen: usize,
+    n_prompt: Vec<usize>,
+    /// Tokens to generate (0 skips the test); a comma list runs one test per value.
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_name = "N",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    n_gen: Vec<usize>,
     /// Tokens of context already in the cache when each test starts (not
-    /// timed), like llama-bench's `-d`: decode and prefill at depth.
-    #[arg(short = 'd', long = "depth", value_name = "N", default_value_t = 0)]
-    depth: usize,
+    /// timed), like llama-bench's `-d`: decode and prefill at depth. A
+    /// comma list runs every test at each depth.
+    #[arg(
+        short = 'd',
+        long = "depth",
+        value_name = "N",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    depth: Vec<usize>,
     /// Repetitions of each test.
     #[arg(
         short = 'r',
@@ -50,6 +65,7 @@ const MAX_REPETITIONS: usize = 1000;
 #[derive(Serialize)]
 struct Rate {
     test: String,
+    threads: usize,
     depth: usize,
     tokens: usize,
     mean_tok_s: f64,
@@ -65,7 +81,8 @@ struct Report {
     size_bytes: usize,
     bits_per_weight: f64,
     bytes_per_token: usize,
-    threads: usize,
+    /// The thread counts measured, in order.
+    threads: Vec<usize>,
     kernels: String,
     /// How the attention cache stores keys and values.
     kv_cache: String,
@@ -74,14 +91,22 @@ struct Report {
     read_bandwidth_bytes_s: Option<f64>,
     /// Decode tok/s the bandwidth allows: bandwidth / bytes per token.
     decode_ceiling_tok_s: Option<f64>,
+    /// Per thread count measured, the cost of dispatching work.
+    dispatch: Vec<Dispatch>,
+    peak_rss_bytes: u64,
+}
+
+/// What dispatching work to the pool costs with `threads` threads.
+#[derive(Serialize)]
+struct Dispatch {
+    threads: usize,
     /// Kernel jobs (thread-pool dispatches) one decoded token takes.
     jobs_per_token: Option<f64>,
     /// Time of one empty job on the pool: the fixed cost of a dispatch.
     empty_job_us: f64,
-    peak_rss_bytes: u64,
 }
 
-fn summarise(test: String, depth: usize, tokens: usize, seconds: &[f64]) -> Rate {
+fn summarise(test: String, threads: usize, depth: usize, tokens: usize, seconds: &[f64]) -> Rate {
     let samples: Vec<f64> = seconds.iter().map(|s| tokens as f64 / s).collect();
     let mean = samples.iter().sum::<f64>() / samples.len() as f64;
     let var = if samples.len() > 1 {
@@ -91,6 +116,7 @@ fn summarise(test: String, depth: usize, tokens: usize, seconds: &[f64]) -> Rate
     };
     Rate {
         test,
+        threads,
         depth,
         tokens,
         mean_tok_s: mean,
@@ -158,66 +184,77 @@ pub fn run(args: BenchArgs) -> Result<()> {
             args.repetitions
         );
     }
-    if args.n_prompt == 0 && args.n_gen == 0 {
+    let prompts: Vec<usize> = args.n_prompt.iter().copied().filter(|&n| n > 0).collect();
+    let gens: Vec<usize> = args.n_gen.iter().copied().filter(|&n| n > 0).collect();
+    if prompts.is_empty() && gens.is_empty() {
         bail!("nothing to measure: -p (prompt tokens) and -n (generated tokens) are both 0");
     }
-    let model = args.model.load()?;
-    let longest = args.n_prompt.max(args.n_gen).max(1);
-    let needed = args.depth.checked_add(longest);
-    let ctx = args.model.ctx_size.or(needed).unwrap_or(usize::MAX);
-    if needed.is_none_or(|n| n > ctx) || ctx > model.info.max_positions {
-        bail!(
-            "the tests need {} tokens of context ({} of depth + {longest}); the model allows {}",
-            args.depth.saturating_add(longest),
-            args.depth,
-            model.info.max_positions
-        );
-    }
-    let options = args.model.state_options(Some(ctx), KvFormat::Bf16);
-    // Warm up: fault in the weights and the state's buffers once; the tests
-    // reuse that state wherever it can be brought to their depth.
-    let mut slot = None;
-    let warm_prompt = args.n_prompt.clamp(1, 16).min(ctx);
-    time_prompt(
-        &model,
-        state_at_depth(&model, &options, 0, &mut slot)?,
-        warm_prompt,
-    )?;
-    let pool = model.pool();
-    let (jobs_before, warm_tokens) = (pool.jobs_run(), args.n_gen.min(4));
-    time_generation(
-        &model,
-        state_at_depth(&model, &options, 0, &mut slot)?,
-        warm_tokens,
-    )?;
-    let jobs_per_token =
-        (warm_tokens > 0).then(|| (pool.jobs_run() - jobs_before) as f64 / warm_tokens as f64);
-    let empty_job_us = empty_job_seconds(&pool) * 1e6;
-    let at_depth = |name: String| match args.depth {
-        0 => name,
-        d => format!("{name} @ d{d}"),
-    };
     let mut results = Vec::new();
-    if args.n_prompt > 0 {
-        let secs = (0..args.repetitions)
-            .map(|_| {
-                let state = state_at_depth(&model, &options, args.depth, &mut slot)?;
-                time_prompt(&model, state, args.n_prompt)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let test = at_depth(format!("pp{}", args.n_prompt));
-        results.push(summarise(test, args.depth, args.n_prompt, &secs));
+    let mut dispatch = Vec::new();
+    let mut first: Option<(Model, StateOptions)> = None;
+    for &threads in &args.model.threads {
+        let model = args.model.load_with(threads)?;
+        let longest = prompts.iter().chain(&gens).copied().max().unwrap_or(1);
+        let deepest = args.depth.iter().copied().max().unwrap_or(0);
+        let needed = deepest.checked_add(longest);
+        let ctx = args.model.ctx_size.or(needed).unwrap_or(usize::MAX);
+        if needed.is_none_or(|n| n > ctx) || ctx > model.info.max_positions {
+            bail!(
+                "the tests need {} tokens of context ({deepest} of depth + {longest}); the model allows {}",
+                deepest.saturating_add(longest),
+                model.info.max_positions
+            );
+        }
+        let options = args.model.state_options(Some(ctx), KvFormat::Bf16);
+        let pool = model.pool();
+        // Warm up: fault in the weights and the state's buffers once; the
+        // tests reuse that state wherever it can be brought to their depth.
+        let mut slot = None;
+        let warm_prompt = prompts.first().map_or(1, |&p| p.clamp(1, 16));
+        time_prompt(
+            &model,
+            state_at_depth(&model, &options, 0, &mut slot)?,
+            warm_prompt,
+        )?;
+        let (jobs_before, warm_tokens) = (pool.jobs_run(), gens.first().map_or(0, |&n| n.min(4)));
+        time_generation(
+            &model,
+            state_at_depth(&model, &options, 0, &mut slot)?,
+            warm_tokens,
+        )?;
+        dispatch.push(Dispatch {
+            threads: model.n_threads(),
+            jobs_per_token: (warm_tokens > 0)
+                .then(|| (pool.jobs_run() - jobs_before) as f64 / warm_tokens as f64),
+            empty_job_us: empty_job_seconds(&pool) * 1e6,
+        });
+        for &depth in &args.depth {
+            let name = |test: String| match depth {
+                0 => test,
+                d => format!("{test} @ d{d}"),
+            };
+            let tests = prompts
+                .iter()
+                .map(|&p| (true, p))
+                .chain(gens.iter().map(|&n| (false, n)));
+            for (prompt, n) in tests {
+                let secs = (0..args.repetitions)
+                    .map(|_| {
+                        let state = state_at_depth(&model, &options, depth, &mut slot)?;
+                        if prompt {
+                            time_prompt(&model, state, n)
+                        } else {
+                            time_generation(&model, state, n)
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let test = name(format!("{}{n}", if prompt { "pp" } else { "tg" }));
+                results.push(summarise(test, model.n_threads(), depth, n, &secs));
+            }
+        }
+        first.get_or_insert((model, options));
     }
-    if args.n_gen > 0 {
-        let secs = (0..args.repetitions)
-            .map(|_| {
-                let state = state_at_depth(&model, &options, args.depth, &mut slot)?;
-                time_generation(&model, state, args.n_gen)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let test = at_depth(format!("tg{}", args.n_gen));
-        results.push(summarise(test, args.depth, args.n_gen, &secs));
-    }
+    let (model, options) = first.expect("--threads has at least one value");
     // Before the bandwidth probe, whose buffer is not the model's.
     let peak_rss = peak_rss_bytes();
     let bandwidth = args
@@ -230,14 +267,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         size_bytes: model.info.weight_bytes,
         bits_per_weight: model.info.bits_per_weight(),
         bytes_per_token: model.info.bytes_per_token,
-        threads: model.n_threads(),
+        threads: dispatch.iter().map(|d| d.threads).collect(),
         kernels: model.isa().name().to_owned(),
         kv_cache: options.kv_cache.name().to_owned(),
         results,
         read_bandwidth_bytes_s: bandwidth,
         decode_ceiling_tok_s: bandwidth.map(|b| b / model.info.bytes_per_token as f64),
-        jobs_per_token,
-        empty_job_us,
+        dispatch,
         peak_rss_bytes: peak_rss,
     };
     if args.json {
@@ -254,7 +290,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             mib(report.size_bytes as u64),
             report.params as f64 / 1e6,
             report.bits_per_weight,
-            report.threads,
+            r.threads,
             report.kernels,
             report.kv_cache,
             r.test,
@@ -262,16 +298,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
             r.stddev_tok_s
         );
     }
-    if let Some(tg) = report.results.iter().find(|r| r.test.starts_with("tg")) {
+    // Decode figures: the first generation test of each thread count.
+    for d in &report.dispatch {
+        let Some(tg) = report
+            .results
+            .iter()
+            .find(|r| r.threads == d.threads && r.test.starts_with("tg"))
+        else {
+            continue;
+        };
         println!(
-            "\ndecode reads {} per token: {:.1} GB/s of weights at {:.2} tok/s",
+            "\n{} threads, {}: decode reads {} per token: {:.1} GB/s of weights at {:.2} tok/s",
+            d.threads,
+            tg.test,
             mib(report.bytes_per_token as u64),
             tg.mean_tok_s * report.bytes_per_token as f64 / 1e9,
             tg.mean_tok_s
         );
-        if let (Some(bw), Some(ceiling)) =
-            (report.read_bandwidth_bytes_s, report.decode_ceiling_tok_s)
-        {
+        if let (Some(bw), Some(ceiling), true) = (
+            report.read_bandwidth_bytes_s,
+            report.decode_ceiling_tok_s,
+            d.threads == report.threads[0],
+        ) {
             let share = tg.mean_tok_s / ceiling;
             let verdict = if share <= 1.0 {
                 format!("decode reaches {:.0}% of it", 100.0 * share)
@@ -281,21 +329,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 )
             };
             println!(
-                "memory reads at {:.1} GB/s: ceiling {ceiling:.2} tok/s; {verdict}",
-                bw / 1e9
+                "memory reads at {:.1} GB/s ({} threads): ceiling {ceiling:.2} tok/s; {verdict}",
+                bw / 1e9,
+                d.threads
             );
         }
-    }
-    if let (Some(jobs), Some(tg)) = (
-        report.jobs_per_token,
-        report.results.iter().find(|r| r.test.starts_with("tg")),
-    ) {
-        let share = jobs * report.empty_job_us * 1e-6 * tg.mean_tok_s;
-        println!(
-            "kernel jobs: {jobs:.0} per decoded token, {:.1} µs each when empty: {:.1}% of a token's time",
-            report.empty_job_us,
-            100.0 * share
-        );
+        if let Some(jobs) = d.jobs_per_token {
+            let share = jobs * d.empty_job_us * 1e-6 * tg.mean_tok_s;
+            println!(
+                "kernel jobs: {jobs:.0} per decoded token, {:.1} µs each when empty: {:.1}% of a token's time",
+                d.empty_job_us,
+                100.0 * share
+            );
+        }
     }
     println!("peak RSS {}", mib(report.peak_rss_bytes));
     Ok(())

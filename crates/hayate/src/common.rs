@@ -16,9 +16,10 @@ pub struct ModelArgs {
     /// Model directory as published on Hugging Face (config.json, *.safetensors, tokenizer.json, ...).
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
-    /// Threads for the kernels (default: one per core; more than the cores are capped).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub threads: usize,
+    /// Threads for the kernels (default: one per core; more than the cores
+    /// are capped). `bench` takes a comma list and measures each.
+    #[arg(long, value_name = "N", value_delimiter = ',', default_value = "0")]
+    pub threads: Vec<usize>,
     /// Context length in tokens (default: the model's maximum, at most 4096).
     #[arg(long, value_name = "N")]
     pub ctx_size: Option<usize>,
@@ -54,6 +55,8 @@ pub enum KvCacheArg {
     F32,
     /// bf16 keys and values: half the memory and half the bytes read per token.
     Bf16,
+    /// int8 keys and values with a scale per position and head: about a quarter of f32's bytes.
+    Q8,
 }
 
 impl KvCacheArg {
@@ -62,6 +65,7 @@ impl KvCacheArg {
         match self {
             KvCacheArg::F32 => KvFormat::F32,
             KvCacheArg::Bf16 => KvFormat::Bf16,
+            KvCacheArg::Q8 => KvFormat::Q8,
         }
     }
 }
@@ -137,10 +141,26 @@ impl QuantArgs {
 }
 
 impl ModelArgs {
+    /// The one thread count these arguments give (a list is for `bench`).
+    fn threads(&self) -> Result<usize> {
+        match self.threads[..] {
+            [n] => Ok(n),
+            _ => anyhow::bail!(
+                "--threads takes one number here (comma lists are for bench), not {:?}",
+                self.threads
+            ),
+        }
+    }
+
     /// The engine's load options these arguments ask for.
-    pub fn load_options(&self) -> LoadOptions {
+    pub fn load_options(&self) -> Result<LoadOptions> {
+        Ok(self.load_options_with(self.threads()?))
+    }
+
+    /// [`Self::load_options`] with `threads` kernel threads.
+    pub fn load_options_with(&self, threads: usize) -> LoadOptions {
         LoadOptions {
-            threads: self.threads,
+            threads,
             quantize: self.quantize.map(|f| self.quant.spec(f)),
             activations: match self.activations {
                 ActivationsArg::Int8 => ActPrecision::Int8,
@@ -151,8 +171,13 @@ impl ModelArgs {
 
     /// Loads the model, reporting the time taken at info level.
     pub fn load(&self) -> Result<Model> {
+        self.load_with(self.threads()?)
+    }
+
+    /// [`Self::load`] with `threads` kernel threads.
+    pub fn load_with(&self, threads: usize) -> Result<Model> {
         let start = Instant::now();
-        let model = Model::load(&self.model, &self.load_options())
+        let model = Model::load(&self.model, &self.load_options_with(threads))
             .with_context(|| format!("cannot load the model in {}", self.model.display()))?;
         if let Some(report) = &model.quantization {
             tracing::info!(

@@ -86,7 +86,7 @@ struct Report {
 fn load_reference(dir: &Path, args: &ModelArgs, quantize: Option<FormatArg>) -> Result<Model> {
     let options = LoadOptions {
         quantize: quantize.map(|f| args.quant.spec(f)),
-        ..args.load_options()
+        ..args.load_options()?
     };
     Model::load(dir, &options)
         .with_context(|| format!("cannot load the reference model in {}", dir.display()))

@@ -112,6 +112,18 @@ fn a_bf16_cache_costs_a_small_kl() {
     assert!(ppl < 1e-3, "perplexity moved by {ppl}");
 }
 
+/// What an int8 KV cache costs, measured the same way: more than bf16's,
+/// still far below what 8-bit weights cost.
+#[test]
+fn a_q8_cache_costs_a_small_kl() {
+    let r = eval_json_with("pystd-qwen3-7m", "pystd-qwen3-7m", "q8");
+    assert_eq!(r["model_kv_cache"], "q8");
+    let kl = num(&r, "kl_mean");
+    // Measured: 4.13e-5, top-1 agreement 99.47% (bf16 cache 5.15e-6; q8 weights ~1e-4).
+    assert!((1.5e-5..2e-4).contains(&kl), "kl_mean = {kl}");
+    assert!(num(&r, "top1_agreement") > 0.99);
+}
+
 #[test]
 fn small_model_diverges_from_the_large_one() {
     let r = eval_json("pystd-qwen3-7m", "pystd-qwen3-1m");

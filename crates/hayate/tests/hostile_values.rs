@@ -340,6 +340,7 @@ fn hostile_command_line_values() {
         &["1099511627776", "2048"],
     );
     fails(&run(&["--threads", "-1"]), &["--threads", "-1"]);
+    fails(&run(&["--threads", "1,2"]), &["--threads", "comma lists"]);
     fails(&run(&["--max-tokens", "x"]), &["--max-tokens", "x"]);
     fails(&run(&["--no-such-flag"]), &["--no-such-flag"]);
     // bench: nothing to measure, repetitions out of range.
@@ -354,6 +355,9 @@ fn hostile_command_line_values() {
     fails(&bench(&["-p", "100000"]), &["100000", "512"]);
     fails(&bench(&["-d", "100000"]), &["100000 of depth"]);
     fails(&bench(&["-d", "18446744073709551615"]), &["of depth"]);
+    fails(&bench(&["-d", "0,100000"]), &["100000 of depth"]);
+    fails(&bench(&["-p", "0,0", "-n", "0"]), &["nothing to measure"]);
+    fails(&bench(&["-p", "1,x"]), &["x"]);
     // logits and quantize.
     let (out, written) = logits(&fixtures().join(FLOAT), &["--chunk", "0"]);
     assert_one_error_line(&out, &["--chunk"]);

@@ -179,22 +179,34 @@ fn run_chat_bench_and_eval_work_on_every_hybrid_architecture() {
             "--model",
             model,
             "-p",
-            "24",
+            "24,5",
             "-n",
             "8",
             "-r",
             "2",
             "-d",
-            "12",
+            "0,12",
             "--threads",
-            "2",
+            "1,2",
         ]);
         // At depth, with a state that cannot roll back that far (every
-        // hybrid layer type bounds rollback), so each repetition re-prefills.
-        assert!(
-            table.contains("pp24 @ d12") && table.contains("tg8 @ d12"),
-            "{table}"
-        );
+        // hybrid layer type bounds rollback), so each repetition
+        // re-prefills; every combination of the lists, in order.
+        let tests: Vec<(&str, &str)> = table
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                (cells.len() > 9 && cells[5] != "threads" && !cells[5].starts_with('-'))
+                    .then(|| (cells[5], cells[8]))
+            })
+            .collect();
+        let mut want = Vec::new();
+        for threads in ["1", "2"] {
+            for test in ["pp24", "pp5", "tg8", "pp24 @ d12", "pp5 @ d12", "tg8 @ d12"] {
+                want.push((threads, test));
+            }
+        }
+        assert_eq!(tests, want, "{table}");
 
         let report = succeed(&[
             "eval",

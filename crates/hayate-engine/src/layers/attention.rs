@@ -21,7 +21,9 @@ use crate::budget::{Budget, StateShape};
 use crate::linear::{Compute, Linear};
 use half::bf16;
 use hayate_kernels::Isa;
-use hayate_kernels::attention::{self as kernel, KEY_TILE, KvHead, MAX_ROWS, QueryRow};
+use hayate_kernels::attention::{
+    self as kernel, KEY_TILE, KvHead, KvHeadMut, MAX_ROWS, QueryRow, Scales,
+};
 use hayate_kernels::ops;
 use hayate_kernels::pool::{DisjointMut, split_range};
 
@@ -66,22 +68,18 @@ pub enum KvFormat {
     F32,
     /// bf16: half the memory and half the bytes attention reads per token.
     Bf16,
+    /// int8 codes with an f32 scale per position and head for the keys and
+    /// another for the values: about a quarter of f32's bytes.
+    Q8,
 }
 
 impl KvFormat {
-    /// `f32` or `bf16`.
+    /// `f32`, `bf16` or `q8`.
     pub fn name(self) -> &'static str {
         match self {
             KvFormat::F32 => "f32",
             KvFormat::Bf16 => "bf16",
-        }
-    }
-
-    /// Bytes per stored value.
-    pub fn bytes(self) -> usize {
-        match self {
-            KvFormat::F32 => 4,
-            KvFormat::Bf16 => 2,
+            KvFormat::Q8 => "q8",
         }
     }
 }
@@ -102,11 +100,23 @@ pub enum KvData {
         /// Values.
         v: Vec<bf16>,
     },
+    /// int8 keys and values with their scales.
+    Q8 {
+        /// Key codes.
+        k: Vec<i8>,
+        /// Value codes.
+        v: Vec<i8>,
+        /// Per head and slot, the keys' scales (`[kv_head][slot]`).
+        k_scales: Vec<f32>,
+        /// Per head and slot, the values' scales.
+        v_scales: Vec<f32>,
+    },
 }
 
 /// Keys and values of one attention layer, each head's history contiguous:
 /// keys `[kv_head][tile of 16 positions][dim][16]`, values
-/// `[kv_head][slot][dim]` (the layout [`hayate_kernels::attention`] reads).
+/// `[kv_head][slot][dim]` (the layout [`hayate_kernels::attention`] reads),
+/// and for int8 caches the scales `[kv_head][slot]`.
 /// Position `p` lives in slot `p % slots`: with a sliding window the buffer
 /// holds only the window (plus room for a chunk and for rollback) and wraps.
 pub struct KvCache {
@@ -120,30 +130,44 @@ pub struct KvCache {
     pub slots: usize,
 }
 
-/// `$body` with `$k` and `$v` bound to the cache's keys and values, whatever their format.
-macro_rules! with_kv {
-    ($data:expr, |$k:ident, $v:ident| $body:expr) => {
-        match $data {
-            KvData::F32 { k: $k, v: $v } => $body,
-            KvData::Bf16 { k: $k, v: $v } => $body,
-        }
-    };
-}
-
 impl KvCache {
     /// Stores the key and value of `position` for KV head `head`.
     fn store(&mut self, head: usize, position: usize, key: &[f32], value: &[f32]) {
         let per_head = self.slots * self.head_dim;
         let range = head * per_head..(head + 1) * per_head;
-        let slots = self.slots;
-        with_kv!(&mut self.data, |k, v| kernel::store(
-            &mut k[range.clone()],
-            &mut v[range],
-            slots,
-            position,
-            key,
-            value
-        ))
+        let (slots, scales) = (self.slots, head * self.slots..(head + 1) * self.slots);
+        fn plain<'a, E>(k: &'a mut [E], v: &'a mut [E]) -> KvHeadMut<'a, E> {
+            KvHeadMut {
+                keys: k,
+                values: v,
+                key_scales: &mut [],
+                value_scales: &mut [],
+            }
+        }
+        match &mut self.data {
+            KvData::F32 { k, v } => {
+                let head = plain(&mut k[range.clone()], &mut v[range]);
+                kernel::store(head, slots, position, key, value)
+            }
+            KvData::Bf16 { k, v } => {
+                let head = plain(&mut k[range.clone()], &mut v[range]);
+                kernel::store(head, slots, position, key, value)
+            }
+            KvData::Q8 {
+                k,
+                v,
+                k_scales,
+                v_scales,
+            } => {
+                let head = KvHeadMut {
+                    keys: &mut k[range.clone()],
+                    values: &mut v[range],
+                    key_scales: &mut k_scales[scales.clone()],
+                    value_scales: &mut v_scales[scales],
+                };
+                kernel::store(head, slots, position, key, value)
+            }
+        }
     }
 
     /// The query `rows` attend over KV head `head` (see [`kernel::attend`]).
@@ -159,10 +183,31 @@ impl KvCache {
         let per_head = self.slots * self.head_dim;
         let range = head * per_head..(head + 1) * per_head;
         let (slots, hd) = (self.slots, self.head_dim);
-        with_kv!(&self.data, |k, v| {
-            let kv = KvHead::new(&k[range.clone()], &v[range], slots, hd);
-            kernel::attend(isa, kv, scale, q, rows, out)
-        })
+        let none = Scales::default();
+        match &self.data {
+            KvData::F32 { k, v } => {
+                let kv = KvHead::new(&k[range.clone()], &v[range], none, slots, hd);
+                kernel::attend(isa, kv, scale, q, rows, out)
+            }
+            KvData::Bf16 { k, v } => {
+                let kv = KvHead::new(&k[range.clone()], &v[range], none, slots, hd);
+                kernel::attend(isa, kv, scale, q, rows, out)
+            }
+            KvData::Q8 {
+                k,
+                v,
+                k_scales,
+                v_scales,
+            } => {
+                let at = head * slots..(head + 1) * slots;
+                let scales = Scales {
+                    keys: &k_scales[at.clone()],
+                    values: &v_scales[at],
+                };
+                let kv = KvHead::new(&k[range.clone()], &v[range], scales, slots, hd);
+                kernel::attend(isa, kv, scale, q, rows, out)
+            }
+        }
     }
 }
 
@@ -203,6 +248,12 @@ impl MixerLayer for Attention {
             KvFormat::Bf16 => KvData::Bf16 {
                 k: budget.zeroed(n)?,
                 v: budget.zeroed(n)?,
+            },
+            KvFormat::Q8 => KvData::Q8 {
+                k: budget.zeroed(n)?,
+                v: budget.zeroed(n)?,
+                k_scales: budget.zeroed(self.n_kv_heads * slots)?,
+                v_scales: budget.zeroed(self.n_kv_heads * slots)?,
             },
         };
         let cache = KvCache {
