@@ -51,15 +51,34 @@ thread_local! {
     /// read by every thread of the product.
     #[cfg(target_arch = "x86_64")]
     static SPLIT: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// The same for the activations of a short pass on the tile unit.
+    #[cfg(target_arch = "x86_64")]
+    static PAIRS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// One thread's share of a product on the tile unit: weights, output rows, output.
 type TileProduct<'a> = dyn Fn(MatRef<'_>, std::ops::Range<usize>, *mut f32) + Sync + 'a;
 
-/// Whether [`matmul_many`] runs `w` on the AMX tile unit: bf16 weights, more
-/// tokens than the row kernels take.
+/// Whether [`matmul_many`] runs `w` on the AMX tile unit as a GEMM: bf16
+/// weights, more tokens than the row kernels take.
 fn uses_amx(isa: Isa, w: MatRef<'_>, n_tok: usize) -> bool {
     matches!(w.data, WeightSlice::Bf16(_)) && isa.has_amx() && n_tok > gemv_max_tokens(isa, w)
+}
+
+/// Fewest tokens a short pass runs on the tile unit with. Fewer take the
+/// row kernels, which stream the weights faster: the tile loads read 16
+/// rows at once and keep fewer lines in flight (Qwen3-0.6B shape, 2
+/// threads: a 2-token pass took 0.8x the row kernels' speed, 6 tokens the
+/// same, 8 tokens 1.3x, 12 and 16 tokens 1.4-1.7x).
+const AMX_SHORT_MIN_TOKENS: usize = 8;
+
+/// Whether [`matmul_many`] runs a short pass of `w` on the tile unit: bf16
+/// weights with whole 32-input steps, and too few tokens for the GEMM.
+fn uses_amx_short(isa: Isa, w: MatRef<'_>, n_tok: usize) -> bool {
+    matches!(w.data, WeightSlice::Bf16(_))
+        && isa.has_amx()
+        && (AMX_SHORT_MIN_TOKENS..=GEMV_MAX_TOKENS_BF16).contains(&n_tok)
+        && w.cols.is_multiple_of(amx::K_STEP)
 }
 
 /// One matrix of a fused product: all jobs of a [`matmul_many`] call read the
@@ -113,7 +132,9 @@ pub fn matmul_many(
     let targets = &slots[..jobs.len()];
     let total_rows: usize = targets.iter().flatten().map(|(w, _)| w.rows).sum();
     let queue = ChunkQueue::new(total_rows, pool.n_threads(), NR, MIN_CHUNK_ROWS);
-    let products = |split: Option<&TileProduct<'_>>| {
+    // Runs every job's rows through `tiles` where the tile unit takes them,
+    // else through the SIMD kernels.
+    let products = |tiles: &TileProduct<'_>| {
         pool.run(&|tid, _| {
             while let Some(mine) = queue.next_chunk(tid) {
                 let mut base = 0;
@@ -122,11 +143,12 @@ pub fn matmul_many(
                     let end = mine.end.min(base + w.rows);
                     if start < end {
                         let rows = start - base..end - base;
-                        match split {
-                            Some(tiles) if uses_amx(isa, *w, n_tok) => tiles(*w, rows, y.0),
+                        if uses_amx(isa, *w, n_tok) || uses_amx_short(isa, *w, n_tok) {
+                            tiles(*w, rows, y.0)
+                        } else {
                             // SAFETY: shapes were checked above; each thread writes
                             // only columns `rows` of this output (its chunk).
-                            _ => unsafe { matmul_rows(isa, *w, x, n_tok, rows, y.0) },
+                            unsafe { matmul_rows(isa, *w, x, n_tok, rows, y.0) }
                         }
                     }
                     base += w.rows;
@@ -138,12 +160,37 @@ pub fn matmul_many(
     if targets
         .iter()
         .flatten()
+        .any(|(w, _)| uses_amx_short(isa, *w, n_tok))
+    {
+        return PAIRS.with_borrow_mut(|buf| {
+            // SAFETY: AMX implies AVX-512 F/BW; `x` holds `n_tok * k` values
+            // (checked), `n_tok <= 16` and `k` is whole steps (`uses_amx_short`).
+            let acts = unsafe { amx::pair_activations(x, n_tok, k, buf) };
+            products(&|w, rows, y| {
+                let WeightSlice::Bf16(data) = w.data else {
+                    unreachable!("only bf16 weights run on the tiles")
+                };
+                // SAFETY: the CPU and OS support AMX; `acts` was laid out from
+                // these inputs and `buf` outlives the product; `rows` is this
+                // thread's chunk of `w`; shapes were checked above. The rows
+                // left (fewer than 16) take the row kernels.
+                unsafe {
+                    let rest = amx::short_rows(data, k, w.rows, acts, rows.clone(), y);
+                    matmul_rows(isa, w, x, n_tok, rest..rows.end, y)
+                }
+            })
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if targets
+        .iter()
+        .flatten()
         .any(|(w, _)| uses_amx(isa, *w, n_tok))
     {
         SPLIT.with_borrow_mut(|buf| {
             // SAFETY: AMX implies AVX-512 F/BW; `x` holds `n_tok * k` values (checked).
             let acts = unsafe { amx::split_activations(pool, x, n_tok, k, buf) };
-            products(Some(&|w, rows, y| {
+            products(&|w, rows, y| {
                 let WeightSlice::Bf16(data) = w.data else {
                     unreachable!("only bf16 weights run on the tiles")
                 };
@@ -151,11 +198,11 @@ pub fn matmul_many(
                 // split from these inputs and `buf` outlives the product;
                 // `rows` is this thread's chunk of `w`; shapes were checked above.
                 unsafe { amx::gemm_rows(data, k, w.rows, acts, rows, y) }
-            }))
+            })
         });
         return;
     }
-    products(None);
+    products(&|_, _, _| unreachable!("no product runs on the tiles"));
 }
 
 /// Computes output columns `rows` of `y` (`n_tok x w.rows`) on this thread.
@@ -926,7 +973,17 @@ mod tests {
         let pools = [ThreadPool::new(1).unwrap(), ThreadPool::new(3).unwrap()];
         let mut seed = 7;
         // Shapes with ragged edges in every dimension.
-        for &(rows, cols) in &[(1, 1), (5, 7), (16, 16), (37, 300), (64, 513), (130, 1000)] {
+        // Whole 32-input steps with 1-3 blocks of 16 rows and a tail of rows
+        // (the tile unit's short passes), and ragged edges in every dimension.
+        for &(rows, cols) in &[
+            (1, 1),
+            (5, 7),
+            (16, 16),
+            (37, 300),
+            (64, 513),
+            (130, 1000),
+            (99, 96),
+        ] {
             let wf: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
             let wb: Vec<u16> = wf.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
             let wh: Vec<u16> = wf.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
@@ -950,6 +1007,12 @@ mod tests {
                         matmul(&pools[1], Isa::Avx512, w, &x, n_tok, &mut wide);
                         matmul(&pools[1], Isa::Avx2, w, &x, n_tok, &mut narrow);
                         assert_eq!(wide, narrow, "AVX-512 vs AVX2 {rows}x{cols} n_tok={n_tok}");
+                    }
+                    if cols == 96 && matches!(data, WeightSlice::Bf16(_)) {
+                        assert_eq!(
+                            uses_amx_short(Isa::Amx, w, n_tok),
+                            Isa::Amx.is_supported() && (8..=16).contains(&n_tok),
+                        );
                     }
                     for isa in Isa::supported() {
                         for pool in &pools {

@@ -20,6 +20,11 @@
 //! `tmm4`/`tmm5` the parts of one token block's activations in turn,
 //! `tmm6`/`tmm7` the weights of two output blocks; each 32-input step loads
 //! 8 tiles for 12 tile products.
+//!
+//! Short passes (8 to 16 tokens, [`short_rows`]) swap the roles, so that
+//! nothing of the weights is packed: A is 16 weight rows read straight from
+//! the stored matrix, B the activations' three parts in pairs
+//! ([`PairActs`]), C 16 outputs x 16 tokens, transposed into `y`.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -443,6 +448,142 @@ unsafe fn store_block(
             }
         }
     }
+}
+
+/// Activations of a short pass (8 to 16 tokens) laid out as B tiles for
+/// [`short_rows`]: for step `s` and part `p` (hi, mid, lo), a tile whose row
+/// `i` holds, for each token `t`, inputs `32s + 2i` and `32s + 2i + 1` as a
+/// bf16 pair (`[s][p][i][t]`, 1 KiB per tile); tokens past `n_tok` are zero.
+#[derive(Clone, Copy)]
+pub struct PairActs {
+    ptr: *const u32,
+    n_tok: usize,
+}
+
+// SAFETY: a read-only view of a buffer that outlives the product it serves.
+unsafe impl Sync for PairActs {}
+
+/// Lays out `n_tok` (at most 16) tokens of `k` inputs (a multiple of
+/// [`K_STEP`]) for [`short_rows`] in `buf` (resized).
+///
+/// # Safety
+/// The CPU supports AVX-512 F/BW; `x` holds `n_tok * k` values.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn pair_activations(x: &[f32], n_tok: usize, k: usize, buf: &mut Vec<u32>) -> PairActs {
+    debug_assert!(n_tok <= BLOCK && k.is_multiple_of(K_STEP));
+    let steps = k / K_STEP;
+    buf.resize(steps * PARTS * 256, 0);
+    for s in 0..steps {
+        let mut parts = [[_mm512_setzero_si512(); 16]; PARTS];
+        for t in 0..n_tok {
+            // SAFETY: token `t`'s inputs `32s..32s + 32` lie within `x`.
+            let (mut lo, mut hi) = unsafe {
+                let p = x.as_ptr().add(t * k + s * K_STEP);
+                (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+            };
+            for part in parts.iter_mut() {
+                let (bl, bh) = (round_bf16(lo), round_bf16(hi));
+                lo = _mm512_sub_ps(lo, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bl)));
+                hi = _mm512_sub_ps(hi, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bh)));
+                // 32 bf16 in input order: 32-bit lane j holds inputs 2j and 2j + 1.
+                let pairs = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm512_cvtepi32_epi16(bl)),
+                    _mm512_cvtepi32_epi16(bh),
+                );
+                part[t] = pairs;
+            }
+        }
+        for (p, part) in parts.iter_mut().enumerate() {
+            transpose16(part);
+            for (i, row) in part.iter().enumerate() {
+                // SAFETY: tile `(s, p)` lies within `buf` (resized above).
+                unsafe {
+                    let dst = buf.as_mut_ptr().add((s * PARTS + p) * 256 + i * 16);
+                    _mm512_storeu_si512(dst.cast(), *row);
+                }
+            }
+        }
+    }
+    PairActs {
+        ptr: buf.as_ptr(),
+        n_tok,
+    }
+}
+
+/// Computes output columns `rows` of `y` (`acts.n_tok x ldc`) for the bf16
+/// weights `w` (`ldc x k`, `k` a multiple of [`K_STEP`]) on this thread,
+/// with the weights as A tiles read straight from `w` (16 rows of 64 bytes,
+/// `2k` bytes apart: nothing is packed, so a pass of a few tokens streams
+/// the weights once, as decoding does). Only whole blocks of 16 rows are
+/// computed; returns the first row left (the caller runs the rest).
+///
+/// # Safety
+/// As [`gemm_rows`], with `acts` laid out from `k` inputs.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn short_rows(
+    w: &[u16],
+    k: usize,
+    ldc: usize,
+    acts: PairActs,
+    rows: std::ops::Range<usize>,
+    y: *mut f32,
+) -> usize {
+    let steps = k / K_STEP;
+    let a_stride = 2 * k;
+    let mut scratch = [0f32; 256];
+    let mut r = rows.start;
+    // SAFETY: the tile unit is enabled (caller); every tile read lies within
+    // `w` (whole blocks of rows within `rows`) or `acts`; outputs within `y`.
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack));
+        while r + BLOCK <= rows.end {
+            let blocks = ((rows.end - r) / BLOCK).min(3);
+            let a = w.as_ptr().add(r * k);
+            tile_zero!("0");
+            tile_zero!("1");
+            tile_zero!("2");
+            for s in 0..steps {
+                let b = acts.ptr.add(s * PARTS * 256);
+                tile_load!("5", b, 64usize);
+                tile_load!("6", b.add(256), 64usize);
+                tile_load!("7", b.add(512), 64usize);
+                let a0 = a.add(s * K_STEP);
+                tile_load!("3", a0, a_stride);
+                tile_dot!("0", "3", "5");
+                tile_dot!("0", "3", "6");
+                tile_dot!("0", "3", "7");
+                if blocks > 1 {
+                    tile_load!("4", a0.add(BLOCK * k), a_stride);
+                    tile_dot!("1", "4", "5");
+                    tile_dot!("1", "4", "6");
+                    tile_dot!("1", "4", "7");
+                }
+                if blocks > 2 {
+                    tile_load!("3", a0.add(2 * BLOCK * k), a_stride);
+                    tile_dot!("2", "3", "5");
+                    tile_dot!("2", "3", "6");
+                    tile_dot!("2", "3", "7");
+                }
+            }
+            for j in 0..blocks {
+                let dst = scratch.as_mut_ptr();
+                match j {
+                    0 => tile_store!("0", dst, 64usize),
+                    1 => tile_store!("1", dst, 64usize),
+                    _ => tile_store!("2", dst, 64usize),
+                }
+                // C row `i` is output row `r + 16j + i`, lane `t` token `t`.
+                for i in 0..BLOCK {
+                    for t in 0..acts.n_tok {
+                        *y.add(t * ldc + r + j * BLOCK + i) = scratch[i * BLOCK + t];
+                    }
+                }
+            }
+            r += blocks * BLOCK;
+        }
+        asm!("tilerelease", options(nostack));
+    }
+    r
 }
 
 #[cfg(test)]
