@@ -22,6 +22,7 @@
 
 use crate::cpu::Isa;
 use crate::ops;
+use crate::weights::{MatRef, WeightSlice};
 use crate::{holds, is_product};
 
 /// Most tokens [`delta_chunk`] takes at once.
@@ -98,16 +99,62 @@ fn update_row(
 
 /// Scratch for [`delta_chunk`], sized for one head.
 pub struct ChunkScratch {
+    /// `S₀ᵀ`, `dv × dk`.
+    state_t: Vec<f32>,
+    /// The chunk's keys then queries, `2c × dk`.
+    keys_queries: Vec<f32>,
+    /// `[K; Q]·S₀`, `2c × dv`.
+    projected: Vec<f32>,
+    /// `[K; Q]·Kᵀ`, `2c × c`.
+    gram: Vec<f32>,
+    /// The decayed, causal `Q·Kᵀ`, `c × c`.
+    mix: Vec<f32>,
+    /// The `u` of every token, `c × dv`, and its transpose.
     u: Vec<f32>,
+    u_t: Vec<f32>,
+    /// The decayed keys, transposed: `dk × c`.
+    keys_t: Vec<f32>,
+    /// `Σⱼ (Γ_c/Γⱼ) kⱼ uⱼᵀ`, `dk × dv`.
+    update: Vec<f32>,
     cum: Vec<f32>,
 }
 
 impl ChunkScratch {
-    /// Scratch for heads with `dv` value dimensions.
-    pub fn new(dv: usize) -> Self {
+    /// Scratch for heads with `dk` key and `dv` value dimensions.
+    pub fn new(dk: usize, dv: usize) -> Self {
         ChunkScratch {
+            state_t: vec![0.0; dv * dk],
+            keys_queries: vec![0.0; 2 * CHUNK * dk],
+            projected: vec![0.0; 2 * CHUNK * dv],
+            gram: vec![0.0; 2 * CHUNK * CHUNK],
+            mix: vec![0.0; CHUNK * CHUNK],
             u: vec![0.0; CHUNK * dv],
+            u_t: vec![0.0; dv * CHUNK],
+            keys_t: vec![0.0; dk * CHUNK],
+            update: vec![0.0; dk * dv],
             cum: vec![0.0; CHUNK],
+        }
+    }
+}
+
+/// `y = x·wᵀ` on this thread: `x` is `n × cols`, `w` `rows × cols`, `y`
+/// `n × rows` (the products' register-blocked kernels).
+fn product(isa: Isa, w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32]) {
+    let w = MatRef::new(WeightSlice::F32(w), rows, cols).expect("product shapes");
+    assert!(
+        holds(x.len(), n, cols) && holds(y.len(), n, rows),
+        "product shapes"
+    );
+    // SAFETY: `x` holds `n * cols` values and `y` `n * rows` (checked); the
+    // rows are all of `w`, and `y` is this thread's alone (a `&mut`).
+    unsafe { crate::matmul::matmul_rows(isa, w, x, n, 0..rows, y.as_mut_ptr()) }
+}
+
+/// `dst = srcᵀ` for `src` of `rows × cols`.
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    for (r, row) in src.chunks_exact(cols).take(rows).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            dst[c * rows + r] = v;
         }
     }
 }
@@ -115,6 +162,11 @@ impl ChunkScratch {
 /// Up to [`CHUNK`] tokens at once: `q`, `k` are `c × dk`, `v` and `out`
 /// `c × dv`, `beta`, `g` have `c` values; `state` (`dk × dv`) goes from the
 /// chunk's start to its end in place.
+///
+/// The terms of the chunked form are matrix products (`[K; Q]·S₀`,
+/// `[K; Q]·Kᵀ`, the decayed causal `Q·Kᵀ` times `U`, and `Kᵀ·diag(w)·U`),
+/// run by the register-blocked kernels of [`crate::matmul`]; only the
+/// triangular solve for `U` goes token by token.
 #[allow(clippy::too_many_arguments)]
 pub fn delta_chunk(
     isa: Isa,
@@ -133,7 +185,11 @@ pub fn delta_chunk(
     let dv = v.len() / c.max(1);
     assert!(is_product(q.len(), c, dk) && is_product(k.len(), c, dk));
     assert!(is_product(v.len(), c, dv) && is_product(out.len(), c, dv));
-    assert!(is_product(state.len(), dk, dv) && holds(scratch.u.len(), c, dv));
+    assert!(is_product(state.len(), dk, dv), "state of {dk} x {dv}");
+    assert!(
+        scratch.state_t.len() == dk * dv && holds(scratch.u.len(), c, dv),
+        "scratch sized for another head"
+    );
     if c == 0 {
         return;
     }
@@ -143,45 +199,67 @@ pub fn delta_chunk(
         acc += gi;
         *s = acc;
     }
+    // [K; Q]·S₀ (the S₀ terms) and [K; Q]·Kᵀ (the key products).
+    transpose(state, dk, dv, &mut scratch.state_t);
+    let kq = &mut scratch.keys_queries[..2 * c * dk];
+    kq[..c * dk].copy_from_slice(k);
+    kq[c * dk..].copy_from_slice(q);
+    let projected = &mut scratch.projected[..2 * c * dv];
+    product(isa, &scratch.state_t, dv, dk, kq, 2 * c, projected);
+    let gram = &mut scratch.gram[..2 * c * c];
+    product(isa, k, c, dk, kq, 2 * c, gram);
+    let (ks, qs) = projected.split_at(c * dv);
+    let (kk, qk) = gram.split_at(c * c);
+    // The decays Γᵢ/Γⱼ (j ≤ i, zero above), as exponentials of differences
+    // (Γ itself can underflow within a chunk), once for both uses below.
+    let mix = &mut scratch.mix[..c * c];
+    for i in 0..c {
+        for j in 0..c {
+            mix[i * c + j] = if j <= i { (cum[i] - cum[j]).exp() } else { 0.0 };
+        }
+    }
+    // uᵢ = βᵢ (vᵢ − Γᵢ (S₀ᵀkᵢ) − Σ_{j<i} (Γᵢ/Γⱼ)(kᵢ·kⱼ) uⱼ), token by token.
     let u = &mut scratch.u[..c * dv];
     for i in 0..c {
-        let ki = &k[i * dk..(i + 1) * dk];
-        let qi = &q[i * dk..(i + 1) * dk];
         let gamma = cum[i].exp();
-        // The S₀ terms: u ← −Γ S₀ᵀk, o ← Γ S₀ᵀq.
         let (done, rest) = u.split_at_mut(i * dv);
         let ui = &mut rest[..dv];
-        let oi = &mut out[i * dv..(i + 1) * dv];
-        ui.fill(0.0);
-        oi.fill(0.0);
-        for ((row, &kr), &qr) in state.chunks_exact(dv).zip(ki).zip(qi) {
-            ops::axpy(isa, -gamma * kr, row, ui);
-            ops::axpy(isa, gamma * qr, row, oi);
+        for (x, &p) in ui.iter_mut().zip(&ks[i * dv..(i + 1) * dv]) {
+            *x = -gamma * p;
         }
         for (j, uj) in done.chunks_exact(dv).enumerate() {
-            let kj = &k[j * dk..(j + 1) * dk];
-            let decay = (cum[i] - cum[j]).exp();
-            ops::axpy(isa, -decay * ops::dot(isa, ki, kj), uj, ui);
+            ops::axpy(isa, -mix[i * c + j] * kk[i * c + j], uj, ui);
         }
         for (x, &vv) in ui.iter_mut().zip(&v[i * dv..(i + 1) * dv]) {
             *x = beta[i] * (vv + *x);
         }
-        for (j, uj) in u[..(i + 1) * dv].chunks_exact(dv).enumerate() {
-            let kj = &k[j * dk..(j + 1) * dk];
-            let decay = (cum[i] - cum[j]).exp();
-            ops::axpy(isa, decay * ops::dot(isa, qi, kj), uj, oi);
+    }
+    // oᵢ = Γᵢ (S₀ᵀqᵢ) + Σ_{j≤i} (Γᵢ/Γⱼ)(qᵢ·kⱼ) uⱼ: the causal mix times U.
+    for (m, &p) in mix.iter_mut().zip(qk.iter()) {
+        *m *= p;
+    }
+    let u_t = &mut scratch.u_t[..dv * c];
+    transpose(u, c, dv, u_t);
+    product(isa, u_t, dv, c, mix, c, out);
+    for (i, oi) in out.chunks_exact_mut(dv).enumerate() {
+        let gamma = cum[i].exp();
+        for (o, &p) in oi.iter_mut().zip(&qs[i * dv..(i + 1) * dv]) {
+            *o += gamma * p;
         }
     }
+    // S = Γ_c S₀ + Σⱼ (Γ_c/Γⱼ) kⱼ uⱼᵀ.
     let last = cum[c - 1];
+    let keys_t = &mut scratch.keys_t[..dk * c];
+    for j in 0..c {
+        let w = (last - cum[j]).exp();
+        for r in 0..dk {
+            keys_t[r * c + j] = w * k[j * dk + r];
+        }
+    }
+    product(isa, u_t, dv, c, keys_t, dk, &mut scratch.update);
     let gamma_c = last.exp();
-    for (r, row) in state.chunks_exact_mut(dv).enumerate() {
-        for x in row.iter_mut() {
-            *x *= gamma_c;
-        }
-        for (j, uj) in u.chunks_exact(dv).enumerate() {
-            let w = (last - cum[j]).exp() * k[j * dk + r];
-            ops::axpy(isa, w, uj, row);
-        }
+    for (x, &d) in state.iter_mut().zip(&scratch.update) {
+        *x = gamma_c * *x + d;
     }
 }
 
@@ -273,8 +351,16 @@ mod tests {
 
     #[test]
     fn chunk_and_step_match_the_recurrence() {
-        let (dk, dv) = (12, 20);
-        for n in [1, 5, CHUNK - 1, CHUNK] {
+        // Small heads, and heads wide enough for the products' register
+        // blocks and panels to have tails.
+        for (dk, dv, n) in [
+            (12, 20, 1),
+            (12, 20, 5),
+            (12, 20, CHUNK - 1),
+            (12, 20, CHUNK),
+            (48, 72, 37),
+            (48, 72, CHUNK),
+        ] {
             let q = normalized(pseudo(n * dk, 1), dk);
             let k = normalized(pseudo(n * dk, 2), dk);
             let v = pseudo(n * dv, 3);
@@ -306,7 +392,7 @@ mod tests {
                 // Chunked form.
                 let mut state = s0.clone();
                 let mut out = vec![0f32; n * dv];
-                let mut scratch = ChunkScratch::new(dv);
+                let mut scratch = ChunkScratch::new(dk, dv);
                 delta_chunk(
                     isa,
                     &mut state,

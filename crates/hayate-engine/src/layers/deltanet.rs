@@ -160,7 +160,7 @@ impl MixerLayer for GatedDeltaNet {
                         g: budget.floats(CHUNK)?,
                         out: budget.floats(CHUNK * v_dim)?,
                         delta: budget.floats(v_dim)?,
-                        chunk: ChunkScratch::new(v_dim),
+                        chunk: ChunkScratch::new(k_dim, v_dim),
                     }))
                 })
                 .collect::<Result<_>>()?
