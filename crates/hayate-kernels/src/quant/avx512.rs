@@ -55,6 +55,10 @@ struct Packed {
     xsum: Vec<f32>,
     /// `-128 · Σ codes` per block (q8) `[token block][block][MR]`.
     xoff: Vec<i32>,
+    /// The [`QuantizedActs::id`] the activation fields were packed from,
+    /// every `KC` block of them: each thread packs a product's activations
+    /// once, not once per chunk of rows it takes.
+    acts_id: Option<u64>,
 }
 
 thread_local! {
@@ -103,14 +107,14 @@ fn pack_panel(w: &QuantMatRef<'_>, n0: usize, n_end: usize, k0: usize, kc: usize
 
 /// Packs inputs `k0..k0+kc` of every token (tokens past `n_tok` are zero):
 /// 4 codes per lane, scales and the per-block sums each format needs.
-fn pack_activations(acts: &QuantizedActs, k0: usize, kc: usize, p: &mut Packed) {
+fn pack_activations(acts: &QuantizedActs, k0: usize, kc: usize, out: PackedActs<'_>) {
     let (k, n_tok) = (acts.k, acts.n_tok);
     let (nb, kb, units) = (k / BLOCK, kc / BLOCK, kc / 4);
     for mb in 0..n_tok.div_ceil(MR) {
-        let xblock = &mut p.x[mb * units * MR..(mb + 1) * units * MR];
-        let scales = &mut p.xs[mb * kb * MR..(mb + 1) * kb * MR];
-        let sums = &mut p.xsum[mb * kb * MR..(mb + 1) * kb * MR];
-        let offsets = &mut p.xoff[mb * kb * MR..(mb + 1) * kb * MR];
+        let xblock = &mut out.x[mb * units * MR..(mb + 1) * units * MR];
+        let scales = &mut out.xs[mb * kb * MR..(mb + 1) * kb * MR];
+        let sums = &mut out.xsum[mb * kb * MR..(mb + 1) * kb * MR];
+        let offsets = &mut out.xoff[mb * kb * MR..(mb + 1) * kb * MR];
         for i in 0..MR {
             let t = mb * MR + i;
             if t >= n_tok {
@@ -141,6 +145,14 @@ fn pack_activations(acts: &QuantizedActs, k0: usize, kc: usize, p: &mut Packed) 
             }
         }
     }
+}
+
+/// One `KC` block's region of the packed activations.
+struct PackedActs<'a> {
+    x: &'a mut [u32],
+    xs: &'a mut [f32],
+    xsum: &'a mut [f32],
+    xoff: &'a mut [i32],
 }
 
 /// Pointers into one thread's packed operands for one micro-kernel call.
@@ -248,19 +260,38 @@ pub unsafe fn gemm_rows(
     let (k, n_tok, ldc) = (w.cols, acts.n_tok, w.rows);
     let q4 = w.format == QuantFormat::Q4;
     let m_blocks = n_tok.div_ceil(MR);
+    // Each `KC` block of packed activations takes a region of this many.
+    let (x_stride, s_stride) = (m_blocks * KC / 4 * MR, m_blocks * KC / BLOCK * MR);
     PACKED.with_borrow_mut(|p| {
         p.w.resize(KC / 4 * NR, 0);
         p.ws.resize(KC / BLOCK * NR, 0.0);
         p.wz.resize(KC / BLOCK * NR, 0.0);
-        p.x.resize(m_blocks * KC / 4 * MR, 0);
-        p.xs.resize(m_blocks * KC / BLOCK * MR, 0.0);
-        p.xsum.resize(m_blocks * KC / BLOCK * MR, 0.0);
-        p.xoff.resize(m_blocks * KC / BLOCK * MR, 0);
+        if p.acts_id != Some(acts.id) {
+            let regions = k.div_ceil(KC);
+            p.x.resize(regions * x_stride, 0);
+            p.xs.resize(regions * s_stride, 0.0);
+            p.xsum.resize(regions * s_stride, 0.0);
+            p.xoff.resize(regions * s_stride, 0);
+            for (i, k0) in (0..k).step_by(KC).enumerate() {
+                let (xr, sr) = (
+                    i * x_stride..(i + 1) * x_stride,
+                    i * s_stride..(i + 1) * s_stride,
+                );
+                let out = PackedActs {
+                    x: &mut p.x[xr],
+                    xs: &mut p.xs[sr.clone()],
+                    xsum: &mut p.xsum[sr.clone()],
+                    xoff: &mut p.xoff[sr],
+                };
+                pack_activations(acts, k0, KC.min(k - k0), out);
+            }
+            p.acts_id = Some(acts.id);
+        }
         let mut k0 = 0;
         while k0 < k {
             let kc = KC.min(k - k0);
             let kb = kc / BLOCK;
-            pack_activations(acts, k0, kc, p);
+            let (xa, sa) = (k0 / KC * x_stride, k0 / KC * s_stride);
             let mut n0 = rows.start;
             while n0 < rows.end {
                 let ncols = NR.min(rows.end - n0);
@@ -273,10 +304,10 @@ pub unsafe fn gemm_rows(
                     unsafe {
                         let tile = Tile {
                             kc,
-                            x: p.x.as_ptr().add(mb * (kc / 4) * MR),
-                            xs: p.xs.as_ptr().add(mb * kb * MR),
-                            xsum: p.xsum.as_ptr().add(mb * kb * MR),
-                            xoff: p.xoff.as_ptr().add(mb * kb * MR),
+                            x: p.x.as_ptr().add(xa + mb * (kc / 4) * MR),
+                            xs: p.xs.as_ptr().add(sa + mb * kb * MR),
+                            xsum: p.xsum.as_ptr().add(sa + mb * kb * MR),
+                            xoff: p.xoff.as_ptr().add(sa + mb * kb * MR),
                             w: p.w.as_ptr(),
                             ws: p.ws.as_ptr(),
                             wz: p.wz.as_ptr(),
