@@ -61,8 +61,8 @@ pub struct SplitActs {
 // SAFETY: a read-only view of a buffer that outlives the product it serves.
 unsafe impl Sync for SplitActs {}
 
-/// Where value `i` of token `t` lies in the `part` (0 hi, 1 mid, 2 lo) tiles of
-/// activations split into `steps` tiles per token block.
+/// Where input `i` of token `t` lies among split activations of `steps`
+/// 32-input steps: in the tile of part `part` (0 hi, 1 mid, 2 lo).
 #[inline]
 fn tile_offset(steps: usize, part: usize, t: usize, i: usize) -> usize {
     (((t / BLOCK * steps + i / K_STEP) * PARTS + part) * BLOCK + t % BLOCK) * K_STEP + i % K_STEP
