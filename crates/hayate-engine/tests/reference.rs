@@ -28,6 +28,15 @@ fn reference(dir: &Path) -> (Vec<u32>, Vec<f32>, usize) {
     (ids, logits, vocab)
 }
 
+/// The largest |a − b| over two equally long logit arrays.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 /// Max |Δlogit| allowed: about ten times the largest measured (in the
 /// comments at the call sites), as in the `hayate logits` tests.
 fn check(name: &str, tolerance: f32) {
@@ -40,11 +49,7 @@ fn check(name: &str, tolerance: f32) {
     model
         .forward(&mut state, &ids, Logits::All(&mut all))
         .unwrap();
-    let max_diff = all
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let max_diff = max_abs_diff(&all, &want);
     assert!(
         max_diff <= tolerance,
         "{name} prefill: max |Δ| = {max_diff}"
@@ -54,11 +59,7 @@ fn check(name: &str, tolerance: f32) {
     for (t, &id) in ids.iter().enumerate() {
         let got = model.forward(&mut state, &[id], Logits::Last).unwrap();
         let row = &want[t * vocab..(t + 1) * vocab];
-        let d = got
-            .iter()
-            .zip(row)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let d = max_abs_diff(got, row);
         assert!(d <= tolerance, "{name} incremental at {t}: max |Δ| = {d}");
     }
     eprintln!("{name}: prefill max |Δ| = {max_diff}");
@@ -110,11 +111,7 @@ fn pystd_with_cache(kv: KvFormat) -> (f64, f32) {
             .sum::<f64>();
     }
     let kl = kl / ids.len() as f64;
-    let max_diff = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let max_diff = max_abs_diff(&got, &want);
     eprintln!(
         "pystd-qwen3-7m, {} cache: mean KL {kl:.3e}, max |Δ| {max_diff}",
         kv.name()

@@ -815,6 +815,20 @@ mod tests {
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
+    /// Five random queries, row `i` seeing positions `i..=slots - 1 - 2i`.
+    fn five_queries(hd: usize, slots: usize, seed: &mut u64) -> (usize, Vec<f32>, Vec<QueryRow>) {
+        let n_rows = 5;
+        let q = (0..n_rows * hd).map(|_| lcg(seed)).collect();
+        let rows = (0..n_rows)
+            .map(|i| QueryRow {
+                at: i * hd,
+                first: i,
+                last: slots - 1 - 2 * i,
+            })
+            .collect();
+        (n_rows, q, rows)
+    }
+
     /// A writable view of an f32 or bf16 head.
     fn unscaled<'a, E>(keys: &'a mut [E], values: &'a mut [E]) -> KvHeadMut<'a, E> {
         KvHeadMut {
@@ -950,15 +964,7 @@ mod tests {
                 changed > slots * hd / 2,
                 "the rounding must change most keys"
             );
-            let n_rows = 5;
-            let q: Vec<f32> = (0..n_rows * hd).map(|_| lcg(&mut seed)).collect();
-            let rows: Vec<QueryRow> = (0..n_rows)
-                .map(|i| QueryRow {
-                    at: i * hd,
-                    first: i,
-                    last: slots - 1 - 2 * i,
-                })
-                .collect();
+            let (n_rows, q, rows) = five_queries(hd, slots, &mut seed);
             let scale = 1.0 / (hd as f32).sqrt();
             for isa in Isa::supported() {
                 let (mut a, mut b) = (vec![f32::NAN; n_rows * hd], vec![f32::NAN; n_rows * hd]);
@@ -1015,15 +1021,7 @@ mod tests {
                 store(unscaled(&mut kd, &mut vd), slots, p, &kdeq, &vdeq);
                 store(unscaled(&mut kx, &mut vx), slots, p, &k, &v);
             }
-            let n_rows = 5;
-            let q: Vec<f32> = (0..n_rows * hd).map(|_| lcg(&mut seed)).collect();
-            let rows: Vec<QueryRow> = (0..n_rows)
-                .map(|i| QueryRow {
-                    at: i * hd,
-                    first: i,
-                    last: slots - 1 - 2 * i,
-                })
-                .collect();
+            let (n_rows, q, rows) = five_queries(hd, slots, &mut seed);
             let scale = 1.0 / (hd as f32).sqrt();
             let scales = Scales {
                 keys: &ks,

@@ -59,10 +59,34 @@ thread_local! {
 /// One thread's share of a product on the tile unit: weights, output rows, output.
 type TileProduct<'a> = dyn Fn(MatRef<'_>, std::ops::Range<usize>, *mut f32) + Sync + 'a;
 
+/// Whether [`matmul_many`] runs `w` on the AMX tile unit, as a GEMM or a
+/// short pass.
+fn uses_tiles(isa: Isa, w: MatRef<'_>, n_tok: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        uses_amx(isa, w, n_tok) || uses_amx_short(isa, w, n_tok)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (isa, w, n_tok);
+        false
+    }
+}
+
 /// Whether [`matmul_many`] runs `w` on the AMX tile unit as a GEMM: bf16
 /// weights, more tokens than the row kernels take.
+#[cfg(target_arch = "x86_64")]
 fn uses_amx(isa: Isa, w: MatRef<'_>, n_tok: usize) -> bool {
     matches!(w.data, WeightSlice::Bf16(_)) && isa.has_amx() && n_tok > gemv_max_tokens(isa, w)
+}
+
+/// The elements of `w`, which the tile paths take only when they are bf16.
+#[cfg(target_arch = "x86_64")]
+fn bf16_data(w: MatRef<'_>) -> &[u16] {
+    match w.data {
+        WeightSlice::Bf16(data) => data,
+        _ => unreachable!("only bf16 weights run on the tiles"),
+    }
 }
 
 /// Fewest tokens a short pass runs on the tile unit with. Fewer take the
@@ -70,10 +94,12 @@ fn uses_amx(isa: Isa, w: MatRef<'_>, n_tok: usize) -> bool {
 /// rows at once and keep fewer lines in flight (Qwen3-0.6B shape, 2
 /// threads: a 2-token pass took 0.8x the row kernels' speed, 6 tokens the
 /// same, 8 tokens 1.3x, 12 and 16 tokens 1.4-1.7x).
+#[cfg(target_arch = "x86_64")]
 const AMX_SHORT_MIN_TOKENS: usize = 8;
 
 /// Whether [`matmul_many`] runs a short pass of `w` on the tile unit: bf16
 /// weights with whole 32-input steps, and too few tokens for the GEMM.
+#[cfg(target_arch = "x86_64")]
 fn uses_amx_short(isa: Isa, w: MatRef<'_>, n_tok: usize) -> bool {
     matches!(w.data, WeightSlice::Bf16(_))
         && isa.has_amx()
@@ -143,7 +169,7 @@ pub fn matmul_many(
                     let end = mine.end.min(base + w.rows);
                     if start < end {
                         let rows = start - base..end - base;
-                        if uses_amx(isa, *w, n_tok) || uses_amx_short(isa, *w, n_tok) {
+                        if uses_tiles(isa, *w, n_tok) {
                             tiles(*w, rows, y.0)
                         } else {
                             // SAFETY: shapes were checked above; each thread writes
@@ -157,50 +183,39 @@ pub fn matmul_many(
         });
     };
     #[cfg(target_arch = "x86_64")]
-    if targets
-        .iter()
-        .flatten()
-        .any(|(w, _)| uses_amx_short(isa, *w, n_tok))
     {
-        return PAIRS.with_borrow_mut(|buf| {
-            // SAFETY: AMX implies AVX-512 F/BW; `x` holds `n_tok * k` values
-            // (checked), `n_tok <= 16` and `k` is whole steps (`uses_amx_short`).
-            let acts = unsafe { amx::pair_activations(x, n_tok, k, buf) };
-            products(&|w, rows, y| {
-                let WeightSlice::Bf16(data) = w.data else {
-                    unreachable!("only bf16 weights run on the tiles")
-                };
-                // SAFETY: the CPU and OS support AMX; `acts` was laid out from
-                // these inputs and `buf` outlives the product; `rows` is this
-                // thread's chunk of `w`; shapes were checked above. The rows
-                // left (fewer than 16) take the row kernels.
-                unsafe {
-                    let rest = amx::short_rows(data, k, w.rows, acts, rows.clone(), y);
-                    matmul_rows(isa, w, x, n_tok, rest..rows.end, y)
-                }
-            })
-        });
-    }
-    #[cfg(target_arch = "x86_64")]
-    if targets
-        .iter()
-        .flatten()
-        .any(|(w, _)| uses_amx(isa, *w, n_tok))
-    {
-        SPLIT.with_borrow_mut(|buf| {
-            // SAFETY: AMX implies AVX-512 F/BW; `x` holds `n_tok * k` values (checked).
-            let acts = unsafe { amx::split_activations(pool, x, n_tok, k, buf) };
-            products(&|w, rows, y| {
-                let WeightSlice::Bf16(data) = w.data else {
-                    unreachable!("only bf16 weights run on the tiles")
-                };
-                // SAFETY: the CPU and OS support AMX (`uses_amx`); `acts` was
-                // split from these inputs and `buf` outlives the product;
-                // `rows` is this thread's chunk of `w`; shapes were checked above.
-                unsafe { amx::gemm_rows(data, k, w.rows, acts, rows, y) }
-            })
-        });
-        return;
+        let any = |takes: fn(Isa, MatRef<'_>, usize) -> bool| {
+            targets.iter().flatten().any(|(w, _)| takes(isa, *w, n_tok))
+        };
+        if any(uses_amx_short) {
+            return PAIRS.with_borrow_mut(|buf| {
+                // SAFETY: AMX implies AVX-512 F/BW; `x` holds `n_tok * k` values
+                // (checked), `n_tok <= 16` and `k` is whole steps (`uses_amx_short`).
+                let acts = unsafe { amx::pair_activations(x, n_tok, k, buf) };
+                products(&|w, rows, y| {
+                    // SAFETY: the CPU and OS support AMX; `acts` was laid out from
+                    // these inputs and `buf` outlives the product; `rows` is this
+                    // thread's chunk of `w`; shapes were checked above. The rows
+                    // left (fewer than 16) take the row kernels.
+                    unsafe {
+                        let rest = amx::short_rows(bf16_data(w), k, w.rows, acts, rows.clone(), y);
+                        matmul_rows(isa, w, x, n_tok, rest..rows.end, y)
+                    }
+                })
+            });
+        }
+        if any(uses_amx) {
+            return SPLIT.with_borrow_mut(|buf| {
+                // SAFETY: AMX implies AVX-512 F/BW; `x` holds `n_tok * k` values (checked).
+                let acts = unsafe { amx::split_activations(pool, x, n_tok, k, buf) };
+                products(&|w, rows, y| {
+                    // SAFETY: the CPU and OS support AMX (`uses_amx`); `acts` was
+                    // split from these inputs and `buf` outlives the product;
+                    // `rows` is this thread's chunk of `w`; shapes were checked above.
+                    unsafe { amx::gemm_rows(bf16_data(w), k, w.rows, acts, rows, y) }
+                })
+            });
+        }
     }
     products(&|_, _, _| unreachable!("no product runs on the tiles"));
 }
@@ -1008,6 +1023,7 @@ mod tests {
                         matmul(&pools[1], Isa::Avx2, w, &x, n_tok, &mut narrow);
                         assert_eq!(wide, narrow, "AVX-512 vs AVX2 {rows}x{cols} n_tok={n_tok}");
                     }
+                    #[cfg(target_arch = "x86_64")]
                     if cols == 96 && matches!(data, WeightSlice::Bf16(_)) {
                         assert_eq!(
                             uses_amx_short(Isa::Amx, w, n_tok),
@@ -1034,6 +1050,7 @@ mod tests {
 
     /// The tile path over more output rows than one packed panel holds, with
     /// a tail of rows, and token counts with one, two and three token blocks.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn tile_products_span_panels_and_token_blocks() {
         if !Isa::Amx.is_supported() {

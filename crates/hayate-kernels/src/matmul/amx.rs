@@ -26,6 +26,7 @@
 //! the stored matrix, B the activations' three parts in pairs
 //! ([`PairActs`]), C 16 outputs x 16 tokens, transposed into `y`.
 
+use crate::pool::{DisjointMut, split_range};
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -73,18 +74,8 @@ pub fn split_len(n_tok: usize, k: usize) -> usize {
     PARTS * n_tok.next_multiple_of(BLOCK) * k.next_multiple_of(K_STEP)
 }
 
-struct SplitOut(*mut u16);
-// SAFETY: threads write disjoint token rows, see `split_activations`.
-unsafe impl Sync for SplitOut {}
-
-impl SplitOut {
-    /// The buffer (a method, so closures capture the `Sync` wrapper whole).
-    fn ptr(&self) -> *mut u16 {
-        self.0
-    }
-}
-
-/// Splits `x` (`n_tok x k`) into `buf` (resized to [`split_len`]) on the pool.
+/// Splits `x` (`n_tok x k`) into `buf` (resized to [`split_len`]) on the
+/// pool, each thread taking whole blocks of 16 tokens (contiguous in `buf`).
 ///
 /// # Safety
 /// The CPU supports AVX-512 F/BW; `x` holds `n_tok * k` values.
@@ -97,14 +88,18 @@ pub unsafe fn split_activations(
 ) -> SplitActs {
     let (n_pad, kp) = (n_tok.next_multiple_of(BLOCK), k.next_multiple_of(K_STEP));
     buf.resize(split_len(n_tok, k), 0);
-    let out = SplitOut(buf.as_mut_ptr());
+    let per_block = PARTS * BLOCK * kp;
+    let shared = DisjointMut::new(buf);
     pool.run(&|tid, n_threads| {
-        let rows = n_pad * tid / n_threads..n_pad * (tid + 1) / n_threads;
-        for t in rows {
-            let row = (t < n_tok).then(|| &x[t * k..(t + 1) * k]);
-            // SAFETY: token `t`'s values lie within `buf`, and only this
-            // thread writes them.
-            unsafe { split_row(row, kp, t, out.ptr()) };
+        for b in split_range(n_pad / BLOCK, n_threads, tid, 1) {
+            // SAFETY: each block of tokens goes to one thread only.
+            let tiles = unsafe { shared.piece(b * per_block, per_block) };
+            for i in 0..BLOCK {
+                let t = b * BLOCK + i;
+                let row = (t < n_tok).then(|| &x[t * k..(t + 1) * k]);
+                // SAFETY: AVX-512 F/BW (caller).
+                unsafe { split_token(row, i, tiles) };
+            }
         }
     });
     SplitActs {
@@ -126,13 +121,15 @@ fn round_bf16(v: __m512) -> __m512i {
     _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias))
 }
 
-/// Splits the activations of token `t` (zeros if `None`) into its rows of
-/// the hi, mid and lo tiles at `out`, `kp` values each (zeros past the row).
+/// Splits the activations of token `i` of a block (zeros if `None`) into
+/// its rows of the block's hi, mid and lo `tiles` (zeros past the row).
 ///
 /// # Safety
-/// `out` holds the split of at least `t + 1` tokens of `kp` inputs.
+/// The CPU supports AVX-512 F/BW.
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn split_row(x: Option<&[f32]>, kp: usize, t: usize, out: *mut u16) {
+unsafe fn split_token(x: Option<&[f32]>, i: usize, tiles: &mut [u16]) {
+    let kp = tiles.len() / (PARTS * BLOCK);
+    assert!(i < BLOCK && kp.is_multiple_of(K_STEP) && x.is_none_or(|x| x.len() <= kp));
     let steps = kp / K_STEP;
     let k = x.map_or(0, <[f32]>::len);
     let src = x.map_or(std::ptr::null(), <[f32]>::as_ptr);
@@ -145,13 +142,14 @@ unsafe fn split_row(x: Option<&[f32]>, kp: usize, t: usize, out: *mut u16) {
             0
         };
         // SAFETY: the mask keeps the load within the row (no lane is read
-        // when it is 0); the stores lie within `out` (caller).
+        // when it is 0); each store of 16 values at `tile_offset` stays
+        // within the block's tiles (`i < 16`, `k0 + 16 <= kp`, asserted).
         unsafe {
             let mut rest = _mm512_maskz_loadu_ps(mask, src.wrapping_add(k0));
             for part in 0..PARTS {
                 let bits = round_bf16(rest);
                 rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits)));
-                let dst = out.add(tile_offset(steps, part, t, k0));
+                let dst = tiles.as_mut_ptr().add(tile_offset(steps, part, i, k0));
                 _mm256_storeu_si256(dst.cast(), _mm512_cvtepi32_epi16(bits));
             }
         }
