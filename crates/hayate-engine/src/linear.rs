@@ -159,6 +159,23 @@ impl Linear {
         }
     }
 
+    /// The same layer with q4 weights in strips of 16 rows, the layout of
+    /// the AVX-512 short-pass kernels (a copy: files keep the row-major
+    /// layout); `None` when the weights are not q4 or cannot be cut so.
+    pub fn in_strips(&self, pool: &ThreadPool) -> Option<Self> {
+        let LinearWeight::Quant { signs, data } = &self.weight else {
+            return None;
+        };
+        let LinearKernel::Quant(view, _) = self.kernel() else {
+            return None;
+        };
+        let strips = QuantizedMatrix::strips_of(pool, &view)?;
+        if let QuantData::Mapped(tensors) = data {
+            tensors.release_pages();
+        }
+        Some(self.with_quantized(Arc::new(strips), signs.clone()))
+    }
+
     /// A layer `name` of the rows `ranges` of this float layer, in that
     /// order (a translator regrouping rows the checkpoint interleaves).
     /// Quantized weights cannot be regrouped: their rotation mixes rows.

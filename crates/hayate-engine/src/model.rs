@@ -156,6 +156,12 @@ impl Model {
             .as_ref()
             .map(|spec| quantize_parts(&mut parts, spec, &pool, isa))
             .transpose()?;
+        // The AVX-512 short passes read q4 in strips of 16 rows (a copy made
+        // here; files keep rows). Lower levels (`with_isa`) still run them,
+        // on the reference for passes of up to 4 tokens.
+        if isa.has_avx512() {
+            to_strips(&mut parts, &pool);
+        }
         let info = describe(model_type, &parts, &store);
         Ok(Model {
             id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
@@ -309,4 +315,25 @@ fn describe(model_type: String, parts: &Translated, store: &TensorStore) -> Mode
         weight_bytes,
         bytes_per_token: block_bytes + parts.lm_head.n_bytes() + embedding_row,
     }
+}
+
+/// Lays out every q4 layer of `parts` in strips for the AVX-512 kernels.
+fn to_strips(parts: &mut Translated, pool: &ThreadPool) {
+    // By name, so that tied layers keep sharing one copy.
+    let mut done: std::collections::HashMap<String, Option<Linear>> = Default::default();
+    let mut convert = |l: &mut Linear| {
+        let strips = done
+            .entry(l.name.clone())
+            .or_insert_with(|| l.in_strips(pool));
+        if let Some(strips) = strips {
+            *l = strips.clone();
+        }
+    };
+    for block in &mut parts.blocks {
+        for group in block.linear_groups_mut() {
+            group.into_iter().for_each(&mut convert);
+        }
+    }
+    convert(&mut parts.embedding);
+    convert(&mut parts.lm_head);
 }

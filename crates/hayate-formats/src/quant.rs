@@ -126,6 +126,16 @@ pub struct QuantTensors {
 }
 
 impl QuantTensors {
+    /// Hands the mapped pages of the three arrays back (see
+    /// [`Tensor::release_pages`]), once the engine holds a copy.
+    pub fn release_pages(&self) {
+        self.codes.release_pages();
+        self.scales.release_pages();
+        if let Some(z) = &self.zeros {
+            z.release_pages();
+        }
+    }
+
     /// The quantized matrix `prefix` of `store`, `None` if it has no `prefix.qweight`.
     /// Checks dtypes, shapes, sizes and signs against the metadata and
     /// against the `rows x cols` the configuration implies.

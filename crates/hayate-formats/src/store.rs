@@ -116,6 +116,31 @@ impl Tensor {
         &self.storage.bytes()[self.offset..self.offset + self.n_bytes]
     }
 
+    /// Hands this tensor's mapped pages back to the system, for data that
+    /// was copied elsewhere: they stay in the page cache and are read back
+    /// if touched again, but no longer count in the process's memory.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Storage::Mapped(map) = &*self.storage {
+            const PAGE: usize = 4096;
+            let start = self.offset.next_multiple_of(PAGE);
+            let end = (self.offset + self.n_bytes) / PAGE * PAGE;
+            if start < end {
+                // SAFETY: the map is a shared read-only file mapping, so
+                // dropping its pages loses nothing (they are read from the
+                // file again on the next touch); failure only leaves them
+                // resident, which is harmless.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+    }
+
     /// Size in bytes.
     pub fn n_bytes(&self) -> usize {
         self.n_bytes

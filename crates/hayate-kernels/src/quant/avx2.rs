@@ -252,9 +252,8 @@ fn row_codes(w: &QuantMatRef<'_>, r: usize, k0: usize, kc: usize, out: &mut [i16
             }
         }
         QuantFormat::Q4 => {
-            let src = &w.codes[r * w.cols / 2 + k0 / 2..r * w.cols / 2 + (k0 + kc) / 2];
-            for (bytes, dst) in src.chunks_exact(16).zip(out.chunks_exact_mut(BLOCK)) {
-                for (o, c) in dst.iter_mut().zip(unpack_q4_block(bytes)) {
+            for (b, dst) in (k0 / BLOCK..).zip(out[..kc].chunks_exact_mut(BLOCK)) {
+                for (o, c) in dst.iter_mut().zip(unpack_q4_block(&w.q4_block(r, b))) {
                     *o = i16::from(c);
                 }
             }

@@ -22,7 +22,7 @@
 //!   load of the activations, and their horizontal sums are folded together.
 
 use super::acts::QuantizedActs;
-use super::{QuantFormat, QuantMatRef, unpack_q4_block};
+use super::{QuantFormat, QuantLayout, QuantMatRef, STRIP, unpack_q4_block};
 use crate::hadamard::BLOCK;
 use crate::matmul::avx512::hsums;
 use std::arch::x86_64::*;
@@ -83,9 +83,8 @@ fn pack_panel(w: &QuantMatRef<'_>, n0: usize, n_end: usize, k0: usize, kc: usize
             continue;
         }
         if q4 {
-            let src = &w.codes[r * w.cols / 2 + k0 / 2..r * w.cols / 2 + (k0 + kc) / 2];
-            for (bytes, dst) in src.chunks_exact(16).zip(row.chunks_exact_mut(BLOCK)) {
-                dst.copy_from_slice(&unpack_q4_block(bytes));
+            for (b, dst) in (k0 / BLOCK..).zip(row[..kc].chunks_exact_mut(BLOCK)) {
+                dst.copy_from_slice(&unpack_q4_block(&w.q4_block(r, b)));
             }
         } else {
             let src = &w.codes[r * w.cols + k0..r * w.cols + k0 + kc];
@@ -708,6 +707,154 @@ unsafe fn q8_rows<const R: usize, const T: usize, const SHIFT: u32>(
 
 /// Bytes ahead of the current position that the decode rows prefetch.
 const PREFETCH_BYTES: usize = 4096;
+
+/// Bytes ahead of the current block that the strip kernel prefetches.
+const STRIP_PREFETCH_BYTES: usize = 4096;
+
+/// One strip of a q4 matrix in [`QuantLayout::Strips`] (16 rows) against
+/// tokens `t0..t0+T`: per block, the strip's 4 code vectors are split into
+/// low and high nibbles once for all tokens; each token's int32 lanes (one
+/// per row) start at `-z·Σx` (one `vpmaddwd`), take 8 `vpdpbusd` against
+/// broadcast quads of its codes, and are scaled by `s_w·s_x` once per row
+/// and block. Returns 16 outputs per token.
+///
+/// # Safety
+/// `strip` lies within `w` (strips layout), tokens `t0..t0+T` within `acts`
+/// (prepared with int8 codes for `w.cols` inputs); the CPU supports
+/// AVX-512 F/BW/VL/VNNI.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_strip<const T: usize, const SHIFT: u32>(
+    w: &QuantMatRef<'_>,
+    strip: usize,
+    acts: &QuantizedActs,
+    t0: usize,
+) -> [__m512; T] {
+    let (k, nb, groups) = (w.cols, w.cols / BLOCK, w.groups());
+    let nibble = _mm512_set1_epi8(0x0f);
+    let dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    let nibble_shift = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+    let mut acc = [_mm512_setzero_ps(); T];
+    // SAFETY: every read lies within the strip's codes, scales and zero
+    // points and within the tokens' codes, scales and totals (caller);
+    // prefetch addresses are not dereferenced.
+    unsafe {
+        let codes = w.codes.as_ptr().add(strip * nb * STRIP * 16);
+        let scales = w.scales.as_ptr().add(strip * groups * STRIP);
+        let zeros = w.zeros.as_ptr().add(strip * groups * STRIP / 2);
+        let x = acts.codes.as_ptr().add(t0 * k);
+        let sx = acts.scales.as_ptr().add(t0 * nb);
+        let totals = acts.totals.as_ptr().add(t0 * nb);
+        let (mut sw, mut z) = (_mm512_setzero_ps(), _mm512_setzero_si512());
+        for b in 0..nb {
+            if b & ((1 << SHIFT) - 1) == 0 {
+                let g = b >> SHIFT;
+                let bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(scales.add(g * STRIP).cast()));
+                sw = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits));
+                let zb = _mm_loadl_epi64(zeros.add(g * STRIP / 2).cast());
+                let wide = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(zb, dup));
+                let zero =
+                    _mm512_and_si512(_mm512_srlv_epi32(wide, nibble_shift), _mm512_set1_epi32(15));
+                // −z in each lane's low half, 0 in the high one.
+                z = _mm512_and_si512(
+                    _mm512_sub_epi32(_mm512_setzero_si512(), zero),
+                    _mm512_set1_epi32(0xffff),
+                );
+            }
+            let p = codes.add(b * STRIP * 16);
+            for line in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    p.wrapping_add(STRIP_PREFETCH_BYTES + 64 * line).cast(),
+                );
+            }
+            let v: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(p.add(64 * j).cast()));
+            let lo = v.map(|v| _mm512_and_si512(v, nibble));
+            let hi = v.map(|v| _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble));
+            let quad = |t: usize, i: usize| {
+                _mm512_set1_epi32(x.add(t * k + b * BLOCK + i).cast::<i32>().read_unaligned())
+            };
+            // −z in each lane's low half and Σx (|Σx| < 2¹⁵) in the
+            // broadcast's: one vpmaddwd gives −z·Σx exactly.
+            let mut d: [__m512i; T] = std::array::from_fn(|t| {
+                _mm512_madd_epi16(z, _mm512_set1_epi32(*totals.add(t * nb + b)))
+            });
+            let mut e: [__m512i; T] = [_mm512_setzero_si512(); T];
+            for j in 0..4 {
+                for t in 0..T {
+                    d[t] = _mm512_dpbusd_epi32(d[t], lo[j], quad(t, 4 * j));
+                    e[t] = _mm512_dpbusd_epi32(e[t], hi[j], quad(t, 16 + 4 * j));
+                }
+            }
+            for (t, acc_t) in acc.iter_mut().enumerate() {
+                let f = _mm512_mul_ps(sw, _mm512_set1_ps(*sx.add(t * nb + b)));
+                let sum = _mm512_add_epi32(d[t], e[t]);
+                *acc_t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), f, *acc_t);
+            }
+        }
+    }
+    acc
+}
+
+/// Decode and short passes over a q4 matrix in strips: every strip of
+/// `rows` against each token, up to [`GEMV_TOKENS`] tokens per pass.
+///
+/// # Safety
+/// See `product::rows_product`; `w` is in [`QuantLayout::Strips`] and
+/// `rows` starts and ends on strips; the CPU supports AVX-512 F/BW/VL/VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn gemv_strips(
+    w: QuantMatRef<'_>,
+    acts: &QuantizedActs,
+    rows: std::ops::Range<usize>,
+    y: *mut f32,
+) {
+    assert!(
+        w.layout == QuantLayout::Strips
+            && rows.start.is_multiple_of(STRIP)
+            && rows.end.is_multiple_of(STRIP),
+        "strip kernel on rows {rows:?} of a {:?} matrix",
+        w.layout
+    );
+    let mut t0 = 0;
+    while t0 < acts.n_tok {
+        let n = GEMV_TOKENS.min(acts.n_tok - t0);
+        macro_rules! run {
+            ($t:literal, $shift:literal) => {
+                for strip in rows.start / STRIP..rows.end / STRIP {
+                    // SAFETY: the strip lies within `rows`, rows of `w`; the
+                    // tokens lie within `acts`; `y` holds `n_tok` rows of
+                    // `w.rows` outputs (caller).
+                    unsafe {
+                        let out = q4_strip::<$t, $shift>(&w, strip, acts, t0);
+                        for (t, v) in out.into_iter().enumerate() {
+                            _mm512_storeu_ps(y.add((t0 + t) * w.rows + strip * STRIP), v);
+                        }
+                    }
+                }
+            };
+        }
+        macro_rules! by_shift {
+            ($t:literal) => {
+                match w.group {
+                    32 => run!($t, 0),
+                    64 => run!($t, 1),
+                    _ => run!($t, 2),
+                }
+            };
+        }
+        match n {
+            1 => by_shift!(1),
+            2 => by_shift!(2),
+            3 => by_shift!(3),
+            4 => by_shift!(4),
+            5 => by_shift!(5),
+            6 => by_shift!(6),
+            7 => by_shift!(7),
+            _ => by_shift!(8),
+        }
+        t0 += n;
+    }
+}
 
 /// Decode: every row of `rows` against each of the (few) tokens, up to
 /// [`GEMV_TOKENS`] tokens per pass over a row.

@@ -15,6 +15,13 @@
 //! - q4 zero points: `ceil(cols/G / 2)` bytes per row, group `2i` in the low
 //!   nibble of byte `i`, group `2i + 1` in the high one.
 //!
+//! - q4 strips ([`QuantLayout::Strips`], made at load for the AVX-512 kernels,
+//!   never written to files): rows in strips of 16; per strip and block of
+//!   32 inputs, 256 code bytes as 4 vectors of 16 rows' 32-bit words (word
+//!   `j` of a row holds its block bytes `4j..4j+4`), so that one load feeds
+//!   16 rows' dot products; per strip and group, the 16 rows' scales, then
+//!   their zero points in 8 bytes (even rows low nibble).
+//!
 //! Rotation ([`rotate_rows`]): the stored matrix may be `W' = H·S_out·W·S_in·H`
 //! with `H` the block-32 Walsh–Hadamard transform and `S` diagonal ±1 signs;
 //! then `W·x = S_out·H·(W'·(H·S_in·x))`. The products ([`qmatmul_many`]) apply the
@@ -32,7 +39,7 @@ pub use product::{QuantJob, qmatmul, qmatmul_many};
 
 use crate::cpu::Isa;
 use crate::hadamard::{BLOCK, hadamard_blocks};
-use crate::pool::{ThreadPool, split_range};
+use crate::pool::{DisjointMut, ThreadPool, split_range};
 use crate::weights::MatRef;
 use half::bf16;
 
@@ -82,6 +89,18 @@ impl QuantFormat {
         }
     }
 }
+
+/// How the arrays of a quantized matrix are ordered (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantLayout {
+    /// Row by row, as files store them.
+    Rows,
+    /// q4 in strips of [`STRIP`] rows, for the AVX-512 short-pass kernels.
+    Strips,
+}
+
+/// Rows per strip of [`QuantLayout::Strips`]: one 16-lane vector.
+pub const STRIP: usize = 16;
 
 /// Sizes of the three arrays of a quantized matrix, in elements:
 /// (code bytes, bf16 scales, zero-point bytes).
@@ -137,6 +156,8 @@ pub struct QuantMatRef<'a> {
     pub scales: &'a [u16],
     /// Packed zero points (q4), empty for q8.
     pub zeros: &'a [u8],
+    /// How the three arrays are ordered.
+    pub layout: QuantLayout,
 }
 
 impl<'a> QuantMatRef<'a> {
@@ -172,6 +193,7 @@ impl<'a> QuantMatRef<'a> {
             codes,
             scales,
             zeros,
+            layout: QuantLayout::Rows,
         })
     }
 
@@ -188,18 +210,27 @@ impl<'a> QuantMatRef<'a> {
     /// Scale of group `g` of row `r`.
     #[inline]
     pub fn scale(&self, r: usize, g: usize) -> f32 {
-        bf16::from_bits(self.scales[r * self.groups() + g]).to_f32()
+        let i = match self.layout {
+            QuantLayout::Rows => r * self.groups() + g,
+            QuantLayout::Strips => (r / STRIP * self.groups() + g) * STRIP + r % STRIP,
+        };
+        bf16::from_bits(self.scales[i]).to_f32()
     }
 
     /// Zero point of group `g` of row `r` (0 for q8).
     #[inline]
     pub fn zero(&self, r: usize, g: usize) -> i32 {
-        match self.format {
-            QuantFormat::Q4 => {
+        match (self.format, self.layout) {
+            (QuantFormat::Q4, QuantLayout::Rows) => {
                 let byte = self.zeros[r * self.format.zero_row_bytes(self.groups()) + g / 2];
                 i32::from(group_nibble(byte, g))
             }
-            QuantFormat::Q8 => 0,
+            (QuantFormat::Q4, QuantLayout::Strips) => {
+                let i = r % STRIP;
+                let byte = self.zeros[(r / STRIP * self.groups() + g) * (STRIP / 2) + i / 2];
+                i32::from(group_nibble(byte, i))
+            }
+            (QuantFormat::Q8, _) => 0,
         }
     }
 
@@ -209,10 +240,34 @@ impl<'a> QuantMatRef<'a> {
         match self.format {
             QuantFormat::Q4 => {
                 let j = c % 32;
-                let byte = self.codes[r * self.cols / 2 + (c / 32) * 16 + j % 16];
+                let byte = self.q4_byte(r, c / 32, j % 16);
                 i32::from(if j < 16 { byte & 15 } else { byte >> 4 })
             }
             QuantFormat::Q8 => i32::from(self.codes[r * self.cols + c] as i8),
+        }
+    }
+
+    /// Byte `m` (0..16) of q4 block `b` of row `r`: inputs `32b + m` (low
+    /// nibble) and `32b + m + 16` (high), whatever the layout.
+    #[inline]
+    fn q4_byte(&self, r: usize, b: usize, m: usize) -> u8 {
+        match self.layout {
+            QuantLayout::Rows => self.codes[r * self.cols / 2 + b * 16 + m],
+            QuantLayout::Strips => {
+                let strip = (r / STRIP * (self.cols / BLOCK) + b) * STRIP * 16;
+                self.codes[strip + (m / 4) * STRIP * 4 + (r % STRIP) * 4 + m % 4]
+            }
+        }
+    }
+
+    /// The 16 bytes of q4 block `b` of row `r` in the row-major order
+    /// (see the module docs), whatever the layout.
+    pub(crate) fn q4_block(&self, r: usize, b: usize) -> [u8; 16] {
+        match self.layout {
+            QuantLayout::Rows => self.codes[r * self.cols / 2 + b * 16..][..16]
+                .try_into()
+                .expect("16 bytes"),
+            QuantLayout::Strips => std::array::from_fn(|m| self.q4_byte(r, b, m)),
         }
     }
 
@@ -315,6 +370,8 @@ pub struct QuantizedMatrix {
     pub scales: Vec<u16>,
     /// Packed zero points (q4).
     pub zeros: Vec<u8>,
+    /// How the three arrays are ordered.
+    pub layout: QuantLayout,
 }
 
 impl QuantizedMatrix {
@@ -328,7 +385,70 @@ impl QuantizedMatrix {
             codes: &self.codes,
             scales: &self.scales,
             zeros: &self.zeros,
+            layout: self.layout,
         }
+    }
+
+    /// `w` (q4, row-major, rows a multiple of [`STRIP`]) in strips, the
+    /// layout of the AVX-512 short-pass kernels, made on the pool; `None`
+    /// for other matrices.
+    pub fn strips_of(pool: &ThreadPool, w: &QuantMatRef<'_>) -> Option<Self> {
+        if w.format != QuantFormat::Q4
+            || w.layout != QuantLayout::Rows
+            || !w.rows.is_multiple_of(STRIP)
+        {
+            return None;
+        }
+        let (groups, nb, n_strips) = (w.groups(), w.cols / BLOCK, w.rows / STRIP);
+        let (strip_codes, strip_zeros) = (nb * STRIP * 16, groups * STRIP / 2);
+        let mut codes = vec![0u8; w.codes.len()];
+        let mut scales = vec![0u16; w.scales.len()];
+        let mut zeros = vec![0u8; n_strips * strip_zeros];
+        {
+            let (c, sc, z) = (
+                DisjointMut::new(&mut codes),
+                DisjointMut::new(&mut scales),
+                DisjointMut::new(&mut zeros),
+            );
+            pool.run(&|tid, n_threads| {
+                for s in split_range(n_strips, n_threads, tid, 1) {
+                    // SAFETY: strip `s` belongs to this thread alone.
+                    let (codes, scales, zeros) = unsafe {
+                        (
+                            c.piece(s * strip_codes, strip_codes),
+                            sc.piece(s * groups * STRIP, groups * STRIP),
+                            z.piece(s * strip_zeros, strip_zeros),
+                        )
+                    };
+                    for (b, dst) in codes.chunks_exact_mut(STRIP * 16).enumerate() {
+                        for i in 0..STRIP {
+                            let src = w.q4_block(s * STRIP + i, b);
+                            for (word, bytes) in src.chunks_exact(4).enumerate() {
+                                dst[(word * STRIP + i) * 4..][..4].copy_from_slice(bytes);
+                            }
+                        }
+                    }
+                    for g in 0..groups {
+                        for i in 0..STRIP {
+                            let r = s * STRIP + i;
+                            scales[g * STRIP + i] = w.scales[r * groups + g];
+                            let z = w.zero(r, g) as u8;
+                            zeros[g * STRIP / 2 + i / 2] |= if i % 2 == 0 { z } else { z << 4 };
+                        }
+                    }
+                }
+            });
+        }
+        Some(QuantizedMatrix {
+            format: w.format,
+            rows: w.rows,
+            cols: w.cols,
+            group: w.group,
+            codes,
+            scales,
+            zeros,
+            layout: QuantLayout::Strips,
+        })
     }
 }
 
@@ -370,6 +490,7 @@ pub fn quantize_matrix(
         codes: vec![0; nc],
         scales: vec![0; ns],
         zeros: vec![0; nz],
+        layout: QuantLayout::Rows,
     };
     let groups = cols / group;
     let (code_row, zero_row) = (format.code_row_bytes(cols), format.zero_row_bytes(groups));

@@ -1,7 +1,7 @@
 //! Products of activations with quantized matrices, split across the pool.
 
 use super::acts::{ActPrecision, QuantizedActs, prepare_token};
-use super::{QuantMatRef, Rotation};
+use super::{QuantLayout, QuantMatRef, Rotation};
 use crate::cpu::Isa;
 use crate::hadamard::{BLOCK, hadamard_blocks};
 use crate::matmul::GEMV_MAX_TOKENS;
@@ -224,11 +224,21 @@ unsafe fn rows_product(
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2 | Isa::Avx512 | Isa::Amx, ActPrecision::Int8) => {
             assert!(isa.has_avx2(), "AVX2 kernel on a CPU without AVX2");
+            let strips = w.layout == QuantLayout::Strips;
             // SAFETY: forwarded contract; the CPU supports AVX2, and AVX-512
-            // where that kernel runs (checked).
+            // where that kernel runs (checked); strips start and end on
+            // multiples of 32 rows or at the end of `w` (the queue's chunks).
             unsafe {
                 if isa.has_avx512() && acts.n_tok <= super::avx512::GEMV_MAX_TOKENS {
-                    super::avx512::gemv_rows(w, acts, rows, y)
+                    if strips {
+                        super::avx512::gemv_strips(w, acts, rows, y)
+                    } else {
+                        super::avx512::gemv_rows(w, acts, rows, y)
+                    }
+                } else if strips && acts.n_tok <= GEMV_MAX_TOKENS {
+                    // Strips are made for AVX-512 machines; at a lower level
+                    // (comparisons, tests) the reference computes them.
+                    int8_rows_scalar(w, acts, rows, y)
                 } else if acts.n_tok <= GEMV_MAX_TOKENS {
                     super::avx2::gemv_rows(w, acts, rows, y)
                 } else if isa.has_avx512() {

@@ -303,6 +303,16 @@ fn every_path_matches_the_reference() {
                     });
                     let q = quantize_matrix(&pools[1], Isa::best(), format, group, m, rot);
                     let eff = effective(&q, rot);
+                    // q4 in strips (rows a multiple of 16) runs the strip kernels.
+                    let strips = QuantizedMatrix::strips_of(&pools[1], &q.view());
+                    assert_eq!(
+                        strips.is_some(),
+                        format == QuantFormat::Q4 && rows.is_multiple_of(STRIP),
+                        "{format:?} {rows}x{cols}"
+                    );
+                    let layouts: Vec<QuantMatRef<'_>> = std::iter::once(q.view())
+                        .chain(strips.as_ref().map(|s| s.view()))
+                        .collect();
                     // The row kernels run up to 4 tokens (AVX2) or 32 (AVX-512,
                     // in passes of up to 8); above, the GEMMs, in tiles of 6
                     // tokens, then every tail from 1 to 5.
@@ -331,22 +341,17 @@ fn every_path_matches_the_reference() {
                                 "{format:?} G={group} rot={rotated} {rows}x{cols} n_tok={n_tok} int8: {a} vs {b} (bound {e})"
                             );
                         }
-                        for isa in Isa::supported() {
+                        for (isa, view) in Isa::supported()
+                            .into_iter()
+                            .flat_map(|isa| layouts.iter().map(move |v| (isa, *v)))
+                        {
                             for pool in &pools {
                                 let what = format!(
-                                    "{isa:?} {format:?} G={group} rot={rotated} {rows}x{cols} n_tok={n_tok}"
+                                    "{isa:?} {:?} {format:?} G={group} rot={rotated} {rows}x{cols} n_tok={n_tok}",
+                                    view.layout
                                 );
                                 let mut y = vec![f32::NAN; n_tok * rows];
-                                qmatmul(
-                                    pool,
-                                    isa,
-                                    ActPrecision::F32,
-                                    q.view(),
-                                    rot,
-                                    &x,
-                                    n_tok,
-                                    &mut y,
-                                );
+                                qmatmul(pool, isa, ActPrecision::F32, view, rot, &x, n_tok, &mut y);
                                 for (a, b) in y.iter().zip(&exact) {
                                     assert!(
                                         (a - b).abs() <= 1e-4 * scale,
@@ -357,12 +362,16 @@ fn every_path_matches_the_reference() {
                                     pool,
                                     isa,
                                     ActPrecision::Int8,
-                                    q.view(),
+                                    view,
                                     rot,
                                     &x,
                                     n_tok,
                                     &mut y,
                                 );
+                                if isa == Isa::Scalar {
+                                    // The same arithmetic through the strips' accessors.
+                                    assert_eq!(y, int8_ref, "{what}");
+                                }
                                 for (a, b) in y.iter().zip(&int8_ref) {
                                     assert!(
                                         (a - b).abs() <= 1e-5 * scale,
@@ -494,4 +503,51 @@ fn every_path_quantizes_identically() {
             }
         }
     }
+}
+
+#[test]
+fn strips_hold_every_code_scale_and_zero_of_the_rows() {
+    let mut seed = 5;
+    let pool = ThreadPool::new(2).unwrap();
+    // 3 groups of 32 per row: an odd count, whose zero points share no byte in strips.
+    for (rows, cols, group) in [(48, 96, 32), (32, 256, 64), (16, 384, 128)] {
+        let w = weights(&mut seed, rows * cols);
+        let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
+        let q = quantize_matrix(&pool, Isa::Scalar, QuantFormat::Q4, group, m, None);
+        let s = QuantizedMatrix::strips_of(&pool, &q.view()).expect("q4, rows a multiple of 16");
+        let (a, b) = (q.view(), s.view());
+        assert_eq!(b.layout, QuantLayout::Strips);
+        assert_eq!(a.n_bytes(), b.n_bytes() + a.zeros.len() - b.zeros.len());
+        for r in 0..rows {
+            for g in 0..cols / group {
+                assert_eq!(
+                    a.scale(r, g),
+                    b.scale(r, g),
+                    "{rows}x{cols} row {r} group {g}"
+                );
+                assert_eq!(
+                    a.zero(r, g),
+                    b.zero(r, g),
+                    "{rows}x{cols} row {r} group {g}"
+                );
+            }
+            for c in 0..cols {
+                assert_eq!(
+                    a.code(r, c),
+                    b.code(r, c),
+                    "{rows}x{cols} row {r} input {c}"
+                );
+            }
+        }
+        // Strips are made once, from rows.
+        assert!(QuantizedMatrix::strips_of(&pool, &b).is_none());
+    }
+    // Only q4 with whole strips.
+    let w = weights(&mut seed, 20 * 64);
+    let m = MatRef::new(WeightSlice::F32(&w), 20, 64).unwrap();
+    let q4 = quantize_matrix(&pool, Isa::Scalar, QuantFormat::Q4, 32, m, None);
+    assert!(QuantizedMatrix::strips_of(&pool, &q4.view()).is_none());
+    let m = MatRef::new(WeightSlice::F32(&w[..16 * 64]), 16, 64).unwrap();
+    let q8 = quantize_matrix(&pool, Isa::Scalar, QuantFormat::Q8, 32, m, None);
+    assert!(QuantizedMatrix::strips_of(&pool, &q8.view()).is_none());
 }
