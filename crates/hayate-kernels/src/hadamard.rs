@@ -24,12 +24,8 @@ pub fn hadamard_blocks(isa: Isa, x: &mut [f32]) {
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
-        isa if isa.has_avx2() => {
-            for block in x.chunks_exact_mut(BLOCK) {
-                // SAFETY: the CPU supports AVX2 (checked); the block has 32 values.
-                unsafe { avx2::fwht32(block) }
-            }
-        }
+        // SAFETY: the CPU supports AVX2 (checked).
+        isa if isa.has_avx2() => unsafe { avx2::fwht_blocks(x) },
         _ => {
             for block in x.chunks_exact_mut(BLOCK) {
                 fwht32_scalar(block);
@@ -77,10 +73,24 @@ mod avx2 {
         stage::<0b1111_0000>(v, _mm256_permute2f128_ps::<1>(v, v))
     }
 
+    /// Every block of 32 of `x` (a multiple of 32 long), in one call so
+    /// that the blocks' butterflies are inlined together.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn fwht_blocks(x: &mut [f32]) {
+        for block in x.chunks_exact_mut(32) {
+            // SAFETY: the block has 32 values; the features are enabled.
+            unsafe { fwht32(block) }
+        }
+    }
+
     /// # Safety
     /// `x` holds 32 values; the CPU supports AVX2.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn fwht32(x: &mut [f32]) {
+    unsafe fn fwht32(x: &mut [f32]) {
         let p = x.as_mut_ptr();
         // SAFETY: four loads and stores of 8 values within the 32.
         unsafe {

@@ -745,51 +745,91 @@ unsafe fn q4_strip<const T: usize, const SHIFT: u32>(
         let x = acts.codes.as_ptr().add(t0 * k);
         let sx = acts.scales.as_ptr().add(t0 * nb);
         let totals = acts.totals.as_ptr().add(t0 * nb);
-        let (mut sw, mut z) = (_mm512_setzero_ps(), _mm512_setzero_si512());
-        for b in 0..nb {
-            if b & ((1 << SHIFT) - 1) == 0 {
-                let g = b >> SHIFT;
-                let bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(scales.add(g * STRIP).cast()));
-                sw = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits));
-                let zb = _mm_loadl_epi64(zeros.add(g * STRIP / 2).cast());
-                let wide = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(zb, dup));
-                let zero =
-                    _mm512_and_si512(_mm512_srlv_epi32(wide, nibble_shift), _mm512_set1_epi32(15));
-                // −z in each lane's low half, 0 in the high one.
-                z = _mm512_and_si512(
-                    _mm512_sub_epi32(_mm512_setzero_si512(), zero),
-                    _mm512_set1_epi32(0xffff),
-                );
-            }
+        // Scales and −z (in each lane's low half, 0 in the high one) of block `b`'s group.
+        let group = |b: usize| {
+            let g = b >> SHIFT;
+            let bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(scales.add(g * STRIP).cast()));
+            let sw = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits));
+            let zb = _mm_loadl_epi64(zeros.add(g * STRIP / 2).cast());
+            let wide = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(zb, dup));
+            let zero =
+                _mm512_and_si512(_mm512_srlv_epi32(wide, nibble_shift), _mm512_set1_epi32(15));
+            let z = _mm512_and_si512(
+                _mm512_sub_epi32(_mm512_setzero_si512(), zero),
+                _mm512_set1_epi32(0xffff),
+            );
+            (sw, z)
+        };
+        let quad = |t: usize, b: usize, i: usize| {
+            _mm512_set1_epi32(x.add(t * k + b * BLOCK + i).cast::<i32>().read_unaligned())
+        };
+        // With Σx (|Σx| < 2¹⁵) broadcast, one vpmaddwd gives −z·Σx exactly.
+        let start = |z: __m512i, b: usize| -> [__m512i; T] {
+            std::array::from_fn(|t| {
+                _mm512_madd_epi16(z, _mm512_set1_epi32(*totals.add(t * nb + b)))
+            })
+        };
+        let prefetch = |b: usize| {
             let p = codes.add(b * STRIP * 16);
             for line in 0..4 {
                 _mm_prefetch::<_MM_HINT_T0>(
                     p.wrapping_add(STRIP_PREFETCH_BYTES + 64 * line).cast(),
                 );
             }
-            let v: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(p.add(64 * j).cast()));
-            let lo = v.map(|v| _mm512_and_si512(v, nibble));
-            let hi = v.map(|v| _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble));
-            let quad = |t: usize, i: usize| {
-                _mm512_set1_epi32(x.add(t * k + b * BLOCK + i).cast::<i32>().read_unaligned())
-            };
-            // −z in each lane's low half and Σx (|Σx| < 2¹⁵) in the
-            // broadcast's: one vpmaddwd gives −z·Σx exactly.
-            let mut d: [__m512i; T] = std::array::from_fn(|t| {
-                _mm512_madd_epi16(z, _mm512_set1_epi32(*totals.add(t * nb + b)))
-            });
-            let mut e: [__m512i; T] = [_mm512_setzero_si512(); T];
-            for j in 0..4 {
-                for t in 0..T {
-                    d[t] = _mm512_dpbusd_epi32(d[t], lo[j], quad(t, 4 * j));
-                    e[t] = _mm512_dpbusd_epi32(e[t], hi[j], quad(t, 16 + 4 * j));
-                }
-            }
+        };
+        let nibbles = |b: usize, j: usize| {
+            let v = _mm512_loadu_si512(codes.add(b * STRIP * 16 + 64 * j).cast());
+            (
+                _mm512_and_si512(v, nibble),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble),
+            )
+        };
+        let scale = |acc: &mut [__m512; T], d: &[__m512i; T], sw: __m512, b: usize| {
             for (t, acc_t) in acc.iter_mut().enumerate() {
                 let f = _mm512_mul_ps(sw, _mm512_set1_ps(*sx.add(t * nb + b)));
-                let sum = _mm512_add_epi32(d[t], e[t]);
-                *acc_t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), f, *acc_t);
+                *acc_t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[t]), f, *acc_t);
             }
+        };
+        // With 5 or 6 tokens, two blocks at a time: their 2T chains of
+        // products are enough to keep both ports busy. Fewer tokens split
+        // each block's chain in two instead (more tokens would spill).
+        let pairs = if (5..=6).contains(&T) { nb / 2 } else { 0 };
+        for pair in 0..pairs {
+            let b = 2 * pair;
+            let (sw0, z0) = group(b);
+            let (sw1, z1) = if SHIFT == 0 { group(b + 1) } else { (sw0, z0) };
+            prefetch(b);
+            prefetch(b + 1);
+            let (mut d0, mut d1) = (start(z0, b), start(z1, b + 1));
+            for j in 0..4 {
+                let (l0, h0) = nibbles(b, j);
+                let (l1, h1) = nibbles(b + 1, j);
+                for t in 0..T {
+                    d0[t] = _mm512_dpbusd_epi32(d0[t], l0, quad(t, b, 4 * j));
+                    d1[t] = _mm512_dpbusd_epi32(d1[t], l1, quad(t, b + 1, 4 * j));
+                }
+                for t in 0..T {
+                    d0[t] = _mm512_dpbusd_epi32(d0[t], h0, quad(t, b, 16 + 4 * j));
+                    d1[t] = _mm512_dpbusd_epi32(d1[t], h1, quad(t, b + 1, 16 + 4 * j));
+                }
+            }
+            scale(&mut acc, &d0, sw0, b);
+            scale(&mut acc, &d1, sw1, b + 1);
+        }
+        for b in 2 * pairs..nb {
+            let (sw, z) = group(b);
+            prefetch(b);
+            let mut d = start(z, b);
+            let mut e: [__m512i; T] = [_mm512_setzero_si512(); T];
+            for j in 0..4 {
+                let (lo, hi) = nibbles(b, j);
+                for t in 0..T {
+                    d[t] = _mm512_dpbusd_epi32(d[t], lo, quad(t, b, 4 * j));
+                    e[t] = _mm512_dpbusd_epi32(e[t], hi, quad(t, b, 16 + 4 * j));
+                }
+            }
+            let sum: [__m512i; T] = std::array::from_fn(|t| _mm512_add_epi32(d[t], e[t]));
+            scale(&mut acc, &sum, sw, b);
         }
     }
     acc
