@@ -838,9 +838,13 @@ unsafe fn q4_strip<const T: usize, const SHIFT: u32>(
 /// Decode and short passes over a q4 matrix in strips: every strip of
 /// `rows` against each token, up to [`GEMV_TOKENS`] tokens per pass.
 ///
+/// A strip cut by the ends of `rows` (a thread's chunk of a fused product
+/// whose earlier matrices are not whole strips) is computed whole and
+/// stored only within `rows`.
+///
 /// # Safety
-/// See `product::rows_product`; `w` is in [`QuantLayout::Strips`] and
-/// `rows` starts and ends on strips; the CPU supports AVX-512 F/BW/VL/VNNI.
+/// See `product::rows_product`; `w` is in [`QuantLayout::Strips`]; the CPU
+/// supports AVX-512 F/BW/VL/VNNI.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn gemv_strips(
     w: QuantMatRef<'_>,
@@ -849,25 +853,31 @@ pub unsafe fn gemv_strips(
     y: *mut f32,
 ) {
     assert!(
-        w.layout == QuantLayout::Strips
-            && rows.start.is_multiple_of(STRIP)
-            && rows.end.is_multiple_of(STRIP),
-        "strip kernel on rows {rows:?} of a {:?} matrix",
-        w.layout
+        w.layout == QuantLayout::Strips && rows.end <= w.rows,
+        "strip kernel on rows {rows:?} of a {:?} matrix of {} rows",
+        w.layout,
+        w.rows
     );
+    // Lanes of strip `s` inside `rows`.
+    let lanes = |s: usize| -> __mmask16 {
+        let (lo, hi) = (rows.start.max(s * STRIP), rows.end.min((s + 1) * STRIP));
+        (((1u32 << (hi - lo)) - 1) << (lo - s * STRIP)) as __mmask16
+    };
     let mut t0 = 0;
     while t0 < acts.n_tok {
         let n = GEMV_TOKENS.min(acts.n_tok - t0);
         macro_rules! run {
             ($t:literal, $shift:literal) => {
-                for strip in rows.start / STRIP..rows.end / STRIP {
-                    // SAFETY: the strip lies within `rows`, rows of `w`; the
+                for strip in rows.start / STRIP..rows.end.div_ceil(STRIP) {
+                    let mask = lanes(strip);
+                    // SAFETY: the strip lies within `w` (whole strips); the
                     // tokens lie within `acts`; `y` holds `n_tok` rows of
-                    // `w.rows` outputs (caller).
+                    // `w.rows` outputs (caller), written only at `rows`.
                     unsafe {
                         let out = q4_strip::<$t, $shift>(&w, strip, acts, t0);
                         for (t, v) in out.into_iter().enumerate() {
-                            _mm512_storeu_ps(y.add((t0 + t) * w.rows + strip * STRIP), v);
+                            let dst = y.add((t0 + t) * w.rows + strip * STRIP);
+                            _mm512_mask_storeu_ps(dst, mask, v);
                         }
                     }
                 }

@@ -226,8 +226,7 @@ unsafe fn rows_product(
             assert!(isa.has_avx2(), "AVX2 kernel on a CPU without AVX2");
             let strips = w.layout == QuantLayout::Strips;
             // SAFETY: forwarded contract; the CPU supports AVX2, and AVX-512
-            // where that kernel runs (checked); strips start and end on
-            // multiples of 32 rows or at the end of `w` (the queue's chunks).
+            // where that kernel runs (checked).
             unsafe {
                 if isa.has_avx512() && acts.n_tok <= super::avx512::GEMV_MAX_TOKENS {
                     if strips {

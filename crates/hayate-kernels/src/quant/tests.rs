@@ -551,3 +551,57 @@ fn strips_hold_every_code_scale_and_zero_of_the_rows() {
     let q8 = quantize_matrix(&pool, Isa::Scalar, QuantFormat::Q8, 32, m, None);
     assert!(QuantizedMatrix::strips_of(&pool, &q8.view()).is_none());
 }
+
+#[test]
+fn strips_after_a_matrix_of_partial_strips_in_one_fused_product() {
+    // 20 rows ahead of the strips put the threads' chunk edges (multiples of
+    // 32 of the fused rows) inside strips: those are stored only in part.
+    let pools = [ThreadPool::new(2).unwrap(), ThreadPool::new(3).unwrap()];
+    let mut seed = 9;
+    let cols = 256;
+    let quantized = |seed: &mut u64, rows: usize| {
+        let w = weights(seed, rows * cols);
+        let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
+        quantize_matrix(&pools[0], Isa::Scalar, QuantFormat::Q4, 32, m, None)
+    };
+    let (a, b) = (quantized(&mut seed, 20), quantized(&mut seed, 112));
+    let b = QuantizedMatrix::strips_of(&pools[0], &b.view()).unwrap();
+    for isa in Isa::supported() {
+        for pool in &pools {
+            for n_tok in [1, 5, 9] {
+                let x: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed)).collect();
+                let (mut ya, mut yb) = (vec![0f32; n_tok * 20], vec![0f32; n_tok * 112]);
+                let mut jobs = [
+                    QuantJob {
+                        w: a.view(),
+                        sign_out: None,
+                        y: &mut ya,
+                    },
+                    QuantJob {
+                        w: b.view(),
+                        sign_out: None,
+                        y: &mut yb,
+                    },
+                ];
+                qmatmul_many(pool, isa, ActPrecision::Int8, &mut jobs, None, &x, n_tok);
+                let mut want = vec![0f32; n_tok * 112];
+                qmatmul(
+                    &pools[0],
+                    isa,
+                    ActPrecision::Int8,
+                    b.view(),
+                    None,
+                    &x,
+                    n_tok,
+                    &mut want,
+                );
+                assert_eq!(
+                    yb,
+                    want,
+                    "{isa:?} {} threads n_tok={n_tok}",
+                    pool.n_threads()
+                );
+            }
+        }
+    }
+}
