@@ -198,6 +198,9 @@ impl Model {
     }
 
     /// Runs the kernels at `isa` instead (for comparisons); `None` if the CPU lacks it.
+    /// q4 layers keep the layout chosen at load: strips, made for AVX-512,
+    /// run short passes at a lower level on the scalar reference, so compare
+    /// speeds by loading with `HAYATE_ISA` instead.
     pub fn with_isa(mut self, isa: Isa) -> Option<Self> {
         isa.is_supported().then(|| {
             self.isa = isa;

@@ -7,7 +7,7 @@ use crate::{EngineError, Result};
 use hayate_formats::{
     FormatError, QuantInfo, ROTATION, SafetensorsWriter, TensorSpec, TensorStore,
 };
-use hayate_kernels::quant::{GROUP_SIZES, QuantFormat, Rotation, quantize_matrix};
+use hayate_kernels::quant::{GROUP_SIZES, QuantFormat, QuantLayout, Rotation, quantize_matrix};
 use hayate_kernels::{Isa, ThreadPool};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -321,6 +321,7 @@ pub(crate) fn write_quantized(
             let LinearKernel::Quant(m, rot) = q.kernel() else {
                 unreachable!("just quantized")
             };
+            assert_eq!(m.layout, QuantLayout::Rows, "files store rows");
             let name = &q.name;
             writer.write(&format!("{name}.qweight"), m.codes)?;
             writer.write(&format!("{name}.scales"), &bytes_of_u16(m.scales))?;

@@ -10,7 +10,7 @@
 //!   rate), accumulating int32 per block of 32 before scaling.
 
 use super::acts::QuantizedActs;
-use super::{QuantFormat, QuantMatRef, group_nibble, unpack_q4_block};
+use super::{QuantFormat, QuantLayout, QuantMatRef, group_nibble, unpack_q4_block};
 use crate::hadamard::BLOCK;
 use crate::matmul::avx2::hsum;
 use std::arch::x86_64::*;
@@ -202,6 +202,7 @@ pub unsafe fn gemv_rows(
     rows: std::ops::Range<usize>,
     y: *mut f32,
 ) {
+    assert_eq!(w.layout, QuantLayout::Rows, "row kernel on strips");
     let k = w.cols;
     let nb = k / BLOCK;
     for r in rows {

@@ -10,8 +10,9 @@
 //! int32 sums are scaled by `s_w · s_x` in f32 and q4's zero point comes off
 //! as `s_w · z · (s_x · Σ x)`, the same terms the scalar reference adds.
 //!
-//! Decode and short passes (GEMV, up to [`GEMV_MAX_TOKENS`] tokens) read the
-//! stored rows directly, 4 (q4) or 2 (q8) blocks per 64-byte load:
+//! Decode and short passes (GEMV, up to [`GEMV_MAX_TOKENS`] tokens) over q4
+//! in strips ([`gemv_strips`]: one 64-byte load feeds 16 rows) or over the
+//! stored rows, 4 (q4) or 2 (q8) blocks per 64-byte load:
 //! - q4: the low and high nibbles meet activations laid out to match (the
 //!   first and second halves of each block's inputs), two `vpdpbusd` per
 //!   token; the zero points come off per row as `Σ_g s_w·z·(s_x·Σ x)_g`.
@@ -708,9 +709,6 @@ unsafe fn q8_rows<const R: usize, const T: usize, const SHIFT: u32>(
 /// Bytes ahead of the current position that the decode rows prefetch.
 const PREFETCH_BYTES: usize = 4096;
 
-/// Bytes ahead of the current block that the strip kernel prefetches.
-const STRIP_PREFETCH_BYTES: usize = 4096;
-
 /// One strip of a q4 matrix in [`QuantLayout::Strips`] (16 rows) against
 /// tokens `t0..t0+T`: per block, the strip's 4 code vectors are split into
 /// low and high nibbles once for all tokens; each token's int32 lanes (one
@@ -772,9 +770,7 @@ unsafe fn q4_strip<const T: usize, const SHIFT: u32>(
         let prefetch = |b: usize| {
             let p = codes.add(b * STRIP * 16);
             for line in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(
-                    p.wrapping_add(STRIP_PREFETCH_BYTES + 64 * line).cast(),
-                );
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES + 64 * line).cast());
             }
         };
         let nibbles = |b: usize, j: usize| {
@@ -888,7 +884,8 @@ pub unsafe fn gemv_strips(
                 match w.group {
                     32 => run!($t, 0),
                     64 => run!($t, 1),
-                    _ => run!($t, 2),
+                    128 => run!($t, 2),
+                    g => unreachable!("group size {g}"),
                 }
             };
         }
@@ -918,6 +915,7 @@ pub unsafe fn gemv_rows(
     rows: std::ops::Range<usize>,
     y: *mut f32,
 ) {
+    assert_eq!(w.layout, QuantLayout::Rows, "row kernel on strips");
     let q4 = w.format == QuantFormat::Q4;
     DECODE.with_borrow_mut(|d| {
         if (d.id, d.q4, d.group) != (acts.id, q4, w.group) {
@@ -987,7 +985,8 @@ pub unsafe fn gemv_rows(
                     match w.group {
                         32 => run!($row, $t, 0),
                         64 => run!($row, $t, 1),
-                        _ => run!($row, $t, 2),
+                        128 => run!($row, $t, 2),
+                        g => unreachable!("group size {g}"),
                     }
                 };
             }
