@@ -706,6 +706,32 @@ unsafe fn q8_rows<const R: usize, const T: usize, const SHIFT: u32>(
     out
 }
 
+/// Expands `$run!($args.., T, SHIFT)` with the pass's token count `$n`
+/// (1..=8) and the group size's `log2(G / 32)` as constants, for the decode
+/// kernels' const generics.
+macro_rules! with_pass_consts {
+    ($run:ident!($($arg:ident),*), $n:expr, $group:expr) => {
+        match $n {
+            1 => with_pass_consts!(@group $run!($($arg),*), 1, $group),
+            2 => with_pass_consts!(@group $run!($($arg),*), 2, $group),
+            3 => with_pass_consts!(@group $run!($($arg),*), 3, $group),
+            4 => with_pass_consts!(@group $run!($($arg),*), 4, $group),
+            5 => with_pass_consts!(@group $run!($($arg),*), 5, $group),
+            6 => with_pass_consts!(@group $run!($($arg),*), 6, $group),
+            7 => with_pass_consts!(@group $run!($($arg),*), 7, $group),
+            _ => with_pass_consts!(@group $run!($($arg),*), 8, $group),
+        }
+    };
+    (@group $run:ident!($($arg:ident),*), $t:literal, $group:expr) => {
+        match $group {
+            32 => $run!($($arg,)* $t, 0),
+            64 => $run!($($arg,)* $t, 1),
+            128 => $run!($($arg,)* $t, 2),
+            g => unreachable!("group size {g}"),
+        }
+    };
+}
+
 /// Bytes ahead of the current position that the decode rows prefetch.
 const PREFETCH_BYTES: usize = 4096;
 
@@ -879,26 +905,7 @@ pub unsafe fn gemv_strips(
                 }
             };
         }
-        macro_rules! by_shift {
-            ($t:literal) => {
-                match w.group {
-                    32 => run!($t, 0),
-                    64 => run!($t, 1),
-                    128 => run!($t, 2),
-                    g => unreachable!("group size {g}"),
-                }
-            };
-        }
-        match n {
-            1 => by_shift!(1),
-            2 => by_shift!(2),
-            3 => by_shift!(3),
-            4 => by_shift!(4),
-            5 => by_shift!(5),
-            6 => by_shift!(6),
-            7 => by_shift!(7),
-            _ => by_shift!(8),
-        }
+        with_pass_consts!(run!(), n, w.group);
         t0 += n;
     }
 }
@@ -980,34 +987,10 @@ pub unsafe fn gemv_rows(
                     }
                 }};
             }
-            macro_rules! by_shift {
-                ($row:ident, $t:literal) => {
-                    match w.group {
-                        32 => run!($row, $t, 0),
-                        64 => run!($row, $t, 1),
-                        128 => run!($row, $t, 2),
-                        g => unreachable!("group size {g}"),
-                    }
-                };
-            }
-            macro_rules! by_tokens {
-                ($row:ident) => {
-                    match n {
-                        1 => by_shift!($row, 1),
-                        2 => by_shift!($row, 2),
-                        3 => by_shift!($row, 3),
-                        4 => by_shift!($row, 4),
-                        5 => by_shift!($row, 5),
-                        6 => by_shift!($row, 6),
-                        7 => by_shift!($row, 7),
-                        _ => by_shift!($row, 8),
-                    }
-                };
-            }
             if q4 {
-                by_tokens!(q4_rows)
+                with_pass_consts!(run!(q4_rows), n, w.group)
             } else {
-                by_tokens!(q8_rows)
+                with_pass_consts!(run!(q8_rows), n, w.group)
             }
             t0 += n;
         }
