@@ -681,9 +681,6 @@ pub(crate) mod avx512 {
         out
     }
 
-    /// Bytes ahead of the current position that the row kernel prefetches.
-    const PREFETCH_BYTES: usize = 4096;
-
     /// Rows per pass of the bf16 row kernel for `T` tokens: as many as the
     /// 32 registers hold (one accumulator per row and token, two input
     /// vectors per token). Each row shares the inputs' loads: with one row
@@ -754,7 +751,10 @@ pub(crate) mod avx512 {
             for c in 0..full {
                 step!(c, |row: *const u16| {
                     let p = row.add(c * 32);
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES / 2).cast());
+                    // The same inputs of the next pass's rows: one pass ahead
+                    // whatever the row length (a fixed distance fell inside
+                    // this pass's rows for short ones).
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(R * k).cast());
                     _mm512_loadu_si512(p.cast())
                 });
             }

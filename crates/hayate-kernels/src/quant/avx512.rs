@@ -571,10 +571,11 @@ unsafe fn q4_rows<const R: usize, const T: usize, const SHIFT: u32>(
                 }
             }};
         }
+        let ahead = pass_ahead(R * row_bytes);
         for c in 0..full {
             step!(c, |r: usize| {
                 let p = codes.add(r * row_bytes + c * 64);
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast());
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead).cast());
                 (
                     _mm512_loadu_si512(p.cast()),
                     chunk_scales::<true, SHIFT>(scales.add(r * groups), c, pattern),
@@ -678,10 +679,11 @@ unsafe fn q8_rows<const R: usize, const T: usize, const SHIFT: u32>(
                 }
             }};
         }
+        let ahead = pass_ahead(R * w.cols);
         for c in 0..full {
             step!(c, u64::MAX, |r: usize| {
                 let p = codes.add(r * w.cols + c * 64);
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast());
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead).cast());
                 (
                     _mm512_loadu_si512(p.cast()),
                     chunk_scales::<false, SHIFT>(scales.add(r * groups), c, pattern),
@@ -732,8 +734,16 @@ macro_rules! with_pass_consts {
     };
 }
 
-/// Bytes ahead of the current position that the decode rows prefetch.
+/// Bytes ahead of the current position that the decode kernels prefetch (at least).
 const PREFETCH_BYTES: usize = 4096;
+
+/// How far ahead a row kernel whose passes cover `pass_bytes` of code bytes
+/// prefetches: the same columns of a later pass, the first at least
+/// [`PREFETCH_BYTES`] ahead. A fixed distance lands inside the current
+/// pass's own rows when they are long, where it fetches nothing new.
+fn pass_ahead(pass_bytes: usize) -> usize {
+    PREFETCH_BYTES.div_ceil(pass_bytes.max(1)) * pass_bytes
+}
 
 /// One strip of a q4 matrix in [`QuantLayout::Strips`] (16 rows) against
 /// tokens `t0..t0+T`: per block, the strip's 4 code vectors are split into
