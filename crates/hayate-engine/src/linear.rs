@@ -159,9 +159,10 @@ impl Linear {
         }
     }
 
-    /// The same layer with q4 weights in strips of 16 rows, the layout of
-    /// the AVX-512 short-pass kernels (a copy: files keep the row-major
-    /// layout); `None` when the weights are not q4 or cannot be cut so.
+    /// The same layer with its quantized weights in strips of 16 rows, the
+    /// layout of the AVX-512 short-pass kernels (a copy: files keep the
+    /// row-major layout); `None` when the weights are not quantized or
+    /// cannot be cut so.
     pub fn in_strips(&self, pool: &ThreadPool) -> Option<Self> {
         let LinearWeight::Quant { signs, data } = &self.weight else {
             return None;
@@ -169,10 +170,17 @@ impl Linear {
         let LinearKernel::Quant(view, _) = self.kernel() else {
             return None;
         };
-        let strips = QuantizedMatrix::strips_of(pool, &view)?;
-        if let QuantData::Mapped(tensors) = data {
-            tensors.release_pages();
-        }
+        let strips = match data {
+            // The mapped rows are handed back as they are copied; then the
+            // pages that straddle two pieces.
+            QuantData::Mapped(tensors) => {
+                let strips =
+                    QuantizedMatrix::strips_of(pool, &view, &|rows| tensors.release_rows(rows))?;
+                tensors.release_pages();
+                strips
+            }
+            QuantData::Owned(_) => QuantizedMatrix::strips_of(pool, &view, &|_| {})?,
+        };
         Some(self.with_quantized(Arc::new(strips), signs.clone()))
     }
 

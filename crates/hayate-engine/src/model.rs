@@ -156,7 +156,7 @@ impl Model {
             .as_ref()
             .map(|spec| quantize_parts(&mut parts, spec, &pool, isa))
             .transpose()?;
-        // The AVX-512 short passes read q4 in strips of 16 rows (a copy made
+        // The AVX-512 short passes read q4 and q8 in strips of 16 rows (a copy made
         // here; files keep rows). Lower levels (`with_isa`) still run them,
         // on the reference for passes of up to 4 tokens.
         if isa.has_avx512() {
@@ -198,7 +198,7 @@ impl Model {
     }
 
     /// Runs the kernels at `isa` instead (for comparisons); `None` if the CPU lacks it.
-    /// q4 layers keep the layout chosen at load: strips, made for AVX-512,
+    /// Quantized layers keep the layout chosen at load: strips, made for AVX-512,
     /// run short passes at a lower level on the scalar reference, so compare
     /// speeds by loading with `HAYATE_ISA` instead.
     pub fn with_isa(mut self, isa: Isa) -> Option<Self> {
@@ -320,7 +320,7 @@ fn describe(model_type: String, parts: &Translated, store: &TensorStore) -> Mode
     }
 }
 
-/// Lays out every q4 layer of `parts` in strips for the AVX-512 kernels.
+/// Lays out every quantized layer of `parts` in strips for the AVX-512 kernels.
 fn to_strips(parts: &mut Translated, pool: &ThreadPool) {
     // By name, so that tied layers keep sharing one copy.
     let mut done: std::collections::HashMap<String, Option<Linear>> = Default::default();

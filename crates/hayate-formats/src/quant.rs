@@ -136,6 +136,19 @@ impl QuantTensors {
         }
     }
 
+    /// [`QuantTensors::release_pages`] for the rows `rows` of the row-major
+    /// arrays (whole pages only), as a copy of them is made.
+    pub fn release_rows(&self, rows: std::ops::Range<usize>) {
+        let n = self.info.rows.max(1);
+        for t in [Some(&self.codes), Some(&self.scales), self.zeros.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            let per_row = t.n_bytes() / n;
+            t.release_range(rows.start * per_row..rows.end * per_row);
+        }
+    }
+
     /// The quantized matrix `prefix` of `store`, `None` if it has no `prefix.qweight`.
     /// Checks dtypes, shapes, sizes and signs against the metadata and
     /// against the `rows x cols` the configuration implies.

@@ -120,11 +120,18 @@ impl Tensor {
     /// was copied elsewhere: they stay in the page cache and are read back
     /// if touched again, but no longer count in the process's memory.
     pub fn release_pages(&self) {
+        self.release_range(0..self.n_bytes);
+    }
+
+    /// [`Tensor::release_pages`] for the whole pages inside bytes `range`
+    /// of this tensor (clamped to it).
+    pub fn release_range(&self, range: std::ops::Range<usize>) {
         #[cfg(unix)]
         if let Storage::Mapped(map) = &*self.storage {
             const PAGE: usize = 4096;
-            let start = self.offset.next_multiple_of(PAGE);
-            let end = (self.offset + self.n_bytes) / PAGE * PAGE;
+            let (lo, hi) = (range.start.min(self.n_bytes), range.end.min(self.n_bytes));
+            let start = (self.offset + lo).next_multiple_of(PAGE);
+            let end = (self.offset + hi) / PAGE * PAGE;
             if start < end {
                 // SAFETY: the map is a shared read-only file mapping, so
                 // dropping its pages loses nothing (they are read from the

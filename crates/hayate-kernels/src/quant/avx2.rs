@@ -247,9 +247,12 @@ thread_local! {
 fn row_codes(w: &QuantMatRef<'_>, r: usize, k0: usize, kc: usize, out: &mut [i16]) {
     match w.format {
         QuantFormat::Q8 => {
-            let src = &w.codes[r * w.cols + k0..r * w.cols + k0 + kc];
-            for (o, &c) in out.iter_mut().zip(src) {
-                *o = i16::from(c as i8);
+            let mut src = [0u8; BLOCK];
+            for (b, dst) in (k0 / BLOCK..).zip(out[..kc].chunks_exact_mut(BLOCK)) {
+                w.q8_codes(r, b * BLOCK, &mut src);
+                for (o, &c) in dst.iter_mut().zip(&src) {
+                    *o = i16::from(c as i8);
+                }
             }
         }
         QuantFormat::Q4 => {

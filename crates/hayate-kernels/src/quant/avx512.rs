@@ -88,10 +88,8 @@ fn pack_panel(w: &QuantMatRef<'_>, n0: usize, n_end: usize, k0: usize, kc: usize
                 dst.copy_from_slice(&unpack_q4_block(&w.q4_block(r, b)));
             }
         } else {
-            let src = &w.codes[r * w.cols + k0..r * w.cols + k0 + kc];
-            for (o, &c) in row.iter_mut().zip(src) {
-                *o = c ^ 0x80;
-            }
+            w.q8_codes(r, k0, &mut row[..kc]);
+            row[..kc].iter_mut().for_each(|c| *c ^= 0x80);
         }
         for (i, quad) in row[..kc].chunks_exact(4).enumerate() {
             p.w[i * NR + j] = u32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]]);
@@ -867,8 +865,77 @@ unsafe fn q4_strip<const T: usize, const SHIFT: u32>(
     acc
 }
 
-/// Decode and short passes over a q4 matrix in strips: every strip of
-/// `rows` against each token, up to [`GEMV_TOKENS`] tokens per pass.
+/// One strip of a q8 matrix in [`QuantLayout::Strips`] (16 rows, codes
+/// stored plus 128) against tokens `t0..t0+T`: per block, each token's
+/// int32 lanes (one per row) start at `-128·Σx`, take 8 `vpdpbusd` of the
+/// strip's 8 code vectors against broadcast quads of its codes (in two
+/// chains up to 6 tokens), and are scaled by `s_w·s_x` once per row and
+/// block. Returns 16 outputs per token.
+///
+/// # Safety
+/// As [`q4_strip`], for a q8 matrix.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q8_strip<const T: usize, const SHIFT: u32>(
+    w: &QuantMatRef<'_>,
+    strip: usize,
+    acts: &QuantizedActs,
+    t0: usize,
+) -> [__m512; T] {
+    let (k, nb, groups) = (w.cols, w.cols / BLOCK, w.groups());
+    // Two chains per token while the registers hold them.
+    let split = T <= 6;
+    let mut acc = [_mm512_setzero_ps(); T];
+    // SAFETY: every read lies within the strip's codes and scales and
+    // within the tokens' codes, scales and totals (caller); prefetch
+    // addresses are not dereferenced.
+    unsafe {
+        let codes = w.codes.as_ptr().add(strip * nb * STRIP * BLOCK);
+        let scales = w.scales.as_ptr().add(strip * groups * STRIP);
+        let x = acts.codes.as_ptr().add(t0 * k);
+        let sx = acts.scales.as_ptr().add(t0 * nb);
+        let totals = acts.totals.as_ptr().add(t0 * nb);
+        let quad = |t: usize, b: usize, i: usize| {
+            _mm512_set1_epi32(x.add(t * k + b * BLOCK + i).cast::<i32>().read_unaligned())
+        };
+        for b in 0..nb {
+            let p = codes.add(b * STRIP * BLOCK);
+            for line in 0..8 {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES + 64 * line).cast());
+            }
+            // |Σx| ≤ 32·127, so −128·Σx fits easily.
+            let mut d: [__m512i; T] =
+                std::array::from_fn(|t| _mm512_set1_epi32(-128 * *totals.add(t * nb + b)));
+            let mut e = [_mm512_setzero_si512(); T];
+            for j in 0..8 {
+                let v = _mm512_loadu_si512(p.add(64 * j).cast());
+                for t in 0..T {
+                    if split && j % 2 == 1 {
+                        e[t] = _mm512_dpbusd_epi32(e[t], v, quad(t, b, 4 * j));
+                    } else {
+                        d[t] = _mm512_dpbusd_epi32(d[t], v, quad(t, b, 4 * j));
+                    }
+                }
+            }
+            let bits =
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(scales.add((b >> SHIFT) * STRIP).cast()));
+            let sw = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits));
+            for t in 0..T {
+                let sum = if split {
+                    _mm512_add_epi32(d[t], e[t])
+                } else {
+                    d[t]
+                };
+                let f = _mm512_mul_ps(sw, _mm512_set1_ps(*sx.add(t * nb + b)));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), f, acc[t]);
+            }
+        }
+    }
+    acc
+}
+
+/// Decode and short passes over a matrix in strips: every strip of `rows`
+/// against each token, up to [`GEMV_TOKENS`] tokens per pass.
 ///
 /// A strip cut by the ends of `rows` (a thread's chunk of a fused product
 /// whose earlier matrices are not whole strips) is computed whole and
@@ -899,14 +966,14 @@ pub unsafe fn gemv_strips(
     while t0 < acts.n_tok {
         let n = GEMV_TOKENS.min(acts.n_tok - t0);
         macro_rules! run {
-            ($t:literal, $shift:literal) => {
+            ($strip_kernel:ident, $t:literal, $shift:literal) => {
                 for strip in rows.start / STRIP..rows.end.div_ceil(STRIP) {
                     let mask = lanes(strip);
                     // SAFETY: the strip lies within `w` (whole strips); the
                     // tokens lie within `acts`; `y` holds `n_tok` rows of
                     // `w.rows` outputs (caller), written only at `rows`.
                     unsafe {
-                        let out = q4_strip::<$t, $shift>(&w, strip, acts, t0);
+                        let out = $strip_kernel::<$t, $shift>(&w, strip, acts, t0);
                         for (t, v) in out.into_iter().enumerate() {
                             let dst = y.add((t0 + t) * w.rows + strip * STRIP);
                             _mm512_mask_storeu_ps(dst, mask, v);
@@ -915,7 +982,10 @@ pub unsafe fn gemv_strips(
                 }
             };
         }
-        with_pass_consts!(run!(), n, w.group);
+        match w.format {
+            QuantFormat::Q4 => with_pass_consts!(run!(q4_strip), n, w.group),
+            QuantFormat::Q8 => with_pass_consts!(run!(q8_strip), n, w.group),
+        }
         t0 += n;
     }
 }

@@ -15,12 +15,14 @@
 //! - q4 zero points: `ceil(cols/G / 2)` bytes per row, group `2i` in the low
 //!   nibble of byte `i`, group `2i + 1` in the high one.
 //!
-//! - q4 strips ([`QuantLayout::Strips`], made at load for the AVX-512 kernels,
+//! - strips ([`QuantLayout::Strips`], made at load for the AVX-512 kernels,
 //!   never written to files): rows in strips of 16; per strip and block of
-//!   32 inputs, 256 code bytes as 4 vectors of 16 rows' 32-bit words (word
-//!   `j` of a row holds its block bytes `4j..4j+4`), so that one load feeds
-//!   16 rows' dot products; per strip and group, the 16 rows' scales, then
-//!   their zero points in 8 bytes (even rows low nibble).
+//!   32 inputs, the block's code bytes as vectors of 16 rows' 32-bit words
+//!   (word `j` of a row holds its block bytes `4j..4j+4`), so that one load
+//!   feeds 16 rows' dot products: 4 vectors (256 bytes) for q4, 8 (512) for
+//!   q8, whose codes are stored plus 128 (unsigned, as `vpdpbusd` takes
+//!   them); per strip and group, the 16 rows' scales, then (q4) their zero
+//!   points in 8 bytes (even rows low nibble).
 //!
 //! Rotation ([`rotate_rows`]): the stored matrix may be `W' = H·S_out·W·S_in·H`
 //! with `H` the block-32 Walsh–Hadamard transform and `S` diagonal ±1 signs;
@@ -95,7 +97,7 @@ impl QuantFormat {
 pub enum QuantLayout {
     /// Row by row, as files store them.
     Rows,
-    /// q4 in strips of [`STRIP`] rows, for the AVX-512 short-pass kernels.
+    /// In strips of [`STRIP`] rows, for the AVX-512 short-pass kernels.
     Strips,
 }
 
@@ -243,7 +245,36 @@ impl<'a> QuantMatRef<'a> {
                 let byte = self.q4_byte(r, c / 32, j % 16);
                 i32::from(if j < 16 { byte & 15 } else { byte >> 4 })
             }
-            QuantFormat::Q8 => i32::from(self.codes[r * self.cols + c] as i8),
+            QuantFormat::Q8 => i32::from(self.q8_byte(r, c) as i8),
+        }
+    }
+
+    /// The stored byte (two's complement) of q8 input `c` of row `r`,
+    /// whatever the layout.
+    #[inline]
+    fn q8_byte(&self, r: usize, c: usize) -> u8 {
+        match self.layout {
+            QuantLayout::Rows => self.codes[r * self.cols + c],
+            QuantLayout::Strips => {
+                let (b, m) = (c / BLOCK, c % BLOCK);
+                let strip = (r / STRIP * (self.cols / BLOCK) + b) * STRIP * BLOCK;
+                self.codes[strip + (m / 4) * STRIP * 4 + (r % STRIP) * 4 + m % 4] ^ 0x80
+            }
+        }
+    }
+
+    /// q8 codes `k0..k0 + out.len()` of row `r` as stored in rows (two's
+    /// complement), whatever the layout.
+    pub(crate) fn q8_codes(&self, r: usize, k0: usize, out: &mut [u8]) {
+        match self.layout {
+            QuantLayout::Rows => {
+                out.copy_from_slice(&self.codes[r * self.cols + k0..][..out.len()]);
+            }
+            QuantLayout::Strips => {
+                for (c, o) in (k0..).zip(out.iter_mut()) {
+                    *o = self.q8_byte(r, c);
+                }
+            }
         }
     }
 
@@ -389,18 +420,24 @@ impl QuantizedMatrix {
         }
     }
 
-    /// `w` (q4, row-major, rows a multiple of [`STRIP`]) in strips, the
-    /// layout of the AVX-512 short-pass kernels, made on the pool; `None`
-    /// for other matrices.
-    pub fn strips_of(pool: &ThreadPool, w: &QuantMatRef<'_>) -> Option<Self> {
-        if w.format != QuantFormat::Q4
-            || w.layout != QuantLayout::Rows
-            || !w.rows.is_multiple_of(STRIP)
-        {
+    /// `w` (row-major, rows a multiple of [`STRIP`]) in strips, the layout
+    /// of the AVX-512 short-pass kernels, made on the pool; `None` for other
+    /// matrices. `copied` is called with each range of rows once they are
+    /// copied (so that a mapped source can hand its pages back as it goes,
+    /// and memory never holds both copies of a large matrix).
+    pub fn strips_of(
+        pool: &ThreadPool,
+        w: &QuantMatRef<'_>,
+        copied: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) -> Option<Self> {
+        if w.layout != QuantLayout::Rows || !w.rows.is_multiple_of(STRIP) {
             return None;
         }
+        let q4 = w.format == QuantFormat::Q4;
+        let block_bytes = w.format.code_row_bytes(BLOCK);
         let (groups, nb, n_strips) = (w.groups(), w.cols / BLOCK, w.rows / STRIP);
-        let (strip_codes, strip_zeros) = (nb * STRIP * 16, groups * STRIP / 2);
+        let strip_codes = nb * STRIP * block_bytes;
+        let strip_zeros = if q4 { groups * STRIP / 2 } else { 0 };
         let mut codes = vec![0u8; w.codes.len()];
         let mut scales = vec![0u16; w.scales.len()];
         let mut zeros = vec![0u8; n_strips * strip_zeros];
@@ -410,8 +447,11 @@ impl QuantizedMatrix {
                 DisjointMut::new(&mut scales),
                 DisjointMut::new(&mut zeros),
             );
+            // Strips between two calls of `copied`: 1 MiB of q8 codes at 4096 inputs.
+            const PIECE: usize = 16;
             pool.run(&|tid, n_threads| {
-                for s in split_range(n_strips, n_threads, tid, 1) {
+                let mine = split_range(n_strips, n_threads, tid, 1);
+                for s in mine.clone() {
                     // SAFETY: strip `s` belongs to this thread alone.
                     let (codes, scales, zeros) = unsafe {
                         (
@@ -420,10 +460,17 @@ impl QuantizedMatrix {
                             z.piece(s * strip_zeros, strip_zeros),
                         )
                     };
-                    for (b, dst) in codes.chunks_exact_mut(STRIP * 16).enumerate() {
+                    for (b, dst) in codes.chunks_exact_mut(STRIP * block_bytes).enumerate() {
                         for i in 0..STRIP {
-                            let src = w.q4_block(s * STRIP + i, b);
-                            for (word, bytes) in src.chunks_exact(4).enumerate() {
+                            let r = s * STRIP + i;
+                            let mut src = [0u8; BLOCK];
+                            if q4 {
+                                src[..16].copy_from_slice(&w.q4_block(r, b));
+                            } else {
+                                w.q8_codes(r, b * BLOCK, &mut src);
+                                src.iter_mut().for_each(|c| *c ^= 0x80);
+                            }
+                            for (word, bytes) in src[..block_bytes].chunks_exact(4).enumerate() {
                                 dst[(word * STRIP + i) * 4..][..4].copy_from_slice(bytes);
                             }
                         }
@@ -432,9 +479,16 @@ impl QuantizedMatrix {
                         for i in 0..STRIP {
                             let r = s * STRIP + i;
                             scales[g * STRIP + i] = w.scales[r * groups + g];
-                            let z = w.zero(r, g) as u8;
-                            zeros[g * STRIP / 2 + i / 2] |= if i % 2 == 0 { z } else { z << 4 };
+                            if q4 {
+                                let z = w.zero(r, g) as u8;
+                                zeros[g * STRIP / 2 + i / 2] |= if i % 2 == 0 { z } else { z << 4 };
+                            }
                         }
+                    }
+                    let done = s + 1 - mine.start;
+                    if done.is_multiple_of(PIECE) || s + 1 == mine.end {
+                        let first = mine.start + (done - 1) / PIECE * PIECE;
+                        copied(first * STRIP..(s + 1) * STRIP);
                     }
                 }
             });

@@ -304,11 +304,11 @@ fn every_path_matches_the_reference() {
                     });
                     let q = quantize_matrix(&pools[1], Isa::best(), format, group, m, rot);
                     let eff = effective(&q, rot);
-                    // q4 in strips (rows a multiple of 16) runs the strip kernels.
-                    let strips = QuantizedMatrix::strips_of(&pools[1], &q.view());
+                    // In strips (rows a multiple of 16) it runs the strip kernels.
+                    let strips = QuantizedMatrix::strips_of(&pools[1], &q.view(), &|_| {});
                     assert_eq!(
                         strips.is_some(),
-                        format == QuantFormat::Q4 && rows.is_multiple_of(STRIP),
+                        rows.is_multiple_of(STRIP),
                         "{format:?} {rows}x{cols}"
                     );
                     let layouts: Vec<QuantMatRef<'_>> = std::iter::once(q.view())
@@ -511,11 +511,31 @@ fn strips_hold_every_code_scale_and_zero_of_the_rows() {
     let mut seed = 5;
     let pool = ThreadPool::new(2).unwrap();
     // 3 groups of 32 per row: an odd count, whose zero points share no byte in strips.
-    for (rows, cols, group) in [(48, 96, 32), (32, 256, 64), (16, 384, 128)] {
+    for (rows, cols, group, format) in [
+        (48, 96, 32, QuantFormat::Q4),
+        (32, 256, 64, QuantFormat::Q4),
+        (16, 384, 128, QuantFormat::Q4),
+        (48, 96, 32, QuantFormat::Q8),
+        (32, 256, 64, QuantFormat::Q8),
+        // 40 strips: more than one piece of copied rows per thread.
+        (640, 64, 32, QuantFormat::Q8),
+    ] {
         let w = weights(&mut seed, rows * cols);
         let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
-        let q = quantize_matrix(&pool, Isa::Scalar, QuantFormat::Q4, group, m, None);
-        let s = QuantizedMatrix::strips_of(&pool, &q.view()).expect("q4, rows a multiple of 16");
+        let q = quantize_matrix(&pool, Isa::Scalar, format, group, m, None);
+        let copied = std::sync::Mutex::new(Vec::new());
+        let s =
+            QuantizedMatrix::strips_of(&pool, &q.view(), &|rows| copied.lock().unwrap().push(rows))
+                .expect("rows a multiple of 16");
+        // Every row is reported copied exactly once.
+        let mut copied = copied.into_inner().unwrap();
+        copied.sort_by_key(|r| r.start);
+        let mut next = 0;
+        for r in &copied {
+            assert_eq!(r.start, next, "{copied:?}");
+            next = r.end;
+        }
+        assert_eq!(next, rows, "{copied:?}");
         let (a, b) = (q.view(), s.view());
         assert_eq!(b.layout, QuantLayout::Strips);
         assert_eq!(a.n_bytes(), b.n_bytes() + a.zeros.len() - b.zeros.len());
@@ -524,33 +544,36 @@ fn strips_hold_every_code_scale_and_zero_of_the_rows() {
                 assert_eq!(
                     a.scale(r, g),
                     b.scale(r, g),
-                    "{rows}x{cols} row {r} group {g}"
+                    "{format:?} {rows}x{cols} row {r} group {g}"
                 );
                 assert_eq!(
                     a.zero(r, g),
                     b.zero(r, g),
-                    "{rows}x{cols} row {r} group {g}"
+                    "{format:?} {rows}x{cols} row {r} group {g}"
                 );
             }
             for c in 0..cols {
                 assert_eq!(
                     a.code(r, c),
                     b.code(r, c),
-                    "{rows}x{cols} row {r} input {c}"
+                    "{format:?} {rows}x{cols} row {r} input {c}"
                 );
             }
         }
+        if format == QuantFormat::Q8 {
+            // Stored plus 128, as the strip kernel's unsigned operand.
+            assert_eq!(b.codes[0], (a.code(0, 0) + 128) as u8);
+        }
         // Strips are made once, from rows.
-        assert!(QuantizedMatrix::strips_of(&pool, &b).is_none());
+        assert!(QuantizedMatrix::strips_of(&pool, &b, &|_| {}).is_none());
     }
-    // Only q4 with whole strips.
+    // Only whole strips.
     let w = weights(&mut seed, 20 * 64);
     let m = MatRef::new(WeightSlice::F32(&w), 20, 64).unwrap();
-    let q4 = quantize_matrix(&pool, Isa::Scalar, QuantFormat::Q4, 32, m, None);
-    assert!(QuantizedMatrix::strips_of(&pool, &q4.view()).is_none());
-    let m = MatRef::new(WeightSlice::F32(&w[..16 * 64]), 16, 64).unwrap();
-    let q8 = quantize_matrix(&pool, Isa::Scalar, QuantFormat::Q8, 32, m, None);
-    assert!(QuantizedMatrix::strips_of(&pool, &q8.view()).is_none());
+    for format in [QuantFormat::Q4, QuantFormat::Q8] {
+        let q = quantize_matrix(&pool, Isa::Scalar, format, 32, m, None);
+        assert!(QuantizedMatrix::strips_of(&pool, &q.view(), &|_| {}).is_none());
+    }
 }
 
 #[test]
@@ -560,48 +583,50 @@ fn strips_after_a_matrix_of_partial_strips_in_one_fused_product() {
     let pools = [ThreadPool::new(2).unwrap(), ThreadPool::new(3).unwrap()];
     let mut seed = 9;
     let cols = 256;
-    let quantized = |seed: &mut u64, rows: usize| {
-        let w = weights(seed, rows * cols);
-        let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
-        quantize_matrix(&pools[0], Isa::Scalar, QuantFormat::Q4, 32, m, None)
-    };
-    let (a, b) = (quantized(&mut seed, 20), quantized(&mut seed, 112));
-    let b = QuantizedMatrix::strips_of(&pools[0], &b.view()).unwrap();
-    for isa in Isa::supported() {
-        for pool in &pools {
-            for n_tok in [1, 5, 9] {
-                let x: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed)).collect();
-                let (mut ya, mut yb) = (vec![0f32; n_tok * 20], vec![0f32; n_tok * 112]);
-                let mut jobs = [
-                    QuantJob {
-                        w: a.view(),
-                        sign_out: None,
-                        y: &mut ya,
-                    },
-                    QuantJob {
-                        w: b.view(),
-                        sign_out: None,
-                        y: &mut yb,
-                    },
-                ];
-                qmatmul_many(pool, isa, ActPrecision::Int8, &mut jobs, None, &x, n_tok);
-                let mut want = vec![0f32; n_tok * 112];
-                qmatmul(
-                    &pools[0],
-                    isa,
-                    ActPrecision::Int8,
-                    b.view(),
-                    None,
-                    &x,
-                    n_tok,
-                    &mut want,
-                );
-                assert_eq!(
-                    yb,
-                    want,
-                    "{isa:?} {} threads n_tok={n_tok}",
-                    pool.n_threads()
-                );
+    for format in [QuantFormat::Q4, QuantFormat::Q8] {
+        let quantized = |seed: &mut u64, rows: usize| {
+            let w = weights(seed, rows * cols);
+            let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
+            quantize_matrix(&pools[0], Isa::Scalar, format, 32, m, None)
+        };
+        let (a, b) = (quantized(&mut seed, 20), quantized(&mut seed, 112));
+        let b = QuantizedMatrix::strips_of(&pools[0], &b.view(), &|_| {}).unwrap();
+        for isa in Isa::supported() {
+            for pool in &pools {
+                for n_tok in [1, 5, 9] {
+                    let x: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed)).collect();
+                    let (mut ya, mut yb) = (vec![0f32; n_tok * 20], vec![0f32; n_tok * 112]);
+                    let mut jobs = [
+                        QuantJob {
+                            w: a.view(),
+                            sign_out: None,
+                            y: &mut ya,
+                        },
+                        QuantJob {
+                            w: b.view(),
+                            sign_out: None,
+                            y: &mut yb,
+                        },
+                    ];
+                    qmatmul_many(pool, isa, ActPrecision::Int8, &mut jobs, None, &x, n_tok);
+                    let mut want = vec![0f32; n_tok * 112];
+                    qmatmul(
+                        &pools[0],
+                        isa,
+                        ActPrecision::Int8,
+                        b.view(),
+                        None,
+                        &x,
+                        n_tok,
+                        &mut want,
+                    );
+                    assert_eq!(
+                        yb,
+                        want,
+                        "{format:?} {isa:?} {} threads n_tok={n_tok}",
+                        pool.n_threads()
+                    );
+                }
             }
         }
     }
