@@ -256,9 +256,8 @@ impl<'a> QuantMatRef<'a> {
         match self.layout {
             QuantLayout::Rows => self.codes[r * self.cols + c],
             QuantLayout::Strips => {
-                let (b, m) = (c / BLOCK, c % BLOCK);
-                let strip = (r / STRIP * (self.cols / BLOCK) + b) * STRIP * BLOCK;
-                self.codes[strip + (m / 4) * STRIP * 4 + (r % STRIP) * 4 + m % 4] ^ 0x80
+                let m = c % BLOCK;
+                self.codes[self.strip_word(r, c / BLOCK, m / 4, BLOCK) + m % 4] ^ 0x80
             }
         }
     }
@@ -269,6 +268,14 @@ impl<'a> QuantMatRef<'a> {
         match self.layout {
             QuantLayout::Rows => {
                 out.copy_from_slice(&self.codes[r * self.cols + k0..][..out.len()]);
+            }
+            QuantLayout::Strips if k0.is_multiple_of(4) && out.len().is_multiple_of(4) => {
+                // A word (4 codes) at a time: the GEMMs pack whole blocks.
+                for (word, dst) in (k0 / 4..).zip(out.chunks_exact_mut(4)) {
+                    let at = self.strip_word(r, word / 8, word % 8, BLOCK);
+                    let bytes: [u8; 4] = self.codes[at..at + 4].try_into().expect("4 bytes");
+                    dst.copy_from_slice(&(u32::from_le_bytes(bytes) ^ 0x8080_8080).to_le_bytes());
+                }
             }
             QuantLayout::Strips => {
                 for (c, o) in (k0..).zip(out.iter_mut()) {
@@ -284,10 +291,7 @@ impl<'a> QuantMatRef<'a> {
     fn q4_byte(&self, r: usize, b: usize, m: usize) -> u8 {
         match self.layout {
             QuantLayout::Rows => self.codes[r * self.cols / 2 + b * 16 + m],
-            QuantLayout::Strips => {
-                let strip = (r / STRIP * (self.cols / BLOCK) + b) * STRIP * 16;
-                self.codes[strip + (m / 4) * STRIP * 4 + (r % STRIP) * 4 + m % 4]
-            }
+            QuantLayout::Strips => self.codes[self.strip_word(r, b, m / 4, 16) + m % 4],
         }
     }
 
@@ -298,8 +302,22 @@ impl<'a> QuantMatRef<'a> {
             QuantLayout::Rows => self.codes[r * self.cols / 2 + b * 16..][..16]
                 .try_into()
                 .expect("16 bytes"),
-            QuantLayout::Strips => std::array::from_fn(|m| self.q4_byte(r, b, m)),
+            QuantLayout::Strips => {
+                let mut out = [0u8; 16];
+                for (j, dst) in out.chunks_exact_mut(4).enumerate() {
+                    let at = self.strip_word(r, b, j, 16);
+                    dst.copy_from_slice(&self.codes[at..at + 4]);
+                }
+                out
+            }
         }
+    }
+
+    /// Where word `j` of block `b` of row `r` starts in strips whose blocks
+    /// take `block_bytes` code bytes per row.
+    #[inline]
+    fn strip_word(&self, r: usize, b: usize, j: usize, block_bytes: usize) -> usize {
+        (r / STRIP * (self.cols / BLOCK) + b) * STRIP * block_bytes + (j * STRIP + r % STRIP) * 4
     }
 
     /// Row `r` of the stored (possibly rotated) matrix, dequantized into `out`.
