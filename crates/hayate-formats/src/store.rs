@@ -126,6 +126,8 @@ impl Tensor {
     /// [`Tensor::release_pages`] for the whole pages inside bytes `range`
     /// of this tensor (clamped to it).
     pub fn release_range(&self, range: std::ops::Range<usize>) {
+        #[cfg(not(unix))]
+        let _ = range;
         #[cfg(unix)]
         if let Storage::Mapped(map) = &*self.storage {
             const PAGE: usize = 4096;
