@@ -743,6 +743,98 @@ fn pass_ahead(pass_bytes: usize) -> usize {
     PREFETCH_BYTES.div_ceil(pass_bytes.max(1)) * pass_bytes
 }
 
+/// Tokens `t0..` of prepared activations as the strip kernels read them.
+#[derive(Clone, Copy)]
+struct StripTokens {
+    x: *const i8,
+    sx: *const f32,
+    totals: *const i32,
+    k: usize,
+    nb: usize,
+}
+
+impl StripTokens {
+    /// Tokens from `t0` on of `acts` (prepared with int8 codes).
+    fn new(acts: &QuantizedActs, t0: usize) -> Self {
+        let (k, nb) = (acts.k, acts.k / BLOCK);
+        StripTokens {
+            x: acts.codes.as_ptr().wrapping_add(t0 * k),
+            sx: acts.scales.as_ptr().wrapping_add(t0 * nb),
+            totals: acts.totals.as_ptr().wrapping_add(t0 * nb),
+            k,
+            nb,
+        }
+    }
+
+    /// Token `t`'s codes `i..i+4` of block `b`, broadcast to every lane.
+    ///
+    /// # Safety
+    /// Token `t` and block `b` lie within the activations; AVX-512 F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn quad(self, t: usize, b: usize, i: usize) -> __m512i {
+        // SAFETY: within the tokens' codes (caller).
+        unsafe {
+            let p = self.x.add(t * self.k + b * BLOCK + i);
+            _mm512_set1_epi32(p.cast::<i32>().read_unaligned())
+        }
+    }
+
+    /// Σ of token `t`'s codes in block `b`.
+    ///
+    /// # Safety
+    /// As [`StripTokens::quad`].
+    #[inline]
+    unsafe fn total(self, t: usize, b: usize) -> i32 {
+        // SAFETY: within the tokens' totals (caller).
+        unsafe { *self.totals.add(t * self.nb + b) }
+    }
+
+    /// `acc[t] += d[t] · s_w · s_x(t, b)` for every token: block `b`'s
+    /// int32 lanes scaled by the rows' scales `sw` and the token's.
+    ///
+    /// # Safety
+    /// As [`StripTokens::quad`].
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scale<const T: usize>(
+        self,
+        acc: &mut [__m512; T],
+        d: &[__m512i; T],
+        sw: __m512,
+        b: usize,
+    ) {
+        for (t, acc_t) in acc.iter_mut().enumerate() {
+            // SAFETY: within the tokens' scales (caller).
+            let sx = unsafe { *self.sx.add(t * self.nb + b) };
+            let f = _mm512_mul_ps(sw, _mm512_set1_ps(sx));
+            *acc_t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[t]), f, *acc_t);
+        }
+    }
+}
+
+/// A strip's 16 bf16 scales at `p`, as f32 lanes.
+///
+/// # Safety
+/// `p` holds 16 values; AVX-512 F.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn strip_scales(p: *const u16) -> __m512 {
+    // SAFETY: 16 values at `p` (caller).
+    let bits = _mm512_cvtepu16_epi32(unsafe { _mm256_loadu_si256(p.cast()) });
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits))
+}
+
+/// Prefetches the `lines` cache lines that start [`PREFETCH_BYTES`] past `p`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn prefetch_ahead(p: *const u8, lines: usize) {
+    // Prefetch addresses are not dereferenced: no safety condition.
+    for line in 0..lines {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES + 64 * line).cast());
+    }
+}
+
 /// One strip of a q4 matrix in [`QuantLayout::Strips`] (16 rows) against
 /// tokens `t0..t0+T`: per block, the strip's 4 code vectors are split into
 /// low and high nibbles once for all tokens; each token's int32 lanes (one
@@ -762,7 +854,7 @@ unsafe fn q4_strip<const T: usize, const SHIFT: u32>(
     acts: &QuantizedActs,
     t0: usize,
 ) -> [__m512; T] {
-    let (k, nb, groups) = (w.cols, w.cols / BLOCK, w.groups());
+    let (nb, groups) = (w.cols / BLOCK, w.groups());
     let nibble = _mm512_set1_epi8(0x0f);
     let dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     let nibble_shift = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
@@ -774,14 +866,12 @@ unsafe fn q4_strip<const T: usize, const SHIFT: u32>(
         let codes = w.codes.as_ptr().add(strip * nb * STRIP * 16);
         let scales = w.scales.as_ptr().add(strip * groups * STRIP);
         let zeros = w.zeros.as_ptr().add(strip * groups * STRIP / 2);
-        let x = acts.codes.as_ptr().add(t0 * k);
-        let sx = acts.scales.as_ptr().add(t0 * nb);
-        let totals = acts.totals.as_ptr().add(t0 * nb);
+        let tokens = StripTokens::new(acts, t0);
+        let quad = |t: usize, b: usize, i: usize| tokens.quad(t, b, i);
         // Scales and −z (in each lane's low half, 0 in the high one) of block `b`'s group.
         let group = |b: usize| {
             let g = b >> SHIFT;
-            let bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(scales.add(g * STRIP).cast()));
-            let sw = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits));
+            let sw = strip_scales(scales.add(g * STRIP));
             let zb = _mm_loadl_epi64(zeros.add(g * STRIP / 2).cast());
             let wide = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(zb, dup));
             let zero =
@@ -792,33 +882,17 @@ unsafe fn q4_strip<const T: usize, const SHIFT: u32>(
             );
             (sw, z)
         };
-        let quad = |t: usize, b: usize, i: usize| {
-            _mm512_set1_epi32(x.add(t * k + b * BLOCK + i).cast::<i32>().read_unaligned())
-        };
         // With Σx (|Σx| < 2¹⁵) broadcast, one vpmaddwd gives −z·Σx exactly.
         let start = |z: __m512i, b: usize| -> [__m512i; T] {
-            std::array::from_fn(|t| {
-                _mm512_madd_epi16(z, _mm512_set1_epi32(*totals.add(t * nb + b)))
-            })
+            std::array::from_fn(|t| _mm512_madd_epi16(z, _mm512_set1_epi32(tokens.total(t, b))))
         };
-        let prefetch = |b: usize| {
-            let p = codes.add(b * STRIP * 16);
-            for line in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES + 64 * line).cast());
-            }
-        };
+        let prefetch = |b: usize| prefetch_ahead(codes.add(b * STRIP * 16), 4);
         let nibbles = |b: usize, j: usize| {
             let v = _mm512_loadu_si512(codes.add(b * STRIP * 16 + 64 * j).cast());
             (
                 _mm512_and_si512(v, nibble),
                 _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble),
             )
-        };
-        let scale = |acc: &mut [__m512; T], d: &[__m512i; T], sw: __m512, b: usize| {
-            for (t, acc_t) in acc.iter_mut().enumerate() {
-                let f = _mm512_mul_ps(sw, _mm512_set1_ps(*sx.add(t * nb + b)));
-                *acc_t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[t]), f, *acc_t);
-            }
         };
         // With 5 or 6 tokens, two blocks at a time: their 2T chains of
         // products are enough to keep both ports busy. Fewer tokens split
@@ -843,8 +917,8 @@ unsafe fn q4_strip<const T: usize, const SHIFT: u32>(
                     d1[t] = _mm512_dpbusd_epi32(d1[t], h1, quad(t, b + 1, 16 + 4 * j));
                 }
             }
-            scale(&mut acc, &d0, sw0, b);
-            scale(&mut acc, &d1, sw1, b + 1);
+            tokens.scale(&mut acc, &d0, sw0, b);
+            tokens.scale(&mut acc, &d1, sw1, b + 1);
         }
         for b in 2 * pairs..nb {
             let (sw, z) = group(b);
@@ -859,7 +933,7 @@ unsafe fn q4_strip<const T: usize, const SHIFT: u32>(
                 }
             }
             let sum: [__m512i; T] = std::array::from_fn(|t| _mm512_add_epi32(d[t], e[t]));
-            scale(&mut acc, &sum, sw, b);
+            tokens.scale(&mut acc, &sum, sw, b);
         }
     }
     acc
@@ -882,7 +956,7 @@ unsafe fn q8_strip<const T: usize, const SHIFT: u32>(
     acts: &QuantizedActs,
     t0: usize,
 ) -> [__m512; T] {
-    let (k, nb, groups) = (w.cols, w.cols / BLOCK, w.groups());
+    let (nb, groups) = (w.cols / BLOCK, w.groups());
     // Two chains per token while the registers hold them.
     let split = T <= 6;
     let mut acc = [_mm512_setzero_ps(); T];
@@ -892,43 +966,35 @@ unsafe fn q8_strip<const T: usize, const SHIFT: u32>(
     unsafe {
         let codes = w.codes.as_ptr().add(strip * nb * STRIP * BLOCK);
         let scales = w.scales.as_ptr().add(strip * groups * STRIP);
-        let x = acts.codes.as_ptr().add(t0 * k);
-        let sx = acts.scales.as_ptr().add(t0 * nb);
-        let totals = acts.totals.as_ptr().add(t0 * nb);
-        let quad = |t: usize, b: usize, i: usize| {
-            _mm512_set1_epi32(x.add(t * k + b * BLOCK + i).cast::<i32>().read_unaligned())
-        };
+        let tokens = StripTokens::new(acts, t0);
         for b in 0..nb {
             let p = codes.add(b * STRIP * BLOCK);
-            for line in 0..8 {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES + 64 * line).cast());
-            }
+            prefetch_ahead(p, 8);
             // |Σx| ≤ 32·127, so −128·Σx fits easily.
             let mut d: [__m512i; T] =
-                std::array::from_fn(|t| _mm512_set1_epi32(-128 * *totals.add(t * nb + b)));
+                std::array::from_fn(|t| _mm512_set1_epi32(-128 * tokens.total(t, b)));
             let mut e = [_mm512_setzero_si512(); T];
             for j in 0..8 {
                 let v = _mm512_loadu_si512(p.add(64 * j).cast());
                 for t in 0..T {
                     if split && j % 2 == 1 {
-                        e[t] = _mm512_dpbusd_epi32(e[t], v, quad(t, b, 4 * j));
+                        e[t] = _mm512_dpbusd_epi32(e[t], v, tokens.quad(t, b, 4 * j));
                     } else {
-                        d[t] = _mm512_dpbusd_epi32(d[t], v, quad(t, b, 4 * j));
+                        d[t] = _mm512_dpbusd_epi32(d[t], v, tokens.quad(t, b, 4 * j));
                     }
                 }
             }
-            let bits =
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256(scales.add((b >> SHIFT) * STRIP).cast()));
-            let sw = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits));
-            for t in 0..T {
-                let sum = if split {
-                    _mm512_add_epi32(d[t], e[t])
-                } else {
-                    d[t]
-                };
-                let f = _mm512_mul_ps(sw, _mm512_set1_ps(*sx.add(t * nb + b)));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), f, acc[t]);
+            if split {
+                for (d_t, e_t) in d.iter_mut().zip(&e) {
+                    *d_t = _mm512_add_epi32(*d_t, *e_t);
+                }
             }
+            tokens.scale(
+                &mut acc,
+                &d,
+                strip_scales(scales.add((b >> SHIFT) * STRIP)),
+                b,
+            );
         }
     }
     acc

@@ -263,23 +263,23 @@ impl<'a> QuantMatRef<'a> {
     }
 
     /// q8 codes `k0..k0 + out.len()` of row `r` as stored in rows (two's
-    /// complement), whatever the layout.
+    /// complement), whatever the layout; `k0` and the length are whole
+    /// words (4 codes), as the block-wise callers ask.
     pub(crate) fn q8_codes(&self, r: usize, k0: usize, out: &mut [u8]) {
+        assert!(
+            k0.is_multiple_of(4) && out.len().is_multiple_of(4),
+            "q8 codes {k0}..+{} are not whole words",
+            out.len()
+        );
         match self.layout {
             QuantLayout::Rows => {
                 out.copy_from_slice(&self.codes[r * self.cols + k0..][..out.len()]);
             }
-            QuantLayout::Strips if k0.is_multiple_of(4) && out.len().is_multiple_of(4) => {
-                // A word (4 codes) at a time: the GEMMs pack whole blocks.
+            QuantLayout::Strips => {
                 for (word, dst) in (k0 / 4..).zip(out.chunks_exact_mut(4)) {
                     let at = self.strip_word(r, word / 8, word % 8, BLOCK);
                     let bytes: [u8; 4] = self.codes[at..at + 4].try_into().expect("4 bytes");
                     dst.copy_from_slice(&(u32::from_le_bytes(bytes) ^ 0x8080_8080).to_le_bytes());
-                }
-            }
-            QuantLayout::Strips => {
-                for (c, o) in (k0..).zip(out.iter_mut()) {
-                    *o = self.q8_byte(r, c);
                 }
             }
         }
