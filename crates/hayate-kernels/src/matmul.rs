@@ -752,8 +752,8 @@ pub(crate) mod avx512 {
                 step!(c, |row: *const u16| {
                     let p = row.add(c * 32);
                     // The same inputs of the next pass's rows: one pass ahead
-                    // whatever the row length (a fixed distance fell inside
-                    // this pass's rows for short ones).
+                    // whatever the row length (a fixed 4 KiB fell inside this
+                    // pass's own rows once they were 2 KiB or longer).
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(R * k).cast());
                     _mm512_loadu_si512(p.cast())
                 });
