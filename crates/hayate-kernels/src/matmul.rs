@@ -47,6 +47,9 @@ thread_local! {
     static PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Per-thread buffer for the packed activations of one `KC` block (GEMM).
     static PACK_X: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's buffer for inputs reordered for the bf16 row
+    /// kernels, read by every thread of the product.
+    static REORDERED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The calling thread's buffer for activations split for the tile unit,
     /// read by every thread of the product.
     #[cfg(target_arch = "x86_64")]
@@ -158,8 +161,34 @@ pub fn matmul_many(
     let targets = &slots[..jobs.len()];
     let total_rows: usize = targets.iter().flatten().map(|(w, _)| w.rows).sum();
     let queue = ChunkQueue::new(total_rows, pool.n_threads(), NR, MIN_CHUNK_ROWS);
-    // Runs every job's rows through `tiles` where the tile unit takes them,
-    // else through the SIMD kernels.
+    let any_bf16 = targets
+        .iter()
+        .flatten()
+        .any(|(w, _)| matches!(w.data, WeightSlice::Bf16(_)));
+    REORDERED.with_borrow_mut(|buf| {
+        // Reordered once here rather than by every thread for every chunk:
+        // per chunk, a 5-token pass on the Qwen3-0.6B shape spent a fifth
+        // of its time reordering.
+        let inputs = match bf16_layout(isa, n_tok).filter(|_| any_bf16) {
+            Some(layout) => RowInputs::reorder(layout, x, n_tok, k, buf),
+            None => RowInputs::plain(x),
+        };
+        products_of(pool, isa, targets, inputs, n_tok, k, &queue);
+    });
+}
+
+/// The body of [`matmul_many`] once the inputs are laid out: every job's
+/// rows through the tile unit where it takes them, else the SIMD kernels.
+fn products_of(
+    pool: &ThreadPool,
+    isa: Isa,
+    targets: &[Option<(MatRef<'_>, OutPtr)>],
+    inputs: RowInputs<'_>,
+    n_tok: usize,
+    k: usize,
+    queue: &ChunkQueue,
+) {
+    let x = inputs.x;
     let products = |tiles: &TileProduct<'_>| {
         pool.run(&|tid, _| {
             while let Some(mine) = queue.next_chunk(tid) {
@@ -174,7 +203,7 @@ pub fn matmul_many(
                         } else {
                             // SAFETY: shapes were checked above; each thread writes
                             // only columns `rows` of this output (its chunk).
-                            unsafe { matmul_rows(isa, *w, x, n_tok, rows, y.0) }
+                            unsafe { rows_of(isa, *w, inputs, n_tok, rows, y.0) }
                         }
                     }
                     base += w.rows;
@@ -199,7 +228,7 @@ pub fn matmul_many(
                     // left (fewer than 16) take the row kernels.
                     unsafe {
                         let rest = amx::short_rows(bf16_data(w), k, w.rows, acts, rows.clone(), y);
-                        matmul_rows(isa, w, x, n_tok, rest..rows.end, y)
+                        rows_of(isa, w, inputs, n_tok, rest..rows.end, y)
                     }
                 })
             });
@@ -233,6 +262,127 @@ pub unsafe fn matmul_rows(
     rows: std::ops::Range<usize>,
     y: *mut f32,
 ) {
+    let layout = bf16_layout(isa, n_tok).filter(|_| matches!(w.data, WeightSlice::Bf16(_)));
+    REORDERED.with_borrow_mut(|buf| {
+        let inputs = match layout {
+            Some(layout) => RowInputs::reorder(layout, x, n_tok, w.cols, buf),
+            None => RowInputs::plain(x),
+        };
+        // SAFETY: forwarded contract; the inputs were laid out for `isa`.
+        unsafe { rows_of(isa, w, inputs, n_tok, rows, y) }
+    })
+}
+
+/// How the bf16 row kernels on `isa` take their inputs for `n_tok` tokens;
+/// `None` where no row kernel reads them reordered (the scalar reference,
+/// the GEMMs).
+fn bf16_layout(isa: Isa, n_tok: usize) -> Option<Bf16Layout> {
+    match isa {
+        Isa::Scalar => None,
+        _ if isa.has_avx512() && n_tok <= GEMV_MAX_TOKENS_BF16 => Some(Bf16Layout::Halves32),
+        _ if n_tok <= GEMV_MAX_TOKENS => Some(Bf16Layout::Halves16),
+        _ => None,
+    }
+}
+
+/// An order of each token's inputs that lets a bf16 row kernel widen its
+/// weights without shuffles (see `avx2::deinterleave` and `avx512::deinterleave32`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Bf16Layout {
+    /// Per 16 inputs the 8 even-indexed, then the 8 odd-indexed; the tail in order.
+    Halves16,
+    /// Per 32 inputs the 16 even-indexed, then the 16 odd-indexed; the last
+    /// 32 padded with zeros.
+    Halves32,
+}
+
+impl Bf16Layout {
+    /// Values per token in this layout for `k` inputs.
+    fn stride(self, k: usize) -> usize {
+        match self {
+            Bf16Layout::Halves16 => k,
+            Bf16Layout::Halves32 => k.div_ceil(32) * 32,
+        }
+    }
+}
+
+/// The inputs of a product as the row kernels read them: as given, and
+/// reordered for bf16 weights where some job has them.
+#[derive(Clone, Copy)]
+struct RowInputs<'a> {
+    /// `n_tok` tokens of `k` inputs.
+    x: &'a [f32],
+    /// `x` in `layout`, `layout.stride(k)` values per token; empty without bf16 weights.
+    reordered: &'a [f32],
+    layout: Option<Bf16Layout>,
+}
+
+impl<'a> RowInputs<'a> {
+    fn plain(x: &'a [f32]) -> Self {
+        RowInputs {
+            x,
+            reordered: &[],
+            layout: None,
+        }
+    }
+
+    /// `x` (`n_tok` tokens of `k` inputs) with its copy in `layout` made in `buf`.
+    fn reorder(
+        layout: Bf16Layout,
+        x: &'a [f32],
+        n_tok: usize,
+        k: usize,
+        buf: &'a mut Vec<f32>,
+    ) -> Self {
+        let stride = layout.stride(k);
+        buf.resize(n_tok * stride, 0.0);
+        for (src, dst) in x
+            .chunks_exact(k.max(1))
+            .zip(buf.chunks_exact_mut(stride.max(1)))
+        {
+            match layout {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: this layout is chosen only where the CPU has AVX-512 (`bf16_layout`).
+                Bf16Layout::Halves32 => unsafe { avx512::deinterleave32(src, dst) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: this layout is chosen only where the CPU has AVX2.
+                Bf16Layout::Halves16 => unsafe { avx2::deinterleave(src, dst) },
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => unreachable!("no SIMD row kernels on this architecture"),
+            }
+        }
+        RowInputs {
+            x,
+            reordered: buf,
+            layout: Some(layout),
+        }
+    }
+
+    /// Token `t`'s reordered inputs, `layout` asserted to be what the kernel reads.
+    fn token(&self, layout: Bf16Layout, t: usize, k: usize) -> &'a [f32] {
+        assert_eq!(
+            self.layout,
+            Some(layout),
+            "bf16 inputs laid out for another kernel"
+        );
+        let stride = layout.stride(k);
+        &self.reordered[t * stride..(t + 1) * stride]
+    }
+}
+
+/// [`matmul_rows`] with the inputs already laid out.
+///
+/// # Safety
+/// As for [`matmul_rows`], with `inputs.x` as its `x`.
+unsafe fn rows_of(
+    isa: Isa,
+    w: MatRef<'_>,
+    inputs: RowInputs<'_>,
+    n_tok: usize,
+    rows: std::ops::Range<usize>,
+    y: *mut f32,
+) {
+    let x = inputs.x;
     match isa {
         Isa::Scalar => {
             // SAFETY: forwarded contract.
@@ -245,9 +395,9 @@ pub unsafe fn matmul_rows(
             // above, AVX-512 where that kernel runs).
             unsafe {
                 if isa.has_avx512() && n_tok <= gemv_max_tokens(isa, w) {
-                    avx512::gemv_rows(w, x, n_tok, rows, y)
+                    avx512::gemv_rows(w, inputs, n_tok, rows, y)
                 } else if n_tok <= GEMV_MAX_TOKENS {
-                    avx2::gemv_rows(w, x, n_tok, rows, y)
+                    avx2::gemv_rows(w, inputs, n_tok, rows, y)
                 } else if isa.has_avx512() {
                     avx512::gemm_rows(w, x, n_tok, rows, y)
                 } else {
@@ -428,18 +578,35 @@ pub(crate) mod avx2 {
     dot_row!(dot_row_f32, f32, load_f32);
     dot_row!(dot_row_f16, u16, load_f16);
 
-    /// Reorders `x` for [`dot_rows_bf16`]: in each block of 16, the 8
-    /// even-indexed values, then the 8 odd-indexed ones. The tail (past the
-    /// last full block) is left in order.
-    fn deinterleave(x: &[f32], out: &mut [f32]) {
+    /// Reorders `x` for [`dot_row_bf16`] into `out` (as long): in each block
+    /// of 16, the 8 even-indexed values, then the 8 odd-indexed ones. The
+    /// tail (past the last full block) is left in order.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn deinterleave(x: &[f32], out: &mut [f32]) {
+        assert_eq!(x.len(), out.len(), "reordered inputs");
         let body = x.len() - x.len() % 16;
         for (src, dst) in x[..body].chunks_exact(16).zip(out.chunks_exact_mut(16)) {
-            for j in 0..8 {
-                dst[j] = src[2 * j];
-                dst[8 + j] = src[2 * j + 1];
+            // SAFETY: both blocks hold 16 values.
+            unsafe {
+                let (a, b) = (
+                    _mm256_loadu_ps(src.as_ptr()),
+                    _mm256_loadu_ps(src.as_ptr().add(8)),
+                );
+                // Per 128-bit half [a0 a2 b0 b2 | a4 a6 b4 b6], then the
+                // 64-bit pairs in order: [a0 a2 a4 a6 b0 b2 b4 b6].
+                let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+                let odd = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+                let order = |v: __m256| {
+                    _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+                };
+                _mm256_storeu_ps(dst.as_mut_ptr(), order(even));
+                _mm256_storeu_ps(dst.as_mut_ptr().add(8), order(odd));
             }
         }
-        out[body..x.len()].copy_from_slice(&x[body..]);
+        out[body..].copy_from_slice(&x[body..]);
     }
 
     /// Dot product of one bf16 row with a vector `xd` reordered by
@@ -480,31 +647,26 @@ pub(crate) mod avx2 {
     /// # Safety
     /// See [`super::matmul_rows`]; the CPU supports AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn gemv_rows(
+    pub(super) unsafe fn gemv_rows(
         w: MatRef<'_>,
-        x: &[f32],
+        inputs: RowInputs<'_>,
         n_tok: usize,
         rows: std::ops::Range<usize>,
         y: *mut f32,
     ) {
-        let k = w.cols;
-        let n = w.rows;
+        let (k, n, x) = (w.cols, w.rows, inputs.x);
         if let WeightSlice::Bf16(s) = w.data {
-            PACK.with_borrow_mut(|xd| {
-                xd.resize(n_tok * k, 0.0);
-                for t in 0..n_tok {
-                    deinterleave(&x[t * k..(t + 1) * k], &mut xd[t * k..(t + 1) * k]);
-                }
-                // SAFETY: rows lie within the matrix, tokens within `xd` and `y` (caller).
-                unsafe {
-                    for r in rows {
-                        for t in 0..n_tok {
-                            let (wp, xp) = (s.as_ptr().add(r * k), xd.as_ptr().add(t * k));
-                            *y.add(t * n + r) = dot_row_bf16(wp, k, xp);
-                        }
+            // SAFETY: rows lie within the matrix, tokens within `y` (caller);
+            // each reordered token holds `k` values.
+            unsafe {
+                for r in rows {
+                    for t in 0..n_tok {
+                        let xt = inputs.token(Bf16Layout::Halves16, t, k);
+                        let wp = s.as_ptr().add(r * k);
+                        *y.add(t * n + r) = dot_row_bf16(wp, k, xt.as_ptr());
                     }
                 }
-            });
+            }
             return;
         }
         // SAFETY: rows lie within the matrix, tokens within `x` and `y` (caller).
@@ -675,10 +837,25 @@ pub(crate) mod avx512 {
             i += 4;
         }
         while i < N {
-            out[i] = _mm512_reduce_add_ps(v[i]);
+            out[i] = hsum(v[i]);
             i += 1;
         }
         out
+    }
+
+    /// The horizontal sum of `v`, adding the same pairs in the same order as
+    /// [`hsums`] does four at a time, so a row's sum has the same bits
+    /// whether it was one of four or alone (`_mm512_reduce_add_ps` pairs
+    /// the lanes of a quarter differently).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn hsum(v: __m512) -> f32 {
+        // Quarters 0 and 1: q0+q2 and q1+q3; then quarter 0: their sum.
+        let h = _mm512_add_ps(v, _mm512_shuffle_f32x4::<0b00_00_11_10>(v, v));
+        let q = _mm512_add_ps(h, _mm512_shuffle_f32x4::<0b00_00_00_01>(h, h));
+        let q = _mm512_add_ps(q, _mm512_shuffle_ps::<0b10_11_00_01>(q, q));
+        let q = _mm512_add_ps(q, _mm512_shuffle_ps::<0b01_00_11_10>(q, q));
+        _mm512_cvtss_f32(q)
     }
 
     /// Rows per pass of the bf16 row kernel for `T` tokens: as many as the
@@ -696,37 +873,79 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// Lays out each token's inputs for [`bf16_rows`]: per 32 inputs, the 16
-    /// even-indexed ones, then the 16 odd ones; the last 32 padded with zeros.
-    fn deinterleave32(x: &[f32], out: &mut [f32]) {
-        for (src, dst) in x.chunks(32).zip(out.chunks_exact_mut(32)) {
-            dst.fill(0.0);
-            for (j, &v) in src.iter().enumerate() {
-                dst[(j % 2) * 16 + j / 2] = v;
+    /// Lays out one token's inputs for [`bf16_rows`] in `out` (`x` rounded
+    /// up to 32 values): per 32 inputs, the 16 even-indexed ones, then the
+    /// 16 odd ones; the last 32 padded with zeros.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn deinterleave32(x: &[f32], out: &mut [f32]) {
+        assert_eq!(out.len(), x.len().div_ceil(32) * 32, "reordered inputs");
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let body = x.len() - x.len() % 32;
+        for (src, dst) in x[..body].chunks_exact(32).zip(out.chunks_exact_mut(32)) {
+            // SAFETY: both blocks hold 32 values.
+            unsafe {
+                let (a, b) = (
+                    _mm512_loadu_ps(src.as_ptr()),
+                    _mm512_loadu_ps(src.as_ptr().add(16)),
+                );
+                _mm512_storeu_ps(dst.as_mut_ptr(), _mm512_permutex2var_ps(a, even, b));
+                _mm512_storeu_ps(dst.as_mut_ptr().add(16), _mm512_permutex2var_ps(a, odd, b));
             }
+        }
+        let tail = &mut out[body..];
+        tail.fill(0.0);
+        for (j, &v) in x[body..].iter().enumerate() {
+            tail[(j % 2) * 16 + j / 2] = v;
         }
     }
 
-    /// Rows `r0..r0+R` of a bf16 matrix against `T` tokens laid out by
-    /// [`deinterleave32`]. A 32-bit lane of 32 loaded bf16 values holds an
-    /// even- and an odd-indexed value: a shift widens the even one, a mask
-    /// the odd one; each token's inputs are loaded once for all `R` rows.
+    /// Most bytes of reordered inputs a pass streams over whole rows; with
+    /// more, [`gemv_rows`] runs its passes over chunks of [`CHUNK_STEPS`]
+    /// steps, so the inputs stay in L1 (48 KiB here) while the weights
+    /// stream past them: a 5-token pass over 3072-input rows (60 KiB of
+    /// inputs) otherwise re-read them from L2 for every pass of rows.
+    const WHOLE_ROW_INPUT_BYTES: usize = 24 * 1024;
+    /// Steps of 32 inputs per chunk when the inputs are chunked.
+    const CHUNK_STEPS: usize = 32;
+    /// Passes of rows that take their turn over one chunk of the inputs.
+    const GROUP_PASSES: usize = 8;
+
+    /// Accumulates steps `steps` (of 32 inputs; `k / 32` means the masked
+    /// tail step) of rows `r0..r0+R` of a bf16 matrix against `T` tokens
+    /// laid out by [`deinterleave32`], into `acc`. A 32-bit lane of 32
+    /// loaded bf16 values holds an even- and an odd-indexed value: a shift
+    /// widens the even one, a mask the odd one; each token's inputs are
+    /// loaded once for all `R` rows. Each row prefetches the element
+    /// `ahead` elements past the one it reads: where the rows of the next
+    /// pass read the same step.
+    ///
+    /// Every accumulator takes its steps in order whatever the chunking,
+    /// so a row's sums do not depend on the number of tokens or chunks.
     ///
     /// # Safety
-    /// Rows `r0..r0+R` lie within `w` (`k` values each, at `w`); `xd` holds
-    /// `T` tokens of `padded` values; the CPU supports AVX-512 F/BW.
+    /// Rows `r0..r0+R` lie within `w` (`k` values each, at `w`); the steps
+    /// lie within `0..=k / 32`; `xd` holds `T` tokens of `padded` values;
+    /// the CPU supports AVX-512 F/BW.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn bf16_rows<const R: usize, const T: usize>(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn bf16_steps<const R: usize, const T: usize>(
         w: *const u16,
         k: usize,
         r0: usize,
+        steps: std::ops::Range<usize>,
+        ahead: isize,
         xd: *const f32,
         padded: usize,
-    ) -> [[f32; T]; R] {
+        acc: &mut [[__m512; T]; R],
+    ) {
         let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
-        let mut acc = [[_mm512_setzero_ps(); T]; R];
         let (full, rest) = (k / 32, k % 32);
+        let mut a = *acc;
         // SAFETY: every read lies within the rows and the tokens (caller);
         // prefetch addresses are not dereferenced.
         unsafe {
@@ -738,7 +957,7 @@ pub(crate) mod avx512 {
                         let p = xd.add(t * padded + c * 32);
                         (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
                     });
-                    for (acc_r, &row) in acc.iter_mut().zip(&rows) {
+                    for (acc_r, &row) in a.iter_mut().zip(&rows) {
                         let v: __m512i = $load(row);
                         let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
                         let odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
@@ -748,28 +967,102 @@ pub(crate) mod avx512 {
                     }
                 }};
             }
-            for c in 0..full {
+            for c in steps.start..steps.end.min(full) {
                 step!(c, |row: *const u16| {
                     let p = row.add(c * 32);
-                    // The same inputs of the next pass's rows: one pass ahead
-                    // whatever the row length (a fixed 4 KiB fell inside this
-                    // pass's own rows once they were 2 KiB or longer).
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(R * k).cast());
+                    // The same inputs of the next pass's rows, whatever the
+                    // row length (a fixed 4 KiB fell inside this pass's own
+                    // rows once they were 2 KiB or longer).
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_offset(ahead).cast());
                     _mm512_loadu_si512(p.cast())
                 });
             }
-            if rest > 0 {
+            if rest > 0 && steps.end > full {
                 let mask = (1u32 << rest) - 1;
                 step!(full, |row: *const u16| {
                     _mm512_maskz_loadu_epi16(mask, row.add(full * 32).cast())
                 });
             }
         }
-        let mut out = [[0f32; T]; R];
-        for (out_r, &acc_r) in out.iter_mut().zip(&acc) {
-            *out_r = hsums(acc_r);
+        *acc = a;
+    }
+
+    /// Rows `rows` of a bf16 matrix against `T` tokens laid out by
+    /// [`deinterleave32`] (`padded` values apart from `xd`), written to
+    /// tokens `0..T` of `y` (`n` outputs per token): passes of `R` rows
+    /// (single rows for a tail), over chunks of the inputs where they
+    /// would not stay in L1.
+    ///
+    /// # Safety
+    /// `rows` lies within `w` (`n` rows of `k`); `xd` holds `T` tokens of
+    /// `padded` values; `y` has `T` rows of `n` writable values; the CPU
+    /// supports AVX-512 F/BW.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn bf16_token_rows<const R: usize, const T: usize>(
+        w: *const u16,
+        k: usize,
+        n: usize,
+        rows: std::ops::Range<usize>,
+        xd: *const f32,
+        padded: usize,
+        y: *mut f32,
+    ) {
+        // Whole steps plus the masked tail step, if any.
+        let steps = padded / 32;
+        let chunk = if T * padded * 4 <= WHOLE_ROW_INPUT_BYTES {
+            steps
+        } else {
+            CHUNK_STEPS
+        };
+        let put = |row: usize, out: [f32; T]| {
+            for (t, v) in out.into_iter().enumerate() {
+                // SAFETY: `row < n` and `t < T` (caller's extent of `y`).
+                unsafe { *y.add(t * n + row) = v };
+            }
+        };
+        let mut acc = [[[_mm512_setzero_ps(); T]; R]; GROUP_PASSES];
+        let mut r = rows.start;
+        while r + R <= rows.end {
+            let passes = ((rows.end - r) / R).min(GROUP_PASSES);
+            acc[..passes].fill([[_mm512_setzero_ps(); T]; R]);
+            let mut c0 = 0;
+            while c0 < steps {
+                let c1 = (c0 + chunk).min(steps);
+                for (p, acc_p) in acc[..passes].iter_mut().enumerate() {
+                    let row0 = r + p * R;
+                    // Where the next pass starts: the next rows at this
+                    // chunk, else the group's first rows at the next chunk,
+                    // else the next group.
+                    let (next_row, next_step) = if p + 1 < passes {
+                        (row0 + R, c0)
+                    } else if c1 < steps {
+                        (r, c1)
+                    } else {
+                        (r + passes * R, 0)
+                    };
+                    let ahead =
+                        (next_row * k + next_step * 32) as isize - (row0 * k + c0 * 32) as isize;
+                    // SAFETY: rows `row0..row0+R` lie within `rows`; the
+                    // steps within the row (caller).
+                    unsafe { bf16_steps::<R, T>(w, k, row0, c0..c1, ahead, xd, padded, acc_p) };
+                }
+                c0 = c1;
+            }
+            for (p, acc_p) in acc[..passes].iter().enumerate() {
+                for (i, &acc_r) in acc_p.iter().enumerate() {
+                    put(r + p * R + i, hsums(acc_r));
+                }
+            }
+            r += passes * R;
         }
-        out
+        for row in r..rows.end {
+            let mut one = [[_mm512_setzero_ps(); T]; 1];
+            // SAFETY: `row` lies within `rows` (caller).
+            unsafe { bf16_steps::<1, T>(w, k, row, 0..steps, k as isize, xd, padded, &mut one) };
+            put(row, hsums(one[0]));
+        }
     }
 
     /// Decode and short passes over bf16 weights (up to [`GEMV_MAX_TOKENS_BF16`]
@@ -779,72 +1072,55 @@ pub(crate) mod avx512 {
     /// # Safety
     /// See [`super::matmul_rows`]; the CPU supports AVX-512 F/BW.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn gemv_rows(
+    pub(super) unsafe fn gemv_rows(
         w: MatRef<'_>,
-        x: &[f32],
+        inputs: RowInputs<'_>,
         n_tok: usize,
         rows: std::ops::Range<usize>,
         y: *mut f32,
     ) {
         let WeightSlice::Bf16(s) = w.data else {
             // SAFETY: forwarded contract; AVX-512 implies AVX2, FMA and F16C here.
-            return unsafe { super::avx2::gemv_rows(w, x, n_tok, rows, y) };
+            return unsafe { super::avx2::gemv_rows(w, inputs, n_tok, rows, y) };
         };
         let (k, n) = (w.cols, w.rows);
-        let padded = k.div_ceil(32) * 32;
-        PACK.with_borrow_mut(|xd| {
-            xd.resize(n_tok * padded, 0.0);
-            for t in 0..n_tok {
-                deinterleave32(
-                    &x[t * k..(t + 1) * k],
-                    &mut xd[t * padded..(t + 1) * padded],
-                );
+        let padded = Bf16Layout::Halves32.stride(k);
+        // The tokens are `padded` apart in one buffer: check its extent once.
+        let xd = inputs.token(Bf16Layout::Halves32, 0, k).as_ptr();
+        assert!(inputs.reordered.len() >= n_tok * padded, "reordered inputs");
+        let mut t0 = 0;
+        while t0 < n_tok {
+            let tokens = (n_tok - t0).min(8);
+            macro_rules! run {
+                ($t:literal) => {{
+                    const R: usize = bf16_rows_per_pass($t);
+                    // SAFETY: `rows` lies within `w`; tokens `t0..t0+$t` lie
+                    // within the inputs (checked) and `y` (caller).
+                    unsafe {
+                        bf16_token_rows::<R, $t>(
+                            s.as_ptr(),
+                            k,
+                            n,
+                            rows.clone(),
+                            xd.add(t0 * padded),
+                            padded,
+                            y.add(t0 * n),
+                        )
+                    }
+                }};
             }
-            let mut t0 = 0;
-            while t0 < n_tok {
-                let tokens = (n_tok - t0).min(8);
-                macro_rules! run {
-                    ($t:literal) => {{
-                        const R: usize = bf16_rows_per_pass($t);
-                        let mut r = rows.start;
-                        while r < rows.end {
-                            let step = if r + R <= rows.end { R } else { 1 };
-                            // SAFETY: rows `r..r+step` lie within `rows`, rows of
-                            // `w`; the tokens lie within `xd` and `y` (caller).
-                            unsafe {
-                                let xp = xd.as_ptr().add(t0 * padded);
-                                let put = |i: usize, out: [f32; $t]| {
-                                    for (t, v) in out.into_iter().enumerate() {
-                                        *y.add((t0 + t) * n + r + i) = v;
-                                    }
-                                };
-                                if step == R {
-                                    let out = bf16_rows::<R, $t>(s.as_ptr(), k, r, xp, padded);
-                                    for (i, o) in out.into_iter().enumerate() {
-                                        put(i, o);
-                                    }
-                                } else {
-                                    let [o] = bf16_rows::<1, $t>(s.as_ptr(), k, r, xp, padded);
-                                    put(0, o);
-                                }
-                            }
-                            r += step;
-                        }
-                    }};
-                }
-                match tokens {
-                    1 => run!(1),
-                    2 => run!(2),
-                    3 => run!(3),
-                    4 => run!(4),
-                    5 => run!(5),
-                    6 => run!(6),
-                    7 => run!(7),
-                    _ => run!(8),
-                }
-                t0 += tokens;
+            match tokens {
+                1 => run!(1),
+                2 => run!(2),
+                3 => run!(3),
+                4 => run!(4),
+                5 => run!(5),
+                6 => run!(6),
+                7 => run!(7),
+                _ => run!(8),
             }
-        });
+            t0 += tokens;
+        }
     }
 
     /// Outputs per packed panel: two 16-lane vectors.
@@ -1046,6 +1322,68 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The row kernels give each token the sums it gets alone, bit for bit,
+    /// however many tokens share the pass (and however the bf16 kernel
+    /// chunks the inputs to keep them in L1): a verifying pass must repeat
+    /// the logits of one-token decoding exactly.
+    #[test]
+    fn row_kernels_give_a_token_the_same_bits_in_any_pass() {
+        let pool = ThreadPool::new(2).unwrap();
+        let mut seed = 5;
+        // 3000 inputs: a 3-token pass and longer chunks its inputs (with a
+        // masked tail step); 200 rows: passes, groups and single tail rows.
+        let (rows, cols) = (200, 3000);
+        let wf: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+        let wb: Vec<u16> = wf.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        let wh: Vec<u16> = wf.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
+        let x: Vec<f32> = (0..GEMV_MAX_TOKENS_BF16 * cols)
+            .map(|_| lcg(&mut seed))
+            .collect();
+        let mut checked = 0;
+        for isa in Isa::supported()
+            .into_iter()
+            .filter(|&isa| matches!(isa, Isa::Avx2 | Isa::Avx512))
+        {
+            for (name, data) in [
+                ("f32", WeightSlice::F32(&wf)),
+                ("bf16", WeightSlice::Bf16(&wb)),
+                ("f16", WeightSlice::F16(&wh)),
+            ] {
+                let w = MatRef::new(data, rows, cols).unwrap();
+                let alone: Vec<Vec<f32>> = (0..GEMV_MAX_TOKENS_BF16)
+                    .map(|t| {
+                        let mut y = vec![0f32; rows];
+                        matmul(&pool, isa, w, &x[t * cols..(t + 1) * cols], 1, &mut y);
+                        y
+                    })
+                    .collect();
+                for n_tok in 2..=gemv_max_tokens(isa, w) {
+                    let mut y = vec![0f32; n_tok * rows];
+                    matmul(&pool, isa, w, &x[..n_tok * cols], n_tok, &mut y);
+                    for (t, want) in alone.iter().take(n_tok).enumerate() {
+                        let got = &y[t * rows..(t + 1) * rows];
+                        assert!(
+                            got.iter()
+                                .zip(want)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{isa:?} {name} token {t} of {n_tok}"
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        // AVX2 passes of 2-4 tokens for 3 dtypes, AVX-512's bf16 passes of 2-16.
+        let want = if Isa::Avx512.is_supported() {
+            9 + 6 + 15
+        } else if Isa::Avx2.is_supported() {
+            9
+        } else {
+            0
+        };
+        assert_eq!(checked, want, "row-kernel passes compared");
     }
 
     /// The tile path over more output rows than one packed panel holds, with
