@@ -631,3 +631,66 @@ fn strips_after_a_matrix_of_partial_strips_in_one_fused_product() {
         }
     }
 }
+
+/// The AVX-512 row and strip kernels give each token the sums it gets
+/// alone, bit for bit, in passes of any size (integer dot products, then
+/// the same scaling per block in the same order): a verifying pass must
+/// repeat the logits of one-token decoding exactly.
+#[test]
+fn avx512_kernels_give_a_token_the_same_bits_in_any_pass() {
+    if !Isa::Avx512.is_supported() {
+        return;
+    }
+    let pool = ThreadPool::new(2).unwrap();
+    let mut seed = 21;
+    let (rows, cols) = (48, 320);
+    let w = weights(&mut seed, rows * cols);
+    let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
+    let x: Vec<f32> = (0..avx512::GEMV_MAX_TOKENS * cols)
+        .map(|_| lcg(&mut seed))
+        .collect();
+    for format in [QuantFormat::Q4, QuantFormat::Q8] {
+        for group in [32, 64] {
+            let q = quantize_matrix(&pool, Isa::Scalar, format, group, m, None);
+            let strips = QuantizedMatrix::strips_of(&pool, &q.view(), &|_| {}).unwrap();
+            for view in [q.view(), strips.view()] {
+                let what = format!("{format:?} G={group} {:?}", view.layout);
+                let mut alone = vec![0f32; rows];
+                let mut y = vec![0f32; avx512::GEMV_MAX_TOKENS * rows];
+                for n_tok in 2..=avx512::GEMV_MAX_TOKENS {
+                    let y = &mut y[..n_tok * rows];
+                    qmatmul(
+                        &pool,
+                        Isa::Avx512,
+                        ActPrecision::Int8,
+                        view,
+                        None,
+                        &x[..n_tok * cols],
+                        n_tok,
+                        y,
+                    );
+                    for t in 0..n_tok {
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        qmatmul(
+                            &pool,
+                            Isa::Avx512,
+                            ActPrecision::Int8,
+                            view,
+                            None,
+                            xt,
+                            1,
+                            &mut alone,
+                        );
+                        let got = &y[t * rows..(t + 1) * rows];
+                        assert!(
+                            got.iter()
+                                .zip(&alone)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{what}: token {t} of {n_tok}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
