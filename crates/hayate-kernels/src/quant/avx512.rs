@@ -782,9 +782,10 @@ impl StripActs {
                 for t in 0..n {
                     let src = t0 + t;
                     let from = &acts.codes[src * k + b * BLOCK..][..BLOCK];
-                    for (d, &c) in codes[t * BLOCK..][..BLOCK].iter_mut().zip(from) {
-                        *d = c as u8;
-                    }
+                    // SAFETY: i8 and u8 have one layout; `from` is borrowed for the copy.
+                    let from =
+                        unsafe { std::slice::from_raw_parts(from.as_ptr().cast::<u8>(), BLOCK) };
+                    codes[t * BLOCK..][..BLOCK].copy_from_slice(from);
                     totals[4 * t..][..4].copy_from_slice(&acts.totals[src * nb + b].to_ne_bytes());
                     scales[4 * t..][..4].copy_from_slice(&acts.scales[src * nb + b].to_ne_bytes());
                 }
