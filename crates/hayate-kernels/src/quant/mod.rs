@@ -34,9 +34,11 @@ mod acts;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod gptq;
 mod product;
 
 pub use acts::{ActPrecision, QuantizedActs};
+pub use gptq::{GptqError, Hessian, gptq_quantize};
 pub use product::{QuantJob, qmatmul, qmatmul_many};
 
 use crate::cpu::Isa;
@@ -624,36 +626,56 @@ pub fn quantize_row(
 ) {
     let mut q = [0u8; 128];
     for (g, values) in row.chunks_exact(group).enumerate() {
-        match format {
-            QuantFormat::Q8 => {
-                let scale = q8_group(values, &mut q[..group]);
-                scales[g] = scale.to_bits();
-                codes[g * group..(g + 1) * group].copy_from_slice(&q[..group]);
-            }
-            QuantFormat::Q4 => {
-                let (scale, zero) = q4_group(isa, values, &mut q[..group]);
-                scales[g] = scale.to_bits();
-                let byte = &mut zeros[g / 2];
-                *byte = if g % 2 == 0 {
-                    zero
-                } else {
-                    (*byte & 15) | (zero << 4)
-                };
-                let dst = &mut codes[g * group / 2..(g + 1) * group / 2];
-                for (b, block) in q[..group].chunks_exact(32).enumerate() {
-                    for j in 0..16 {
-                        dst[b * 16 + j] = block[j] | (block[j + 16] << 4);
-                    }
+        let params = match format {
+            QuantFormat::Q8 => (q8_group(values, &mut q[..group]), 0),
+            QuantFormat::Q4 => q4_group(isa, values, &mut q[..group]),
+        };
+        pack_group(format, group, g, &q[..group], params, codes, scales, zeros);
+    }
+}
+
+/// Stores group `g`'s codes `q` (q8 as two's-complement bytes) and its
+/// scale and zero point into one row's arrays.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pack_group(
+    format: QuantFormat,
+    group: usize,
+    g: usize,
+    q: &[u8],
+    (scale, zero): (bf16, u8),
+    codes: &mut [u8],
+    scales: &mut [u16],
+    zeros: &mut [u8],
+) {
+    scales[g] = scale.to_bits();
+    match format {
+        QuantFormat::Q8 => codes[g * group..(g + 1) * group].copy_from_slice(q),
+        QuantFormat::Q4 => {
+            let byte = &mut zeros[g / 2];
+            *byte = if g.is_multiple_of(2) {
+                zero
+            } else {
+                (*byte & 15) | (zero << 4)
+            };
+            let dst = &mut codes[g * group / 2..(g + 1) * group / 2];
+            for (b, block) in q.chunks_exact(32).enumerate() {
+                for j in 0..16 {
+                    dst[b * 16 + j] = block[j] | (block[j + 16] << 4);
                 }
             }
         }
     }
 }
 
+/// The bf16 scale of a symmetric 8-bit group: its largest magnitude / 127.
+pub(crate) fn q8_scale(values: &[f32]) -> bf16 {
+    let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    bf16::from_f32(amax / 127.0)
+}
+
 /// Symmetric 8-bit codes (as two's-complement bytes) and the bf16 scale.
 fn q8_group(values: &[f32], q: &mut [u8]) -> bf16 {
-    let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let scale = bf16::from_f32(amax / 127.0);
+    let scale = q8_scale(values);
     let s = scale.to_f32();
     let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
     for (c, &v) in q.iter_mut().zip(values) {
@@ -713,7 +735,7 @@ fn q4_trial(isa: Isa, values: &[f32], s: f32, z: i32) -> (f32, f32, f32) {
 /// Searches zero points around the min-max fit and a range of clipped
 /// scales, each also refitted by least squares, keeping whichever
 /// reconstructs the group with the least squared error.
-fn q4_group(isa: Isa, values: &[f32], q: &mut [u8]) -> (bf16, u8) {
+pub(crate) fn q4_group(isa: Isa, values: &[f32], q: &mut [u8]) -> (bf16, u8) {
     // The grid (q - z)·s always contains 0, so the range must too.
     let lo = values.iter().fold(0f32, |m, &v| m.min(v));
     let hi = values.iter().fold(0f32, |m, &v| m.max(v));

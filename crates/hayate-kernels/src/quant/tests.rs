@@ -694,3 +694,151 @@ fn avx512_kernels_give_a_token_the_same_bits_in_any_pass() {
         }
     }
 }
+
+/// `Σ_t ‖(W − Q)·x_t‖²` over the tokens `x`: what GPTQ minimises.
+fn output_error(w: &[f32], q: &QuantizedMatrix, x: &[f32]) -> f64 {
+    let (rows, cols) = (q.rows, q.cols);
+    let v = q.view();
+    let mut deq = vec![0f32; cols];
+    let mut diff = vec![0f64; rows * cols];
+    for r in 0..rows {
+        v.dequantize_row(r, &mut deq);
+        for c in 0..cols {
+            diff[r * cols + c] = (w[r * cols + c] - deq[c]) as f64;
+        }
+    }
+    x.chunks_exact(cols)
+        .map(|xt| {
+            diff.chunks_exact(cols)
+                .map(|d| {
+                    let e: f64 = d.iter().zip(xt).map(|(a, &b)| a * b as f64).sum();
+                    e * e
+                })
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+/// Correlated inputs, as a layer sees them: a few shared directions plus
+/// noise and a couple of loud channels.
+fn correlated_inputs(seed: &mut u64, tokens: usize, cols: usize) -> Vec<f32> {
+    let dirs: Vec<f32> = (0..8 * cols).map(|_| lcg(seed)).collect();
+    (0..tokens)
+        .flat_map(|_| {
+            let z: Vec<f32> = (0..8).map(|_| lcg(seed)).collect();
+            let noise: Vec<f32> = (0..cols).map(|_| 0.1 * lcg(seed)).collect();
+            let dirs = &dirs;
+            (0..cols).map(move |c| {
+                let shared: f32 = (0..8).map(|d| z[d] * dirs[d * cols + c]).sum();
+                let loud = if c % 37 == 3 { 4.0 } else { 1.0 };
+                loud * (shared + noise[c])
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn gptq_beats_round_to_nearest_on_the_calibration_objective() {
+    let pool = ThreadPool::new(2).unwrap();
+    let (rows, cols, tokens) = (40, 128, 400);
+    for seed0 in 0..4u64 {
+        let mut seed = 100 + seed0;
+        let w = weights(&mut seed, rows * cols);
+        let x = correlated_inputs(&mut seed, tokens, cols);
+        let mut h = Hessian::new(cols);
+        h.add(&x);
+        assert_eq!(h.tokens(), tokens);
+        let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
+        for format in [QuantFormat::Q4, QuantFormat::Q8] {
+            for group in [32, 64] {
+                let rtn = quantize_matrix(&pool, Isa::best(), format, group, m, None);
+                let gptq =
+                    gptq_quantize(&pool, Isa::best(), format, group, &w, rows, cols, &h, 0.01)
+                        .unwrap();
+                let (e_rtn, e_gptq) = (output_error(&w, &rtn, &x), output_error(&w, &gptq, &x));
+                // Measured: GPTQ leaves 2.5-6% of round-to-nearest's output
+                // error on these strongly correlated inputs.
+                assert!(
+                    e_gptq < 0.1 * e_rtn,
+                    "seed {seed0} {format:?} G={group}: GPTQ {e_gptq:.4e} vs RTN {e_rtn:.4e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gptq_rejects_hessians_that_cannot_be_used() {
+    let pool = ThreadPool::new(1).unwrap();
+    let (rows, cols) = (16, 64);
+    let w = vec![0.5f32; rows * cols];
+    let run = |h: &Hessian| {
+        gptq_quantize(
+            &pool,
+            Isa::Scalar,
+            QuantFormat::Q4,
+            32,
+            &w,
+            rows,
+            cols,
+            h,
+            0.01,
+        )
+    };
+    assert_eq!(
+        run(&Hessian::new(32)).unwrap_err(),
+        GptqError::HessianSize { got: 32, want: 64 }
+    );
+    assert_eq!(run(&Hessian::new(cols)).unwrap_err(), GptqError::NoSignal);
+    let mut h = Hessian::new(cols);
+    let mut x = vec![1f32; cols];
+    x[5] = f32::NAN;
+    h.add(&x);
+    assert_eq!(run(&h).unwrap_err(), GptqError::NotPositiveDefinite);
+    assert!(matches!(
+        gptq_quantize(
+            &pool,
+            Isa::Scalar,
+            QuantFormat::Q4,
+            48,
+            &w,
+            rows,
+            cols,
+            &h,
+            0.01
+        ),
+        Err(GptqError::Shape(_))
+    ));
+}
+
+/// An input that never occurs has no effect on the outputs: its weights become zero.
+#[test]
+fn gptq_zeroes_the_weights_of_inputs_that_never_occur() {
+    let pool = ThreadPool::new(1).unwrap();
+    let (rows, cols) = (16, 64);
+    let mut seed = 7;
+    let w = weights(&mut seed, rows * cols);
+    let mut x = correlated_inputs(&mut seed, 100, cols);
+    for t in x.chunks_exact_mut(cols) {
+        t[10] = 0.0;
+    }
+    let mut h = Hessian::new(cols);
+    h.add(&x);
+    let q = gptq_quantize(
+        &pool,
+        Isa::Scalar,
+        QuantFormat::Q8,
+        32,
+        &w,
+        rows,
+        cols,
+        &h,
+        0.01,
+    )
+    .unwrap();
+    let mut row = vec![0f32; cols];
+    for r in 0..rows {
+        q.view().dequantize_row(r, &mut row);
+        assert_eq!(row[10], 0.0, "row {r}");
+    }
+}
