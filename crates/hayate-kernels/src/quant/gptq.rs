@@ -104,11 +104,55 @@ pub enum GptqError {
 /// Rows per batch: each batch reads every row of `U` once.
 const ROW_BATCH: usize = 16;
 
+/// What GPTQ needs of a layer's inputs, computed once for all the layers
+/// that share them (the q, k and v projections, the gate and up ones): the
+/// upper Cholesky factor of the dampened inverse Hessian, and which inputs
+/// never occurred.
+#[derive(Clone, Debug)]
+pub struct GptqFactor {
+    n: usize,
+    /// Row-major `n x n`, upper triangle.
+    u: Vec<f32>,
+    /// Inputs whose Hessian diagonal was zero.
+    dead: Vec<bool>,
+}
+
+impl GptqFactor {
+    /// Factors `h` dampened by `damp` times its mean diagonal (inputs that
+    /// never occurred get a unit diagonal and, later, zero weights: they
+    /// cannot affect the outputs).
+    pub fn new(h: &Hessian, damp: f64) -> Result<Self, GptqError> {
+        let n = h.n();
+        let mut hm = h.matrix();
+        let dead: Vec<bool> = (0..n).map(|i| hm[i * n + i] <= 0.0).collect();
+        let live = dead.iter().filter(|d| !**d).count();
+        if live == 0 {
+            return Err(GptqError::NoSignal);
+        }
+        let mean_diag = (0..n)
+            .filter(|&i| !dead[i])
+            .map(|i| hm[i * n + i])
+            .sum::<f64>()
+            / live as f64;
+        for i in 0..n {
+            hm[i * n + i] += if dead[i] { 1.0 } else { damp * mean_diag };
+        }
+        Ok(GptqFactor {
+            n,
+            u: inverse_upper_factor(&hm, n)?,
+            dead,
+        })
+    }
+
+    /// Inputs per token.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+}
+
 /// Quantizes `w` (`rows x cols`, row-major, in the basis the kernels see:
-/// already rotated when the layer is) with GPTQ against the inputs'
-/// second moment `h` (of inputs in that same basis), dampened by
-/// `damp` times its mean diagonal. Inputs that never occurred (zero
-/// diagonal) get zero weights, as they cannot affect the outputs.
+/// already rotated when the layer is) with GPTQ against `factor`, made from
+/// the second moment of the inputs in that same basis.
 #[allow(clippy::too_many_arguments)]
 pub fn gptq_quantize(
     pool: &ThreadPool,
@@ -118,32 +162,17 @@ pub fn gptq_quantize(
     w: &[f32],
     rows: usize,
     cols: usize,
-    h: &Hessian,
-    damp: f64,
+    factor: &GptqFactor,
 ) -> Result<QuantizedMatrix, GptqError> {
     check_shape(rows, cols, group).map_err(GptqError::Shape)?;
     assert_eq!(w.len(), rows * cols, "weights do not match their shape");
-    if h.n() != cols {
+    if factor.n != cols {
         return Err(GptqError::HessianSize {
-            got: h.n(),
+            got: factor.n,
             want: cols,
         });
     }
-    let mut hm = h.matrix();
-    let dead: Vec<bool> = (0..cols).map(|i| hm[i * cols + i] <= 0.0).collect();
-    let live = dead.iter().filter(|d| !**d).count();
-    if live == 0 {
-        return Err(GptqError::NoSignal);
-    }
-    let mean_diag = (0..cols)
-        .filter(|&i| !dead[i])
-        .map(|i| hm[i * cols + i])
-        .sum::<f64>()
-        / live as f64;
-    for i in 0..cols {
-        hm[i * cols + i] += if dead[i] { 1.0 } else { damp * mean_diag };
-    }
-    let u = inverse_upper_factor(&mut hm, cols)?;
+    let (u, dead) = (&factor.u, &factor.dead);
     let (nc, ns, nz) = layout_sizes(format, rows, cols, group);
     let mut out = QuantizedMatrix {
         format,
@@ -168,7 +197,7 @@ pub fn gptq_quantize(
             let mut batch = w[r0 * cols..(r0 + n) * cols].to_vec();
             for (row, &d) in batch
                 .chunks_exact_mut(cols)
-                .flat_map(|r| r.iter_mut().zip(&dead))
+                .flat_map(|r| r.iter_mut().zip(dead.iter()))
             {
                 if d {
                     *row = 0.0;
@@ -181,7 +210,7 @@ pub fn gptq_quantize(
                 format,
                 group,
                 cols,
-                &u,
+                u,
                 &mut batch,
                 &mut q,
                 &mut params,
@@ -274,33 +303,38 @@ fn quantize_batch(
 }
 
 /// The upper Cholesky factor `U` of `A⁻¹` (`A⁻¹ = Uᵀ·U`) for a symmetric
-/// positive definite `a` (`n x n`, overwritten), as f32.
-fn inverse_upper_factor(a: &mut [f64], n: usize) -> Result<Vec<f32>, GptqError> {
-    cholesky_lower(a, n)?;
-    // A⁻¹ = L⁻ᵀ·L⁻¹: invert L in place (lower triangular).
-    let mut inv = vec![0f64; n * n];
-    for j in 0..n {
-        inv[j * n + j] = 1.0 / a[j * n + j];
-        for i in j + 1..n {
-            let s: f64 = (j..i).map(|k| a[i * n + k] * inv[k * n + j]).sum();
-            inv[i * n + j] = -s / a[i * n + i];
-        }
-    }
-    // A⁻¹[i][j] = Σ_k L⁻¹[k][i]·L⁻¹[k][j] over k ≥ max(i, j).
-    let mut ainv = vec![0f64; n * n];
+/// positive definite `a` (`n x n`), as f32. With `P` the reversal of the
+/// order and `P·A·P = L·Lᵀ`, `U = P·L⁻¹·P`: one factorisation and one
+/// triangular inverse, both over contiguous rows.
+fn inverse_upper_factor(a: &[f64], n: usize) -> Result<Vec<f32>, GptqError> {
+    let mut b = vec![0f64; n * n];
     for i in 0..n {
-        for j in 0..=i {
-            let s: f64 = (i..n).map(|k| inv[k * n + i] * inv[k * n + j]).sum();
-            ainv[i * n + j] = s;
-            ainv[j * n + i] = s;
+        for j in 0..n {
+            b[i * n + j] = a[(n - 1 - i) * n + (n - 1 - j)];
         }
     }
-    // A⁻¹ = L'·L'ᵀ, so U = L'ᵀ.
-    cholesky_lower(&mut ainv, n)?;
+    cholesky_lower(&mut b, n)?;
+    // M = L⁻¹ row by row: M[i] = (e_i − Σ_{k<i} L[i][k]·M[k]) / L[i][i].
+    let mut m = vec![0f64; n * n];
+    for i in 0..n {
+        let (done, rest) = m.split_at_mut(i * n);
+        let row = &mut rest[..n];
+        row[i] = 1.0;
+        for k in 0..i {
+            let l = b[i * n + k];
+            for (x, &y) in row[..=k].iter_mut().zip(&done[k * n..k * n + k + 1]) {
+                *x -= l * y;
+            }
+        }
+        let d = b[i * n + i];
+        for x in &mut row[..=i] {
+            *x /= d;
+        }
+    }
     let mut u = vec![0f32; n * n];
     for i in 0..n {
         for j in i..n {
-            u[i * n + j] = ainv[j * n + i] as f32;
+            u[i * n + j] = m[(n - 1 - i) * n + (n - 1 - j)] as f32;
         }
     }
     Ok(u)
@@ -310,16 +344,68 @@ fn inverse_upper_factor(a: &mut [f64], n: usize) -> Result<Vec<f32>, GptqError> 
 /// becomes `L`; the upper one is left as it was).
 fn cholesky_lower(a: &mut [f64], n: usize) -> Result<(), GptqError> {
     for j in 0..n {
-        let d = a[j * n + j] - (0..j).map(|k| a[j * n + k] * a[j * n + k]).sum::<f64>();
+        let (above, rest) = a.split_at_mut((j + 1) * n);
+        let row_j = &mut above[j * n..];
+        let d = row_j[j] - row_j[..j].iter().map(|v| v * v).sum::<f64>();
         if !(d > 0.0 && d.is_finite()) {
             return Err(GptqError::NotPositiveDefinite);
         }
         let d = d.sqrt();
-        a[j * n + j] = d;
-        for i in j + 1..n {
-            let s: f64 = (0..j).map(|k| a[i * n + k] * a[j * n + k]).sum();
-            a[i * n + j] = (a[i * n + j] - s) / d;
+        row_j[j] = d;
+        let lj = &row_j[..j];
+        for row_i in rest.chunks_exact_mut(n) {
+            let s: f64 = row_i[..j].iter().zip(lj).map(|(x, y)| x * y).sum();
+            row_i[j] = (row_i[j] - s) / d;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Uᵀ·U·A = I` for a random symmetric positive definite `A`.
+    #[test]
+    fn the_factor_inverts_the_matrix() {
+        let n = 48;
+        let mut seed = 3u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f64 / (1u64 << 24) as f64) * 2.0 - 1.0
+        };
+        let x: Vec<f64> = (0..2 * n * n).map(|_| next()).collect();
+        let mut a = vec![0f64; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                a[i * n + j] = (0..2 * n).map(|t| x[t * n + i] * x[t * n + j]).sum::<f64>()
+                    + if i == j { 0.1 } else { 0.0 };
+            }
+        }
+        let u = inverse_upper_factor(&a, n).unwrap();
+        for i in 0..n {
+            for j in 0..i {
+                assert_eq!(u[i * n + j], 0.0, "U is upper triangular");
+            }
+        }
+        let mut worst = 0f64;
+        for i in 0..n {
+            for j in 0..n {
+                // (Uᵀ·U·A)[i][j] = Σ_k Σ_l U[k][i]·U[k][l]·A[l][j].
+                let v: f64 = (0..n)
+                    .map(|k| {
+                        u[k * n + i] as f64
+                            * (0..n)
+                                .map(|l| u[k * n + l] as f64 * a[l * n + j])
+                                .sum::<f64>()
+                    })
+                    .sum();
+                worst = worst.max((v - if i == j { 1.0 } else { 0.0 }).abs());
+            }
+        }
+        // f32 factor: measured 1e-7.
+        assert!(worst < 1e-6, "Uᵀ·U·A deviates from I by {worst}");
+    }
 }

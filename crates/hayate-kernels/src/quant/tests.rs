@@ -752,8 +752,9 @@ fn gptq_beats_round_to_nearest_on_the_calibration_objective() {
         for format in [QuantFormat::Q4, QuantFormat::Q8] {
             for group in [32, 64] {
                 let rtn = quantize_matrix(&pool, Isa::best(), format, group, m, None);
+                let factor = GptqFactor::new(&h, 0.01).unwrap();
                 let gptq =
-                    gptq_quantize(&pool, Isa::best(), format, group, &w, rows, cols, &h, 0.01)
+                    gptq_quantize(&pool, Isa::best(), format, group, &w, rows, cols, &factor)
                         .unwrap();
                 let (e_rtn, e_gptq) = (output_error(&w, &rtn, &x), output_error(&w, &gptq, &x));
                 // Measured: GPTQ leaves 2.5-6% of round-to-nearest's output
@@ -772,43 +773,38 @@ fn gptq_rejects_hessians_that_cannot_be_used() {
     let pool = ThreadPool::new(1).unwrap();
     let (rows, cols) = (16, 64);
     let w = vec![0.5f32; rows * cols];
-    let run = |h: &Hessian| {
-        gptq_quantize(
-            &pool,
-            Isa::Scalar,
-            QuantFormat::Q4,
-            32,
-            &w,
-            rows,
-            cols,
-            h,
-            0.01,
-        )
-    };
     assert_eq!(
-        run(&Hessian::new(32)).unwrap_err(),
-        GptqError::HessianSize { got: 32, want: 64 }
+        GptqFactor::new(&Hessian::new(cols), 0.01).unwrap_err(),
+        GptqError::NoSignal
     );
-    assert_eq!(run(&Hessian::new(cols)).unwrap_err(), GptqError::NoSignal);
     let mut h = Hessian::new(cols);
     let mut x = vec![1f32; cols];
     x[5] = f32::NAN;
     h.add(&x);
-    assert_eq!(run(&h).unwrap_err(), GptqError::NotPositiveDefinite);
-    assert!(matches!(
+    assert_eq!(
+        GptqFactor::new(&h, 0.01).unwrap_err(),
+        GptqError::NotPositiveDefinite
+    );
+    let mut h = Hessian::new(32);
+    h.add(&[1.0; 32]);
+    let small = GptqFactor::new(&h, 0.01).unwrap();
+    let run = |group, f: &GptqFactor| {
         gptq_quantize(
             &pool,
             Isa::Scalar,
             QuantFormat::Q4,
-            48,
+            group,
             &w,
             rows,
             cols,
-            &h,
-            0.01
-        ),
-        Err(GptqError::Shape(_))
-    ));
+            f,
+        )
+    };
+    assert_eq!(
+        run(32, &small).unwrap_err(),
+        GptqError::HessianSize { got: 32, want: 64 }
+    );
+    assert!(matches!(run(48, &small), Err(GptqError::Shape(_))));
 }
 
 /// An input that never occurs has no effect on the outputs: its weights become zero.
@@ -824,6 +820,7 @@ fn gptq_zeroes_the_weights_of_inputs_that_never_occur() {
     }
     let mut h = Hessian::new(cols);
     h.add(&x);
+    let factor = GptqFactor::new(&h, 0.01).unwrap();
     let q = gptq_quantize(
         &pool,
         Isa::Scalar,
@@ -832,8 +829,7 @@ fn gptq_zeroes_the_weights_of_inputs_that_never_occur() {
         &w,
         rows,
         cols,
-        &h,
-        0.01,
+        &factor,
     )
     .unwrap();
     let mut row = vec![0f32; cols];
