@@ -205,16 +205,7 @@ pub fn gptq_quantize(
             }
             let mut q = vec![0u8; n * cols];
             let mut params = vec![(bf16::ZERO, 0u8); n * groups];
-            quantize_batch(
-                isa,
-                format,
-                group,
-                cols,
-                u,
-                &mut batch,
-                &mut q,
-                &mut params,
-            );
+            quantize_batch(isa, format, group, cols, u, &mut batch, &mut q, &mut params);
             // SAFETY: rows `r0..r0+n` are this thread's alone (`split_range`).
             let (c, s, z) = unsafe {
                 (
