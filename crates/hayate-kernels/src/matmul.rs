@@ -43,7 +43,7 @@ pub const MAX_FUSED: usize = 4;
 const MIN_CHUNK_ROWS: usize = 32;
 
 thread_local! {
-    /// Per-thread buffer for a packed weight panel (GEMM) or a reordered input (GEMV).
+    /// Per-thread buffer for a packed weight panel (GEMM) or a widened row (scalar).
     static PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Per-thread buffer for the packed activations of one `KC` block (GEMM).
     static PACK_X: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -140,6 +140,9 @@ pub fn matmul_many(
     n_tok: usize,
 ) {
     let Some(first) = jobs.first() else { return };
+    if n_tok == 0 {
+        return;
+    }
     let k = first.w.cols;
     assert!(crate::holds(x.len(), n_tok, k), "matmul input too short");
     for job in jobs.iter() {
@@ -280,7 +283,7 @@ fn bf16_layout(isa: Isa, n_tok: usize) -> Option<Bf16Layout> {
     match isa {
         Isa::Scalar => None,
         _ if isa.has_avx512() && n_tok <= GEMV_MAX_TOKENS_BF16 => Some(Bf16Layout::Halves32),
-        _ if n_tok <= GEMV_MAX_TOKENS => Some(Bf16Layout::Halves16),
+        _ if isa.has_avx2() && n_tok <= GEMV_MAX_TOKENS => Some(Bf16Layout::Halves16),
         _ => None,
     }
 }
@@ -873,7 +876,7 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// Lays out one token's inputs for [`bf16_rows`] in `out` (`x` rounded
+    /// Lays out one token's inputs for [`bf16_steps`] in `out` (`x` rounded
     /// up to 32 values): per 32 inputs, the 16 even-indexed ones, then the
     /// 16 odd ones; the last 32 padded with zeros.
     ///
@@ -904,7 +907,7 @@ pub(crate) mod avx512 {
     }
 
     /// Most bytes of reordered inputs a pass streams over whole rows; with
-    /// more, [`gemv_rows`] runs its passes over chunks of [`CHUNK_STEPS`]
+    /// more, [`bf16_token_rows`] runs its passes over chunks of [`CHUNK_STEPS`]
     /// steps, so the inputs stay in L1 (48 KiB here) while the weights
     /// stream past them: a 5-token pass over 3072-input rows (60 KiB of
     /// inputs) otherwise re-read them from L2 for every pass of rows.
@@ -1288,7 +1291,7 @@ mod tests {
                 // 8) the GEMM runs, in tiles of 6 (AVX2) or 8 (AVX-512)
                 // tokens, or 16 (AMX, bf16, in pairs of tiles): these counts
                 // reach tails of every length.
-                for n_tok in (1..=24).chain([29, 31, 47]) {
+                for n_tok in (0..=24).chain([29, 31, 47]) {
                     let x: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed)).collect();
                     let want = reference(w, &x, n_tok);
                     if Isa::Avx512.is_supported() && n_tok > gemv_max_tokens(Isa::Avx512, w) {

@@ -897,15 +897,15 @@ fn prefetch_ahead(p: *const u8, lines: usize) {
 }
 
 /// One strip of a q4 matrix in [`QuantLayout::Strips`] (16 rows) against
-/// tokens `t0..t0+T`: per block, the strip's 4 code vectors are split into
+/// the `T` tokens of `pass`: per block, the strip's 4 code vectors are split into
 /// low and high nibbles once for all tokens; each token's int32 lanes (one
 /// per row) start at `-z·Σx` (one `vpmaddwd`), take 8 `vpdpbusd` against
 /// broadcast quads of its codes, and are scaled by `s_w·s_x` once per row
 /// and block. Returns 16 outputs per token.
 ///
 /// # Safety
-/// `strip` lies within `w` (strips layout), tokens `t0..t0+T` within `acts`
-/// (prepared with int8 codes for `w.cols` inputs); the CPU supports
+/// `strip` lies within `w` (strips layout), `pass` holds `T` tokens of
+/// `w.cols / 32` blocks (laid out from int8 codes); the CPU supports
 /// AVX-512 F/BW/VL/VNNI.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -999,7 +999,7 @@ unsafe fn q4_strip<const T: usize, const SHIFT: u32>(
 }
 
 /// One strip of a q8 matrix in [`QuantLayout::Strips`] (16 rows, codes
-/// stored plus 128) against tokens `t0..t0+T`: per block, each token's
+/// stored plus 128) against the `T` tokens of `pass`: per block, each token's
 /// int32 lanes (one per row) start at `-128·Σx`, take 8 `vpdpbusd` of the
 /// strip's 8 code vectors against broadcast quads of its codes (in two
 /// chains up to 6 tokens), and are scaled by `s_w·s_x` once per row and
@@ -1086,6 +1086,11 @@ pub unsafe fn gemv_strips(
         if laid.id != acts.id {
             laid.prepare(acts);
         }
+        // The kernels read the records through raw pointers: check their extent.
+        assert!(
+            laid.records.len() >= acts.n_tok * (w.cols / BLOCK) * RECORD_BYTES,
+            "strip activations not laid out"
+        );
         let nb = w.cols / BLOCK;
         let mut t0 = 0;
         while t0 < acts.n_tok {

@@ -32,10 +32,13 @@ pub struct Hessian {
 
 impl Hessian {
     /// An empty accumulator for inputs of `n` values.
+    ///
+    /// Panics if `n x n` values do not fit in memory's address range.
     pub fn new(n: usize) -> Self {
+        let len = n.checked_mul(n).expect("Hessian size overflows");
         Hessian {
             n,
-            sum: vec![0.0; n * n],
+            sum: vec![0.0; len],
             tokens: 0,
         }
     }
