@@ -170,8 +170,8 @@ pub fn matmul_many(
         .any(|(w, _)| matches!(w.data, WeightSlice::Bf16(_)));
     REORDERED.with_borrow_mut(|buf| {
         // Reordered once here rather than by every thread for every chunk:
-        // per chunk, a 5-token pass on the Qwen3-0.6B shape spent a fifth
-        // of its time reordering.
+        // per chunk, reordering took 48% of a 5-token product over a
+        // 384x1024 bf16 matrix (1 thread, weights in L2).
         let inputs = match bf16_layout(isa, n_tok).filter(|_| any_bf16) {
             Some(layout) => RowInputs::reorder(layout, x, n_tok, k, buf),
             None => RowInputs::plain(x),

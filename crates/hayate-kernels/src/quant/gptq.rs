@@ -14,10 +14,10 @@
 //! Rows are independent given `U`: threads take batches of rows, each batch
 //! reading every row of `U` once.
 
-use super::{QuantFormat, QuantLayout, QuantizedMatrix, check_shape, layout_sizes, pack_group};
+use super::{QuantFormat, QuantizedMatrix, check_shape, pack_group};
 use super::{q4_group, q8_scale};
 use crate::cpu::Isa;
-use crate::pool::{ThreadPool, split_range};
+use crate::pool::ThreadPool;
 use half::bf16;
 
 /// The second moment `Σ x·xᵀ` of a layer's inputs (`n` values each),
@@ -176,47 +176,36 @@ pub fn gptq_quantize(
         });
     }
     let (u, dead) = (&factor.u, &factor.dead);
-    let (nc, ns, nz) = layout_sizes(format, rows, cols, group);
-    let mut out = QuantizedMatrix {
-        format,
-        rows,
-        cols,
-        group,
-        codes: vec![0; nc],
-        scales: vec![0; ns],
-        zeros: vec![0; nz],
-        layout: QuantLayout::Rows,
-    };
     let groups = cols / group;
     let (code_row, zero_row) = (format.code_row_bytes(cols), format.zero_row_bytes(groups));
-    let codes = crate::pool::DisjointMut::new(&mut out.codes);
-    let scales = crate::pool::DisjointMut::new(&mut out.scales);
-    let zeros = crate::pool::DisjointMut::new(&mut out.zeros);
-    pool.run(&|tid, n_threads| {
-        let mine = split_range(rows, n_threads, tid, ROW_BATCH);
-        let mut r0 = mine.start;
-        while r0 < mine.end {
-            let n = ROW_BATCH.min(mine.end - r0);
-            let mut batch = w[r0 * cols..(r0 + n) * cols].to_vec();
-            for (row, &d) in batch
+    let out = QuantizedMatrix::build_rows(
+        pool,
+        format,
+        (rows, cols, group),
+        ROW_BATCH,
+        &|batch, out| {
+            let n = batch.len();
+            let mut rows_w = w[batch.start * cols..batch.end * cols].to_vec();
+            for (v, &d) in rows_w
                 .chunks_exact_mut(cols)
                 .flat_map(|r| r.iter_mut().zip(dead.iter()))
             {
                 if d {
-                    *row = 0.0;
+                    *v = 0.0;
                 }
             }
             let mut q = vec![0u8; n * cols];
             let mut params = vec![(bf16::ZERO, 0u8); n * groups];
-            quantize_batch(isa, format, group, cols, u, &mut batch, &mut q, &mut params);
-            // SAFETY: rows `r0..r0+n` are this thread's alone (`split_range`).
-            let (c, s, z) = unsafe {
-                (
-                    codes.piece(r0 * code_row, n * code_row),
-                    scales.piece(r0 * groups, n * groups),
-                    zeros.piece(r0 * zero_row, n * zero_row),
-                )
-            };
+            quantize_batch(
+                isa,
+                format,
+                group,
+                cols,
+                u,
+                &mut rows_w,
+                &mut q,
+                &mut params,
+            );
             for i in 0..n {
                 for g in 0..groups {
                     pack_group(
@@ -225,15 +214,14 @@ pub fn gptq_quantize(
                         g,
                         &q[i * cols + g * group..i * cols + (g + 1) * group],
                         params[i * groups + g],
-                        &mut c[i * code_row..(i + 1) * code_row],
-                        &mut s[i * groups..(i + 1) * groups],
-                        &mut z[i * zero_row..(i + 1) * zero_row],
+                        &mut out.codes[i * code_row..(i + 1) * code_row],
+                        &mut out.scales[i * groups..(i + 1) * groups],
+                        &mut out.zeros[i * zero_row..(i + 1) * zero_row],
                     );
                 }
             }
-            r0 += n;
-        }
-    });
+        },
+    );
     Ok(out)
 }
 

@@ -526,12 +526,59 @@ impl QuantizedMatrix {
     }
 }
 
-struct BytePtr<T>(*mut T);
-// SAFETY: threads write disjoint row ranges, see `quantize_matrix`.
-unsafe impl<T> Sync for BytePtr<T> {}
-impl<T> BytePtr<T> {
-    fn get(&self) -> *mut T {
-        self.0
+/// The arrays of a batch of rows of a matrix being written, row-major as in
+/// [`QuantLayout::Rows`] (see [`QuantizedMatrix::build_rows`]).
+pub(crate) struct RowArrays<'a> {
+    pub codes: &'a mut [u8],
+    pub scales: &'a mut [u16],
+    pub zeros: &'a mut [u8],
+}
+
+impl QuantizedMatrix {
+    /// A matrix in [`QuantLayout::Rows`] whose rows the pool's threads
+    /// write, each its own share in batches of up to `batch` rows:
+    /// `fill(rows, arrays)` per batch. The shape was checked ([`check_shape`]).
+    pub(crate) fn build_rows(
+        pool: &ThreadPool,
+        format: QuantFormat,
+        (rows, cols, group): (usize, usize, usize),
+        batch: usize,
+        fill: &(dyn Fn(std::ops::Range<usize>, RowArrays<'_>) + Sync),
+    ) -> Self {
+        let (nc, ns, nz) = layout_sizes(format, rows, cols, group);
+        let mut out = QuantizedMatrix {
+            format,
+            rows,
+            cols,
+            group,
+            codes: vec![0; nc],
+            scales: vec![0; ns],
+            zeros: vec![0; nz],
+            layout: QuantLayout::Rows,
+        };
+        let groups = cols / group;
+        let (code_row, zero_row) = (format.code_row_bytes(cols), format.zero_row_bytes(groups));
+        let codes = DisjointMut::new(&mut out.codes);
+        let scales = DisjointMut::new(&mut out.scales);
+        let zeros = DisjointMut::new(&mut out.zeros);
+        pool.run(&|tid, n_threads| {
+            let mine = split_range(rows, n_threads, tid, batch);
+            let mut r0 = mine.start;
+            while r0 < mine.end {
+                let n = batch.min(mine.end - r0);
+                // SAFETY: rows `r0..r0+n` are this thread's alone (`split_range`).
+                let arrays = unsafe {
+                    RowArrays {
+                        codes: codes.piece(r0 * code_row, n * code_row),
+                        scales: scales.piece(r0 * groups, n * groups),
+                        zeros: zeros.piece(r0 * zero_row, n * zero_row),
+                    }
+                };
+                fill(r0..r0 + n, arrays);
+                r0 += n;
+            }
+        });
+        out
     }
 }
 
@@ -555,63 +602,33 @@ pub fn quantize_matrix(
             "rotated rows must be a multiple of 32"
         );
     }
-    let (nc, ns, nz) = layout_sizes(format, rows, cols, group);
-    let mut out = QuantizedMatrix {
-        format,
-        rows,
-        cols,
-        group,
-        codes: vec![0; nc],
-        scales: vec![0; ns],
-        zeros: vec![0; nz],
-        layout: QuantLayout::Rows,
-    };
     let groups = cols / group;
     let (code_row, zero_row) = (format.code_row_bytes(cols), format.zero_row_bytes(groups));
-    let codes = BytePtr(out.codes.as_mut_ptr());
-    let scales = BytePtr(out.scales.as_mut_ptr());
-    let zeros = BytePtr(out.zeros.as_mut_ptr());
-    pool.run(&|tid, n_threads| {
-        let mine = split_range(rows, n_threads, tid, BLOCK);
-        let mut buf = vec![0f32; BLOCK.min(rows) * cols];
-        let mut r0 = mine.start;
-        while r0 < mine.end {
-            let n = BLOCK.min(mine.end - r0);
-            let block = &mut buf[..n * cols];
-            for (i, row) in block.chunks_exact_mut(cols).enumerate() {
-                w.widen_row(r0 + i, row);
-            }
-            if let Some(rot) = rotation {
-                let signs = Rotation {
-                    sign_in: rot.sign_in,
-                    sign_out: &rot.sign_out[r0..r0 + n],
-                };
-                rotate_rows(isa, block, cols, signs);
-            }
-            // SAFETY: rows `r0..r0+n` belong to this thread alone; the
-            // arrays were sized by `layout_sizes` for all rows.
-            let (c, s, z) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(codes.get().add(r0 * code_row), n * code_row),
-                    std::slice::from_raw_parts_mut(scales.get().add(r0 * groups), n * groups),
-                    std::slice::from_raw_parts_mut(zeros.get().add(r0 * zero_row), n * zero_row),
-                )
-            };
-            for i in 0..n {
-                quantize_row(
-                    isa,
-                    format,
-                    group,
-                    &block[i * cols..(i + 1) * cols],
-                    &mut c[i * code_row..(i + 1) * code_row],
-                    &mut s[i * groups..(i + 1) * groups],
-                    &mut z[i * zero_row..(i + 1) * zero_row],
-                );
-            }
-            r0 += n;
+    QuantizedMatrix::build_rows(pool, format, (rows, cols, group), BLOCK, &|batch, out| {
+        let (r0, n) = (batch.start, batch.len());
+        let mut block = vec![0f32; n * cols];
+        for (i, row) in block.chunks_exact_mut(cols).enumerate() {
+            w.widen_row(r0 + i, row);
         }
-    });
-    out
+        if let Some(rot) = rotation {
+            let signs = Rotation {
+                sign_in: rot.sign_in,
+                sign_out: &rot.sign_out[batch.clone()],
+            };
+            rotate_rows(isa, &mut block, cols, signs);
+        }
+        for i in 0..n {
+            quantize_row(
+                isa,
+                format,
+                group,
+                &block[i * cols..(i + 1) * cols],
+                &mut out.codes[i * code_row..(i + 1) * code_row],
+                &mut out.scales[i * groups..(i + 1) * groups],
+                &mut out.zeros[i * zero_row..(i + 1) * zero_row],
+            );
+        }
+    })
 }
 
 /// Quantizes one row into its codes, scales and zero points.
