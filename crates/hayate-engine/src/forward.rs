@@ -191,6 +191,7 @@ impl Model {
             pool: &self.pool,
             isa: self.isa,
             precision: self.precision,
+            tap: None,
         }
     }
 

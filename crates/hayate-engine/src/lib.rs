@@ -39,6 +39,7 @@
 
 pub mod arch;
 mod budget;
+pub mod calibrate;
 mod error;
 mod forward;
 pub mod generate;
@@ -51,6 +52,7 @@ pub mod rope;
 pub mod sampler;
 pub mod state;
 
+pub use calibrate::Calibration;
 pub use error::EngineError;
 pub use forward::{Logits, SequenceStep};
 pub use generate::{GenerationStats, Generator, StopReason};

@@ -308,6 +308,10 @@ impl Linear {
     }
 }
 
+/// Sees the input of every product: the name of the group's first layer
+/// and its `n x cols` input rows (calibration gathers its statistics so).
+pub(crate) type InputTap<'a> = &'a dyn Fn(&str, &[f32]);
+
 /// What the products run on: the kernel threads, the instruction set, and
 /// how activations enter quantized products.
 #[derive(Clone, Copy)]
@@ -315,6 +319,8 @@ pub(crate) struct Compute<'a> {
     pub pool: &'a ThreadPool,
     pub isa: Isa,
     pub precision: ActPrecision,
+    /// Called with each product's input before it runs (calibration only).
+    pub tap: Option<InputTap<'a>>,
 }
 
 impl Compute<'_> {
@@ -322,6 +328,11 @@ impl Compute<'_> {
     /// rows): one fused product when their weights allow it, else one each.
     pub fn project<const N: usize>(&self, jobs: [(&Linear, &mut [f32]); N], x: &[f32], n: usize) {
         let layers = jobs.each_ref().map(|(l, _)| *l);
+        if let Some(tap) = self.tap
+            && let Some(first) = layers.first()
+        {
+            tap(&first.name, &x[..n * first.cols]);
+        }
         let kernels = layers.map(Linear::kernel);
         if kernels.iter().all(|k| matches!(k, LinearKernel::Dense(_))) {
             let mut kernels = kernels.into_iter();
@@ -362,8 +373,10 @@ impl Compute<'_> {
                 l.add_bias(job.y, n);
             }
         } else {
+            // One at a time, without tapping the same input again.
+            let untapped = Compute { tap: None, ..*self };
             for (l, y) in jobs {
-                self.project([(l, y)], x, n);
+                untapped.project([(l, y)], x, n);
             }
         }
     }

@@ -2,6 +2,7 @@
 
 use crate::arch::{self, Translated};
 use crate::budget::{Budget, StateShape};
+use crate::calibrate::Calibration;
 use crate::layers::KvFormat;
 use crate::linear::Linear;
 use crate::quantize::{QuantReport, QuantSpec, quantize_parts, write_quantized};
@@ -63,6 +64,8 @@ pub struct LoadOptions {
     pub quantize: Option<QuantSpec>,
     /// How activations enter products with quantized weights.
     pub activations: ActPrecision,
+    /// Calibrate the quantization at load (GPTQ over these tokens).
+    pub calibration: Option<Arc<Calibration>>,
 }
 
 /// Facts about a loaded model, for reports and benchmarks.
@@ -154,7 +157,10 @@ impl Model {
         let quantization = options
             .quantize
             .as_ref()
-            .map(|spec| quantize_parts(&mut parts, spec, &pool, isa))
+            .map(|spec| {
+                let cx = (&*pool, isa, options.activations);
+                quantize_parts(&mut parts, cx, spec, options.calibration.as_deref())
+            })
             .transpose()?;
         // The AVX-512 short passes read q4 and q8 in strips of 16 rows (a copy made
         // here; files keep rows). Lower levels (`with_isa`) still run them,
@@ -242,22 +248,25 @@ impl Model {
         InferenceState::new(self.id, layers, (p.hidden, p.vocab), &shape, &mut budget)
     }
 
-    /// Writes the weights of this (unquantized) model, quantized by `spec`,
-    /// to `path` as one safetensors file. `progress(done, total)` is called
-    /// after each matrix. The caller owns the directory (temporary, renamed
-    /// when complete) and the other files.
+    /// Writes the weights of this (unquantized) model, quantized by `spec`
+    /// (calibrated over `calibration` when given), to `path` as one
+    /// safetensors file. `progress(done, total)` is called after each
+    /// matrix. The caller owns the directory (temporary, renamed when
+    /// complete) and the other files. The model is left as it was loaded
+    /// (calibration swaps layers while it runs, hence `&mut`).
     pub fn write_quantized(
-        &self,
+        &mut self,
         spec: &QuantSpec,
+        calibration: Option<&Calibration>,
         path: &Path,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<QuantReport> {
+        let cx = (&*self.pool, self.isa, self.precision);
         write_quantized(
-            &self.parts,
+            &mut self.parts,
             &self.store,
-            &self.pool,
-            self.isa,
-            spec,
+            cx,
+            (spec, calibration),
             path,
             progress,
         )

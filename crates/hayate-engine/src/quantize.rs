@@ -2,14 +2,15 @@
 //! checkpoint (written tensor by tensor, so memory stays bounded).
 
 use crate::arch::Translated;
+use crate::calibrate::{self, Calibration};
 use crate::linear::{Linear, LinearKernel, Signs};
 use crate::{EngineError, Result};
 use hayate_formats::{
     FormatError, QuantInfo, ROTATION, SafetensorsWriter, TensorSpec, TensorStore,
 };
 use hayate_kernels::quant::{GROUP_SIZES, QuantFormat, QuantLayout, Rotation, quantize_matrix};
-use hayate_kernels::{Isa, ThreadPool};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use hayate_kernels::{ActPrecision, Isa, ThreadPool};
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -114,16 +115,17 @@ pub fn signs(seed: u64, key: &str, n: usize) -> Vec<f32> {
 }
 
 /// One matrix to quantize and how.
-struct Planned<'a> {
-    linear: &'a Linear,
-    format: QuantFormat,
-    group_size: usize,
-    rotated: bool,
+pub(crate) struct Planned {
+    /// The float layer (a cheap clone: the weights stay mapped).
+    pub linear: Linear,
+    pub format: QuantFormat,
+    pub group_size: usize,
+    pub rotated: bool,
     /// Key of the `S_in` shared by the group.
-    sign_in_key: String,
+    pub sign_in_key: String,
 }
 
-impl Planned<'_> {
+impl Planned {
     fn info(&self) -> QuantInfo {
         QuantInfo {
             format: self.format,
@@ -132,6 +134,39 @@ impl Planned<'_> {
             cols: self.linear.cols,
             rotated: self.rotated,
         }
+    }
+
+    /// The rotation signs, `S_in` being the group's.
+    pub fn signs(&self, seed: u64, sign_in: &Arc<[f32]>) -> Option<Signs> {
+        self.rotated.then(|| Signs {
+            sign_in: Arc::clone(sign_in),
+            sign_out: signs(
+                seed,
+                &format!("{}.sign_out", self.linear.name),
+                self.linear.rows,
+            )
+            .into(),
+        })
+    }
+}
+
+/// The matrices of one group of layers sharing an input, in order.
+pub(crate) struct PlannedGroup {
+    /// The block the group belongs to (`None`: embedding or output head).
+    pub block: Option<usize>,
+    /// Its place among the block's groups ([`crate::layers::Block::linear_groups`]).
+    pub index: usize,
+    /// Name of the group's first layer, quantized or not: products report
+    /// their input under it.
+    pub input_name: String,
+    pub members: Vec<Planned>,
+}
+
+impl PlannedGroup {
+    /// The group's `S_in`.
+    pub fn sign_in(&self, seed: u64) -> Arc<[f32]> {
+        let first = &self.members[0];
+        signs(seed, &first.sign_in_key, first.linear.cols).into()
     }
 }
 
@@ -146,28 +181,35 @@ pub struct QuantReport {
     pub adapted: Vec<String>,
 }
 
-/// Decides how every selected matrix is quantized, groups sharing an input together.
-fn plan<'a>(
-    parts: &'a Translated,
+/// Decides how every selected matrix is quantized, groups sharing an input
+/// together, in the order of the forward pass.
+pub(crate) fn plan(
+    parts: &Translated,
     spec: &QuantSpec,
-) -> Result<(Vec<Vec<Planned<'a>>>, QuantReport)> {
+) -> Result<(Vec<PlannedGroup>, QuantReport)> {
     spec.validate()?;
-    let mut groups: Vec<(Vec<&Linear>, QuantFormat, bool)> = Vec::new();
-    for block in &parts.blocks {
-        for g in block.linear_groups() {
-            groups.push((g, spec.format, spec.rotation));
+    let mut groups: Vec<((Option<usize>, usize), Vec<&Linear>, QuantFormat, bool)> = Vec::new();
+    for (b, block) in parts.blocks.iter().enumerate() {
+        for (i, g) in block.linear_groups().into_iter().enumerate() {
+            groups.push(((Some(b), i), g, spec.format, spec.rotation));
         }
     }
     if spec.embeddings == EmbeddingFormat::Q8 {
         if parts.embedding.name != parts.lm_head.name {
-            groups.push((vec![&parts.embedding], QuantFormat::Q8, false));
+            groups.push(((None, 0), vec![&parts.embedding], QuantFormat::Q8, false));
         }
-        groups.push((vec![&parts.lm_head], QuantFormat::Q8, spec.rotation));
+        groups.push((
+            (None, 1),
+            vec![&parts.lm_head],
+            QuantFormat::Q8,
+            spec.rotation,
+        ));
     }
     let mut report = QuantReport::default();
     let mut planned = Vec::new();
-    for (members, format, rotate) in groups {
-        let key = format!("{}.sign_in", members[0].name);
+    for ((block, index), members, format, rotate) in groups {
+        let input_name = members[0].name.clone();
+        let key = format!("{input_name}.sign_in");
         let mut out = Vec::new();
         for linear in members {
             if linear.dense().is_none() {
@@ -191,7 +233,7 @@ fn plan<'a>(
             }
             report.quantized.push(linear.name.clone());
             out.push(Planned {
-                linear,
+                linear: linear.clone(),
                 format,
                 group_size,
                 rotated,
@@ -199,24 +241,26 @@ fn plan<'a>(
             });
         }
         if !out.is_empty() {
-            planned.push(out);
+            planned.push(PlannedGroup {
+                block,
+                index,
+                input_name,
+                members: out,
+            });
         }
     }
     Ok((planned, report))
 }
 
-/// Quantizes one planned group; members share `S_in`.
-fn quantize_group(group: &[Planned<'_>], seed: u64, pool: &ThreadPool, isa: Isa) -> Vec<Linear> {
-    let cols = group[0].linear.cols;
-    let sign_in: Arc<[f32]> = signs(seed, &group[0].sign_in_key, cols).into();
+/// Quantizes one planned group by round-to-nearest; members share `S_in`.
+fn quantize_group(group: &PlannedGroup, seed: u64, pool: &ThreadPool, isa: Isa) -> Vec<Linear> {
+    let sign_in = group.sign_in(seed);
     group
+        .members
         .iter()
         .map(|p| {
-            let l = p.linear;
-            let signs = p.rotated.then(|| Signs {
-                sign_in: Arc::clone(&sign_in),
-                sign_out: signs(seed, &format!("{}.sign_out", l.name), l.rows).into(),
-            });
+            let l = &p.linear;
+            let signs = p.signs(seed, &sign_in);
             let rotation = signs.as_ref().map(|s| Rotation {
                 sign_in: &s.sign_in,
                 sign_out: &s.sign_out,
@@ -228,23 +272,38 @@ fn quantize_group(group: &[Planned<'_>], seed: u64, pool: &ThreadPool, isa: Isa)
         .collect()
 }
 
-/// Replaces the selected linear layers of `parts` by quantized ones.
-pub(crate) fn quantize_parts(
+/// Every planned group quantized, in order, each handed to `emit`: by
+/// round-to-nearest, or with `calibration` by GPTQ layer after layer (then
+/// `keep` leaves the quantized layers in `parts`).
+#[allow(clippy::too_many_arguments)]
+fn quantize_groups(
     parts: &mut Translated,
+    cx: (&ThreadPool, Isa, ActPrecision),
     spec: &QuantSpec,
-    pool: &ThreadPool,
-    isa: Isa,
-) -> Result<QuantReport> {
-    let (planned, report) = plan(parts, spec)?;
-    let mut done: HashMap<String, Linear> = HashMap::new();
-    for group in &planned {
-        for q in quantize_group(group, spec.seed, pool, isa) {
-            done.insert(q.name.clone(), q);
+    planned: &[PlannedGroup],
+    calibration: Option<&Calibration>,
+    keep: bool,
+    emit: &mut dyn FnMut(Vec<Linear>) -> Result<()>,
+) -> Result<()> {
+    match calibration {
+        Some(c) => calibrate::quantize_calibrated(parts, cx, spec.seed, planned, c, keep, emit),
+        None => {
+            for group in planned {
+                let done = quantize_group(group, spec.seed, cx.0, cx.1);
+                if keep {
+                    replace_layers(parts, &done);
+                }
+                emit(done)?;
+            }
+            Ok(())
         }
     }
-    drop(planned);
+}
+
+/// Puts `layers` in place of the layers of `parts` with their names.
+pub(crate) fn replace_layers(parts: &mut Translated, layers: &[Linear]) {
     let mut replace = |l: &mut Linear| {
-        if let Some(q) = done.get(&l.name) {
+        if let Some(q) = layers.iter().find(|q| q.name == l.name) {
             *l = q.clone();
         }
     };
@@ -255,6 +314,26 @@ pub(crate) fn quantize_parts(
     }
     replace(&mut parts.embedding);
     replace(&mut parts.lm_head);
+}
+
+/// Replaces the selected linear layers of `parts` by quantized ones
+/// (calibrated when `calibration` is given).
+pub(crate) fn quantize_parts(
+    parts: &mut Translated,
+    cx: (&ThreadPool, Isa, ActPrecision),
+    spec: &QuantSpec,
+    calibration: Option<&Calibration>,
+) -> Result<QuantReport> {
+    let (planned, report) = plan(parts, spec)?;
+    quantize_groups(
+        parts,
+        cx,
+        spec,
+        &planned,
+        calibration,
+        true,
+        &mut |_| Ok(()),
+    )?;
     Ok(report)
 }
 
@@ -270,11 +349,10 @@ fn sign_bytes(v: &[f32]) -> Vec<u8> {
 /// quantized by `spec`, to `path` as one safetensors file (see
 /// [`crate::Model::write_quantized`]).
 pub(crate) fn write_quantized(
-    parts: &Translated,
+    parts: &mut Translated,
     store: &TensorStore,
-    pool: &ThreadPool,
-    isa: Isa,
-    spec: &QuantSpec,
+    cx: (&ThreadPool, Isa, ActPrecision),
+    (spec, calibration): (&QuantSpec, Option<&Calibration>),
     path: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<QuantReport> {
@@ -283,12 +361,12 @@ pub(crate) fn write_quantized(
     // translator regrouped are stored under the layer's own name).
     let replaced: HashSet<String> = planned
         .iter()
-        .flatten()
+        .flat_map(|g| &g.members)
         .map(|p| format!("{}.weight", p.linear.source))
         .collect();
     let mut specs: Vec<TensorSpec> = Vec::new();
     let mut metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    for p in planned.iter().flatten() {
+    for p in planned.iter().flat_map(|g| &g.members) {
         let info = p.info();
         specs.extend(info.tensor_specs(&p.linear.name));
         metadata.insert(p.linear.name.clone(), info.to_json());
@@ -314,28 +392,37 @@ pub(crate) fn write_quantized(
         });
     }
     let mut writer = SafetensorsWriter::create(path, specs, &metadata)?;
-    let total = planned.iter().map(Vec::len).sum::<usize>();
+    let total = planned.iter().map(|g| g.members.len()).sum::<usize>();
     let mut done = 0;
-    for group in &planned {
-        for q in quantize_group(group, spec.seed, pool, isa) {
-            let LinearKernel::Quant(m, rot) = q.kernel() else {
-                unreachable!("just quantized")
-            };
-            assert_eq!(m.layout, QuantLayout::Rows, "files store rows");
-            let name = &q.name;
-            writer.write(&format!("{name}.qweight"), m.codes)?;
-            writer.write(&format!("{name}.scales"), &bytes_of_u16(m.scales))?;
-            if m.format == QuantFormat::Q4 {
-                writer.write(&format!("{name}.qzeros"), m.zeros)?;
+    quantize_groups(
+        parts,
+        cx,
+        spec,
+        &planned,
+        calibration,
+        false,
+        &mut |group| {
+            for q in group {
+                let LinearKernel::Quant(m, rot) = q.kernel() else {
+                    unreachable!("just quantized")
+                };
+                assert_eq!(m.layout, QuantLayout::Rows, "files store rows");
+                let name = &q.name;
+                writer.write(&format!("{name}.qweight"), m.codes)?;
+                writer.write(&format!("{name}.scales"), &bytes_of_u16(m.scales))?;
+                if m.format == QuantFormat::Q4 {
+                    writer.write(&format!("{name}.qzeros"), m.zeros)?;
+                }
+                if let Some(r) = rot {
+                    writer.write(&format!("{name}.sign_in"), &sign_bytes(r.sign_in))?;
+                    writer.write(&format!("{name}.sign_out"), &sign_bytes(r.sign_out))?;
+                }
+                done += 1;
+                progress(done, total);
             }
-            if let Some(r) = rot {
-                writer.write(&format!("{name}.sign_in"), &sign_bytes(r.sign_in))?;
-                writer.write(&format!("{name}.sign_out"), &sign_bytes(r.sign_out))?;
-            }
-            done += 1;
-            progress(done, total);
-        }
-    }
+            Ok(())
+        },
+    )?;
     for name in copied {
         writer.write(name, store.require(name)?.bytes())?;
     }

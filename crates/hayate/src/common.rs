@@ -1,13 +1,16 @@
 //! Options and helpers shared by the commands.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use clap::ValueEnum;
+use hayate_chat::TextTokenizer;
 use hayate_engine::{
-    EmbeddingFormat, KvFormat, LoadOptions, Model, QuantSpec, SamplingParams, StateOptions,
+    Calibration, EmbeddingFormat, KvFormat, LoadOptions, Model, QuantSpec, SamplingParams,
+    StateOptions,
 };
 use hayate_kernels::{ActPrecision, QuantFormat};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Which model to load and how to run it.
@@ -122,9 +125,80 @@ pub struct QuantArgs {
     /// Seed of the rotation signs.
     #[arg(long, value_name = "S", default_value_t = hayate_engine::quantize::DEFAULT_SEED)]
     pub rotation_seed: u64,
+    /// Calibrate on this text: GPTQ (Hessian-aware rounding) against the
+    /// inputs each layer sees on it, layer after layer.
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
+    /// Calibration tokens used at most (from the start of the file).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 65536,
+        requires = "calibration"
+    )]
+    pub calibration_tokens: usize,
+    /// Tokens per calibration window; each window starts from an empty context.
+    #[arg(
+        long,
+        value_name = "C",
+        default_value_t = 512,
+        requires = "calibration"
+    )]
+    pub calibration_context: usize,
+    /// Dampening of the calibration Hessians, a share of their mean diagonal.
+    #[arg(long, value_name = "D", default_value_t = Calibration::DEFAULT_DAMP, requires = "calibration")]
+    pub calibration_damp: f64,
 }
 
 impl QuantArgs {
+    /// The calibration tokens `--calibration` asks for, tokenized with the
+    /// tokenizer of the model in `model_dir`.
+    pub fn calibration(&self, model_dir: &Path) -> Result<Option<Calibration>> {
+        let Some(path) = &self.calibration else {
+            return Ok(None);
+        };
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read the calibration file {}", path.display()))?;
+        if bytes.is_empty() {
+            bail!("the calibration file {} is empty", path.display());
+        }
+        if bytes.contains(&0) {
+            bail!(
+                "the calibration file {} holds NUL bytes: it looks binary, not text",
+                path.display()
+            );
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "the calibration file {} is not UTF-8 text (invalid byte at offset {})",
+                path.display(),
+                e.utf8_error().valid_up_to()
+            )
+        })?;
+        let tokenizer = TextTokenizer::load(model_dir).with_context(|| {
+            format!(
+                "calibration tokenizes with the model's tokenizer, which {} lacks",
+                model_dir.display()
+            )
+        })?;
+        let tokens = tokenizer.encode(&text, false)?;
+        let calibration = Calibration::new(
+            &tokens,
+            self.calibration_context,
+            self.calibration_tokens,
+            self.calibration_damp,
+        )
+        .with_context(|| format!("cannot calibrate on {}", path.display()))?;
+        tracing::info!(
+            "calibrating on {} tokens of {} ({} windows of {})",
+            calibration.tokens(),
+            path.display(),
+            calibration.tokens() / calibration.context(),
+            calibration.context()
+        );
+        Ok(Some(calibration))
+    }
+
     /// The engine's description of the quantization.
     pub fn spec(&self, format: FormatArg) -> QuantSpec {
         QuantSpec {
@@ -154,19 +228,23 @@ impl ModelArgs {
 
     /// The engine's load options these arguments ask for.
     pub fn load_options(&self) -> Result<LoadOptions> {
-        Ok(self.load_options_with(self.threads()?))
+        self.load_options_with(self.threads()?)
     }
 
     /// [`Self::load_options`] with `threads` kernel threads.
-    pub fn load_options_with(&self, threads: usize) -> LoadOptions {
-        LoadOptions {
+    pub fn load_options_with(&self, threads: usize) -> Result<LoadOptions> {
+        if self.quant.calibration.is_some() && self.quantize.is_none() {
+            bail!("--calibration calibrates --quantize; give a format to quantize to");
+        }
+        Ok(LoadOptions {
             threads,
             quantize: self.quantize.map(|f| self.quant.spec(f)),
             activations: match self.activations {
                 ActivationsArg::Int8 => ActPrecision::Int8,
                 ActivationsArg::F32 => ActPrecision::F32,
             },
-        }
+            calibration: self.quant.calibration(&self.model)?.map(Arc::new),
+        })
     }
 
     /// Loads the model, reporting the time taken at info level.
@@ -177,7 +255,7 @@ impl ModelArgs {
     /// [`Self::load`] with `threads` kernel threads.
     pub fn load_with(&self, threads: usize) -> Result<Model> {
         let start = Instant::now();
-        let model = Model::load(&self.model, &self.load_options_with(threads))
+        let model = Model::load(&self.model, &self.load_options_with(threads)?)
             .with_context(|| format!("cannot load the model in {}", self.model.display()))?;
         if let Some(report) = &model.quantization {
             tracing::info!(

@@ -62,7 +62,8 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         bail!("--out must differ from --model");
     }
     let start = Instant::now();
-    let model = Model::load(
+    let calibration = args.quant.calibration(&args.model)?;
+    let mut model = Model::load(
         &args.model,
         &LoadOptions {
             threads: args.threads,
@@ -99,10 +100,15 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         ProgressBar::hidden()
     };
     let report = model
-        .write_quantized(&spec, &tmp.join("model.safetensors"), &mut |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        })
+        .write_quantized(
+            &spec,
+            calibration.as_ref(),
+            &tmp.join("model.safetensors"),
+            &mut |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+        )
         .context("cannot write the quantized weights")?;
     bar.finish_and_clear();
 
@@ -140,8 +146,12 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     for name in &report.adapted {
         eprintln!("smaller group or no rotation (shape): {name}");
     }
+    let calibrated = match &calibration {
+        Some(c) => format!(", calibrated on {} tokens", c.tokens()),
+        None => String::new(),
+    };
     println!(
-        "wrote {} ({}, group {}, {}, embeddings {}): {} matrices quantized in {:.1} s",
+        "wrote {} ({}, group {}, {}, embeddings {}{calibrated}): {} matrices quantized in {:.1} s",
         args.out.display(),
         spec.format.name(),
         spec.group_size,

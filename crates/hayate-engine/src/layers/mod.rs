@@ -178,6 +178,18 @@ impl Block {
         s: &mut Scratch,
         hidden: usize,
     ) {
+        self.forward_mixer(step, state, s, hidden);
+        self.forward_mlp(step, s, hidden);
+    }
+
+    /// The mixer half of [`Self::forward`]: `x += post(mixer(norm(x)))`.
+    pub(crate) fn forward_mixer(
+        &self,
+        step: &Step<'_>,
+        state: &mut MixerState,
+        s: &mut Scratch,
+        hidden: usize,
+    ) {
         let rows = step.n * hidden;
         let (x, h, mix) = (&mut s.x[..rows], &mut s.h[..rows], &mut s.mix[..rows]);
         self.mixer_norm.rows(x, h, hidden);
@@ -186,13 +198,24 @@ impl Block {
             norm.rows_inplace(mix, hidden);
         }
         add_into(x, mix);
+    }
 
+    /// The feed-forward half of [`Self::forward`]: `x += post(mlp(norm(x)))`.
+    pub(crate) fn forward_mlp(&self, step: &Step<'_>, s: &mut Scratch, hidden: usize) {
+        let rows = step.n * hidden;
+        let (x, h, mix) = (&mut s.x[..rows], &mut s.h[..rows], &mut s.mix[..rows]);
         self.mlp_norm.rows(x, h, hidden);
         self.mlp.forward(&step.cx, &mut s.mlp, h, mix, step.n);
         if let Some(norm) = &self.post_mlp_norm {
             norm.rows_inplace(mix, hidden);
         }
         add_into(x, mix);
+    }
+
+    /// How many of [`Self::linear_groups`] belong to the mixer (the rest
+    /// are the feed-forward network's).
+    pub(crate) fn mixer_groups(&self) -> usize {
+        self.mixer.linear_groups().len()
     }
 }
 

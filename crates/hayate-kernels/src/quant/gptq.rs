@@ -14,33 +14,47 @@
 //! Rows are independent given `U`: threads take batches of rows, each batch
 //! reading every row of `U` once.
 
-use super::{QuantFormat, QuantizedMatrix, check_shape, pack_group};
-use super::{q4_group, q8_scale};
+use super::{BLOCK, QuantFormat, QuantizedMatrix, Rotation, check_shape, pack_group};
+use super::{q4_group, q8_scale, rotate_rows};
 use crate::cpu::Isa;
+use crate::matmul::matmul;
 use crate::pool::ThreadPool;
+use crate::weights::{MatRef, WeightSlice};
 use half::bf16;
 
 /// The second moment `Σ x·xᵀ` of a layer's inputs (`n` values each),
-/// accumulated token by token in f64.
+/// accumulated in f64 from f32 products over batches of tokens.
 #[derive(Clone, Debug)]
 pub struct Hessian {
     n: usize,
-    /// Row-major `n x n`; only the lower triangle is accumulated.
+    /// Row-major `n x n`, symmetric.
     sum: Vec<f64>,
     tokens: usize,
+    /// The batch's inputs transposed, `n x tokens` (reused).
+    transposed: Vec<f32>,
+    /// The batch's product (reused).
+    product: Vec<f32>,
 }
 
+/// Tokens per f32 product before it is added to the f64 sum: bounds the
+/// rounding of the f32 sums (and the transposed copy's size).
+const HESSIAN_BATCH: usize = 256;
+
 impl Hessian {
-    /// An empty accumulator for inputs of `n` values.
-    ///
-    /// Panics if `n x n` values do not fit in memory's address range.
-    pub fn new(n: usize) -> Self {
-        let len = n.checked_mul(n).expect("Hessian size overflows");
-        Hessian {
+    /// An empty accumulator for inputs of `n` values, or `None` if its
+    /// `n x n` values do not fit in memory.
+    pub fn new(n: usize) -> Option<Self> {
+        let len = n.checked_mul(n)?;
+        let mut sum = Vec::new();
+        sum.try_reserve_exact(len).ok()?;
+        sum.resize(len, 0.0);
+        Some(Hessian {
             n,
-            sum: vec![0.0; len],
+            sum,
             tokens: 0,
-        }
+            transposed: Vec::new(),
+            product: Vec::new(),
+        })
     }
 
     /// Inputs per token.
@@ -53,37 +67,38 @@ impl Hessian {
         self.tokens
     }
 
-    /// Adds tokens `x` (`x.len() / n` of them, `n` values each).
+    /// Adds tokens `x` (`x.len() / n` of them, `n` values each): per batch,
+    /// `Xᵀ·X` as one product on the pool, then added in f64.
     ///
     /// Panics if `x` is not whole tokens: that is a bug in the caller.
-    pub fn add(&mut self, x: &[f32]) {
+    pub fn add(&mut self, pool: &ThreadPool, isa: Isa, x: &[f32]) {
         let n = self.n;
         assert!(
             n > 0 && x.len().is_multiple_of(n),
             "Hessian inputs are not whole tokens"
         );
-        for token in x.chunks_exact(n) {
-            for (i, &xi) in token.iter().enumerate() {
-                let xi = xi as f64;
-                let row = &mut self.sum[i * n..i * n + i + 1];
-                for (h, &xj) in row.iter_mut().zip(&token[..=i]) {
-                    *h += xi * xj as f64;
+        for batch in x.chunks(HESSIAN_BATCH * n) {
+            let t = batch.len() / n;
+            self.transposed.resize(n * t, 0.0);
+            for (j, token) in batch.chunks_exact(n).enumerate() {
+                for (i, &v) in token.iter().enumerate() {
+                    self.transposed[i * t + j] = v;
                 }
             }
-            self.tokens += 1;
+            self.product.resize(n * n, 0.0);
+            let w = MatRef::new(WeightSlice::F32(&self.transposed), n, t).expect("sized above");
+            // Row i of the product is Σ_t x_t[i]·x_t: input "token" i is row i of Xᵀ.
+            matmul(pool, isa, w, &self.transposed, n, &mut self.product);
+            for (s, &p) in self.sum.iter_mut().zip(&self.product) {
+                *s += f64::from(p);
+            }
+            self.tokens += t;
         }
     }
 
-    /// The full symmetric matrix (row-major, `n x n`).
-    pub fn matrix(&self) -> Vec<f64> {
-        let n = self.n;
-        let mut h = self.sum.clone();
-        for i in 0..n {
-            for j in 0..i {
-                h[j * n + i] = h[i * n + j];
-            }
-        }
-        h
+    /// The symmetric matrix (row-major, `n x n`).
+    pub fn matrix(&self) -> &[f64] {
+        &self.sum
     }
 }
 
@@ -104,8 +119,9 @@ pub enum GptqError {
     NotPositiveDefinite,
 }
 
-/// Rows per batch: each batch reads every row of `U` once.
-const ROW_BATCH: usize = 16;
+/// Rows per batch: each batch reads every row of `U` once; a whole block of
+/// the rotation, which mixes 32 rows.
+const ROW_BATCH: usize = BLOCK;
 
 /// What GPTQ needs of a layer's inputs, computed once for all the layers
 /// that share them (the q, k and v projections, the gate and up ones): the
@@ -126,7 +142,7 @@ impl GptqFactor {
     /// cannot affect the outputs).
     pub fn new(h: &Hessian, damp: f64) -> Result<Self, GptqError> {
         let n = h.n();
-        let mut hm = h.matrix();
+        let mut hm = h.matrix().to_vec();
         let dead: Vec<bool> = (0..n).map(|i| hm[i * n + i] <= 0.0).collect();
         let live = dead.iter().filter(|d| !**d).count();
         if live == 0 {
@@ -153,22 +169,25 @@ impl GptqFactor {
     }
 }
 
-/// Quantizes `w` (`rows x cols`, row-major, in the basis the kernels see:
-/// already rotated when the layer is) with GPTQ against `factor`, made from
-/// the second moment of the inputs in that same basis.
-#[allow(clippy::too_many_arguments)]
+/// Quantizes `w` with GPTQ against `factor`, rotating it first when
+/// `rotation` is given (as [`super::quantize_matrix`] does); `factor` is
+/// made from the second moment of the inputs in the basis the kernels see
+/// (rotated, `H·S_in·x`, when the layer is).
 pub fn gptq_quantize(
     pool: &ThreadPool,
     isa: Isa,
-    format: QuantFormat,
-    group: usize,
-    w: &[f32],
-    rows: usize,
-    cols: usize,
+    (format, group): (QuantFormat, usize),
+    w: MatRef<'_>,
+    rotation: Option<Rotation<'_>>,
     factor: &GptqFactor,
 ) -> Result<QuantizedMatrix, GptqError> {
+    let (rows, cols) = (w.rows, w.cols);
     check_shape(rows, cols, group).map_err(GptqError::Shape)?;
-    assert_eq!(w.len(), rows * cols, "weights do not match their shape");
+    if rotation.is_some() && !rows.is_multiple_of(BLOCK) {
+        return Err(GptqError::Shape(format!(
+            "{rows} rows cannot be rotated in blocks of {BLOCK}"
+        )));
+    }
     if factor.n != cols {
         return Err(GptqError::HessianSize {
             got: factor.n,
@@ -185,7 +204,17 @@ pub fn gptq_quantize(
         ROW_BATCH,
         &|batch, out| {
             let n = batch.len();
-            let mut rows_w = w[batch.start * cols..batch.end * cols].to_vec();
+            let mut rows_w = vec![0f32; n * cols];
+            for (i, row) in rows_w.chunks_exact_mut(cols).enumerate() {
+                w.widen_row(batch.start + i, row);
+            }
+            if let Some(rot) = rotation {
+                let signs = Rotation {
+                    sign_in: rot.sign_in,
+                    sign_out: &rot.sign_out[batch.clone()],
+                };
+                rotate_rows(isa, &mut rows_w, cols, signs);
+            }
             for (v, &d) in rows_w
                 .chunks_exact_mut(cols)
                 .flat_map(|r| r.iter_mut().zip(dead.iter()))
@@ -198,8 +227,7 @@ pub fn gptq_quantize(
             let mut params = vec![(bf16::ZERO, 0u8); n * groups];
             quantize_batch(
                 isa,
-                format,
-                group,
+                (format, group),
                 cols,
                 u,
                 &mut rows_w,
@@ -228,11 +256,9 @@ pub fn gptq_quantize(
 /// The GPTQ loop over a batch of rows (`w`, modified in place): codes into
 /// `q` (q8 as two's-complement bytes), each group's scale and zero point
 /// into `params`.
-#[allow(clippy::too_many_arguments)]
 fn quantize_batch(
     isa: Isa,
-    format: QuantFormat,
-    group: usize,
+    (format, group): (QuantFormat, usize),
     cols: usize,
     u: &[f32],
     w: &mut [f32],

@@ -1,0 +1,368 @@
+//! Calibrated quantization: GPTQ layer after layer over calibration text.
+//!
+//! The calibration tokens are cut into windows, each run from an empty
+//! context. Their residual stream is kept between blocks (`tokens x hidden`
+//! floats): block by block, and within a block group by group (layers
+//! sharing an input: q/k/v, gate/up, ...), the block runs over every window
+//! with its earlier groups already quantized, the second moment of the
+//! group's input is gathered in the basis its kernels see (rotated:
+//! `H·S_in·x`), and GPTQ quantizes the group against it
+//! ([`hayate_kernels::quant::gptq_quantize`]). The quantized block then
+//! produces the next block's inputs, so later layers are calibrated on
+//! what the quantized earlier ones give them. The output head is calibrated
+//! last, on the final norm of the stream; an untied embedding table (only
+//! read row by row) is rounded to nearest.
+
+use crate::arch::Translated;
+use crate::budget::{Budget, StateShape};
+use crate::layers::{KvFormat, Step};
+use crate::linear::{Compute, Linear, Signs};
+use crate::quantize::{PlannedGroup, replace_layers};
+use crate::state::InferenceState;
+use crate::{EngineError, Result};
+use hayate_kernels::hadamard::hadamard_blocks;
+use hayate_kernels::quant::{GptqFactor, Hessian, Rotation, gptq_quantize, quantize_matrix};
+use hayate_kernels::{ActPrecision, Isa, ThreadPool};
+use std::cell::RefCell;
+use std::sync::Arc;
+
+/// Calibration tokens, cut into windows that each start from an empty context.
+#[derive(Clone)]
+pub struct Calibration {
+    windows: Vec<Vec<u32>>,
+    damp: f64,
+}
+
+impl std::fmt::Debug for Calibration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Calibration {{ {} windows of {} tokens, damp {} }}",
+            self.windows.len(),
+            self.context(),
+            self.damp
+        )
+    }
+}
+
+impl Calibration {
+    /// Dampening of the Hessians by default, a share of their mean diagonal
+    /// (GPTQ's choice).
+    pub const DEFAULT_DAMP: f64 = 0.01;
+
+    /// The first `max_tokens` of `tokens` in whole windows of `context`
+    /// (a shorter remainder is dropped). Errors if not even one window fits,
+    /// or `damp` is not a small positive number.
+    pub fn new(tokens: &[u32], context: usize, max_tokens: usize, damp: f64) -> Result<Self> {
+        let bad = |m: String| Err(EngineError::Quantize(m));
+        if context == 0 {
+            return bad("the calibration context must be at least one token".into());
+        }
+        if !(damp > 0.0 && damp <= 1.0) {
+            return bad(format!(
+                "the Hessian dampening must lie in (0, 1], not {damp}"
+            ));
+        }
+        let usable = tokens.len().min(max_tokens);
+        if usable < context {
+            return bad(format!(
+                "the calibration text has {usable} usable tokens, fewer than one window of {context}: give more text or a shorter --calibration-context"
+            ));
+        }
+        let windows = tokens[..usable / context * context]
+            .chunks_exact(context)
+            .map(<[u32]>::to_vec)
+            .collect();
+        Ok(Calibration { windows, damp })
+    }
+
+    /// Tokens per window.
+    pub fn context(&self) -> usize {
+        self.windows.first().map_or(0, Vec::len)
+    }
+
+    /// Tokens in all windows.
+    pub fn tokens(&self) -> usize {
+        self.windows.len() * self.context()
+    }
+}
+
+/// The inputs one group's members are quantized against: one Hessian per
+/// basis its members need (rotated by the group's `S_in`, or not).
+struct GroupInputs {
+    sign_in: Arc<[f32]>,
+    plain: Option<Hessian>,
+    rotated: Option<Hessian>,
+    /// Rows of the current input rotated (reused).
+    buffer: Vec<f32>,
+}
+
+impl GroupInputs {
+    fn new(group: &PlannedGroup, seed: u64) -> Result<Self> {
+        let cols = group.members[0].linear.cols;
+        let hessian = |wanted: bool| -> Result<Option<Hessian>> {
+            wanted
+                .then(|| {
+                    Hessian::new(cols).ok_or_else(|| {
+                        EngineError::Quantize(format!(
+                            "the {cols} x {cols} Hessian of `{}` does not fit in memory",
+                            group.input_name
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        Ok(GroupInputs {
+            sign_in: group.sign_in(seed),
+            plain: hessian(group.members.iter().any(|p| !p.rotated))?,
+            rotated: hessian(group.members.iter().any(|p| p.rotated))?,
+            buffer: Vec::new(),
+        })
+    }
+
+    /// Adds input rows `x`.
+    fn add(&mut self, pool: &ThreadPool, isa: Isa, x: &[f32]) {
+        if let Some(h) = &mut self.plain {
+            h.add(pool, isa, x);
+        }
+        if let Some(h) = &mut self.rotated {
+            self.buffer.clear();
+            self.buffer.extend_from_slice(x);
+            for row in self.buffer.chunks_exact_mut(self.sign_in.len()) {
+                row.iter_mut()
+                    .zip(&*self.sign_in)
+                    .for_each(|(v, s)| *v *= s);
+                hadamard_blocks(isa, row);
+            }
+            h.add(pool, isa, &self.buffer);
+        }
+    }
+
+    /// GPTQ of every member, or an error naming the layer.
+    fn quantize(
+        &self,
+        group: &PlannedGroup,
+        (pool, isa): (&ThreadPool, Isa),
+        seed: u64,
+        damp: f64,
+    ) -> Result<Vec<Linear>> {
+        let factor = |h: &Option<Hessian>| {
+            h.as_ref()
+                .map(|h| {
+                    if h.tokens() == 0 {
+                        return Err(EngineError::Quantize(format!(
+                            "calibration saw no input of `{}`",
+                            group.input_name
+                        )));
+                    }
+                    GptqFactor::new(h, damp)
+                        .map_err(|e| EngineError::Quantize(format!("`{}`: {e}", group.input_name)))
+                })
+                .transpose()
+        };
+        let (plain, rotated) = (factor(&self.plain)?, factor(&self.rotated)?);
+        group
+            .members
+            .iter()
+            .map(|p| {
+                let l = &p.linear;
+                let signs = p.signs(seed, &self.sign_in);
+                let rotation = signs.as_ref().map(|s: &Signs| Rotation {
+                    sign_in: &s.sign_in,
+                    sign_out: &s.sign_out,
+                });
+                let f = if p.rotated { &rotated } else { &plain };
+                let f = f.as_ref().expect("a Hessian per basis the members need");
+                let dense = l.dense().expect("planned matrices are dense");
+                let m = gptq_quantize(pool, isa, (p.format, p.group_size), dense, rotation, f)
+                    .map_err(|e| EngineError::Quantize(format!("`{}`: {e}", l.name)))?;
+                Ok(l.with_quantized(Arc::new(m), signs))
+            })
+            .collect()
+    }
+}
+
+/// Quantizes `planned` (in forward order) with GPTQ over `calibration`,
+/// handing each group to `emit` as it is done; `keep` leaves the quantized
+/// layers in `parts`, else each block gets its float layers back once the
+/// next block's inputs are computed (so memory holds one block's quantized
+/// layers at a time).
+pub(crate) fn quantize_calibrated(
+    parts: &mut Translated,
+    (pool, isa, precision): (&ThreadPool, Isa, ActPrecision),
+    seed: u64,
+    planned: &[PlannedGroup],
+    calibration: &Calibration,
+    keep: bool,
+    emit: &mut dyn FnMut(Vec<Linear>) -> Result<()>,
+) -> Result<()> {
+    let (hidden, context) = (parts.hidden, calibration.context());
+    if context > parts.max_positions {
+        return Err(EngineError::Quantize(format!(
+            "calibration windows of {context} tokens exceed the model's {} positions",
+            parts.max_positions
+        )));
+    }
+    let shape = StateShape {
+        capacity: context,
+        chunk: context,
+        rollback: 1,
+        threads: pool.n_threads(),
+        kv: KvFormat::F32,
+    };
+    let mut budget = Budget::for_context(context);
+    let layers = (&parts.blocks[..], &parts.ropes[..]);
+    let mut state =
+        InferenceState::new(u64::MAX, layers, (hidden, parts.vocab), &shape, &mut budget)?;
+    let mut stream = budget.floats(calibration.tokens() * hidden).map_err(|_| {
+        EngineError::Quantize(format!(
+            "the residual stream of {} calibration tokens does not fit in memory; use fewer --calibration-tokens",
+            calibration.tokens()
+        ))
+    })?;
+    for (row, &token) in stream
+        .chunks_exact_mut(hidden)
+        .zip(calibration.windows.iter().flatten())
+    {
+        parts.embedding.row(isa, token as usize, row);
+        if let Some(scale) = parts.embed_scale {
+            row.iter_mut().for_each(|v| *v *= scale);
+        }
+    }
+    let plain = Compute {
+        pool,
+        isa,
+        precision,
+        tap: None,
+    };
+    for b in 0..parts.blocks.len() {
+        let mut quantized = Vec::new();
+        let mut floats = Vec::new();
+        let mixer_groups = parts.blocks[b].mixer_groups();
+        // The mixer's groups, then its outputs into the stream; the same
+        // for the feed-forward half (which does not run attention again).
+        for half in [Half::Mixer, Half::Mlp] {
+            let in_half = |g: &&PlannedGroup| {
+                g.block == Some(b) && (g.index < mixer_groups) == (half == Half::Mixer)
+            };
+            for group in planned.iter().filter(in_half) {
+                let inputs = RefCell::new(GroupInputs::new(group, seed)?);
+                let tap = |name: &str, x: &[f32]| {
+                    if name == group.input_name {
+                        inputs.borrow_mut().add(pool, isa, x);
+                    }
+                };
+                let cx = Compute {
+                    tap: Some(&tap),
+                    ..plain
+                };
+                run_half(
+                    parts,
+                    &mut state,
+                    (b, half),
+                    cx,
+                    (&mut stream, false),
+                    context,
+                );
+                let done =
+                    inputs
+                        .into_inner()
+                        .quantize(group, (pool, isa), seed, calibration.damp)?;
+                floats.extend(group.members.iter().map(|p| p.linear.clone()));
+                replace_layers(parts, &done);
+                quantized.push(done);
+            }
+            run_half(
+                parts,
+                &mut state,
+                (b, half),
+                plain,
+                (&mut stream, true),
+                context,
+            );
+        }
+        if !keep {
+            replace_layers(parts, &floats);
+        }
+        for done in quantized {
+            emit(done)?;
+        }
+    }
+    for group in planned.iter().filter(|g| g.block.is_none()) {
+        let done = if group.input_name == parts.lm_head.name {
+            let mut inputs = GroupInputs::new(group, seed)?;
+            let mut normed = vec![0f32; context * hidden];
+            for window in stream.chunks_exact(context * hidden) {
+                parts.final_norm.rows(window, &mut normed, hidden);
+                inputs.add(pool, isa, &normed);
+            }
+            inputs.quantize(group, (pool, isa), seed, calibration.damp)?
+        } else {
+            // The embedding table: only its rows are read, there is no input.
+            group
+                .members
+                .iter()
+                .map(|p| {
+                    let dense = p.linear.dense().expect("planned matrices are dense");
+                    let m = quantize_matrix(pool, isa, p.format, p.group_size, dense, None);
+                    p.linear.with_quantized(Arc::new(m), None)
+                })
+                .collect()
+        };
+        if keep {
+            replace_layers(parts, &done);
+        }
+        emit(done)?;
+    }
+    Ok(())
+}
+
+/// One half of a block: the mixer, or the feed-forward network.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Half {
+    Mixer,
+    Mlp,
+}
+
+/// Runs one half of block `b` over every calibration window of `stream`
+/// (`context` tokens each, each from an empty state), writing its outputs
+/// back when asked.
+fn run_half(
+    parts: &Translated,
+    state: &mut InferenceState,
+    (b, half): (usize, Half),
+    cx: Compute<'_>,
+    (stream, write_back): (&mut [f32], bool),
+    context: usize,
+) {
+    let hidden = parts.hidden;
+    let InferenceState {
+        layers,
+        scratch,
+        ropes,
+        ..
+    } = state;
+    let (block, layer) = (&parts.blocks[b], &mut layers[b]);
+    for window in stream.chunks_exact_mut(context * hidden) {
+        let n = window.len() / hidden;
+        scratch.x[..window.len()].copy_from_slice(window);
+        ropes.fill(&parts.ropes, 0, n);
+        let step = Step {
+            cx,
+            ropes,
+            n,
+            start: 0,
+            recurrent_tail: 1,
+        };
+        match half {
+            Half::Mixer => {
+                layer.clear();
+                block.forward_mixer(&step, layer, scratch, hidden);
+            }
+            Half::Mlp => block.forward_mlp(&step, scratch, hidden),
+        }
+        if write_back {
+            window.copy_from_slice(&scratch.x[..window.len()]);
+        }
+    }
+}
