@@ -188,7 +188,9 @@ pub(crate) fn plan(
     spec: &QuantSpec,
 ) -> Result<(Vec<PlannedGroup>, QuantReport)> {
     spec.validate()?;
-    let mut groups: Vec<((Option<usize>, usize), Vec<&Linear>, QuantFormat, bool)> = Vec::new();
+    // (block, index in the block), the layers, their format, whether rotated.
+    type Candidate<'a> = ((Option<usize>, usize), Vec<&'a Linear>, QuantFormat, bool);
+    let mut groups: Vec<Candidate<'_>> = Vec::new();
     for (b, block) in parts.blocks.iter().enumerate() {
         for (i, g) in block.linear_groups().into_iter().enumerate() {
             groups.push(((Some(b), i), g, spec.format, spec.rotation));
