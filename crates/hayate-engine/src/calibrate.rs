@@ -21,26 +21,42 @@ use crate::quantize::{PlannedGroup, replace_layers};
 use crate::state::InferenceState;
 use crate::{EngineError, Result};
 use hayate_kernels::hadamard::hadamard_blocks;
-use hayate_kernels::quant::{GptqFactor, Hessian, Rotation, gptq_quantize, quantize_matrix};
+use hayate_kernels::quant::{
+    CrossMoment, GptqFactor, Hessian, Rotation, gptq_quantize, quantize_matrix,
+};
 use hayate_kernels::{ActPrecision, Isa, ThreadPool};
 use std::cell::RefCell;
 use std::sync::Arc;
+
+/// What GPTQ makes each layer's quantized outputs close to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Objective {
+    /// The float layer's outputs on the same (quantized model's) inputs:
+    /// `Σ ‖(W − Q)·x̃‖²`, GPTQ as published.
+    Layer,
+    /// The float model's outputs of that layer: `Σ ‖W·x − Q·x̃‖²` with `x`
+    /// the float model's inputs, so each layer also corrects the drift its
+    /// inputs carry from the quantized layers before it.
+    Float,
+}
 
 /// Calibration tokens, cut into windows that each start from an empty context.
 #[derive(Clone)]
 pub struct Calibration {
     windows: Vec<Vec<u32>>,
     damp: f64,
+    objective: Objective,
 }
 
 impl std::fmt::Debug for Calibration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Calibration {{ {} windows of {} tokens, damp {} }}",
+            "Calibration {{ {} windows of {} tokens, damp {}, {:?} }}",
             self.windows.len(),
             self.context(),
-            self.damp
+            self.damp,
+            self.objective
         )
     }
 }
@@ -53,7 +69,12 @@ impl Calibration {
     /// The first `max_tokens` of `tokens` in whole windows of `context`
     /// (a shorter remainder is dropped). Errors if not even one window fits,
     /// or `damp` is not a small positive number.
-    pub fn new(tokens: &[u32], context: usize, max_tokens: usize, damp: f64) -> Result<Self> {
+    pub fn new(
+        tokens: &[u32],
+        (context, max_tokens): (usize, usize),
+        damp: f64,
+        objective: Objective,
+    ) -> Result<Self> {
         let bad = |m: String| Err(EngineError::Quantize(m));
         if context == 0 {
             return bad("the calibration context must be at least one token".into());
@@ -73,7 +94,11 @@ impl Calibration {
             .chunks_exact(context)
             .map(<[u32]>::to_vec)
             .collect();
-        Ok(Calibration { windows, damp })
+        Ok(Calibration {
+            windows,
+            damp,
+            objective,
+        })
     }
 
     /// Tokens per window.
@@ -85,56 +110,95 @@ impl Calibration {
     pub fn tokens(&self) -> usize {
         self.windows.len() * self.context()
     }
+
+    /// Hessian dampening, a share of the mean diagonal.
+    pub fn damp(&self) -> f64 {
+        self.damp
+    }
+
+    /// What each layer is made to reproduce.
+    pub fn objective(&self) -> Objective {
+        self.objective
+    }
 }
 
-/// The inputs one group's members are quantized against: one Hessian per
-/// basis its members need (rotated by the group's `S_in`, or not).
+/// What one basis of a group's inputs accumulates: the quantized model's
+/// second moment and, toward the float model, the cross moment with the
+/// float model's inputs.
+struct Moments {
+    hessian: Hessian,
+    cross: Option<CrossMoment>,
+}
+
+/// The inputs one group's members are quantized against, in each basis
+/// its members need (rotated by the group's `S_in`, or not).
 struct GroupInputs {
     sign_in: Arc<[f32]>,
-    plain: Option<Hessian>,
-    rotated: Option<Hessian>,
-    /// Rows of the current input rotated (reused).
-    buffer: Vec<f32>,
+    plain: Option<Moments>,
+    rotated: Option<Moments>,
+    /// The current inputs rotated (reused).
+    buffers: (Vec<f32>, Vec<f32>),
 }
 
 impl GroupInputs {
-    fn new(group: &PlannedGroup, seed: u64) -> Result<Self> {
+    fn new(group: &PlannedGroup, seed: u64, objective: Objective) -> Result<Self> {
         let cols = group.members[0].linear.cols;
-        let hessian = |wanted: bool| -> Result<Option<Hessian>> {
-            wanted
-                .then(|| {
-                    Hessian::new(cols).ok_or_else(|| {
-                        EngineError::Quantize(format!(
-                            "the {cols} x {cols} Hessian of `{}` does not fit in memory",
-                            group.input_name
-                        ))
-                    })
-                })
-                .transpose()
+        let too_big = || {
+            EngineError::Quantize(format!(
+                "the {cols} x {cols} Hessian of `{}` does not fit in memory",
+                group.input_name
+            ))
+        };
+        let moments = |wanted: bool| -> Result<Option<Moments>> {
+            if !wanted {
+                return Ok(None);
+            }
+            let cross = match objective {
+                Objective::Layer => None,
+                Objective::Float => Some(CrossMoment::new(cols).ok_or_else(too_big)?),
+            };
+            Ok(Some(Moments {
+                hessian: Hessian::new(cols).ok_or_else(too_big)?,
+                cross,
+            }))
         };
         Ok(GroupInputs {
             sign_in: group.sign_in(seed),
-            plain: hessian(group.members.iter().any(|p| !p.rotated))?,
-            rotated: hessian(group.members.iter().any(|p| p.rotated))?,
-            buffer: Vec::new(),
+            plain: moments(group.members.iter().any(|p| !p.rotated))?,
+            rotated: moments(group.members.iter().any(|p| p.rotated))?,
+            buffers: (Vec::new(), Vec::new()),
         })
     }
 
-    /// Adds input rows `x`.
-    fn add(&mut self, pool: &ThreadPool, isa: Isa, x: &[f32]) {
-        if let Some(h) = &mut self.plain {
-            h.add(pool, isa, x);
-        }
-        if let Some(h) = &mut self.rotated {
-            self.buffer.clear();
-            self.buffer.extend_from_slice(x);
-            for row in self.buffer.chunks_exact_mut(self.sign_in.len()) {
-                row.iter_mut()
-                    .zip(&*self.sign_in)
-                    .for_each(|(v, s)| *v *= s);
-                hadamard_blocks(isa, row);
+    /// Adds the quantized model's input rows `x`, paired with the float
+    /// model's `float` toward the float model.
+    fn add(&mut self, pool: &ThreadPool, isa: Isa, x: &[f32], float: &[f32]) {
+        let add = |m: &mut Moments, x: &[f32], float: &[f32]| {
+            m.hessian.add(pool, isa, x);
+            if let Some(c) = &mut m.cross {
+                c.add(pool, isa, float, x);
             }
-            h.add(pool, isa, &self.buffer);
+        };
+        if let Some(m) = &mut self.plain {
+            add(m, x, float);
+        }
+        if let Some(m) = &mut self.rotated {
+            let rotate = |from: &[f32], to: &mut Vec<f32>| {
+                to.clear();
+                to.extend_from_slice(from);
+                for row in to.chunks_exact_mut(self.sign_in.len()) {
+                    row.iter_mut()
+                        .zip(&*self.sign_in)
+                        .for_each(|(v, s)| *v *= s);
+                    hadamard_blocks(isa, row);
+                }
+            };
+            let (rx, rf) = &mut self.buffers;
+            rotate(x, rx);
+            if m.cross.is_some() {
+                rotate(float, rf);
+            }
+            add(m, rx, rf);
         }
     }
 
@@ -146,17 +210,24 @@ impl GroupInputs {
         seed: u64,
         damp: f64,
     ) -> Result<Vec<Linear>> {
-        let factor = |h: &Option<Hessian>| {
-            h.as_ref()
-                .map(|h| {
-                    if h.tokens() == 0 {
+        let named = |e: hayate_kernels::quant::GptqError| {
+            EngineError::Quantize(format!("`{}`: {e}", group.input_name))
+        };
+        let factor = |m: &Option<Moments>| {
+            m.as_ref()
+                .map(|m| {
+                    if m.hessian.tokens() == 0 {
                         return Err(EngineError::Quantize(format!(
                             "calibration saw no input of `{}`",
                             group.input_name
                         )));
                     }
-                    GptqFactor::new(h, damp)
-                        .map_err(|e| EngineError::Quantize(format!("`{}`: {e}", group.input_name)))
+                    match &m.cross {
+                        None => GptqFactor::new(&m.hessian, damp).map_err(named),
+                        Some(c) => {
+                            GptqFactor::toward(pool, isa, &m.hessian, c, damp).map_err(named)
+                        }
+                    }
                 })
                 .transpose()
         };
@@ -172,7 +243,7 @@ impl GroupInputs {
                     sign_out: &s.sign_out,
                 });
                 let f = if p.rotated { &rotated } else { &plain };
-                let f = f.as_ref().expect("a Hessian per basis the members need");
+                let f = f.as_ref().expect("a factor per basis the members need");
                 let dense = l.dense().expect("planned matrices are dense");
                 let m = gptq_quantize(pool, isa, (p.format, p.group_size), dense, rotation, f)
                     .map_err(|e| EngineError::Quantize(format!("`{}`: {e}", l.name)))?;
@@ -203,6 +274,7 @@ pub(crate) fn quantize_calibrated(
             parts.max_positions
         )));
     }
+    let toward_float = calibration.objective == Objective::Float;
     let shape = StateShape {
         capacity: context,
         chunk: context,
@@ -214,12 +286,18 @@ pub(crate) fn quantize_calibrated(
     let layers = (&parts.blocks[..], &parts.ropes[..]);
     let mut state =
         InferenceState::new(u64::MAX, layers, (hidden, parts.vocab), &shape, &mut budget)?;
-    let mut stream = budget.floats(calibration.tokens() * hidden).map_err(|_| {
-        EngineError::Quantize(format!(
-            "the residual stream of {} calibration tokens does not fit in memory; use fewer --calibration-tokens",
-            calibration.tokens()
-        ))
-    })?;
+    // The residual stream of the quantized model and, toward the float
+    // model, of the float one.
+    let streams = 1 + usize::from(toward_float);
+    let mut stream = budget
+        .floats(calibration.tokens() * hidden * streams)
+        .map_err(|_| {
+            EngineError::Quantize(format!(
+                "the residual stream of {} calibration tokens does not fit in memory; use fewer --calibration-tokens",
+                calibration.tokens()
+            ))
+        })?;
+    let (stream, float_stream) = stream.split_at_mut(calibration.tokens() * hidden);
     for (row, &token) in stream
         .chunks_exact_mut(hidden)
         .zip(calibration.windows.iter().flatten())
@@ -229,15 +307,19 @@ pub(crate) fn quantize_calibrated(
             row.iter_mut().for_each(|v| *v *= scale);
         }
     }
+    if toward_float {
+        float_stream.copy_from_slice(stream);
+    }
     let plain = Compute {
         pool,
         isa,
         precision,
         tap: None,
     };
+    let window = context * hidden;
     for b in 0..parts.blocks.len() {
-        let mut quantized = Vec::new();
-        let mut floats = Vec::new();
+        let mut quantized: Vec<Vec<Linear>> = Vec::new();
+        let mut floats: Vec<Linear> = Vec::new();
         let mixer_groups = parts.blocks[b].mixer_groups();
         // The mixer's groups, then its outputs into the stream; the same
         // for the feed-forward half (which does not run attention again).
@@ -246,24 +328,47 @@ pub(crate) fn quantize_calibrated(
                 g.block == Some(b) && (g.index < mixer_groups) == (half == Half::Mixer)
             };
             for group in planned.iter().filter(in_half) {
-                let inputs = RefCell::new(GroupInputs::new(group, seed)?);
-                let tap = |name: &str, x: &[f32]| {
+                let inputs = RefCell::new(GroupInputs::new(group, seed, calibration.objective)?);
+                let float_inputs = RefCell::new(Vec::new());
+                let float_tap = |name: &str, x: &[f32]| {
                     if name == group.input_name {
-                        inputs.borrow_mut().add(pool, isa, x);
+                        let mut f = float_inputs.borrow_mut();
+                        f.clear();
+                        f.extend_from_slice(x);
                     }
                 };
-                let cx = Compute {
-                    tap: Some(&tap),
-                    ..plain
+                let tap = |name: &str, x: &[f32]| {
+                    if name == group.input_name {
+                        inputs
+                            .borrow_mut()
+                            .add(pool, isa, x, &float_inputs.borrow());
+                    }
                 };
-                run_half(
-                    parts,
-                    &mut state,
-                    (b, half),
-                    cx,
-                    (&mut stream, false),
-                    context,
-                );
+                for w in 0..calibration.windows.len() {
+                    let span = w * window..(w + 1) * window;
+                    if toward_float {
+                        // The float model: this block's float layers back for the pass.
+                        replace_layers(parts, &floats);
+                        let cx = Compute {
+                            tap: Some(&float_tap),
+                            ..plain
+                        };
+                        run_half(
+                            parts,
+                            &mut state,
+                            (b, half),
+                            cx,
+                            &mut float_stream[span.clone()],
+                            false,
+                        );
+                        replace_layers(parts, &quantized.concat());
+                    }
+                    let cx = Compute {
+                        tap: Some(&tap),
+                        ..plain
+                    };
+                    run_half(parts, &mut state, (b, half), cx, &mut stream[span], false);
+                }
                 let done =
                     inputs
                         .into_inner()
@@ -272,14 +377,16 @@ pub(crate) fn quantize_calibrated(
                 replace_layers(parts, &done);
                 quantized.push(done);
             }
-            run_half(
-                parts,
-                &mut state,
-                (b, half),
-                plain,
-                (&mut stream, true),
-                context,
-            );
+            for span in stream.chunks_exact_mut(window) {
+                run_half(parts, &mut state, (b, half), plain, span, true);
+            }
+            if toward_float {
+                replace_layers(parts, &floats);
+                for span in float_stream.chunks_exact_mut(window) {
+                    run_half(parts, &mut state, (b, half), plain, span, true);
+                }
+                replace_layers(parts, &quantized.concat());
+            }
         }
         if !keep {
             replace_layers(parts, &floats);
@@ -290,11 +397,19 @@ pub(crate) fn quantize_calibrated(
     }
     for group in planned.iter().filter(|g| g.block.is_none()) {
         let done = if group.input_name == parts.lm_head.name {
-            let mut inputs = GroupInputs::new(group, seed)?;
-            let mut normed = vec![0f32; context * hidden];
-            for window in stream.chunks_exact(context * hidden) {
-                parts.final_norm.rows(window, &mut normed, hidden);
-                inputs.add(pool, isa, &normed);
+            let mut inputs = GroupInputs::new(group, seed, calibration.objective)?;
+            let (mut normed, mut float_normed) = (vec![0f32; window], vec![0f32; window]);
+            for w in 0..calibration.windows.len() {
+                let span = w * window..(w + 1) * window;
+                parts
+                    .final_norm
+                    .rows(&stream[span.clone()], &mut normed, hidden);
+                if toward_float {
+                    parts
+                        .final_norm
+                        .rows(&float_stream[span], &mut float_normed, hidden);
+                }
+                inputs.add(pool, isa, &normed, &float_normed);
             }
             inputs.quantize(group, (pool, isa), seed, calibration.damp)?
         } else {
@@ -324,16 +439,15 @@ enum Half {
     Mlp,
 }
 
-/// Runs one half of block `b` over every calibration window of `stream`
-/// (`context` tokens each, each from an empty state), writing its outputs
-/// back when asked.
+/// Runs one half of block `b` over one calibration window of the stream
+/// (from an empty state), writing its outputs back when asked.
 fn run_half(
     parts: &Translated,
     state: &mut InferenceState,
     (b, half): (usize, Half),
     cx: Compute<'_>,
-    (stream, write_back): (&mut [f32], bool),
-    context: usize,
+    window: &mut [f32],
+    write_back: bool,
 ) {
     let hidden = parts.hidden;
     let InferenceState {
@@ -343,26 +457,24 @@ fn run_half(
         ..
     } = state;
     let (block, layer) = (&parts.blocks[b], &mut layers[b]);
-    for window in stream.chunks_exact_mut(context * hidden) {
-        let n = window.len() / hidden;
-        scratch.x[..window.len()].copy_from_slice(window);
-        ropes.fill(&parts.ropes, 0, n);
-        let step = Step {
-            cx,
-            ropes,
-            n,
-            start: 0,
-            recurrent_tail: 1,
-        };
-        match half {
-            Half::Mixer => {
-                layer.clear();
-                block.forward_mixer(&step, layer, scratch, hidden);
-            }
-            Half::Mlp => block.forward_mlp(&step, scratch, hidden),
+    let n = window.len() / hidden;
+    scratch.x[..window.len()].copy_from_slice(window);
+    ropes.fill(&parts.ropes, 0, n);
+    let step = Step {
+        cx,
+        ropes,
+        n,
+        start: 0,
+        recurrent_tail: 1,
+    };
+    match half {
+        Half::Mixer => {
+            layer.clear();
+            block.forward_mixer(&step, layer, scratch, hidden);
         }
-        if write_back {
-            window.copy_from_slice(&scratch.x[..window.len()]);
-        }
+        Half::Mlp => block.forward_mlp(&step, scratch, hidden),
+    }
+    if write_back {
+        window.copy_from_slice(&scratch.x[..window.len()]);
     }
 }

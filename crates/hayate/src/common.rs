@@ -4,6 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use clap::ValueEnum;
 use hayate_chat::TextTokenizer;
+use hayate_engine::calibrate::Objective;
 use hayate_engine::{
     Calibration, EmbeddingFormat, KvFormat, LoadOptions, Model, QuantSpec, SamplingParams,
     StateOptions,
@@ -148,6 +149,35 @@ pub struct QuantArgs {
     /// Dampening of the calibration Hessians, a share of their mean diagonal.
     #[arg(long, value_name = "D", default_value_t = Calibration::DEFAULT_DAMP, requires = "calibration")]
     pub calibration_damp: f64,
+    /// What each calibrated layer reproduces: the float model's outputs of
+    /// that layer (`float`, correcting the drift of earlier layers), or the
+    /// float layer's on the quantized model's inputs (`layer`, plain GPTQ).
+    #[arg(
+        long,
+        value_name = "O",
+        default_value = "float",
+        requires = "calibration"
+    )]
+    pub calibration_objective: ObjectiveArg,
+}
+
+/// A calibration objective on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectiveArg {
+    /// The float model's outputs of each layer.
+    Float,
+    /// The float layer's outputs on the quantized model's inputs (GPTQ as published).
+    Layer,
+}
+
+impl ObjectiveArg {
+    /// The engine's objective.
+    pub fn objective(self) -> Objective {
+        match self {
+            ObjectiveArg::Float => Objective::Float,
+            ObjectiveArg::Layer => Objective::Layer,
+        }
+    }
 }
 
 impl QuantArgs {
@@ -184,9 +214,9 @@ impl QuantArgs {
         let tokens = tokenizer.encode(&text, false)?;
         let calibration = Calibration::new(
             &tokens,
-            self.calibration_context,
-            self.calibration_tokens,
+            (self.calibration_context, self.calibration_tokens),
             self.calibration_damp,
+            self.calibration_objective.objective(),
         )
         .with_context(|| format!("cannot calibrate on {}", path.display()))?;
         tracing::info!(

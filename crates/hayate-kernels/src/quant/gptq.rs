@@ -25,80 +25,134 @@ use half::bf16;
 /// The second moment `Σ x·xᵀ` of a layer's inputs (`n` values each),
 /// accumulated in f64 from f32 products over batches of tokens.
 #[derive(Clone, Debug)]
-pub struct Hessian {
+pub struct Hessian(Moment);
+
+/// The cross moment `Σ x·yᵀ` of two inputs of the same tokens (the float
+/// model's and the quantized model's inputs of a layer), accumulated as
+/// [`Hessian`] is.
+#[derive(Clone, Debug)]
+pub struct CrossMoment(Moment);
+
+/// `Σ x·yᵀ` over tokens, row-major `n x n`, with the buffers its products reuse.
+#[derive(Clone, Debug)]
+struct Moment {
     n: usize,
-    /// Row-major `n x n`, symmetric.
     sum: Vec<f64>,
     tokens: usize,
-    /// The batch's inputs transposed, `n x tokens` (reused).
-    transposed: Vec<f32>,
-    /// The batch's product (reused).
+    /// A batch's `x` and `y` transposed, `n x tokens`.
+    xt: Vec<f32>,
+    yt: Vec<f32>,
     product: Vec<f32>,
 }
 
 /// Tokens per f32 product before it is added to the f64 sum: bounds the
-/// rounding of the f32 sums (and the transposed copy's size).
-const HESSIAN_BATCH: usize = 256;
+/// rounding of the f32 sums (and the transposed copies' size).
+const MOMENT_BATCH: usize = 256;
 
-impl Hessian {
-    /// An empty accumulator for inputs of `n` values, or `None` if its
-    /// `n x n` values do not fit in memory.
-    pub fn new(n: usize) -> Option<Self> {
+impl Moment {
+    fn new(n: usize) -> Option<Self> {
         let len = n.checked_mul(n)?;
         let mut sum = Vec::new();
         sum.try_reserve_exact(len).ok()?;
         sum.resize(len, 0.0);
-        Some(Hessian {
+        Some(Moment {
             n,
             sum,
             tokens: 0,
-            transposed: Vec::new(),
+            xt: Vec::new(),
+            yt: Vec::new(),
             product: Vec::new(),
         })
     }
 
-    /// Inputs per token.
-    pub fn n(&self) -> usize {
-        self.n
-    }
-
-    /// Tokens added so far.
-    pub fn tokens(&self) -> usize {
-        self.tokens
-    }
-
-    /// Adds tokens `x` (`x.len() / n` of them, `n` values each): per batch,
-    /// `Xᵀ·X` as one product on the pool, then added in f64.
-    ///
-    /// Panics if `x` is not whole tokens: that is a bug in the caller.
-    pub fn add(&mut self, pool: &ThreadPool, isa: Isa, x: &[f32]) {
+    /// Adds the tokens of `x` and, paired with them, of `y` (`None`: `x`
+    /// itself): per batch, `Xᵀ·Y` as one product on the pool, then added in f64.
+    fn add(&mut self, pool: &ThreadPool, isa: Isa, x: &[f32], y: Option<&[f32]>) {
         let n = self.n;
         assert!(
-            n > 0 && x.len().is_multiple_of(n),
-            "Hessian inputs are not whole tokens"
+            n > 0 && x.len().is_multiple_of(n) && y.is_none_or(|y| y.len() == x.len()),
+            "moment inputs are not whole, paired tokens"
         );
-        for batch in x.chunks(HESSIAN_BATCH * n) {
+        let transpose = |batch: &[f32], out: &mut Vec<f32>| {
             let t = batch.len() / n;
-            self.transposed.resize(n * t, 0.0);
+            out.resize(n * t, 0.0);
             for (j, token) in batch.chunks_exact(n).enumerate() {
                 for (i, &v) in token.iter().enumerate() {
-                    self.transposed[i * t + j] = v;
+                    out[i * t + j] = v;
                 }
             }
+        };
+        for (k, batch) in x.chunks(MOMENT_BATCH * n).enumerate() {
+            let t = batch.len() / n;
+            transpose(batch, &mut self.xt);
+            if let Some(y) = y {
+                transpose(&y[k * MOMENT_BATCH * n..][..batch.len()], &mut self.yt);
+            }
+            let yt = if y.is_some() { &self.yt } else { &self.xt };
             self.product.resize(n * n, 0.0);
-            let w = MatRef::new(WeightSlice::F32(&self.transposed), n, t).expect("sized above");
-            // Row i of the product is Σ_t x_t[i]·x_t: input "token" i is row i of Xᵀ.
-            matmul(pool, isa, w, &self.transposed, n, &mut self.product);
+            let w = MatRef::new(WeightSlice::F32(yt), n, t).expect("sized above");
+            // Row i of the product is Σ_t x_t[i]·y_t: input "token" i is row i of Xᵀ.
+            matmul(pool, isa, w, &self.xt, n, &mut self.product);
             for (s, &p) in self.sum.iter_mut().zip(&self.product) {
                 *s += f64::from(p);
             }
             self.tokens += t;
         }
     }
+}
+
+impl Hessian {
+    /// An empty accumulator for inputs of `n` values, or `None` if its
+    /// `n x n` values do not fit in memory.
+    pub fn new(n: usize) -> Option<Self> {
+        Moment::new(n).map(Hessian)
+    }
+
+    /// Inputs per token.
+    pub fn n(&self) -> usize {
+        self.0.n
+    }
+
+    /// Tokens added so far.
+    pub fn tokens(&self) -> usize {
+        self.0.tokens
+    }
+
+    /// Adds tokens `x` (`x.len() / n` of them, `n` values each).
+    ///
+    /// Panics if `x` is not whole tokens: that is a bug in the caller.
+    pub fn add(&mut self, pool: &ThreadPool, isa: Isa, x: &[f32]) {
+        self.0.add(pool, isa, x, None);
+    }
 
     /// The symmetric matrix (row-major, `n x n`).
     pub fn matrix(&self) -> &[f64] {
-        &self.sum
+        &self.0.sum
+    }
+}
+
+impl CrossMoment {
+    /// An empty accumulator for inputs of `n` values, or `None` if its
+    /// `n x n` values do not fit in memory.
+    pub fn new(n: usize) -> Option<Self> {
+        Moment::new(n).map(CrossMoment)
+    }
+
+    /// Tokens added so far.
+    pub fn tokens(&self) -> usize {
+        self.0.tokens
+    }
+
+    /// Adds tokens `x` paired with tokens `y` (the same number of each).
+    ///
+    /// Panics if they are not whole tokens or not paired: a bug in the caller.
+    pub fn add(&mut self, pool: &ThreadPool, isa: Isa, x: &[f32], y: &[f32]) {
+        self.0.add(pool, isa, x, Some(y));
+    }
+
+    /// `Σ x·yᵀ` (row-major, `n x n`).
+    pub fn matrix(&self) -> &[f64] {
+        &self.0.sum
     }
 }
 
@@ -134,6 +188,9 @@ pub struct GptqFactor {
     u: Vec<f32>,
     /// Inputs whose Hessian diagonal was zero.
     dead: Vec<bool>,
+    /// `M` (row-major `n x n`) when quantizing toward the float layer: each
+    /// row `w` is replaced by `w·M` before rounding ([`GptqFactor::toward`]).
+    map: Option<Vec<f32>>,
 }
 
 impl GptqFactor {
@@ -160,7 +217,62 @@ impl GptqFactor {
             n,
             u: inverse_upper_factor(&hm, n)?,
             dead,
+            map: None,
         })
+    }
+
+    /// The factor for quantizing toward what the float model computes.
+    /// With `h` the second moment of the layer's inputs `x̃` in the
+    /// quantized model and `cross` = `S` = `Σ x·x̃ᵀ` pairing them with its
+    /// inputs `x` in the float model, `Σ ‖W·x − Q·x̃‖²` equals
+    /// `tr((Q − W·M)·H·(Q − W·M)ᵀ)` plus a constant, with `M = S·H⁻¹`.
+    /// Written `M = I + (S − H)·H⁻¹`, with `H` dampened as for GPTQ: the
+    /// drift `x − x̃` regressed on `x̃` with a ridge, so that directions the
+    /// calibration barely excites do not blow up (with no drift, `M = I`).
+    /// GPTQ then runs on `W·M`, so the layer also corrects the errors that
+    /// its quantized inputs carry from the layers before it.
+    pub fn toward(
+        pool: &ThreadPool,
+        isa: Isa,
+        h: &Hessian,
+        cross: &CrossMoment,
+        damp: f64,
+    ) -> Result<Self, GptqError> {
+        let mut factor = GptqFactor::new(h, damp)?;
+        let n = factor.n;
+        if cross.0.n != n {
+            return Err(GptqError::HessianSize {
+                got: cross.0.n,
+                want: n,
+            });
+        }
+        // H⁻¹ = Uᵀ·U: row j of the product of Uᵀ with itself.
+        let mut ut = vec![0f32; n * n];
+        for i in 0..n {
+            for j in i..n {
+                ut[j * n + i] = factor.u[i * n + j];
+            }
+        }
+        let mut inverse = vec![0f32; n * n];
+        let w = MatRef::new(WeightSlice::F32(&ut), n, n).expect("n x n");
+        matmul(pool, isa, w, &ut, n, &mut inverse);
+        drop(ut);
+        // The drift's moment D = S − H = Σ (x − x̃)·x̃ᵀ.
+        let drift: Vec<f32> = cross
+            .matrix()
+            .iter()
+            .zip(h.matrix())
+            .map(|(&s, &h)| (s - h) as f32)
+            .collect();
+        let mut map = vec![0f32; n * n];
+        // M[i][j] = δ_ij + Σ_k D[i][k]·H⁻¹[j][k] (H⁻¹ is symmetric).
+        let w = MatRef::new(WeightSlice::F32(&inverse), n, n).expect("n x n");
+        matmul(pool, isa, w, &drift, n, &mut map);
+        for i in 0..n {
+            map[i * n + i] += 1.0;
+        }
+        factor.map = Some(map);
+        Ok(factor)
     }
 
     /// Inputs per token.
@@ -215,6 +327,9 @@ pub fn gptq_quantize(
                 };
                 rotate_rows(isa, &mut rows_w, cols, signs);
             }
+            if let Some(map) = &factor.map {
+                rows_w = apply_map(&rows_w, map, cols);
+            }
             for (v, &d) in rows_w
                 .chunks_exact_mut(cols)
                 .flat_map(|r| r.iter_mut().zip(dead.iter()))
@@ -251,6 +366,17 @@ pub fn gptq_quantize(
         },
     );
     Ok(out)
+}
+
+/// Each `cols`-long row `w` of `rows` times `map` (`cols x cols`): `w·M`.
+fn apply_map(rows: &[f32], map: &[f32], cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows.len()];
+    for (w, y) in rows.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+        for (&wi, m) in w.iter().zip(map.chunks_exact(cols)) {
+            y.iter_mut().zip(m).for_each(|(y, &m)| *y += wi * m);
+        }
+    }
+    out
 }
 
 /// The GPTQ loop over a batch of rows (`w`, modified in place): codes into

@@ -38,7 +38,7 @@ mod gptq;
 mod product;
 
 pub use acts::{ActPrecision, QuantizedActs};
-pub use gptq::{GptqError, GptqFactor, Hessian, gptq_quantize};
+pub use gptq::{CrossMoment, GptqError, GptqFactor, Hessian, gptq_quantize};
 pub use product::{QuantJob, qmatmul, qmatmul_many};
 
 use crate::cpu::Isa;

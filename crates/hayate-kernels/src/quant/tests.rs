@@ -908,3 +908,86 @@ fn gptq_on_rotated_weights_beats_round_to_nearest() {
         );
     }
 }
+
+/// `Σ‖W·x − Q·x̃‖²` over a layer's float inputs `x` and the perturbed
+/// inputs `x̃` a quantized model gives it.
+fn output_error_toward(w: &[f32], q: &QuantizedMatrix, x: &[f32], xq: &[f32]) -> f64 {
+    let (rows, cols) = (q.rows, q.cols);
+    let mut deq = vec![0f32; rows * cols];
+    for (r, row) in deq.chunks_exact_mut(cols).enumerate() {
+        q.view().dequantize_row(r, row);
+    }
+    x.chunks_exact(cols)
+        .zip(xq.chunks_exact(cols))
+        .map(|(xf, xt)| {
+            (0..rows)
+                .map(|r| {
+                    let dot = |m: &[f32], v: &[f32]| -> f64 {
+                        m[r * cols..(r + 1) * cols]
+                            .iter()
+                            .zip(v)
+                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .sum()
+                    };
+                    (dot(w, xf) - dot(&deq, xt)).powi(2)
+                })
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+/// When the quantized model's inputs drift from the float model's, GPTQ
+/// toward the float outputs (`GptqFactor::toward`) leaves less error on
+/// them than GPTQ against the drifted inputs alone; with no drift it is
+/// plain GPTQ (up to the dampening).
+#[test]
+fn gptq_toward_the_float_outputs_corrects_drifted_inputs() {
+    let pool = ThreadPool::new(2).unwrap();
+    let (rows, cols, tokens) = (32, 96, 600);
+    let mut seed = 31;
+    let w = weights(&mut seed, rows * cols);
+    let x = correlated_inputs(&mut seed, tokens, cols);
+    // Drift: a fixed linear distortion plus noise, as upstream rounding gives.
+    let mix: Vec<f32> = (0..cols * cols).map(|_| 0.05 * lcg(&mut seed)).collect();
+    let drifted: Vec<f32> = x
+        .chunks_exact(cols)
+        .flat_map(|t| {
+            let mix = &mix;
+            let noise: Vec<f32> = (0..cols).map(|_| 0.02 * lcg(&mut seed)).collect();
+            (0..cols).map(move |i| {
+                t[i] + (0..cols).map(|k| mix[i * cols + k] * t[k]).sum::<f32>() + noise[i]
+            })
+        })
+        .collect();
+    let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
+    let mut h = Hessian::new(cols).unwrap();
+    h.add(&pool, Isa::best(), &drifted);
+    let mut cross = CrossMoment::new(cols).unwrap();
+    cross.add(&pool, Isa::best(), &x, &drifted);
+    assert_eq!(cross.tokens(), tokens);
+    for format in [QuantFormat::Q4, QuantFormat::Q8] {
+        let plain = GptqFactor::new(&h, 0.01).unwrap();
+        let toward = GptqFactor::toward(&pool, Isa::best(), &h, &cross, 0.01).unwrap();
+        let run = |f: &GptqFactor| gptq_quantize(&pool, Isa::best(), (format, 32), m, None, f);
+        let e_plain = output_error_toward(&w, &run(&plain).unwrap(), &x, &drifted);
+        let e_toward = output_error_toward(&w, &run(&toward).unwrap(), &x, &drifted);
+        assert!(
+            e_toward < 0.5 * e_plain,
+            "{format:?}: toward {e_toward:.4e} vs plain {e_plain:.4e}"
+        );
+    }
+    // No drift: the map is the identity.
+    let mut h = Hessian::new(cols).unwrap();
+    h.add(&pool, Isa::best(), &x);
+    let mut cross = CrossMoment::new(cols).unwrap();
+    cross.add(&pool, Isa::best(), &x, &x);
+    let plain = GptqFactor::new(&h, 0.01).unwrap();
+    let toward = GptqFactor::toward(&pool, Isa::best(), &h, &cross, 0.01).unwrap();
+    let run = |f: &GptqFactor| gptq_quantize(&pool, Isa::best(), (QuantFormat::Q4, 32), m, None, f);
+    let e_plain = output_error(&w, &run(&plain).unwrap(), &x);
+    let e_toward = output_error(&w, &run(&toward).unwrap(), &x);
+    assert!(
+        (e_toward / e_plain - 1.0).abs() < 1e-3,
+        "toward {e_toward:.4e} vs plain {e_plain:.4e}"
+    );
+}
