@@ -223,7 +223,7 @@ impl GroupInputs {
                         )));
                     }
                     match &m.cross {
-                        None => GptqFactor::new(&m.hessian, damp).map_err(named),
+                        None => GptqFactor::new(pool, &m.hessian, damp).map_err(named),
                         Some(c) => {
                             GptqFactor::toward(pool, isa, &m.hessian, c, damp).map_err(named)
                         }

@@ -2,7 +2,7 @@
 //! checkpoint (written tensor by tensor, so memory stays bounded).
 
 use crate::arch::Translated;
-use crate::calibrate::{self, Calibration};
+use crate::calibrate::{self, Calibration, Objective};
 use crate::linear::{Linear, LinearKernel, Signs};
 use crate::{EngineError, Result};
 use hayate_formats::{
@@ -76,8 +76,25 @@ impl QuantSpec {
         Ok(())
     }
 
-    /// The `quantization` section of a quantized checkpoint's `config.json`.
-    pub fn config_section(&self, quantized: &[String]) -> serde_json::Value {
+    /// The `quantization` section of a quantized checkpoint's `config.json`
+    /// (with how it was calibrated, if it was).
+    pub fn config_section(
+        &self,
+        quantized: &[String],
+        calibration: Option<&Calibration>,
+    ) -> serde_json::Value {
+        let calibration = calibration.map(|c| {
+            serde_json::json!({
+                "method": "gptq",
+                "objective": match c.objective() {
+                    Objective::Float => "float",
+                    Objective::Layer => "layer",
+                },
+                "tokens": c.tokens(),
+                "context": c.context(),
+                "damp": c.damp(),
+            })
+        });
         serde_json::json!({
             "method": "hayate",
             "format": self.format.name(),
@@ -85,6 +102,7 @@ impl QuantSpec {
             "rotation": if self.rotation { ROTATION } else { "none" },
             "seed": self.seed,
             "embeddings": self.embeddings.name(),
+            "calibration": calibration,
             "quantized_tensors": quantized,
         })
     }
@@ -375,7 +393,8 @@ pub(crate) fn write_quantized(
     }
     metadata.insert(
         "hayate.quantization".into(),
-        spec.config_section(&report.quantized).to_string(),
+        spec.config_section(&report.quantized, calibration)
+            .to_string(),
     );
     let mut copied: Vec<&str> = store.names().filter(|n| !replaced.contains(*n)).collect();
     copied.sort_unstable();

@@ -62,7 +62,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         bail!("--out must differ from --model");
     }
     let start = Instant::now();
-    let calibration = args.quant.calibration(&args.model)?;
+    let calibration = args.quant.calibration(&args.model, args.format)?;
     let mut model = Model::load(
         &args.model,
         &LoadOptions {
@@ -124,7 +124,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         .context("config.json is not a JSON object")?;
     object.insert(
         "quantization".into(),
-        spec.config_section(&report.quantized),
+        spec.config_section(&report.quantized, calibration.as_ref()),
     );
     let written = tmp.join("config.json");
     std::fs::write(&written, serde_json::to_string_pretty(&config)? + "\n")

@@ -451,3 +451,141 @@ fn gated_query_biases_follow_their_rows_through_a_quantized_checkpoint() {
     );
     assert_eq!(logits(&quantized, &[]), logits(dir, &["--quantize", "q8"]));
 }
+
+/// The first `bytes` of the calibration text, in a temporary file.
+fn calibration_text(dir: &Path, bytes: usize) -> std::path::PathBuf {
+    let text = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/pystd-calib.txt"),
+    )
+    .unwrap();
+    let mut end = bytes.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let path = dir.join("calib.txt");
+    fs::write(&path, &text[..end]).unwrap();
+    path
+}
+
+#[test]
+fn calibrated_checkpoints_give_the_logits_of_in_memory_calibration() {
+    let model = shared_model("pystd-qwen3-7m");
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calibration_text(dir.path(), 8000);
+    let calib = calib.to_str().unwrap();
+    let calibrate = [
+        "--calibration",
+        calib,
+        "--calibration-tokens",
+        "512",
+        "--calibration-context",
+        "128",
+    ];
+    for format in ["q4", "q8"] {
+        let out = dir.path().join(format!("calibrated-{format}"));
+        let flags = [&["--format", format][..], &calibrate].concat();
+        let run = quantize(&model, &out, &flags);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&run.stdout).contains("calibrated on 512 tokens"),
+            "{}",
+            String::from_utf8_lossy(&run.stdout)
+        );
+        let config: Value =
+            serde_json::from_slice(&fs::read(out.join("config.json")).unwrap()).unwrap();
+        let section = &config["quantization"]["calibration"];
+        assert_eq!(section["tokens"], json!(512), "{section}");
+        assert_eq!(section["context"], json!(128), "{section}");
+        let objective = if format == "q4" { "float" } else { "layer" };
+        assert_eq!(section["objective"], json!(objective), "{section}");
+        let in_memory = [&["--quantize", format][..], &calibrate].concat();
+        let from_disk = logits(&out, &[]);
+        assert_eq!(from_disk, logits(&model, &in_memory), "{format}");
+        // Calibration changed the weights: not the round-to-nearest logits.
+        assert_ne!(
+            from_disk,
+            logits(&model, &["--quantize", format]),
+            "{format}"
+        );
+    }
+}
+
+#[test]
+fn bad_calibration_input_is_a_clear_error() {
+    let model = shared_model("pystd-qwen3-1m");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q");
+    let file = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        fs::write(&path, bytes).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let run = |calib: &str, extra: &[&str]| {
+        let flags = [&["--format", "q4", "--calibration", calib][..], extra].concat();
+        quantize(&model, &out, &flags)
+    };
+    let empty = file("empty.txt", b"");
+    assert_clean_error(&run(&empty, &[]), &["empty.txt", "is empty"]);
+    let short = file("short.txt", b"def f(x):\n    return x\n");
+    assert_clean_error(
+        &run(&short, &[]),
+        &["short.txt", "fewer than one window of 512"],
+    );
+    let binary = file("binary.bin", &[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0]);
+    assert_clean_error(&run(&binary, &[]), &["binary.bin", "binary"]);
+    let latin1 = file("latin1.txt", b"caf\xe9 cr\xe8me\n");
+    assert_clean_error(&run(&latin1, &[]), &["latin1.txt", "not UTF-8", "offset 3"]);
+    let missing = dir.path().join("missing.txt");
+    assert_clean_error(
+        &run(missing.to_str().unwrap(), &[]),
+        &["missing.txt", "cannot read"],
+    );
+    let text = calibration_text(dir.path(), 4000);
+    let text = text.to_str().unwrap();
+    assert_clean_error(
+        &run(text, &["--calibration-context", "0"]),
+        &["at least one token"],
+    );
+    assert_clean_error(
+        &run(text, &["--calibration-damp", "0"]),
+        &["dampening", "(0, 1]"],
+    );
+    // 4000 bytes (about 1,100 tokens) do not fill a window of 4096; 40,000
+    // do, but pystd-qwen3-1m holds only 2048 positions.
+    assert_clean_error(
+        &run(text, &["--calibration-context", "4096"]),
+        &["fewer than one window of 4096"],
+    );
+    let long = calibration_text(dir.path(), 40_000);
+    assert_clean_error(
+        &run(long.to_str().unwrap(), &["--calibration-context", "4096"]),
+        &["4096 tokens", "2048 positions"],
+    );
+    // Calibration calibrates a quantization.
+    let logits_out = dir.path().join("l.safetensors");
+    assert_clean_error(
+        &hayate(&[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokens",
+            "1,2,3",
+            "--out",
+            logits_out.to_str().unwrap(),
+            "--calibration",
+            text,
+        ]),
+        &["--calibration", "--quantize"],
+    );
+    assert!(!out.exists(), "a failed run left {}", out.display());
+    let left: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -752,7 +752,7 @@ fn gptq_beats_round_to_nearest_on_the_calibration_objective() {
         for format in [QuantFormat::Q4, QuantFormat::Q8] {
             for group in [32, 64] {
                 let rtn = quantize_matrix(&pool, Isa::best(), format, group, m, None);
-                let factor = GptqFactor::new(&h, 0.01).unwrap();
+                let factor = GptqFactor::new(&pool, &h, 0.01).unwrap();
                 let gptq =
                     gptq_quantize(&pool, Isa::best(), (format, group), m, None, &factor).unwrap();
                 let (e_rtn, e_gptq) = (output_error(&w, &rtn, &x), output_error(&w, &gptq, &x));
@@ -774,7 +774,7 @@ fn gptq_rejects_hessians_that_cannot_be_used() {
     let w = vec![0.5f32; rows * cols];
     let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
     assert_eq!(
-        GptqFactor::new(&Hessian::new(cols).unwrap(), 0.01).unwrap_err(),
+        GptqFactor::new(&pool, &Hessian::new(cols).unwrap(), 0.01).unwrap_err(),
         GptqError::NoSignal
     );
     let mut h = Hessian::new(cols).unwrap();
@@ -782,12 +782,12 @@ fn gptq_rejects_hessians_that_cannot_be_used() {
     x[5] = f32::NAN;
     h.add(&pool, Isa::Scalar, &x);
     assert_eq!(
-        GptqFactor::new(&h, 0.01).unwrap_err(),
+        GptqFactor::new(&pool, &h, 0.01).unwrap_err(),
         GptqError::NotPositiveDefinite
     );
     let mut h = Hessian::new(32).unwrap();
     h.add(&pool, Isa::Scalar, &[1.0; 32]);
-    let small = GptqFactor::new(&h, 0.01).unwrap();
+    let small = GptqFactor::new(&pool, &h, 0.01).unwrap();
     let run = |group, f: &GptqFactor| {
         gptq_quantize(&pool, Isa::Scalar, (QuantFormat::Q4, group), m, None, f)
     };
@@ -811,7 +811,7 @@ fn gptq_zeroes_the_weights_of_inputs_that_never_occur() {
     }
     let mut h = Hessian::new(cols).unwrap();
     h.add(&pool, Isa::Scalar, &x);
-    let factor = GptqFactor::new(&h, 0.01).unwrap();
+    let factor = GptqFactor::new(&pool, &h, 0.01).unwrap();
     let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
     let q = gptq_quantize(&pool, Isa::Scalar, (QuantFormat::Q8, 32), m, None, &factor).unwrap();
     let mut row = vec![0f32; cols];
@@ -893,7 +893,7 @@ fn gptq_on_rotated_weights_beats_round_to_nearest() {
     }
     let mut h = Hessian::new(cols).unwrap();
     h.add(&pool, Isa::best(), &rotated_x);
-    let factor = GptqFactor::new(&h, 0.01).unwrap();
+    let factor = GptqFactor::new(&pool, &h, 0.01).unwrap();
     let m = MatRef::new(WeightSlice::F32(&w), rows, cols).unwrap();
     for format in [QuantFormat::Q4, QuantFormat::Q8] {
         let rtn = quantize_matrix(&pool, Isa::best(), format, 32, m, Some(rotation));
@@ -966,7 +966,7 @@ fn gptq_toward_the_float_outputs_corrects_drifted_inputs() {
     cross.add(&pool, Isa::best(), &x, &drifted);
     assert_eq!(cross.tokens(), tokens);
     for format in [QuantFormat::Q4, QuantFormat::Q8] {
-        let plain = GptqFactor::new(&h, 0.01).unwrap();
+        let plain = GptqFactor::new(&pool, &h, 0.01).unwrap();
         let toward = GptqFactor::toward(&pool, Isa::best(), &h, &cross, 0.01).unwrap();
         let run = |f: &GptqFactor| gptq_quantize(&pool, Isa::best(), (format, 32), m, None, f);
         let e_plain = output_error_toward(&w, &run(&plain).unwrap(), &x, &drifted);
@@ -981,7 +981,7 @@ fn gptq_toward_the_float_outputs_corrects_drifted_inputs() {
     h.add(&pool, Isa::best(), &x);
     let mut cross = CrossMoment::new(cols).unwrap();
     cross.add(&pool, Isa::best(), &x, &x);
-    let plain = GptqFactor::new(&h, 0.01).unwrap();
+    let plain = GptqFactor::new(&pool, &h, 0.01).unwrap();
     let toward = GptqFactor::toward(&pool, Isa::best(), &h, &cross, 0.01).unwrap();
     let run = |f: &GptqFactor| gptq_quantize(&pool, Isa::best(), (QuantFormat::Q4, 32), m, None, f);
     let e_plain = output_error(&w, &run(&plain).unwrap(), &x);
