@@ -344,6 +344,8 @@ pub(crate) fn quantize_calibrated(
                             .add(pool, isa, x, &float_inputs.borrow());
                     }
                 };
+                // This block's layers as quantized so far, to swap back in after each float pass.
+                let current: Vec<Linear> = quantized.concat();
                 for w in 0..calibration.windows.len() {
                     let span = w * window..(w + 1) * window;
                     if toward_float {
@@ -361,7 +363,7 @@ pub(crate) fn quantize_calibrated(
                             &mut float_stream[span.clone()],
                             false,
                         );
-                        replace_layers(parts, &quantized.concat());
+                        replace_layers(parts, &current);
                     }
                     let cx = Compute {
                         tap: Some(&tap),

@@ -82,7 +82,7 @@ fn mean_kl(float: &Model, quantized: &Model, windows: &[Vec<u32>]) -> f64 {
 
 /// Each format with the objective `hayate quantize` picks for it: toward
 /// the float model for q4, GPTQ as published for q8 (toward the float model,
-/// q8 came out 2-12% worse than round-to-nearest on the llama fixtures: its
+/// q8 came out 2-12% worse than round-to-nearest on four fixtures: its
 /// drift is too small to estimate from a few thousand tokens).
 #[test]
 fn calibrated_quantization_is_never_worse_than_round_to_nearest_on_any_fixture() {

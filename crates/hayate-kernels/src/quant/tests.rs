@@ -850,9 +850,9 @@ fn hessian_is_the_second_moment_of_the_inputs() {
             .zip(&exact)
             .map(|(a, b)| (a - b).abs())
             .fold(0f64, f64::max);
-        // f32 sums over 256 tokens: measured ~1e-7 of the largest entry.
+        // f32 sums over 256 tokens: measured 3.4e-7 of the largest entry.
         assert!(
-            worst < 1e-5 * scale,
+            worst < 2e-6 * scale,
             "{isa:?}: off by {worst} (scale {scale})"
         );
         for i in 0..cols {
@@ -901,9 +901,9 @@ fn gptq_on_rotated_weights_beats_round_to_nearest() {
             gptq_quantize(&pool, Isa::best(), (format, 32), m, Some(rotation), &factor).unwrap();
         let e_rtn = output_error(&rotated_w, &rtn, &rotated_x);
         let e_gptq = output_error(&rotated_w, &gptq, &rotated_x);
-        // Measured: about 5% of round-to-nearest's error.
+        // Measured: 3.5-3.7% of round-to-nearest's error.
         assert!(
-            e_gptq < 0.1 * e_rtn,
+            e_gptq < 0.06 * e_rtn,
             "{format:?}: GPTQ {e_gptq:.4e} vs RTN {e_rtn:.4e}"
         );
     }
@@ -971,12 +971,14 @@ fn gptq_toward_the_float_outputs_corrects_drifted_inputs() {
         let run = |f: &GptqFactor| gptq_quantize(&pool, Isa::best(), (format, 32), m, None, f);
         let e_plain = output_error_toward(&w, &run(&plain).unwrap(), &x, &drifted);
         let e_toward = output_error_toward(&w, &run(&toward).unwrap(), &x, &drifted);
+        // Measured: 0.27-0.37% of plain GPTQ's error on the float outputs.
         assert!(
-            e_toward < 0.5 * e_plain,
+            e_toward < 0.01 * e_plain,
             "{format:?}: toward {e_toward:.4e} vs plain {e_plain:.4e}"
         );
     }
-    // No drift: the map is the identity.
+    // No drift: S − H is exactly zero (the same products summed the same
+    // way), so the map is the identity and the result is plain GPTQ's.
     let mut h = Hessian::new(cols).unwrap();
     h.add(&pool, Isa::best(), &x);
     let mut cross = CrossMoment::new(cols).unwrap();
@@ -984,10 +986,6 @@ fn gptq_toward_the_float_outputs_corrects_drifted_inputs() {
     let plain = GptqFactor::new(&pool, &h, 0.01).unwrap();
     let toward = GptqFactor::toward(&pool, Isa::best(), &h, &cross, 0.01).unwrap();
     let run = |f: &GptqFactor| gptq_quantize(&pool, Isa::best(), (QuantFormat::Q4, 32), m, None, f);
-    let e_plain = output_error(&w, &run(&plain).unwrap(), &x);
-    let e_toward = output_error(&w, &run(&toward).unwrap(), &x);
-    assert!(
-        (e_toward / e_plain - 1.0).abs() < 1e-3,
-        "toward {e_toward:.4e} vs plain {e_plain:.4e}"
-    );
+    let (a, b) = (run(&plain).unwrap(), run(&toward).unwrap());
+    assert_eq!((a.codes, a.scales, a.zeros), (b.codes, b.scales, b.zeros));
 }
