@@ -87,12 +87,23 @@ pub struct ModelInfo {
     pub weight_bytes: usize,
     /// Weight bytes read to decode one token (every matrix once, plus one embedding row).
     pub bytes_per_token: usize,
+    /// Weights of the blocks' linear layers (embedding and output head excluded).
+    pub linear_params: usize,
+    /// Bytes of the blocks' linear layers, as they are held (quantized ones
+    /// with their scales and zero points).
+    pub linear_bytes: usize,
 }
 
 impl ModelInfo {
     /// Average stored bits per parameter.
     pub fn bits_per_weight(&self) -> f64 {
         8.0 * self.weight_bytes as f64 / self.n_params.max(1) as f64
+    }
+
+    /// Average bits per weight of the blocks' linear layers alone: what a
+    /// quantization format costs, without the embedding, head and norms.
+    pub fn linear_bits_per_weight(&self) -> f64 {
+        8.0 * self.linear_bytes as f64 / self.linear_params.max(1) as f64
     }
 }
 
@@ -310,12 +321,11 @@ fn describe(model_type: String, parts: &Translated, store: &TensorStore) -> Mode
             weight_bytes += t.n_bytes();
         }
     }
-    let block_bytes: usize = parts
-        .blocks
-        .iter()
-        .flat_map(|b| b.linears())
-        .map(|l| l.n_bytes())
-        .sum();
+    let (mut linear_params, mut linear_bytes) = (0, 0);
+    for l in parts.blocks.iter().flat_map(|b| b.linears()) {
+        linear_params += l.rows * l.cols;
+        linear_bytes += l.n_bytes();
+    }
     let embedding_row = parts.embedding.n_bytes() / parts.vocab;
     ModelInfo {
         model_type,
@@ -325,7 +335,9 @@ fn describe(model_type: String, parts: &Translated, store: &TensorStore) -> Mode
         max_positions: parts.max_positions,
         n_params,
         weight_bytes,
-        bytes_per_token: block_bytes + parts.lm_head.n_bytes() + embedding_row,
+        bytes_per_token: linear_bytes + parts.lm_head.n_bytes() + embedding_row,
+        linear_params,
+        linear_bytes,
     }
 }
 

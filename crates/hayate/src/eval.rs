@@ -8,12 +8,19 @@
 //! overlap), and score every token but the first. Window `k` feeds inputs
 //! `t[kC..kC+C]` and scores targets `t[kC+1..kC+C+1]`, so the last input of a
 //! window predicts the first input of the next and no token goes unscored.
+//!
+//! With `--teacher-generate N` the reference writes the text scored: each
+//! window takes `C - N + 1` tokens of the data as a prompt, the reference
+//! samples `N` tokens after it, and the `N` positions that predict them are
+//! scored (the KL on answers the unquantized model wrote, as Mirai measures it).
 
 use crate::common::{FormatArg, ModelArgs};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use hayate_chat::TextTokenizer;
-use hayate_engine::{KvFormat, LoadOptions, Logits, Model};
+use hayate_engine::{
+    InferenceState, KvFormat, LoadOptions, Logits, Model, Sampler, SamplingParams,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::io::IsTerminal;
@@ -36,15 +43,37 @@ pub struct EvalArgs {
     /// rotation and embedding options as the model).
     #[arg(long, value_name = "FORMAT", requires = "reference")]
     reference_quantize: Option<FormatArg>,
-    /// Text file to score, tokenized whole with the model's tokenizer.
-    #[arg(long, value_name = "FILE")]
-    data: PathBuf,
+    /// Text file to score, tokenized whole with the model's tokenizer;
+    /// repeat for several files, each scored and reported on its own.
+    #[arg(long, value_name = "FILE", required = true)]
+    data: Vec<PathBuf>,
     /// Input tokens per window; each window starts from an empty context.
     #[arg(long, value_name = "N", default_value_t = 512)]
     context: usize,
-    /// Keep only the first N tokens of the data.
+    /// Keep only the first N tokens of each data file.
     #[arg(long, value_name = "N")]
     max_tokens: Option<usize>,
+    /// Score the reference's own continuations: each window's last N
+    /// inputs are sampled by the reference after a prompt from the data, and
+    /// only the N positions predicting them are scored.
+    #[arg(long, value_name = "N", requires = "reference")]
+    teacher_generate: Option<usize>,
+    /// Temperature of the reference's continuations (0: greedy).
+    #[arg(
+        long,
+        value_name = "T",
+        default_value_t = 1.0,
+        requires = "teacher_generate"
+    )]
+    teacher_temperature: f32,
+    /// Seed of the noise the reference samples its continuations with.
+    #[arg(
+        long,
+        value_name = "S",
+        default_value_t = 0,
+        requires = "teacher_generate"
+    )]
+    teacher_seed: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -59,16 +88,25 @@ struct Report {
     context: usize,
     windows: usize,
     tokens_scored: usize,
+    /// Tokens the reference wrote per window (`--teacher-generate`); the
+    /// scored positions are those predicting them.
+    teacher_generate: Option<usize>,
+    teacher_temperature: Option<f32>,
+    teacher_seed: Option<u64>,
     /// Mean negative log-likelihood per scored token, nats.
     model_nll: f64,
     model_ppl: f64,
     model_bits_per_weight: f64,
+    /// Bits per weight of the blocks' linear layers alone (embedding,
+    /// output head and norms excluded): what the quantization format costs.
+    model_linear_bits_per_weight: f64,
     /// How the model's attention cache stores keys and values (the
     /// reference's is always f32).
     model_kv_cache: String,
     reference_nll: Option<f64>,
     reference_ppl: Option<f64>,
     reference_bits_per_weight: Option<f64>,
+    reference_linear_bits_per_weight: Option<f64>,
     /// KL(reference || model) per position, nats.
     kl_mean: Option<f64>,
     kl_median: Option<f64>,
@@ -232,8 +270,29 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.context == 0 {
         bail!("--context must be at least 1");
     }
-    let text = std::fs::read_to_string(&args.data)
-        .with_context(|| format!("cannot read the data file {}", args.data.display()))?;
+    if let Some(n) = args.teacher_generate
+        && !(1..args.context).contains(&n)
+    {
+        bail!(
+            "--teacher-generate {n}: the reference must write at least 1 token and leave at least 1 of the --context {} for the prompt",
+            args.context
+        );
+    }
+    if !(args.teacher_temperature >= 0.0 && args.teacher_temperature.is_finite()) {
+        bail!(
+            "--teacher-temperature must be >= 0, not {}",
+            args.teacher_temperature
+        );
+    }
+    // Every file is read before the models load, so a wrong path fails fast.
+    let texts = args
+        .data
+        .iter()
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the data file {}", path.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let model = args.model.load()?;
     let reference = args
         .reference
@@ -268,69 +327,160 @@ pub fn run(args: EvalArgs) -> Result<()> {
             tokenizer_path.display()
         );
     }
-    let start = Instant::now();
     let tokenizer = TextTokenizer::load(&args.model.model)?;
-    let mut tokens = tokenizer.encode(&text, false)?;
-    tracing::info!(
-        "tokenized {} bytes into {} tokens in {:.0} ms",
-        text.len(),
-        tokens.len(),
-        start.elapsed().as_secs_f64() * 1e3
-    );
-    if let Some(n) = args.max_tokens {
-        tokens.truncate(n);
-    }
-    if tokens.len() < 2 {
-        let cut = match args.max_tokens {
-            Some(n) => format!(" (kept by --max-tokens {n})"),
-            None => String::new(),
-        };
-        bail!(
-            "{} has {} token(s){cut}; scoring needs at least 2",
-            args.data.display(),
-            tokens.len()
+    let models = Models {
+        model: &model,
+        reference: reference.as_ref(),
+    };
+    let mut reports = Vec::with_capacity(texts.len());
+    for (path, text) in args.data.iter().zip(&texts) {
+        let start = Instant::now();
+        let mut tokens = tokenizer.encode(text, false)?;
+        tracing::info!(
+            "{}: tokenized {} bytes into {} tokens in {:.0} ms",
+            path.display(),
+            text.len(),
+            tokens.len(),
+            start.elapsed().as_secs_f64() * 1e3
         );
+        if let Some(n) = args.max_tokens {
+            tokens.truncate(n);
+        }
+        reports.push(evaluate(&args, &models, path, &tokens)?);
     }
+    if args.json {
+        // One object for one file, an array of them for several.
+        match &reports[..] {
+            [one] => println!("{}", serde_json::to_string_pretty(one)?),
+            all => println!("{}", serde_json::to_string_pretty(all)?),
+        }
+    } else {
+        for (i, report) in reports.iter().enumerate() {
+            if i > 0 {
+                println!();
+            }
+            print_table(report);
+        }
+    }
+    Ok(())
+}
 
+/// The model evaluated and the reference it is compared with.
+struct Models<'a> {
+    model: &'a Model,
+    reference: Option<&'a Model>,
+}
+
+/// The windows of one data file: the inputs each model runs and which of
+/// their positions are scored, against which targets.
+struct Window {
+    inputs: Vec<u32>,
+    /// Position of the first scored input.
+    first_scored: usize,
+    /// The token each scored position predicts.
+    targets: Vec<u32>,
+}
+
+/// Cuts `tokens` into the windows of the plain method: consecutive inputs,
+/// each scored against the token after it.
+fn data_windows(tokens: &[u32], context: usize) -> Vec<Window> {
     let inputs = &tokens[..tokens.len() - 1];
     let targets = &tokens[1..];
-    let windows = inputs.len().div_ceil(args.context);
-    let capacity = args.context.min(inputs.len());
+    inputs
+        .chunks(context)
+        .zip(targets.chunks(context))
+        .map(|(input, target)| Window {
+            inputs: input.to_vec(),
+            first_scored: 0,
+            targets: target.to_vec(),
+        })
+        .collect()
+}
+
+/// Scores one data file.
+fn evaluate(args: &EvalArgs, models: &Models<'_>, path: &Path, tokens: &[u32]) -> Result<Report> {
+    let cut = || match args.max_tokens {
+        Some(n) => format!(" (kept by --max-tokens {n})"),
+        None => String::new(),
+    };
+    let prompt_len = args.teacher_generate.map(|n| args.context - n + 1);
+    let needed = prompt_len.unwrap_or(2);
+    if tokens.len() < needed {
+        bail!(
+            "{} has {} token(s){}; scoring needs at least {needed}",
+            path.display(),
+            tokens.len(),
+            cut()
+        );
+    }
+    let model = models.model;
     let vocab = model.info.vocab;
+    let capacity = match args.teacher_generate {
+        Some(_) => args.context,
+        None => args.context.min(tokens.len() - 1),
+    };
     let options = args.model.state_options(Some(capacity), KvFormat::Bf16);
     let mut state = model.new_state_with(&options)?;
     // The reference keeps exact (f32) keys and values: what the model's
     // own cache format costs shows in the KL.
-    let mut reference_state = reference
-        .as_ref()
+    let mut reference_state = models
+        .reference
         .map(|r| r.new_state(Some(capacity)))
         .transpose()?;
+    let has_reference = models.reference.is_some();
     let (mut model_logits, mut reference_logits) = (Vec::new(), Vec::new());
     let mut scored = Vec::with_capacity(capacity);
     // Summed in position order, whatever the thread count.
     let (mut n_scored, mut model_nll, mut reference_nll, mut agree) = (0, 0.0, 0.0, 0);
-    let mut kl = Vec::with_capacity(if reference.is_some() {
-        targets.len()
-    } else {
-        0
-    });
+    let mut kl = Vec::new();
 
-    let bar = progress_bar(windows as u64)?;
     let start = Instant::now();
-    for (input, target) in inputs
-        .chunks(args.context)
-        .zip(targets.chunks(args.context))
-    {
-        state.clear();
-        model.forward(&mut state, input, Logits::All(&mut model_logits))?;
-        if let (Some(r), Some(r_state)) = (&reference, &mut reference_state) {
-            r_state.clear();
-            r.forward(r_state, input, Logits::All(&mut reference_logits))?;
+    let windows = match (prompt_len, models.reference, &mut reference_state) {
+        (Some(prompt_len), Some(teacher), Some(teacher_state)) => {
+            let n = args.context - prompt_len + 1;
+            let params = SamplingParams {
+                temperature: args.teacher_temperature,
+                seed: args.teacher_seed,
+                ..SamplingParams::default()
+            };
+            let mut sampler = Sampler::new(params, vocab);
+            let prompts: Vec<&[u32]> = tokens.chunks_exact(prompt_len).collect();
+            let bar = progress_bar(prompts.len() as u64, "writing continuations")?;
+            let windows = prompts
+                .iter()
+                .map(|prompt| {
+                    let written = continue_prompt(teacher, teacher_state, &mut sampler, prompt, n)?;
+                    bar.inc(1);
+                    let mut inputs = prompt.to_vec();
+                    inputs.extend_from_slice(&written[..n - 1]);
+                    Ok(Window {
+                        inputs,
+                        first_scored: prompt_len - 1,
+                        targets: written,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            bar.finish_and_clear();
+            windows
         }
+        _ => data_windows(tokens, args.context),
+    };
+    if has_reference {
+        kl.reserve(windows.iter().map(|w| w.targets.len()).sum());
+    }
+    let bar = progress_bar(windows.len() as u64, "windows")?;
+    for window in &windows {
+        state.clear();
+        model.forward(&mut state, &window.inputs, Logits::All(&mut model_logits))?;
+        if let (Some(r), Some(r_state)) = (models.reference, &mut reference_state) {
+            r_state.clear();
+            r.forward(r_state, &window.inputs, Logits::All(&mut reference_logits))?;
+        }
+        let from = window.first_scored * vocab;
         score_window(
-            &model_logits,
-            reference.is_some().then_some(&reference_logits[..]),
-            target,
+            &model_logits[from..],
+            has_reference.then(|| &reference_logits[from..]),
+            &window.targets,
             vocab,
             model.n_threads(),
             &mut scored,
@@ -340,10 +490,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
             reference_nll += s.reference_nll;
             agree += usize::from(s.top1_agrees);
         }
-        if reference.is_some() {
+        if has_reference {
             kl.extend(scored.iter().map(|s| s.kl));
         }
-        n_scored += target.len();
+        n_scored += window.targets.len();
         bar.set_message(format!("ppl {:.3}", (model_nll / n_scored as f64).exp()));
         bar.inc(1);
     }
@@ -352,22 +502,27 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
     let n = n_scored as f64;
     kl.sort_unstable_by(f64::total_cmp);
-    let has_reference = reference.is_some();
     let kl_stat = |f: &dyn Fn(&[f64]) -> f64| has_reference.then(|| f(&kl));
-    let report = Report {
+    let teacher = args.teacher_generate.is_some();
+    Ok(Report {
         model: args.model.model.display().to_string(),
         reference: args.reference.as_ref().map(|r| r.display().to_string()),
-        data: args.data.display().to_string(),
+        data: path.display().to_string(),
         context: args.context,
-        windows,
+        windows: windows.len(),
         tokens_scored: n_scored,
+        teacher_generate: args.teacher_generate,
+        teacher_temperature: teacher.then_some(args.teacher_temperature),
+        teacher_seed: teacher.then_some(args.teacher_seed),
         model_nll: model_nll / n,
         model_ppl: (model_nll / n).exp(),
         model_bits_per_weight: model.info.bits_per_weight(),
+        model_linear_bits_per_weight: model.info.linear_bits_per_weight(),
         model_kv_cache: options.kv_cache.name().to_owned(),
         reference_nll: has_reference.then(|| reference_nll / n),
         reference_ppl: has_reference.then(|| (reference_nll / n).exp()),
-        reference_bits_per_weight: reference.as_ref().map(|r| r.info.bits_per_weight()),
+        reference_bits_per_weight: models.reference.map(|r| r.info.bits_per_weight()),
+        reference_linear_bits_per_weight: models.reference.map(|r| r.info.linear_bits_per_weight()),
         kl_mean: kl_stat(&|k| k.iter().sum::<f64>() / n),
         kl_median: kl_stat(&|k| quantile(k, 0.5)),
         kl_p99: kl_stat(&|k| quantile(k, 0.99)),
@@ -375,24 +530,43 @@ pub fn run(args: EvalArgs) -> Result<()> {
         top1_agreement: has_reference.then(|| agree as f64 / n),
         threads: model.n_threads(),
         seconds,
-    };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_table(&report);
-    }
-    Ok(())
+    })
 }
 
-/// A bar on stderr advancing per window; hidden when stderr is not a terminal.
-fn progress_bar(windows: u64) -> Result<ProgressBar> {
+/// The `n` tokens `teacher` samples after `prompt`, from an empty context.
+/// Stop tokens are not special: the continuation always has `n` tokens.
+fn continue_prompt(
+    teacher: &Model,
+    state: &mut InferenceState,
+    sampler: &mut Sampler,
+    prompt: &[u32],
+    n: usize,
+) -> Result<Vec<u32>> {
+    state.clear();
+    let mut sequence = prompt.to_vec();
+    let mut logits = teacher.forward(state, prompt, Logits::Last)?.to_vec();
+    for _ in 0..n {
+        let token = sampler.sample(&mut logits, sequence.len(), &sequence);
+        sequence.push(token);
+        if sequence.len() == prompt.len() + n {
+            break;
+        }
+        logits.copy_from_slice(teacher.forward(state, &[token], Logits::Last)?);
+    }
+    Ok(sequence.split_off(prompt.len()))
+}
+
+/// A bar on stderr advancing per item (`what`); hidden when stderr is not a terminal.
+fn progress_bar(items: u64, what: &str) -> Result<ProgressBar> {
     if !std::io::stderr().is_terminal() {
         return Ok(ProgressBar::hidden());
     }
-    let bar = ProgressBar::new(windows);
+    let bar = ProgressBar::new(items);
     bar.set_style(
-        ProgressStyle::with_template("eval [{wide_bar}] {pos}/{len} windows, eta {eta}, {msg}")?
-            .progress_chars("=> "),
+        ProgressStyle::with_template(&format!(
+            "eval [{{wide_bar}}] {{pos}}/{{len}} {what}, eta {{eta}}, {{msg}}"
+        ))?
+        .progress_chars("=> "),
     );
     Ok(bar)
 }
@@ -433,10 +607,21 @@ fn print_table(r: &Report) {
         row("data", vec![r.data.clone()]),
         row(
             "tokens scored",
-            vec![format!(
-                "{} in {} windows of up to {} tokens",
-                r.tokens_scored, r.windows, r.context
-            )],
+            vec![match r.teacher_generate {
+                None => format!(
+                    "{} in {} windows of up to {} tokens",
+                    r.tokens_scored, r.windows, r.context
+                ),
+                Some(n) => format!(
+                    "{} in {} windows of {} tokens, the last {n} written by the reference \
+                     (temperature {}, seed {})",
+                    r.tokens_scored,
+                    r.windows,
+                    r.context,
+                    r.teacher_temperature.unwrap_or_default(),
+                    r.teacher_seed.unwrap_or_default()
+                ),
+            }],
         ),
         row(
             "time",
@@ -461,6 +646,14 @@ fn print_table(r: &Report) {
             both(
                 format!("{:.2}", r.model_bits_per_weight),
                 r.reference_bits_per_weight.map(|b| format!("{b:.2}")),
+            ),
+        ),
+        row(
+            "linear bits/weight",
+            both(
+                format!("{:.3}", r.model_linear_bits_per_weight),
+                r.reference_linear_bits_per_weight
+                    .map(|b| format!("{b:.3}")),
             ),
         ),
         row(

@@ -245,6 +245,83 @@ fn bad_inputs_fail_cleanly() {
         &["tokenizer.json"],
     );
 
+    // The reference must leave the prompt at least one token of the window.
+    eval_fails(
+        &[
+            "--model",
+            m7,
+            "--reference",
+            m7,
+            "--data",
+            data,
+            "--context",
+            "64",
+            "--teacher-generate",
+            "64",
+        ],
+        &["--teacher-generate 64", "--context 64"],
+    );
+    eval_fails(
+        &[
+            "--model",
+            m7,
+            "--reference",
+            m7,
+            "--data",
+            data,
+            "--context",
+            "64",
+            "--teacher-generate",
+            "0",
+        ],
+        &["--teacher-generate 0"],
+    );
+    // A prompt needs context - N + 1 = 49 tokens.
+    eval_fails(
+        &[
+            "--model",
+            m7,
+            "--reference",
+            m7,
+            "--data",
+            data,
+            "--context",
+            "64",
+            "--teacher-generate",
+            "16",
+            "--max-tokens",
+            "40",
+        ],
+        &["40 token", "at least 49"],
+    );
+    eval_fails(
+        &[
+            "--model",
+            m7,
+            "--reference",
+            m7,
+            "--data",
+            data,
+            "--teacher-generate",
+            "8",
+            "--teacher-temperature",
+            "-1",
+        ],
+        &["--teacher-temperature", "-1"],
+    );
+    // A second, missing data file fails before anything is scored.
+    eval_fails(
+        &[
+            "--model",
+            m7,
+            "--data",
+            data,
+            "--data",
+            missing.to_str().unwrap(),
+        ],
+        &["no-such-file.txt"],
+    );
+
     let not_a_model = tmp.path().join("not-a-model");
     eval_fails(
         &[
@@ -256,5 +333,154 @@ fn bad_inputs_fail_cleanly() {
             data,
         ],
         &["reference", "not-a-model"],
+    );
+}
+
+/// Runs `hayate eval --json` with `args` after the model and reference
+/// options, and parses stdout.
+fn eval_value(model: &str, reference: &str, args: &[&str]) -> Value {
+    let model = shared_model(model);
+    let reference = shared_model(reference);
+    let mut all = vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--reference",
+        reference.to_str().unwrap(),
+        "--kv-cache",
+        "f32",
+        "--json",
+    ];
+    all.extend_from_slice(args);
+    let out = eval(&all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is JSON")
+}
+
+#[test]
+fn each_data_file_is_scored_on_its_own() {
+    let valid = valid_data();
+    let calib = valid.with_file_name("pystd-calib.txt");
+    let (valid, calib) = (valid.to_str().unwrap(), calib.to_str().unwrap());
+    let common = ["--max-tokens", "600", "--context", "256"];
+    let both = eval_value(
+        "pystd-qwen3-7m",
+        "pystd-qwen3-1m",
+        &[&common[..], &["--data", valid, "--data", calib]].concat(),
+    );
+    let both = both.as_array().expect("an array for two files");
+    assert_eq!(both.len(), 2);
+    for (report, path) in both.iter().zip([valid, calib]) {
+        let alone = eval_value(
+            "pystd-qwen3-7m",
+            "pystd-qwen3-1m",
+            &[&common[..], &["--data", path]].concat(),
+        );
+        assert_eq!(report["data"], path);
+        assert_eq!(report["tokens_scored"], 599);
+        // Scored exactly as when the file is given alone.
+        for field in ["kl_mean", "model_nll", "reference_nll", "top1_agreement"] {
+            assert_eq!(report[field], alone[field], "{path}: {field}");
+        }
+    }
+    assert_ne!(both[0]["kl_mean"], both[1]["kl_mean"]);
+}
+
+/// pystd-qwen3-7m's blocks: per layer q and o (256 x 256), k and v
+/// (128 x 256), gate and up (768 x 256), down (256 x 768).
+const LAYER_SHAPES: [(usize, usize); 7] = [
+    (256, 256),
+    (128, 256),
+    (128, 256),
+    (256, 256),
+    (768, 256),
+    (768, 256),
+    (256, 768),
+];
+
+#[test]
+fn linear_bits_per_weight_count_the_blocks_linear_layers_alone() {
+    let valid = valid_data();
+    let data = ["--data", valid.to_str().unwrap(), "--max-tokens", "300"];
+    let bf16 = eval_value("pystd-qwen3-7m", "pystd-qwen3-7m", &data);
+    assert_eq!(num(&bf16, "model_linear_bits_per_weight"), 16.0);
+    assert_eq!(num(&bf16, "reference_linear_bits_per_weight"), 16.0);
+
+    let weights: usize = LAYER_SHAPES.iter().map(|(r, c)| r * c).sum();
+    // One sign byte per input and per output of each rotated layer.
+    let signs: usize = LAYER_SHAPES.iter().map(|(r, c)| r + c).sum();
+    for (format, group, code_bits) in [("q4", "32", 4.625), ("q8", "32", 8.5), ("q4", "64", 4.3125)]
+    {
+        let q = eval_value(
+            "pystd-qwen3-7m",
+            "pystd-qwen3-7m",
+            &[&data[..], &["--quantize", format, "--group-size", group]].concat(),
+        );
+        let want = code_bits + 8.0 * signs as f64 / weights as f64;
+        let got = num(&q, "model_linear_bits_per_weight");
+        assert!(
+            (got - want).abs() < 1e-12,
+            "{format} G{group}: {got}, want {want}"
+        );
+        // The whole model holds a bf16 embedding too.
+        assert!(num(&q, "model_bits_per_weight") > got + 1.0);
+        assert_eq!(num(&q, "reference_linear_bits_per_weight"), 16.0);
+    }
+}
+
+#[test]
+fn teacher_continuations_are_scored() {
+    let valid = valid_data();
+    let valid = valid.to_str().unwrap();
+    // 1000 tokens in prompts of 128 - 64 + 1 = 65: 15 windows of 64 scored tokens.
+    let teacher = |model: &str, temperature: &str, seed: &str| {
+        eval_value(
+            model,
+            "pystd-qwen3-7m",
+            &[
+                "--data",
+                valid,
+                "--max-tokens",
+                "1000",
+                "--context",
+                "128",
+                "--teacher-generate",
+                "64",
+                "--teacher-temperature",
+                temperature,
+                "--teacher-seed",
+                seed,
+            ],
+        )
+    };
+    let own = teacher("pystd-qwen3-7m", "1", "0");
+    assert_eq!(own["windows"], 15);
+    assert_eq!(own["tokens_scored"], 15 * 64);
+    assert_eq!(own["teacher_generate"], 64);
+    assert_eq!(num(&own, "kl_max"), 0.0);
+
+    let mut small = teacher("pystd-qwen3-1m", "1", "0");
+    let mut again = teacher("pystd-qwen3-1m", "1", "0");
+    for timed in [&mut small, &mut again] {
+        timed.as_object_mut().unwrap().remove("seconds");
+    }
+    assert_eq!(small, again, "seeded, so repeatable");
+    let reseeded = teacher("pystd-qwen3-1m", "1", "1");
+    assert_ne!(small["kl_mean"], reseeded["kl_mean"]);
+    // Greedy continuations are the reference's most likely tokens, far
+    // likelier to it than what it samples at temperature 1.
+    let greedy = teacher("pystd-qwen3-1m", "0", "0");
+    let sampled_nll = num(&small, "reference_nll");
+    let greedy_nll = num(&greedy, "reference_nll");
+    assert!(
+        greedy_nll < 0.5 * sampled_nll,
+        "greedy {greedy_nll}, sampled {sampled_nll}"
+    );
+    assert!(
+        num(&small, "kl_mean") > 0.1,
+        "the small model differs from the large"
     );
 }
