@@ -18,6 +18,7 @@ use crate::budget::{Budget, StateShape};
 use crate::layers::{KvFormat, Step};
 use crate::linear::{Compute, Linear, Signs};
 use crate::quantize::{PlannedGroup, replace_layers};
+use crate::refine::Refinement;
 use crate::state::InferenceState;
 use crate::{EngineError, Result};
 use hayate_kernels::hadamard::hadamard_blocks;
@@ -46,17 +47,19 @@ pub struct Calibration {
     windows: Vec<Vec<u32>>,
     damp: f64,
     objective: Objective,
+    refinement: Option<Refinement>,
 }
 
 impl std::fmt::Debug for Calibration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Calibration {{ {} windows of {} tokens, damp {}, {:?} }}",
+            "Calibration {{ {} windows of {} tokens, damp {}, {:?}, {:?} }}",
             self.windows.len(),
             self.context(),
             self.damp,
-            self.objective
+            self.objective,
+            self.refinement
         )
     }
 }
@@ -98,7 +101,26 @@ impl Calibration {
             windows,
             damp,
             objective,
+            refinement: None,
         })
+    }
+
+    /// The same calibration, followed by a KL-aware refinement of the
+    /// scales on its windows ([`crate::refine`]).
+    pub fn with_refinement(mut self, refinement: Refinement) -> Result<Self> {
+        refinement.validate()?;
+        self.refinement = Some(refinement);
+        Ok(self)
+    }
+
+    /// The refinement after GPTQ, if any.
+    pub fn refinement(&self) -> Option<Refinement> {
+        self.refinement
+    }
+
+    /// The windows.
+    pub(crate) fn windows(&self) -> &[Vec<u32>] {
+        &self.windows
     }
 
     /// Tokens per window.

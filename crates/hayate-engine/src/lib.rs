@@ -47,6 +47,7 @@ pub mod layers;
 pub mod linear;
 pub mod model;
 pub mod quantize;
+pub mod refine;
 pub mod rng;
 pub mod rope;
 pub mod sampler;

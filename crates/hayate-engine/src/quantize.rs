@@ -4,6 +4,7 @@
 use crate::arch::Translated;
 use crate::calibrate::{self, Calibration, Objective};
 use crate::linear::{Linear, LinearKernel, Signs};
+use crate::refine;
 use crate::{EngineError, Result};
 use hayate_formats::{
     FormatError, QuantInfo, ROTATION, SafetensorsWriter, TensorSpec, TensorStore,
@@ -93,6 +94,11 @@ impl QuantSpec {
                 "tokens": c.tokens(),
                 "context": c.context(),
                 "damp": c.damp(),
+                "refinement": c.refinement().map(|r| serde_json::json!({
+                    "objective": "kl",
+                    "steps": r.steps,
+                    "lr": r.lr,
+                })),
             })
         });
         serde_json::json!({
@@ -306,7 +312,48 @@ fn quantize_groups(
     emit: &mut dyn FnMut(Vec<Linear>) -> Result<()>,
 ) -> Result<()> {
     match calibration {
-        Some(c) => calibrate::quantize_calibrated(parts, cx, spec.seed, planned, c, keep, emit),
+        Some(c) => match c.refinement() {
+            None => calibrate::quantize_calibrated(parts, cx, spec.seed, planned, c, keep, emit),
+            Some(refinement) => {
+                // Refinement tunes every layer at once: all stay quantized
+                // until it is done, then go out group by group.
+                let mut groups = Vec::new();
+                calibrate::quantize_calibrated(parts, cx, spec.seed, planned, c, true, &mut |g| {
+                    groups.push(g);
+                    Ok(())
+                })?;
+                let (refined, report) =
+                    refine::refine(parts, planned, (cx.0, cx.1), c.windows(), refinement)?;
+                tracing::info!(
+                    "refined {} layers in {:.1} s: mean KL on the calibration windows {:.4e} -> {:.4e}",
+                    refined.len(),
+                    report.seconds,
+                    report.kl_first,
+                    report.kl_last
+                );
+                for group in groups {
+                    let done = group
+                        .into_iter()
+                        .map(|l| {
+                            refined
+                                .iter()
+                                .find(|r| r.name == l.name)
+                                .cloned()
+                                .unwrap_or(l)
+                        })
+                        .collect();
+                    emit(done)?;
+                }
+                if !keep {
+                    let float: Vec<Linear> = planned
+                        .iter()
+                        .flat_map(|g| g.members.iter().map(|p| p.linear.clone()))
+                        .collect();
+                    replace_layers(parts, &float);
+                }
+                Ok(())
+            }
+        },
         None => {
             for group in planned {
                 let done = quantize_group(group, spec.seed, cx.0, cx.1);

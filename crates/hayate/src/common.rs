@@ -5,6 +5,7 @@ use clap::Args;
 use clap::ValueEnum;
 use hayate_chat::TextTokenizer;
 use hayate_engine::calibrate::Objective;
+use hayate_engine::refine::Refinement;
 use hayate_engine::{
     Calibration, EmbeddingFormat, KvFormat, LoadOptions, Model, QuantSpec, SamplingParams,
     StateOptions,
@@ -160,6 +161,14 @@ pub struct QuantArgs {
         requires = "calibration"
     )]
     pub calibration_objective: ObjectiveArg,
+    /// After GPTQ, tune the group scales end to end (codes and zero points
+    /// fixed) for this many steps, one calibration window each, toward the
+    /// float model's next-token distributions (KL); 0: off.
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "calibration")]
+    pub refine_steps: usize,
+    /// Adam's step size of the refinement, on each scale's relative change.
+    #[arg(long, value_name = "LR", default_value_t = Refinement::DEFAULT_LR, requires = "calibration")]
+    pub refine_lr: f32,
 }
 
 /// A calibration objective on the command line.
@@ -225,6 +234,13 @@ impl QuantArgs {
             self.calibration_objective.objective(format.format()),
         )
         .with_context(|| format!("cannot calibrate on {}", path.display()))?;
+        let calibration = match self.refine_steps {
+            0 => calibration,
+            steps => calibration.with_refinement(Refinement {
+                steps,
+                lr: self.refine_lr,
+            })?,
+        };
         tracing::info!(
             "calibrating on {} tokens of {} ({} windows of {})",
             calibration.tokens(),

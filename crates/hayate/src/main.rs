@@ -59,8 +59,18 @@ fn main() {
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
             // One `error:` line, like every other failure, with a pointer to the help.
+            // The message up to its first blank line (the usage follows),
+            // on one line: it names the argument when one is missing.
             let message = e.to_string();
-            let first = message.lines().next().unwrap_or("error: bad arguments");
+            let lines: Vec<&str> = message
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let first = match lines.join(" ") {
+                joined if joined.is_empty() => "error: bad arguments".to_owned(),
+                joined => joined,
+            };
             eprintln!("{first} (see `hayate --help`)");
             std::process::exit(1);
         }

@@ -515,6 +515,87 @@ fn calibrated_checkpoints_give_the_logits_of_in_memory_calibration() {
 }
 
 #[test]
+fn refined_checkpoints_give_the_logits_of_in_memory_refinement() {
+    let model = shared_model("pystd-qwen3-7m");
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calibration_text(dir.path(), 8000);
+    let calibrate = [
+        "--calibration",
+        calib.to_str().unwrap(),
+        "--calibration-tokens",
+        "512",
+        "--calibration-context",
+        "128",
+    ];
+    let refine = [
+        &calibrate[..],
+        &["--refine-steps", "4", "--refine-lr", "2e-3"],
+    ]
+    .concat();
+    let out = dir.path().join("refined");
+    let run = quantize(&model, &out, &[&["--format", "q4"][..], &refine].concat());
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let config: Value =
+        serde_json::from_slice(&fs::read(out.join("config.json")).unwrap()).unwrap();
+    let section = &config["quantization"]["calibration"]["refinement"];
+    assert_eq!(section["objective"], json!("kl"), "{section}");
+    assert_eq!(section["steps"], json!(4), "{section}");
+    assert_eq!(
+        section["lr"].as_f64().map(|lr| (lr - 2e-3).abs() < 1e-9),
+        Some(true),
+        "{section}"
+    );
+    let from_disk = logits(&out, &[]);
+    assert_eq!(
+        from_disk,
+        logits(&model, &[&["--quantize", "q4"][..], &refine].concat())
+    );
+    // Refinement moved the scales: not GPTQ's logits.
+    assert_ne!(
+        from_disk,
+        logits(&model, &[&["--quantize", "q4"][..], &calibrate].concat())
+    );
+}
+
+#[test]
+fn bad_refinement_options_are_a_clear_error() {
+    let model = shared_model("pystd-qwen3-1m");
+    let dir = tempfile::tempdir().unwrap();
+    let calib = calibration_text(dir.path(), 8000);
+    let out = dir.path().join("q");
+    let run = |extra: &[&str]| {
+        let flags = [
+            &["--format", "q4", "--calibration", calib.to_str().unwrap()][..],
+            &[
+                "--calibration-tokens",
+                "256",
+                "--calibration-context",
+                "128",
+            ],
+            extra,
+        ]
+        .concat();
+        quantize(&model, &out, &flags)
+    };
+    assert_clean_error(
+        &run(&["--refine-steps", "2", "--refine-lr", "0"]),
+        &["refinement step size", "(0, 0.1]", "0"],
+    );
+    assert_clean_error(
+        &run(&["--refine-steps", "2", "--refine-lr", "NaN"]),
+        &["refinement step size", "NaN"],
+    );
+    assert!(!out.exists(), "a failed run left {}", out.display());
+    // Refinement tunes calibrated scales: it needs calibration text.
+    let plain = quantize(&model, &out, &["--format", "q4", "--refine-steps", "2"]);
+    assert_clean_error(&plain, &["--calibration"]);
+}
+
+#[test]
 fn bad_calibration_input_is_a_clear_error() {
     let model = shared_model("pystd-qwen3-1m");
     let dir = tempfile::tempdir().unwrap();

@@ -380,6 +380,24 @@ pub fn rotate_rows(isa: Isa, w: &mut [f32], cols: usize, rotation: Rotation<'_>)
     }
 }
 
+/// Undoes [`rotate_rows`]: replaces `w` = `H·S_out·W·S_in·H` by `W`
+/// (`H` is symmetric and orthonormal, so `W = S_out·H·w·H·S_in`).
+pub fn unrotate_rows(isa: Isa, w: &mut [f32], cols: usize, rotation: Rotation<'_>) {
+    let block_rows = BLOCK.checked_mul(cols).expect("matrix width overflows");
+    assert!(cols.is_multiple_of(BLOCK) && w.len().is_multiple_of(block_rows));
+    assert_eq!(rotation.sign_in.len(), cols);
+    assert!(crate::is_product(w.len(), rotation.sign_out.len(), cols));
+    for block in w.chunks_exact_mut(BLOCK * cols) {
+        hadamard_across_rows(block, cols);
+    }
+    for (row, &so) in w.chunks_exact_mut(cols).zip(rotation.sign_out) {
+        hadamard_blocks(isa, row);
+        for (v, &si) in row.iter_mut().zip(rotation.sign_in) {
+            *v *= so * si;
+        }
+    }
+}
+
 /// Applies `H` across the 32 rows of `block` (each `cols` long), column by column.
 fn hadamard_across_rows(block: &mut [f32], cols: usize) {
     let mut stride = 1;

@@ -173,6 +173,11 @@ fn rotation_equals_the_dense_transform_and_is_undone_exactly() {
             assert!((rotated[r * cols + c] as f64 - want).abs() < 1e-5);
         }
     }
+    let mut undone = rotated.clone();
+    unrotate_rows(Isa::best(), &mut undone, cols, rot);
+    for (u, v) in undone.iter().zip(&w) {
+        assert!((u - v).abs() < 1e-5, "unrotated {u}, original {v}");
+    }
     // Rotating back with the same transform returns the original.
     let ones_in = vec![1f32; cols];
     let ones_out = vec![1f32; rows];
