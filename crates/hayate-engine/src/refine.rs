@@ -1117,7 +1117,8 @@ mod tests {
     }
 
     /// The gradient of the KL with respect to every scale, against central
-    /// differences along a random direction. Measured: 0.02% to 0.4% apart.
+    /// differences along a random direction (in name order, fixed). Measured:
+    /// 0.001% to 0.07% apart.
     #[test]
     fn the_gradient_matches_finite_differences() {
         let mut checked = 0;
@@ -1137,7 +1138,11 @@ mod tests {
             let mut seed = 11u64;
             let mut predicted = 0f64;
             let mut directions = HashMap::new();
-            for (name, t) in &refiner.trained {
+            // In name order, so that the direction is the same every run.
+            let mut names: Vec<&String> = refiner.trained.keys().collect();
+            names.sort();
+            for name in names {
+                let t = &refiner.trained[name];
                 let d: Vec<f32> = (0..t.theta.len())
                     .map(|_| {
                         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
@@ -1152,20 +1157,24 @@ mod tests {
                     .sum::<f64>();
                 directions.insert(name.clone(), d);
             }
-            let eps = 1e-3f32;
-            let mut at = |sign: f32| {
+            let mut at = |step: f32| {
                 for (name, t) in refiner.trained.iter_mut() {
                     for (theta, d) in t.theta.iter_mut().zip(&directions[name]) {
-                        *theta = sign * eps * d;
+                        *theta = step * d;
                     }
                     refiner.dense.insert(name.clone(), t.dense(cx.isa));
                 }
                 refiner.kl(&window, false).unwrap()
             };
-            let measured = (at(1.0) - at(-1.0)) / (2.0 * f64::from(eps));
+            let mut central = |eps: f32| (at(eps) - at(-eps)) / (2.0 * f64::from(eps));
+            // Richardson's extrapolation of two step sizes cancels the
+            // differences' ε² term (the KL curves strongly on these
+            // random-weight fixtures).
+            let (coarse, fine) = (central(2e-3), central(1e-3));
+            let measured = (4.0 * fine - coarse) / 3.0;
             let error = (measured - predicted).abs() / predicted.abs();
             assert!(
-                error < 1e-2,
+                error < 3e-3,
                 "{}: gradient {predicted:.6e}, differences {measured:.6e}",
                 dir.display()
             );
