@@ -25,7 +25,7 @@ use hayate_kernels::hadamard::hadamard_blocks;
 use hayate_kernels::quant::{
     CrossMoment, GptqFactor, Hessian, Rotation, gptq_quantize, quantize_matrix,
 };
-use hayate_kernels::{ActPrecision, Isa, ThreadPool};
+use hayate_kernels::{ActPrecision, Isa, ProductMode, ThreadPool};
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -336,6 +336,7 @@ pub(crate) fn quantize_calibrated(
         pool,
         isa,
         precision,
+        mode: ProductMode::Fast,
         tap: None,
     };
     let window = context * hidden;

@@ -5,6 +5,7 @@ use crate::linear::Compute;
 use crate::model::Model;
 use crate::state::InferenceState;
 use crate::{EngineError, Result};
+use hayate_kernels::ProductMode;
 
 /// Which next-token logits a forward call produces.
 #[derive(Debug)]
@@ -44,7 +45,26 @@ impl Model {
         mut logits: Logits<'_>,
     ) -> Result<&'s [f32]> {
         self.check_step(state, tokens, &mut logits)?;
-        self.run_step(state, tokens, &mut logits);
+        self.run_step(state, tokens, &mut logits, ProductMode::Fast);
+        Ok(&state.scratch.logits)
+    }
+
+    /// [`forward`](Self::forward) computing every token exactly as a
+    /// one-token step at its position would: each token's logits, and what
+    /// the state keeps of it, are bit-identical to feeding the tokens one
+    /// at a time. Speculative verification runs drafted tokens so, since a
+    /// near-tie resolved differently would change the output. It takes the
+    /// kernels of one-token decoding for every token (row kernels over the
+    /// weights, which stay in cache between tokens; recurrent steps for
+    /// DeltaNet), so it suits short steps, not prompts.
+    pub fn forward_exact<'s>(
+        &self,
+        state: &'s mut InferenceState,
+        tokens: &[u32],
+        mut logits: Logits<'_>,
+    ) -> Result<&'s [f32]> {
+        self.check_step(state, tokens, &mut logits)?;
+        self.run_step(state, tokens, &mut logits, ProductMode::TokenExact);
         Ok(&state.scratch.logits)
     }
 
@@ -61,7 +81,7 @@ impl Model {
         }
         // The fused path across sequences is still to come; each runs in turn.
         for step in batch.iter_mut() {
-            self.run_step(step.state, step.tokens, &mut step.logits);
+            self.run_step(step.state, step.tokens, &mut step.logits, ProductMode::Fast);
         }
         Ok(())
     }
@@ -114,8 +134,14 @@ impl Model {
         Ok(())
     }
 
-    /// Runs a checked step.
-    fn run_step(&self, state: &mut InferenceState, tokens: &[u32], logits: &mut Logits<'_>) {
+    /// Runs a checked step with the kernels `mode` allows.
+    fn run_step(
+        &self,
+        state: &mut InferenceState,
+        tokens: &[u32],
+        logits: &mut Logits<'_>,
+        mode: ProductMode,
+    ) {
         let vocab = self.info.vocab;
         match logits {
             Logits::All(out) => out.resize(tokens.len() * vocab, 0.0),
@@ -125,8 +151,10 @@ impl Model {
         let chunk = state.shape.chunk;
         let n_chunks = tokens.len().div_ceil(chunk);
         for (c, piece) in tokens.chunks(chunk).enumerate() {
-            self.forward_chunk(state, piece);
+            self.forward_chunk(state, piece, mode);
             let (n, first) = (piece.len(), c * chunk);
+            // The call's last token, as an index of the call like `At`'s.
+            let last_row = [first + n - 1];
             let Scratch {
                 x, h, logits: last, ..
             } = &mut state.scratch;
@@ -135,7 +163,7 @@ impl Model {
             let (rows, dst): (Option<&[usize]>, &mut [f32]) = match logits {
                 Logits::None => continue,
                 Logits::Last if c + 1 < n_chunks => continue,
-                Logits::Last => (Some(&[n - 1]), &mut last[..]),
+                Logits::Last => (Some(&last_row[..]), &mut last[..]),
                 Logits::All(out) => (None, &mut out[first * vocab..(first + n) * vocab]),
                 Logits::At(at, out) => {
                     let lo = at.partition_point(|&i| i < first);
@@ -147,7 +175,7 @@ impl Model {
                     (Some(local), &mut out[lo * vocab..hi * vocab])
                 }
             };
-            self.head((&x[..n * self.info.hidden], h), rows, first, dst);
+            self.head((&x[..n * self.info.hidden], h), rows, (first, mode), dst);
         }
     }
 
@@ -158,7 +186,7 @@ impl Model {
         &self,
         (x, h): (&[f32], &mut [f32]),
         rows: Option<&[usize]>,
-        first: usize,
+        (first, mode): (usize, ProductMode),
         dst: &mut [f32],
     ) {
         let hidden = self.info.hidden;
@@ -176,8 +204,11 @@ impl Model {
                 rows.len()
             }
         };
-        self.compute()
-            .project([(&self.parts.lm_head, &mut *dst)], &h[..m * hidden], m);
+        let cx = Compute {
+            mode,
+            ..self.compute()
+        };
+        cx.project([(&self.parts.lm_head, &mut *dst)], &h[..m * hidden], m);
         if let Some(cap) = self.parts.logit_softcap {
             for v in dst {
                 *v = (*v / cap).tanh() * cap;
@@ -191,13 +222,15 @@ impl Model {
             pool: &self.pool,
             isa: self.isa,
             precision: self.precision,
+            mode: ProductMode::Fast,
             tap: None,
         }
     }
 
-    /// Runs one chunk (at most `shape.chunk` tokens); leaves the final
-    /// hidden states in `scratch.x` and advances the state.
-    fn forward_chunk(&self, state: &mut InferenceState, tokens: &[u32]) {
+    /// Runs one chunk (at most `shape.chunk` tokens) with the kernels `mode`
+    /// allows; leaves the final hidden states in `scratch.x` and advances
+    /// the state.
+    fn forward_chunk(&self, state: &mut InferenceState, tokens: &[u32], mode: ProductMode) {
         let InferenceState {
             layers,
             len,
@@ -218,12 +251,20 @@ impl Model {
             }
         }
         ropes.fill(&self.parts.ropes, start, n);
+        // Exact steps take every token through the recurrent path, as one-token steps do.
+        let recurrent_tail = match mode {
+            ProductMode::Fast => shape.rollback,
+            ProductMode::TokenExact => n,
+        };
         let step = Step {
-            cx: self.compute(),
+            cx: Compute {
+                mode,
+                ..self.compute()
+            },
             ropes,
             n,
             start,
-            recurrent_tail: shape.rollback,
+            recurrent_tail,
         };
         for (block, layer) in self.parts.blocks.iter().zip(layers.iter_mut()) {
             block.forward(&step, layer, s, hidden);

@@ -3,6 +3,7 @@
 use crate::forward::Logits;
 use crate::model::{Model, StateOptions};
 use crate::sampler::Sampler;
+use crate::speculate::{Speculation, SpeculationStats};
 use crate::state::InferenceState;
 use crate::{EngineError, Result};
 use std::time::{Duration, Instant};
@@ -47,6 +48,8 @@ pub struct GenerationStats {
     pub decode_time: Duration,
     /// Why it ended.
     pub stop: StopReason,
+    /// What speculative decoding did, when it ran.
+    pub speculation: Option<SpeculationStats>,
 }
 
 impl GenerationStats {
@@ -112,6 +115,21 @@ impl<'m> Generator<'m> {
         sampler: &mut Sampler,
         max_tokens: usize,
         stop_ids: &[u32],
+        on_token: impl FnMut(u32) -> std::result::Result<bool, E>,
+    ) -> std::result::Result<GenerationStats, E> {
+        self.generate_with(sampler, None, max_tokens, stop_ids, on_token)
+    }
+
+    /// [`generate`](Self::generate), with speculative decoding when
+    /// `speculation` is given: the same tokens, in fewer model passes when
+    /// the speculator guesses well (see [`crate::speculate`]). The state
+    /// must roll back as many tokens as are drafted at once.
+    pub fn generate_with<E: From<EngineError>>(
+        &mut self,
+        sampler: &mut Sampler,
+        mut speculation: Option<&mut Speculation<'_>>,
+        max_tokens: usize,
+        stop_ids: &[u32],
         mut on_token: impl FnMut(u32) -> std::result::Result<bool, E>,
     ) -> std::result::Result<GenerationStats, E> {
         let start = Instant::now();
@@ -128,6 +146,18 @@ impl<'m> Generator<'m> {
             }
             .into());
         }
+        let max_draft = speculation.as_ref().map_or(0, |s| s.length().max());
+        if let Some(r) = self.state.max_rollback()
+            && r < max_draft
+        {
+            return Err(EngineError::State(format!(
+                "drafts of up to {max_draft} tokens need a state that rolls back as many; this one keeps {r}"
+            ))
+            .into());
+        }
+        if let Some(s) = speculation.as_deref_mut() {
+            s.reset_stats();
+        }
         let mut stats = GenerationStats {
             prompt_tokens: pending,
             prefill_time: Duration::ZERO,
@@ -135,12 +165,20 @@ impl<'m> Generator<'m> {
             generated: 0,
             decode_time: Duration::ZERO,
             stop: StopReason::MaxTokens,
+            speculation: None,
         };
-        let mut logits = vec![0f32; self.model.info.vocab];
+        let vocab = self.model.info.vocab;
+        let mut logits = vec![0f32; vocab];
+        // Reserved here so that the loop does not allocate.
+        let mut drafts: Vec<u32> = Vec::with_capacity(max_draft);
+        let mut pass: Vec<u32> = Vec::with_capacity(max_draft + 1);
+        let mut rows: Vec<f32> = Vec::with_capacity((max_draft + 1) * vocab);
         let new = &self.tokens[self.state.len()..];
         logits.copy_from_slice(self.model.forward(&mut self.state, new, Logits::Last)?);
         stats.prefill_time = start.elapsed();
         let mut first_at = None;
+        // Row of `rows` the current logits came from; drafts before it were accepted.
+        let mut row = 0;
         while stats.generated < max_tokens {
             let position = self.tokens.len();
             let token = sampler.sample(&mut logits, position, &self.tokens);
@@ -148,6 +186,16 @@ impl<'m> Generator<'m> {
                 let now = Instant::now();
                 stats.time_to_first_token = Some(now - start);
                 first_at = Some(now);
+            }
+            // A drafted token the model drew too: already fed, its logits are the next row.
+            let accepted = row < drafts.len() && drafts[row] == token;
+            if let Some(s) = speculation.as_deref_mut()
+                && !accepted
+                && !drafts.is_empty()
+            {
+                // The pass is settled: `row` drafts were accepted.
+                s.record_outcome(&self.tokens, drafts.len(), row);
+                drafts.clear();
             }
             if stop_ids.contains(&token) {
                 stats.stop = StopReason::Stop;
@@ -166,10 +214,42 @@ impl<'m> Generator<'m> {
                 stats.stop = StopReason::ContextFull;
                 break;
             }
-            logits.copy_from_slice(
-                self.model
-                    .forward(&mut self.state, &[token], Logits::Last)?,
-            );
+            if accepted {
+                row += 1;
+                logits.copy_from_slice(&rows[row * vocab..(row + 1) * vocab]);
+                continue;
+            }
+            let Some(s) = speculation.as_deref_mut() else {
+                logits.copy_from_slice(self.model.forward(
+                    &mut self.state,
+                    &[token],
+                    Logits::Last,
+                )?);
+                continue;
+            };
+            // Drop what the last pass fed past the accepted tokens, then
+            // check `token` and a new draft in one pass.
+            self.state.truncate(self.tokens.len() - 1)?;
+            let room = self.state.capacity() - self.tokens.len();
+            let budget = (max_tokens - stats.generated).saturating_sub(1);
+            let k = s.next_length(room.min(budget));
+            s.propose(&self.tokens, k, &mut drafts)?;
+            pass.clear();
+            pass.push(token);
+            pass.extend_from_slice(&drafts);
+            let began = Instant::now();
+            self.model
+                .forward_exact(&mut self.state, &pass, Logits::All(&mut rows))?;
+            s.record_pass(pass.len(), began.elapsed());
+            row = 0;
+            logits.copy_from_slice(&rows[..vocab]);
+        }
+        // The state holds no token the sequence does not.
+        if self.state.len() > self.tokens.len() {
+            self.state.truncate(self.tokens.len())?;
+        }
+        if let Some(s) = speculation {
+            stats.speculation = Some(s.stats.clone());
         }
         if let Some(first) = first_at {
             stats.decode_time = first.elapsed();

@@ -51,6 +51,7 @@ pub mod refine;
 pub mod rng;
 pub mod rope;
 pub mod sampler;
+pub mod speculate;
 pub mod state;
 
 pub use calibrate::Calibration;

@@ -2,8 +2,10 @@
 
 use hayate_formats::{FormatError, QuantTensors, Result, Tensor, TensorStore};
 use hayate_kernels::hadamard::{BLOCK, hadamard_blocks};
-use hayate_kernels::quant::{QuantJob, QuantMatRef, QuantizedMatrix, Rotation, qmatmul_many};
-use hayate_kernels::{ActPrecision, Isa, MatRef, MatmulJob, ThreadPool, WeightSlice, matmul_many};
+use hayate_kernels::quant::{QuantJob, QuantMatRef, QuantizedMatrix, Rotation, qmatmul_many_in};
+use hayate_kernels::{
+    ActPrecision, Isa, MatRef, MatmulJob, ProductMode, ThreadPool, WeightSlice, matmul_many_in,
+};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -319,6 +321,9 @@ pub(crate) struct Compute<'a> {
     pub pool: &'a ThreadPool,
     pub isa: Isa,
     pub precision: ActPrecision,
+    /// Which kernels the products may take ([`ProductMode::TokenExact`] for
+    /// speculative verification).
+    pub mode: ProductMode,
     /// Called with each product's input before it runs (calibration only).
     pub tap: Option<InputTap<'a>>,
 }
@@ -342,7 +347,7 @@ impl Compute<'_> {
                 };
                 MatmulJob { w, y }
             });
-            matmul_many(self.pool, self.isa, &mut dense, x, n);
+            matmul_many_in(self.pool, self.isa, self.mode, &mut dense, x, n);
             for (l, job) in layers.iter().zip(&mut dense) {
                 l.add_bias(job.y, n);
             }
@@ -366,7 +371,8 @@ impl Compute<'_> {
                 let sign_in = signs_in[first];
                 let end = (first..N).find(|&i| signs_in[i] != sign_in).unwrap_or(N);
                 let run = &mut quant[first..end];
-                qmatmul_many(self.pool, self.isa, self.precision, run, sign_in, x, n);
+                let cx = (self.pool, self.isa, self.precision, self.mode);
+                qmatmul_many_in(cx, run, sign_in, x, n);
                 first = end;
             }
             for (l, job) in layers.iter().zip(&mut quant) {

@@ -178,3 +178,36 @@ fn chosen_positions_across_prefill_steps() {
         }
     }
 }
+
+/// The last token's logits of a step longer than one prefill chunk are the
+/// last row of all its logits (the chunk holding it does not start at 0).
+#[test]
+fn last_logits_of_a_step_over_several_chunks() {
+    for name in ["qwen3-gqa-qknorm", "qwen3_5-text-gdn"] {
+        let model = Model::load(&fixture(name), &LoadOptions::default()).unwrap();
+        let vocab = model.info.vocab;
+        let options = StateOptions {
+            context: Some(64),
+            prefill_chunk: 4,
+            ..StateOptions::default()
+        };
+        for n in [5, 9, 11] {
+            let tokens = ids(n, 5, vocab);
+            let mut s = model.new_state_with(&options).unwrap();
+            let last = model
+                .forward(&mut s, &tokens, Logits::Last)
+                .unwrap()
+                .to_vec();
+            let mut all = Vec::new();
+            let mut s = model.new_state_with(&options).unwrap();
+            model
+                .forward(&mut s, &tokens, Logits::All(&mut all))
+                .unwrap();
+            assert_eq!(
+                bits(&last),
+                bits(&all[(n - 1) * vocab..]),
+                "{name}: {n} tokens"
+            );
+        }
+    }
+}

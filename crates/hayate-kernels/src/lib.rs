@@ -31,7 +31,7 @@ pub(crate) fn is_product(len: usize, a: usize, b: usize) -> bool {
 pub(crate) fn holds(len: usize, a: usize, b: usize) -> bool {
     a.checked_mul(b).is_some_and(|need| len >= need)
 }
-pub use matmul::{MatmulJob, matmul, matmul_many};
+pub use matmul::{MatmulJob, ProductMode, matmul, matmul_many, matmul_many_in};
 pub use pool::ThreadPool;
 pub use quant::{ActPrecision, QuantFormat, QuantMatRef};
 pub use weights::{MatRef, WeightSlice};

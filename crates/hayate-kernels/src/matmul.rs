@@ -110,6 +110,31 @@ fn uses_amx_short(isa: Isa, w: MatRef<'_>, n_tok: usize) -> bool {
         && w.cols.is_multiple_of(amx::K_STEP)
 }
 
+/// How a product may order its sums over the tokens of a call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProductMode {
+    /// The fastest kernels for the number of tokens: row kernels for a
+    /// few, packed GEMMs or the tile unit for many.
+    #[default]
+    Fast,
+    /// Every token's outputs bit-identical to those of a product over that
+    /// token alone: the kernels a one-token call takes, whatever the number
+    /// of tokens. Speculative verification needs it (a drafted token's
+    /// logits must equal one-token decoding's, or a near-tie could resolve
+    /// differently), as does batched decoding.
+    TokenExact,
+}
+
+impl ProductMode {
+    /// The number of tokens kernels are chosen for, for a call over `n_tok`.
+    pub(crate) fn dispatch_tokens(self, n_tok: usize) -> usize {
+        match self {
+            ProductMode::Fast => n_tok,
+            ProductMode::TokenExact => n_tok.min(1),
+        }
+    }
+}
+
 /// One matrix of a fused product: all jobs of a [`matmul_many`] call read the
 /// same input and write their own output (`n_tok x w.rows`, row-major).
 pub struct MatmulJob<'a> {
@@ -124,6 +149,17 @@ pub fn matmul(pool: &ThreadPool, isa: Isa, w: MatRef<'_>, x: &[f32], n_tok: usiz
     matmul_many(pool, isa, &mut [MatmulJob { w, y }], x, n_tok);
 }
 
+/// [`matmul_many`] with the fastest kernels ([`ProductMode::Fast`]).
+pub fn matmul_many(
+    pool: &ThreadPool,
+    isa: Isa,
+    jobs: &mut [MatmulJob<'_>],
+    x: &[f32],
+    n_tok: usize,
+) {
+    matmul_many_in(pool, isa, ProductMode::Fast, jobs, x, n_tok);
+}
+
 struct OutPtr(*mut f32);
 // SAFETY: threads write disjoint output columns (row ranges of W), see `matmul_many`.
 unsafe impl Sync for OutPtr {}
@@ -132,9 +168,10 @@ unsafe impl Sync for OutPtr {}
 /// piece of work (e.g. the q, k and v projections).
 ///
 /// Panics if the shapes disagree: that is a bug in the caller, never input.
-pub fn matmul_many(
+pub fn matmul_many_in(
     pool: &ThreadPool,
     isa: Isa,
+    mode: ProductMode,
     jobs: &mut [MatmulJob<'_>],
     x: &[f32],
     n_tok: usize,
@@ -172,26 +209,36 @@ pub fn matmul_many(
         // Reordered once here rather than by every thread for every chunk:
         // per chunk, reordering took 48% of a 5-token product over a
         // 384x1024 bf16 matrix (1 thread, weights in L2).
-        let inputs = match bf16_layout(isa, n_tok).filter(|_| any_bf16) {
+        let plan = mode.dispatch_tokens(n_tok);
+        let inputs = match bf16_layout(isa, plan).filter(|_| any_bf16) {
             Some(layout) => RowInputs::reorder(layout, x, n_tok, k, buf),
             None => RowInputs::plain(x),
         };
-        products_of(pool, isa, targets, inputs, n_tok, k, &queue);
+        let tokens = Tokens { n: n_tok, plan };
+        products_of(pool, isa, targets, inputs, tokens, k, &queue);
     });
 }
 
-/// The body of [`matmul_many`] once the inputs are laid out: every job's
+/// The tokens of a product: how many, and how many the kernels are chosen
+/// for ([`ProductMode::dispatch_tokens`]).
+#[derive(Clone, Copy)]
+struct Tokens {
+    n: usize,
+    plan: usize,
+}
+
+/// The body of [`matmul_many_in`] once the inputs are laid out: every job's
 /// rows through the tile unit where it takes them, else the SIMD kernels.
 fn products_of(
     pool: &ThreadPool,
     isa: Isa,
     targets: &[Option<(MatRef<'_>, OutPtr)>],
     inputs: RowInputs<'_>,
-    n_tok: usize,
+    tokens: Tokens,
     k: usize,
     queue: &ChunkQueue,
 ) {
-    let x = inputs.x;
+    let (x, n_tok, plan) = (inputs.x, tokens.n, tokens.plan);
     let products = |tiles: &TileProduct<'_>| {
         pool.run(&|tid, _| {
             while let Some(mine) = queue.next_chunk(tid) {
@@ -201,12 +248,12 @@ fn products_of(
                     let end = mine.end.min(base + w.rows);
                     if start < end {
                         let rows = start - base..end - base;
-                        if uses_tiles(isa, *w, n_tok) {
+                        if uses_tiles(isa, *w, plan) {
                             tiles(*w, rows, y.0)
                         } else {
                             // SAFETY: shapes were checked above; each thread writes
                             // only columns `rows` of this output (its chunk).
-                            unsafe { rows_of(isa, *w, inputs, n_tok, rows, y.0) }
+                            unsafe { rows_of(isa, *w, inputs, tokens, rows, y.0) }
                         }
                     }
                     base += w.rows;
@@ -217,7 +264,7 @@ fn products_of(
     #[cfg(target_arch = "x86_64")]
     {
         let any = |takes: fn(Isa, MatRef<'_>, usize) -> bool| {
-            targets.iter().flatten().any(|(w, _)| takes(isa, *w, n_tok))
+            targets.iter().flatten().any(|(w, _)| takes(isa, *w, plan))
         };
         if any(uses_amx_short) {
             return PAIRS.with_borrow_mut(|buf| {
@@ -231,7 +278,7 @@ fn products_of(
                     // left (fewer than 16) take the row kernels.
                     unsafe {
                         let rest = amx::short_rows(bf16_data(w), k, w.rows, acts, rows.clone(), y);
-                        rows_of(isa, w, inputs, n_tok, rest..rows.end, y)
+                        rows_of(isa, w, inputs, tokens, rest..rows.end, y)
                     }
                 })
             });
@@ -271,8 +318,12 @@ pub unsafe fn matmul_rows(
             Some(layout) => RowInputs::reorder(layout, x, n_tok, w.cols, buf),
             None => RowInputs::plain(x),
         };
+        let tokens = Tokens {
+            n: n_tok,
+            plan: n_tok,
+        };
         // SAFETY: forwarded contract; the inputs were laid out for `isa`.
-        unsafe { rows_of(isa, w, inputs, n_tok, rows, y) }
+        unsafe { rows_of(isa, w, inputs, tokens, rows, y) }
     })
 }
 
@@ -381,11 +432,11 @@ unsafe fn rows_of(
     isa: Isa,
     w: MatRef<'_>,
     inputs: RowInputs<'_>,
-    n_tok: usize,
+    tokens: Tokens,
     rows: std::ops::Range<usize>,
     y: *mut f32,
 ) {
-    let x = inputs.x;
+    let (x, n_tok, plan) = (inputs.x, tokens.n, tokens.plan);
     match isa {
         Isa::Scalar => {
             // SAFETY: forwarded contract.
@@ -397,9 +448,9 @@ unsafe fn rows_of(
             // SAFETY: forwarded contract; the CPU supports the features (checked
             // above, AVX-512 where that kernel runs).
             unsafe {
-                if isa.has_avx512() && n_tok <= gemv_max_tokens(isa, w) {
+                if isa.has_avx512() && plan <= gemv_max_tokens(isa, w) {
                     avx512::gemv_rows(w, inputs, n_tok, rows, y)
-                } else if n_tok <= GEMV_MAX_TOKENS {
+                } else if plan <= GEMV_MAX_TOKENS {
                     avx2::gemv_rows(w, inputs, n_tok, rows, y)
                 } else if isa.has_avx512() {
                     avx512::gemm_rows(w, x, n_tok, rows, y)

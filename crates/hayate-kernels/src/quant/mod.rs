@@ -39,7 +39,7 @@ mod product;
 
 pub use acts::{ActPrecision, QuantizedActs};
 pub use gptq::{CrossMoment, GptqError, GptqFactor, Hessian, gptq_quantize};
-pub use product::{QuantJob, qmatmul, qmatmul_many};
+pub use product::{QuantJob, qmatmul, qmatmul_many, qmatmul_many_in};
 
 use crate::cpu::Isa;
 use crate::hadamard::{BLOCK, hadamard_blocks};

@@ -4,7 +4,7 @@ use super::acts::{ActPrecision, QuantizedActs, prepare_token};
 use super::{QuantLayout, QuantMatRef, Rotation};
 use crate::cpu::Isa;
 use crate::hadamard::{BLOCK, hadamard_blocks};
-use crate::matmul::GEMV_MAX_TOKENS;
+use crate::matmul::{GEMV_MAX_TOKENS, ProductMode};
 use crate::ops;
 use crate::pool::{ChunkQueue, ThreadPool, split_range};
 use std::cell::RefCell;
@@ -74,14 +74,26 @@ impl<T> SyncPtr<T> {
 /// A fused job as the threads see it: weights, output signs, output.
 type Target<'a> = (QuantMatRef<'a>, Option<&'a [f32]>, SyncPtr<f32>);
 
-/// Several quantized products sharing their input (and its signs `S_in`),
-/// as one piece of work on the pool.
-///
-/// Panics if shapes or rotations disagree: that is a bug in the caller.
+/// [`qmatmul_many_in`] with the fastest kernels ([`ProductMode::Fast`]).
 pub fn qmatmul_many(
     pool: &ThreadPool,
     isa: Isa,
     precision: ActPrecision,
+    jobs: &mut [QuantJob<'_>],
+    sign_in: Option<&[f32]>,
+    x: &[f32],
+    n_tok: usize,
+) {
+    let cx = (pool, isa, precision, ProductMode::Fast);
+    qmatmul_many_in(cx, jobs, sign_in, x, n_tok);
+}
+
+/// Several quantized products sharing their input (and its signs `S_in`),
+/// as one piece of work on the pool, with the kernels `mode` allows.
+///
+/// Panics if shapes or rotations disagree: that is a bug in the caller.
+pub fn qmatmul_many_in(
+    (pool, isa, precision, mode): (&ThreadPool, Isa, ActPrecision, ProductMode),
     jobs: &mut [QuantJob<'_>],
     sign_in: Option<&[f32]>,
     x: &[f32],
@@ -137,7 +149,8 @@ pub fn qmatmul_many(
                         // SAFETY: shapes were checked above; this thread alone
                         // writes columns `rows` of this output (its chunk).
                         unsafe {
-                            rows_product(isa, precision, *w, acts, rows.clone(), y.get());
+                            let plan = mode.dispatch_tokens(n_tok);
+                            rows_product((isa, precision, plan), *w, acts, rows.clone(), y.get());
                             if let Some(signs) = sign_out {
                                 rotate_output(isa, y.get(), n_tok, w.rows, rows, signs);
                             }
@@ -200,15 +213,15 @@ unsafe fn rotate_output(
     }
 }
 
-/// Output columns `rows` of `y` on this thread.
+/// Output columns `rows` of `y` on this thread, with the kernels chosen as
+/// for `plan` tokens ([`ProductMode::dispatch_tokens`]).
 ///
 /// # Safety
 /// `y` points to `acts.n_tok * w.rows` writable values, `rows` lies within
 /// `0..w.rows`, no other thread writes those columns, and `acts` was prepared
 /// with `precision` for `w.cols` inputs.
 unsafe fn rows_product(
-    isa: Isa,
-    precision: ActPrecision,
+    (isa, precision, plan): (Isa, ActPrecision, usize),
     w: QuantMatRef<'_>,
     acts: &QuantizedActs,
     rows: std::ops::Range<usize>,
@@ -230,17 +243,17 @@ unsafe fn rows_product(
             // SAFETY: forwarded contract; the CPU supports AVX2, and AVX-512
             // where that kernel runs (checked).
             unsafe {
-                if isa.has_avx512() && acts.n_tok <= super::avx512::GEMV_MAX_TOKENS {
+                if isa.has_avx512() && plan <= super::avx512::GEMV_MAX_TOKENS {
                     if strips {
                         super::avx512::gemv_strips(w, acts, rows, y)
                     } else {
                         super::avx512::gemv_rows(w, acts, rows, y)
                     }
-                } else if strips && acts.n_tok <= GEMV_MAX_TOKENS {
+                } else if strips && plan <= GEMV_MAX_TOKENS {
                     // Strips are made for AVX-512 machines; at a lower level
                     // (comparisons, tests) the reference computes them.
                     int8_rows_scalar(w, acts, rows, y)
-                } else if acts.n_tok <= GEMV_MAX_TOKENS {
+                } else if plan <= GEMV_MAX_TOKENS {
                     super::avx2::gemv_rows(w, acts, rows, y)
                 } else if isa.has_avx512() {
                     super::avx512::gemm_rows(w, acts, rows, y)

@@ -1,0 +1,126 @@
+//! A draft model: a smaller model with the same tokenizer guesses the next
+//! tokens by sampling them as the model would, under the same noise (or
+//! its own, for comparison).
+
+use super::{Coupling, Speculator};
+use crate::forward::Logits;
+use crate::model::{Model, StateOptions};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::state::InferenceState;
+use crate::{EngineError, Result};
+
+/// Drafts with a second model; see the [module](super) docs.
+pub struct DraftModel<'m> {
+    model: &'m Model,
+    state: InferenceState,
+    /// What `state` holds: the first `state.len()` tokens of this.
+    fed: Vec<u32>,
+    sampler: Sampler,
+    /// The target's vocabulary: the draft samples only ids below it.
+    vocab: usize,
+    logits: Vec<f32>,
+    history: Vec<u32>,
+}
+
+impl<'m> DraftModel<'m> {
+    /// A draft by `model` for a target with `target_vocab` tokens, sampling
+    /// as `params` say (the target's settings) under `coupling`'s noise.
+    /// `options` size its state; it must roll back at least as many tokens
+    /// as will be drafted at once.
+    ///
+    /// The two vocabularies may differ in size (checkpoints pad them), not
+    /// in their tokens: the caller checks the tokenizers agree. Ids that
+    /// only the draft has are never proposed.
+    pub fn new(
+        model: &'m Model,
+        target_vocab: usize,
+        params: &SamplingParams,
+        coupling: Coupling,
+        options: &StateOptions,
+    ) -> Result<Self> {
+        let vocab = target_vocab.min(model.info.vocab);
+        if vocab == 0 {
+            return Err(EngineError::State(
+                "the draft model has no vocabulary".into(),
+            ));
+        }
+        let params = SamplingParams {
+            seed: coupling.draft_seed(params.seed),
+            ..params.clone()
+        };
+        let state = model.new_state_with(options)?;
+        Ok(DraftModel {
+            model,
+            fed: Vec::with_capacity(state.capacity()),
+            state,
+            sampler: Sampler::new(params, vocab),
+            vocab,
+            logits: vec![0.0; vocab],
+            history: Vec::new(),
+        })
+    }
+
+    /// Brings the state to `sequence[..sequence.len() - 1]` plus the last
+    /// token fed, leaving the logits after it in `self.logits`: rolls back
+    /// to the longest common prefix (or starts over), then feeds the rest.
+    fn sync(&mut self, sequence: &[u32]) -> Result<()> {
+        let held = self.state.len();
+        let common = self.fed[..held]
+            .iter()
+            .zip(sequence)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // Feed at least the last token, for its logits.
+        let keep = common.min(sequence.len() - 1);
+        if self.state.can_truncate(keep) {
+            self.state.truncate(keep)?;
+        } else {
+            self.state.clear();
+        }
+        self.fed.clear();
+        self.fed.extend_from_slice(sequence);
+        let start = self.state.len();
+        let logits = self
+            .model
+            .forward(&mut self.state, &sequence[start..], Logits::Last)?;
+        self.logits.copy_from_slice(&logits[..self.vocab]);
+        Ok(())
+    }
+}
+
+impl Speculator for DraftModel<'_> {
+    fn name(&self) -> &'static str {
+        "draft"
+    }
+
+    fn propose(&mut self, sequence: &[u32], max: usize, out: &mut Vec<u32>) -> Result<()> {
+        if sequence.is_empty() {
+            return Ok(());
+        }
+        // The draft's context may be shorter than the model's.
+        let room = self.state.capacity().saturating_sub(sequence.len());
+        let max = max.min(room);
+        if max == 0 {
+            return Ok(());
+        }
+        self.sync(sequence)?;
+        self.history.clear();
+        self.history.extend_from_slice(sequence);
+        for i in 0..max {
+            let position = self.history.len();
+            let token = self
+                .sampler
+                .sample(&mut self.logits, position, &self.history);
+            out.push(token);
+            self.history.push(token);
+            if i + 1 < max {
+                let logits = self
+                    .model
+                    .forward(&mut self.state, &[token], Logits::Last)?;
+                self.logits.copy_from_slice(&logits[..self.vocab]);
+                self.fed.push(token);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,351 @@
+//! Speculative decoding: a speculator guesses the next tokens, the model
+//! checks them all in one pass, and every guess it would have sampled
+//! itself is kept.
+//!
+//! The model draws each position's token exactly as plain decoding does
+//! (same penalties, filters and Gumbel noise `g(seed, position, token)`,
+//! [`crate::sampler`]) from logits that equal one-token decoding's bit for
+//! bit ([`crate::Model::forward_exact`]), and drafted tokens are kept while
+//! they equal what it drew. So the output is the plain sampler's whatever
+//! the speculator proposes; a good speculator only makes it faster. A draft
+//! model that samples under the *same* noise ([`Coupling::Shared`]) agrees
+//! with the model whenever their distributions are close, not merely when
+//! two independent draws happen to coincide ([`Coupling::Independent`],
+//! kept for comparison).
+//!
+//! The pieces:
+//! - [`Speculator`]: the interface every speculator implements (propose up
+//!   to `k` tokens, learn from what was accepted);
+//! - [`DraftModel`] (a smaller model with the same tokenizer) and
+//!   [`PromptLookup`] (n-gram matches in the sequence so far);
+//! - [`Speculation`]: a speculator with its draft length (fixed, or
+//!   adaptive from the measured acceptance and costs) and statistics, which
+//!   [`crate::Generator::generate_with`] drives.
+
+mod draft;
+mod ngram;
+
+pub use draft::DraftModel;
+pub use ngram::PromptLookup;
+
+use crate::Result;
+use std::time::Duration;
+
+/// How a draft model's samples relate to the model's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Coupling {
+    /// The draft samples under the model's noise: when their
+    /// distributions agree, their samples agree.
+    #[default]
+    Shared,
+    /// The draft samples under noise of its own (what llama.cpp and mlx-lm
+    /// do); tokens are still accepted by equality, so only the acceptance
+    /// rate changes. For comparisons.
+    Independent,
+}
+
+impl Coupling {
+    /// The noise seed a draft uses when the model samples with `seed`.
+    pub fn draft_seed(self, seed: u64) -> u64 {
+        match self {
+            Coupling::Shared => seed,
+            // Any fixed bijection that moves every seed will do.
+            Coupling::Independent => seed.rotate_left(29) ^ 0xd1b5_4a32_d192_ed03,
+        }
+    }
+}
+
+/// Something that guesses how a sequence continues.
+pub trait Speculator {
+    /// A short name for reports (`draft`, `ngram`).
+    fn name(&self) -> &'static str;
+
+    /// Appends to `out` up to `max` tokens guessed to follow `sequence`
+    /// (the prompt and output so far; its last token was sampled by the
+    /// model but not yet fed to it). Proposing none is allowed.
+    fn propose(&mut self, sequence: &[u32], max: usize, out: &mut Vec<u32>) -> Result<()>;
+
+    /// Called once each verification is settled: `sequence` now ends with
+    /// the first `accepted` of the `drafted` tokens (the model's own next
+    /// token follows, unless it ends generation).
+    fn observe(&mut self, _sequence: &[u32], _drafted: usize, _accepted: usize) {}
+}
+
+/// How many tokens to draft per model pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DraftLength {
+    /// Always this many (fewer where the context or the token budget ends).
+    Fixed(usize),
+    /// The length that maximises expected tokens per second, from the
+    /// acceptance observed so far and the measured costs of drafting and
+    /// of verifying, up to `max`.
+    Adaptive {
+        /// The longest draft.
+        max: usize,
+    },
+}
+
+impl DraftLength {
+    /// The longest draft this allows: a state must be able to roll back this many tokens.
+    pub fn max(self) -> usize {
+        match self {
+            DraftLength::Fixed(k) | DraftLength::Adaptive { max: k } => k,
+        }
+    }
+}
+
+/// Longest draft the adaptive length picks by default.
+pub const DEFAULT_MAX_DRAFT: usize = 10;
+
+/// What speculation did during one generation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SpeculationStats {
+    /// Tokens the speculator proposed.
+    pub drafted: usize,
+    /// Of those, tokens the model accepted.
+    pub accepted: usize,
+    /// Model passes after the prefill (verifications and plain steps).
+    pub passes: usize,
+    /// Time spent proposing.
+    pub draft_time: Duration,
+    /// Time spent in the model's passes.
+    pub verify_time: Duration,
+}
+
+impl SpeculationStats {
+    /// Accepted over drafted (0 when nothing was drafted).
+    pub fn acceptance(&self) -> f64 {
+        self.accepted as f64 / self.drafted.max(1) as f64
+    }
+}
+
+/// Decayed sums for a least-squares line `y = a + b·x` (verification time
+/// against tokens verified).
+#[derive(Clone, Debug, Default)]
+struct LineFit {
+    n: f64,
+    x: f64,
+    y: f64,
+    xx: f64,
+    xy: f64,
+}
+
+impl LineFit {
+    /// Weight of the past per new observation: costs drift as caches warm
+    /// and the context grows.
+    const DECAY: f64 = 0.97;
+
+    fn add(&mut self, x: f64, y: f64) {
+        let d = Self::DECAY;
+        self.n = self.n * d + 1.0;
+        self.x = self.x * d + x;
+        self.y = self.y * d + y;
+        self.xx = self.xx * d + x * x;
+        self.xy = self.xy * d + x * y;
+    }
+
+    /// The fitted `(a, b)`, or `None` before two distinct `x` were seen.
+    fn line(&self) -> Option<(f64, f64)> {
+        let var = self.n * self.xx - self.x * self.x;
+        if self.n < 2.0 || var <= 1e-9 * self.n * self.n {
+            return None;
+        }
+        let b = (self.n * self.xy - self.x * self.y) / var;
+        let a = (self.y - b * self.x) / self.n;
+        Some((a, b))
+    }
+
+    fn mean_y(&self) -> Option<f64> {
+        (self.n > 0.0).then(|| self.y / self.n)
+    }
+}
+
+/// A speculator with its draft length, the estimates that choose an
+/// adaptive one, and the statistics of the current generation.
+pub struct Speculation<'a> {
+    speculator: Box<dyn Speculator + 'a>,
+    length: DraftLength,
+    /// Decayed counts of accepted positions and of rejections: the
+    /// acceptance rate per position is `hits / (hits + misses)`.
+    hits: f64,
+    misses: f64,
+    /// Seconds per drafted token, decayed mean.
+    draft_cost: Option<f64>,
+    /// Seconds of a model pass against tokens in it.
+    verify_cost: LineFit,
+    /// This generation's counts.
+    pub stats: SpeculationStats,
+}
+
+impl<'a> Speculation<'a> {
+    /// Speculation by `speculator`, drafting as `length` says.
+    pub fn new(speculator: Box<dyn Speculator + 'a>, length: DraftLength) -> Self {
+        Speculation {
+            speculator,
+            length,
+            // A prior worth a few observations, at 60%.
+            hits: 3.0,
+            misses: 2.0,
+            draft_cost: None,
+            verify_cost: LineFit::default(),
+            stats: SpeculationStats::default(),
+        }
+    }
+
+    /// The speculator's name.
+    pub fn name(&self) -> &'static str {
+        self.speculator.name()
+    }
+
+    /// The draft length setting.
+    pub fn length(&self) -> DraftLength {
+        self.length
+    }
+
+    /// Estimated probability that the model accepts a drafted token, given
+    /// it accepted the ones before.
+    pub fn acceptance_estimate(&self) -> f64 {
+        self.hits / (self.hits + self.misses)
+    }
+
+    /// How many tokens to draft now, at most `room`.
+    pub(crate) fn next_length(&self, room: usize) -> usize {
+        let k = match self.length {
+            DraftLength::Fixed(k) => k,
+            DraftLength::Adaptive { max } => self.best_length(max),
+        };
+        k.min(room)
+    }
+
+    /// The `k` in `1..=max` with the most expected tokens per second:
+    /// `(1 - α^(k+1)) / (1 - α)` tokens for `k` draft steps and a pass over
+    /// `k + 1` tokens.
+    fn best_length(&self, max: usize) -> usize {
+        let alpha = self.acceptance_estimate().min(0.999);
+        let pass = |tokens: f64| -> f64 {
+            match (self.verify_cost.line(), self.verify_cost.mean_y()) {
+                (Some((a, b)), _) => (a + b * tokens).max(1e-9),
+                // Until two lengths were measured: a pass over a few tokens
+                // costs about one token's (decoding is memory-bound).
+                (None, Some(mean)) => mean * (1.0 + 0.05 * (tokens - 1.0)),
+                (None, None) => 1.0 + 0.05 * (tokens - 1.0),
+            }
+        };
+        let draft = self.draft_cost.unwrap_or(0.0);
+        let rate = |k: usize| {
+            let tokens = (1.0 - alpha.powi(k as i32 + 1)) / (1.0 - alpha);
+            tokens / (k as f64 * draft + pass(k as f64 + 1.0))
+        };
+        (1..=max.max(1))
+            .max_by(|&a, &b| rate(a).total_cmp(&rate(b)))
+            .unwrap_or(1)
+            .min(max)
+    }
+
+    /// Asks the speculator for up to `max` tokens after `sequence`.
+    pub(crate) fn propose(
+        &mut self,
+        sequence: &[u32],
+        max: usize,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        out.clear();
+        if max == 0 {
+            return Ok(());
+        }
+        let start = std::time::Instant::now();
+        self.speculator.propose(sequence, max, out)?;
+        out.truncate(max);
+        let spent = start.elapsed();
+        self.stats.draft_time += spent;
+        if !out.is_empty() {
+            let per_token = spent.as_secs_f64() / out.len() as f64;
+            self.draft_cost = Some(match self.draft_cost {
+                Some(c) => 0.9 * c + 0.1 * per_token,
+                None => per_token,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records a model pass over `tokens` tokens that took `time`.
+    pub(crate) fn record_pass(&mut self, tokens: usize, time: Duration) {
+        self.stats.passes += 1;
+        self.stats.verify_time += time;
+        self.verify_cost.add(tokens as f64, time.as_secs_f64());
+    }
+
+    /// Records that `accepted` of `drafted` tokens were kept; `sequence` is
+    /// the sequence after the pass.
+    pub(crate) fn record_outcome(&mut self, sequence: &[u32], drafted: usize, accepted: usize) {
+        if drafted > 0 {
+            self.stats.drafted += drafted;
+            self.stats.accepted += accepted;
+            let d = 0.98f64.powi(accepted as i32 + 1);
+            self.hits = self.hits * d + accepted as f64;
+            self.misses = self.misses * d + f64::from(accepted < drafted);
+        }
+        self.speculator.observe(sequence, drafted, accepted);
+    }
+
+    /// Starts the statistics of a new generation (the estimates carry over).
+    pub(crate) fn reset_stats(&mut self) {
+        self.stats = SpeculationStats::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nothing;
+    impl Speculator for Nothing {
+        fn name(&self) -> &'static str {
+            "nothing"
+        }
+        fn propose(&mut self, _: &[u32], _: usize, _: &mut Vec<u32>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn with(hits: f64, misses: f64, draft: f64, pass: (f64, f64)) -> Speculation<'static> {
+        let mut s = Speculation::new(Box::new(Nothing), DraftLength::Adaptive { max: 12 });
+        (s.hits, s.misses, s.draft_cost) = (hits, misses, Some(draft));
+        for t in 1..=6 {
+            s.verify_cost.add(t as f64, pass.0 + pass.1 * t as f64);
+        }
+        s
+    }
+
+    #[test]
+    fn adaptive_length_follows_acceptance_and_costs() {
+        // A near-perfect, free speculator with flat passes: the longest draft.
+        assert_eq!(with(99.0, 1.0, 0.0, (1.0, 0.0)).next_length(100), 12);
+        // Poor acceptance: short drafts.
+        assert_eq!(with(1.0, 3.0, 0.05, (1.0, 0.05)).next_length(100), 1);
+        // Good acceptance but an expensive draft: in between.
+        let k = with(9.0, 1.0, 0.3, (1.0, 0.05)).next_length(100);
+        assert!((2..8).contains(&k), "{k}");
+        // The room left bounds it.
+        assert_eq!(with(99.0, 1.0, 0.0, (1.0, 0.0)).next_length(3), 3);
+    }
+
+    #[test]
+    fn line_fit_recovers_a_line() {
+        let mut f = LineFit::default();
+        assert!(f.line().is_none());
+        for x in [1.0, 2.0, 5.0, 3.0] {
+            f.add(x, 2.0 + 0.5 * x);
+        }
+        let (a, b) = f.line().unwrap();
+        assert!((a - 2.0).abs() < 1e-9 && (b - 0.5).abs() < 1e-9, "{a} {b}");
+    }
+
+    #[test]
+    fn independent_coupling_moves_the_seed() {
+        for seed in [0, 1, 42, u64::MAX] {
+            assert_eq!(Coupling::Shared.draft_seed(seed), seed);
+            assert_ne!(Coupling::Independent.draft_seed(seed), seed);
+        }
+    }
+}

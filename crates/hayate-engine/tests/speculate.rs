@@ -1,0 +1,212 @@
+//! Speculative decoding gives exactly the tokens plain decoding gives, for
+//! every speculator, coupling, draft length, temperature, filter setting,
+//! seed and architecture fixture; a draft that is the model itself under
+//! shared noise is always accepted.
+
+use hayate_engine::speculate::{
+    Coupling, DraftLength, DraftModel, PromptLookup, Speculation, Speculator,
+};
+use hayate_engine::{
+    Generator, LoadOptions, Model, QuantSpec, Sampler, SamplingParams, StateOptions, StopReason,
+};
+use hayate_kernels::QuantFormat;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn fixture_names() -> Vec<(String, usize)> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("MANIFEST.json")).unwrap()).unwrap();
+    manifest
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let name = f["name"].as_str().unwrap().to_owned();
+            (name, f["vocab_size"].as_u64().unwrap() as usize)
+        })
+        .collect()
+}
+
+/// One kernel thread: these models are tiny, and waking a second thread
+/// per product would cost more than the product.
+fn load(dir: &Path, quantize: Option<QuantFormat>) -> Model {
+    let options = LoadOptions {
+        threads: 1,
+        quantize: quantize.map(QuantSpec::new),
+        ..LoadOptions::default()
+    };
+    Model::load(dir, &options).unwrap()
+}
+
+fn options(rollback: usize) -> StateOptions {
+    StateOptions {
+        context: Some(120),
+        rollback,
+        // Small chunks so that sliding-window rings wrap.
+        prefill_chunk: 16,
+        ..StateOptions::default()
+    }
+}
+
+/// A prompt that repeats itself, so that prompt lookup finds matches.
+fn prompt(vocab: usize) -> Vec<u32> {
+    let part: Vec<u32> = (0..12).map(|i| ((i * 37 + 5) % vocab) as u32).collect();
+    [&part[..], &[3], &part[..], &part[..6]].concat()
+}
+
+const MAX_TOKENS: usize = 40;
+
+fn plain(model: &Model, params: &SamplingParams) -> (Vec<u32>, StopReason) {
+    let mut g = Generator::new(model, &options(16)).unwrap();
+    g.set_prompt(&prompt(model.info.vocab)).unwrap();
+    let mut sampler = Sampler::new(params.clone(), model.info.vocab);
+    let mut out = Vec::new();
+    let stats = g
+        .generate(&mut sampler, MAX_TOKENS, &[1], |t| {
+            out.push(t);
+            Ok::<_, hayate_engine::EngineError>(true)
+        })
+        .unwrap();
+    (out, stats.stop)
+}
+
+fn speculative(
+    model: &Model,
+    params: &SamplingParams,
+    speculation: &mut Speculation<'_>,
+) -> (Vec<u32>, StopReason) {
+    let mut g = Generator::new(model, &options(16)).unwrap();
+    g.set_prompt(&prompt(model.info.vocab)).unwrap();
+    let mut sampler = Sampler::new(params.clone(), model.info.vocab);
+    let mut out = Vec::new();
+    let stats = g
+        .generate_with(&mut sampler, Some(speculation), MAX_TOKENS, &[1], |t| {
+            out.push(t);
+            Ok::<_, hayate_engine::EngineError>(true)
+        })
+        .unwrap();
+    let spec = stats.speculation.unwrap();
+    assert!(spec.accepted <= spec.drafted);
+    assert!(spec.passes <= out.len() + 1);
+    (out, stats.stop)
+}
+
+/// Every temperature, with and without filters and penalty, at three seeds.
+fn settings() -> Vec<SamplingParams> {
+    let mut all = Vec::new();
+    for temperature in [0.0, 0.7, 1.0, 1.5] {
+        for seed in [0, 7, 123_456_789] {
+            all.push(SamplingParams {
+                temperature,
+                seed,
+                ..SamplingParams::default()
+            });
+            all.push(SamplingParams {
+                temperature,
+                seed,
+                top_k: 40,
+                top_p: 0.9,
+                min_p: 0.02,
+                repetition_penalty: 1.2,
+            });
+        }
+    }
+    all
+}
+
+const LENGTHS: [DraftLength; 4] = [
+    DraftLength::Fixed(1),
+    DraftLength::Fixed(3),
+    DraftLength::Fixed(6),
+    DraftLength::Adaptive { max: 8 },
+];
+
+/// Every temperature with and without filters, the seed changing throughout.
+fn some_settings() -> Vec<SamplingParams> {
+    settings().into_iter().skip(1).step_by(3).collect()
+}
+
+/// The speculators of `make` against plain decoding, over `settings` and every length.
+fn check_identity<'a>(
+    model: &Model,
+    (label, settings): (&str, Vec<SamplingParams>),
+    mut make: impl FnMut(&SamplingParams, DraftLength) -> Box<dyn Speculator + 'a>,
+) -> (usize, usize) {
+    let (mut drafted, mut accepted) = (0, 0);
+    for params in settings {
+        let want = plain(model, &params);
+        for length in LENGTHS {
+            let mut s = Speculation::new(make(&params, length), length);
+            let got = speculative(model, &params, &mut s);
+            assert_eq!(got, want, "{label}: {params:?} {length:?}");
+            drafted += s.stats.drafted;
+            accepted += s.stats.accepted;
+        }
+    }
+    (drafted, accepted)
+}
+
+/// Makes draft-model speculators over `draft`.
+// The lifetime cannot be elided: in the closure's signature `'_` would name its own argument's.
+#[allow(clippy::needless_lifetimes)]
+fn draft<'m>(
+    draft: &'m Model,
+    vocab: usize,
+    coupling: Coupling,
+) -> impl FnMut(&SamplingParams, DraftLength) -> Box<dyn Speculator + 'm> {
+    move |params, length| {
+        let o = options(length.max() + 1);
+        Box::new(DraftModel::new(draft, vocab, params, coupling, &o).unwrap())
+    }
+}
+
+#[test]
+fn the_model_drafting_for_itself_is_always_accepted_under_shared_noise() {
+    for (name, _) in fixture_names() {
+        let model = load(&fixtures().join(&name), None);
+        let v = model.info.vocab;
+        let (d, a) = check_identity(
+            &model,
+            (&name, settings()),
+            draft(&model, v, Coupling::Shared),
+        );
+        assert_eq!(a, d, "{name}: the model drafting for itself");
+        // Under independent noise: the same tokens, fewer accepted.
+        let some = (name.as_str(), some_settings());
+        let (d, a) = check_identity(&model, some, draft(&model, v, Coupling::Independent));
+        assert!(a < d, "{name}: independent noise accepted everything");
+    }
+}
+
+#[test]
+fn other_drafts_give_the_plain_tokens() {
+    let names = fixture_names();
+    for (name, vocab) in &names {
+        let model = load(&fixtures().join(name), None);
+        let v = model.info.vocab;
+        let some = || (name.as_str(), some_settings());
+        // The model quantized: a close draft.
+        let q4 = load(&fixtures().join(name), Some(QuantFormat::Q4));
+        for coupling in [Coupling::Shared, Coupling::Independent] {
+            check_identity(&model, some(), draft(&q4, v, coupling));
+        }
+        // Another architecture with the same vocabulary, if any: a poor one.
+        if let Some((other, _)) = names.iter().find(|(n, s)| s == vocab && n != name) {
+            let other = load(&fixtures().join(other), None);
+            check_identity(&model, some(), draft(&other, v, Coupling::Shared));
+        }
+    }
+}
+
+#[test]
+fn prompt_lookup_gives_the_plain_tokens() {
+    for (name, _) in fixture_names() {
+        let model = load(&fixtures().join(&name), None);
+        let some = (name.as_str(), some_settings());
+        let (d, _) = check_identity(&model, some, |_, _| Box::new(PromptLookup::new(3, 1)));
+        assert!(d > 0, "{name}: prompt lookup never proposed");
+    }
+}
