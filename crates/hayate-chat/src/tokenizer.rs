@@ -92,6 +92,37 @@ impl TextTokenizer {
             .map_err(|e| ChatError::Tokenizer(e.to_string()))
     }
 
+    /// Why `other` would read token ids differently from this tokenizer
+    /// (`None` when every token, special ones included, has the same id in
+    /// both): a draft model must share the model's vocabulary.
+    pub fn vocabulary_difference(&self, other: &TextTokenizer) -> Option<String> {
+        let (mine, theirs) = (
+            self.tokenizer.get_vocab(true),
+            other.tokenizer.get_vocab(true),
+        );
+        let mut differ: Vec<(&String, u32, Option<u32>)> = mine
+            .iter()
+            .filter_map(|(text, &id)| {
+                let there = theirs.get(text).copied();
+                (there != Some(id)).then_some((text, id, there))
+            })
+            .collect();
+        let only_theirs = theirs.keys().filter(|t| !mine.contains_key(*t)).count();
+        if differ.is_empty() && only_theirs == 0 {
+            return None;
+        }
+        differ.sort_by_key(|d| d.1);
+        let example = differ.first().map_or(String::new(), |(text, id, there)| {
+            let there = there.map_or("absent".to_owned(), |t| format!("id {t}"));
+            format!(" (e.g. {text:?} is id {id} here, {there} there)")
+        });
+        Some(format!(
+            "{} of {} tokens differ and {only_theirs} exist only in the other vocabulary{example}",
+            differ.len(),
+            mine.len()
+        ))
+    }
+
     /// The id of a token given by its text (e.g. `<|im_end|>`).
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.tokenizer.token_to_id(token)

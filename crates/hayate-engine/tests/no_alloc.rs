@@ -33,8 +33,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The count is process-wide: tests take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn decode_steps_do_not_allocate() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/pystd-qwen3-7m");
     let quantized = |format, embeddings| {
         Some(QuantSpec {
@@ -112,6 +116,70 @@ fn decode_steps_do_not_allocate() {
         assert_eq!(
             allocated, 0,
             "{allocated} allocations in 32 decode steps ({what})"
+        );
+    }
+}
+
+/// Speculative decoding's loop does not allocate either, once the kernels'
+/// buffers reached the size of its passes: with a draft model (the trained
+/// pair) and with prompt lookup.
+#[test]
+fn speculative_decode_does_not_allocate() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    use hayate_engine::speculate::{
+        Coupling, DraftLength, DraftModel, PromptLookup, Speculation, Speculator,
+    };
+    use hayate_engine::{Generator, StateOptions};
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models");
+    let model = Model::load(&models.join("pystd-qwen3-7m"), &LoadOptions::default()).unwrap();
+    let draft = Model::load(&models.join("pystd-qwen3-1m"), &LoadOptions::default()).unwrap();
+    let params = SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        repetition_penalty: 1.1,
+        seed: 3,
+        ..SamplingParams::default()
+    };
+    let options = StateOptions {
+        context: Some(512),
+        rollback: 8,
+        ..StateOptions::default()
+    };
+    let v = model.info.vocab;
+    let speculators: [Box<dyn Speculator + '_>; 2] = [
+        Box::new(DraftModel::new(&draft, v, &params, Coupling::Shared, &options).unwrap()),
+        Box::new(PromptLookup::new(3, 1)),
+    ];
+    for speculator in speculators {
+        let name = speculator.name();
+        let mut speculation = Speculation::new(speculator, DraftLength::Fixed(6));
+        let mut generator = Generator::new(&model, &options).unwrap();
+        // Text that repeats, so that prompt lookup drafts.
+        let prompt: Vec<u32> = (0..60).map(|i| (i % 20 * 37 + 5) as u32).collect();
+        generator.set_prompt(&prompt).unwrap();
+        let mut sampler = Sampler::new(params.clone(), v);
+        let (mut seen, mut before, mut after) = (0, 0, 0);
+        generator
+            .generate_with(&mut sampler, Some(&mut speculation), 200, &[], |_| {
+                seen += 1;
+                match seen {
+                    40 => before = ALLOCATIONS.load(Ordering::Relaxed),
+                    200 => after = ALLOCATIONS.load(Ordering::Relaxed),
+                    _ => {}
+                }
+                Ok::<_, hayate_engine::EngineError>(true)
+            })
+            .unwrap();
+        assert_eq!(seen, 200);
+        assert!(
+            speculation.stats.drafted > 100,
+            "{name}: {:?}",
+            speculation.stats
+        );
+        assert_eq!(
+            after - before,
+            0,
+            "{name}: allocations in 160 speculative tokens"
         );
     }
 }

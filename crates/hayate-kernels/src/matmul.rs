@@ -588,50 +588,6 @@ pub(crate) mod avx2 {
     /// fastest here (several interleaved rows confuse the hardware prefetcher).
     const PREFETCH_BYTES: usize = 1024;
 
-    /// Generates a dot product of one weight row of a stored dtype with an f32 vector.
-    macro_rules! dot_row {
-        ($name:ident, $t:ty, $load:ident) => {
-            /// # Safety
-            /// `w` points to `k` values; `x` to `k` values.
-            #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn $name(w: *const $t, k: usize, x: *const f32) -> f32 {
-                let ahead = PREFETCH_BYTES / std::mem::size_of::<$t>();
-                let mut acc0 = _mm256_setzero_ps();
-                let mut acc1 = _mm256_setzero_ps();
-                let body = k - k % 16;
-                let mut i = 0;
-                // SAFETY: every index read is below `k`; the prefetch address
-                // is computed without dereferencing and may lie past the row.
-                unsafe {
-                    while i < body {
-                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i + ahead).cast());
-                        acc0 = _mm256_fmadd_ps($load(w.add(i)), _mm256_loadu_ps(x.add(i)), acc0);
-                        acc1 = _mm256_fmadd_ps(
-                            $load(w.add(i + 8)),
-                            _mm256_loadu_ps(x.add(i + 8)),
-                            acc1,
-                        );
-                        i += 16;
-                    }
-                    let mut wt = [0 as $t; 16];
-                    let mut xt = [0f32; 16];
-                    std::ptr::copy_nonoverlapping(w.add(body), wt.as_mut_ptr(), k - body);
-                    std::ptr::copy_nonoverlapping(x.add(body), xt.as_mut_ptr(), k - body);
-                    acc0 = _mm256_fmadd_ps($load(wt.as_ptr()), _mm256_loadu_ps(xt.as_ptr()), acc0);
-                    acc1 = _mm256_fmadd_ps(
-                        $load(wt.as_ptr().add(8)),
-                        _mm256_loadu_ps(xt.as_ptr().add(8)),
-                        acc1,
-                    );
-                }
-                hsum(_mm256_add_ps(acc0, acc1))
-            }
-        };
-    }
-
-    dot_row!(dot_row_f32, f32, load_f32);
-    dot_row!(dot_row_f16, u16, load_f16);
-
     /// Reorders `x` for [`dot_row_bf16`] into `out` (as long): in each block
     /// of 16, the 8 even-indexed values, then the 8 odd-indexed ones. The
     /// tail (past the last full block) is left in order.
@@ -663,19 +619,76 @@ pub(crate) mod avx2 {
         out[body..].copy_from_slice(&x[body..]);
     }
 
-    /// Dot product of one bf16 row with a vector `xd` reordered by
+    /// Generates the dot products of one weight row of a stored dtype with
+    /// `T` f32 vectors: each weight vector is loaded once for all tokens, and
+    /// every token's sums take the same steps whatever `T`, so a token's
+    /// result does not depend on how many share the pass.
+    macro_rules! dot_row_tokens {
+        ($name:ident, $t:ty, $load:ident) => {
+            /// # Safety
+            /// `w` points to `k` values; each of `x` to `k` values.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $name<const T: usize>(
+                w: *const $t,
+                k: usize,
+                x: [*const f32; T],
+            ) -> [f32; T] {
+                let ahead = PREFETCH_BYTES / std::mem::size_of::<$t>();
+                let mut acc0 = [_mm256_setzero_ps(); T];
+                let mut acc1 = [_mm256_setzero_ps(); T];
+                let body = k - k % 16;
+                let mut i = 0;
+                // SAFETY: every index read is below `k`; the prefetch address
+                // is computed without dereferencing and may lie past the row.
+                unsafe {
+                    while i < body {
+                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i + ahead).cast());
+                        let (w0, w1) = ($load(w.add(i)), $load(w.add(i + 8)));
+                        for t in 0..T {
+                            acc0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t].add(i)), acc0[t]);
+                            acc1[t] =
+                                _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[t].add(i + 8)), acc1[t]);
+                        }
+                        i += 16;
+                    }
+                    let mut wt = [0 as $t; 16];
+                    std::ptr::copy_nonoverlapping(w.add(body), wt.as_mut_ptr(), k - body);
+                    let (w0, w1) = ($load(wt.as_ptr()), $load(wt.as_ptr().add(8)));
+                    std::array::from_fn(|t| {
+                        let mut xt = [0f32; 16];
+                        std::ptr::copy_nonoverlapping(x[t].add(body), xt.as_mut_ptr(), k - body);
+                        let a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt.as_ptr()), acc0[t]);
+                        let a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt.as_ptr().add(8)), acc1[t]);
+                        hsum(_mm256_add_ps(a0, a1))
+                    })
+                }
+            }
+        };
+    }
+
+    dot_row_tokens!(dot_tokens_f32, f32, load_f32);
+    dot_row_tokens!(dot_tokens_f16, u16, load_f16);
+
+    /// Dot products of one bf16 row with `T` vectors reordered by
     /// [`deinterleave`]. A 32-bit lane of 16 loaded bf16 values holds an
     /// even- and an odd-indexed value: shifting left by 16 widens the even
-    /// one, masking the low half widens the odd one, so no shuffles are needed.
+    /// one, masking the low half widens the odd one, so no shuffles are
+    /// needed; every 16 weights are widened once for all tokens, and each
+    /// token's sums take the same steps whatever `T`.
     ///
     /// # Safety
-    /// `w` points to `k` values; `xd` to `k` values.
+    /// `w` points to `k` values; each of `xd` to `k` values.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_row_bf16(w: *const u16, k: usize, xd: *const f32) -> f32 {
+    unsafe fn dot_tokens_bf16<const T: usize>(
+        w: *const u16,
+        k: usize,
+        xd: [*const f32; T],
+    ) -> [f32; T] {
         let ahead = PREFETCH_BYTES / 2;
         let mask = _mm256_set1_epi32(0xffff_0000u32 as i32);
-        let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut even = [_mm256_setzero_ps(); T];
+        let mut odd = [_mm256_setzero_ps(); T];
         let body = k - k % 16;
         let mut i = 0;
         // SAFETY: every index read is below `k`; the prefetch address is
@@ -686,17 +699,25 @@ pub(crate) mod avx2 {
                 let v = _mm256_loadu_si256(w.add(i).cast());
                 let e = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
                 let o = _mm256_castsi256_ps(_mm256_and_si256(v, mask));
-                even = _mm256_fmadd_ps(e, _mm256_loadu_ps(xd.add(i)), even);
-                odd = _mm256_fmadd_ps(o, _mm256_loadu_ps(xd.add(i + 8)), odd);
+                for t in 0..T {
+                    even[t] = _mm256_fmadd_ps(e, _mm256_loadu_ps(xd[t].add(i)), even[t]);
+                    odd[t] = _mm256_fmadd_ps(o, _mm256_loadu_ps(xd[t].add(i + 8)), odd[t]);
+                }
                 i += 16;
             }
-            let mut out = hsum(_mm256_add_ps(even, odd));
-            for j in body..k {
-                out += f32::from_bits((*w.add(j) as u32) << 16) * *xd.add(j);
-            }
-            out
+            std::array::from_fn(|t| {
+                let mut out = hsum(_mm256_add_ps(even[t], odd[t]));
+                for j in body..k {
+                    out += f32::from_bits((*w.add(j) as u32) << 16) * *xd[t].add(j);
+                }
+                out
+            })
         }
     }
+
+    /// Tokens per pass of the multi-token row kernels: two accumulators
+    /// per token, in AVX2's 16 registers.
+    const TOKENS_PER_PASS: usize = 4;
 
     /// # Safety
     /// See [`super::matmul_rows`]; the CPU supports AVX2, FMA and F16C.
@@ -709,31 +730,47 @@ pub(crate) mod avx2 {
         y: *mut f32,
     ) {
         let (k, n, x) = (w.cols, w.rows, inputs.x);
-        if let WeightSlice::Bf16(s) = w.data {
-            // SAFETY: rows lie within the matrix, tokens within `y` (caller);
-            // each reordered token holds `k` values.
-            unsafe {
-                for r in rows {
-                    for t in 0..n_tok {
-                        let xt = inputs.token(Bf16Layout::Halves16, t, k);
-                        let wp = s.as_ptr().add(r * k);
-                        *y.add(t * n + r) = dot_row_bf16(wp, k, xt.as_ptr());
+        // One row against tokens `t0..t0 + T`, each token's sum exactly the
+        // one-token kernel's.
+        macro_rules! pass {
+            ($r:expr, $t0:expr, $T:literal) => {{
+                let (r, t0) = ($r, $t0);
+                // SAFETY: rows lie within the matrix, tokens within `x`, the
+                // reordered inputs and `y` (caller); each token holds `k` values.
+                unsafe {
+                    let out: [f32; $T] = match w.data {
+                        WeightSlice::Bf16(s) => {
+                            let xd = std::array::from_fn(|j| {
+                                inputs.token(Bf16Layout::Halves16, t0 + j, k).as_ptr()
+                            });
+                            dot_tokens_bf16::<$T>(s.as_ptr().add(r * k), k, xd)
+                        }
+                        WeightSlice::F32(s) => {
+                            let xp = std::array::from_fn(|j| x.as_ptr().add((t0 + j) * k));
+                            dot_tokens_f32::<$T>(s.as_ptr().add(r * k), k, xp)
+                        }
+                        WeightSlice::F16(s) => {
+                            let xp = std::array::from_fn(|j| x.as_ptr().add((t0 + j) * k));
+                            dot_tokens_f16::<$T>(s.as_ptr().add(r * k), k, xp)
+                        }
+                    };
+                    for (j, v) in out.into_iter().enumerate() {
+                        *y.add((t0 + j) * n + r) = v;
                     }
                 }
-            }
-            return;
+            }};
         }
-        // SAFETY: rows lie within the matrix, tokens within `x` and `y` (caller).
-        unsafe {
-            for r in rows {
-                for t in 0..n_tok {
-                    let xp = x.as_ptr().add(t * k);
-                    *y.add(t * n + r) = match w.data {
-                        WeightSlice::F32(s) => dot_row_f32(s.as_ptr().add(r * k), k, xp),
-                        WeightSlice::F16(s) => dot_row_f16(s.as_ptr().add(r * k), k, xp),
-                        WeightSlice::Bf16(_) => unreachable!("handled above"),
-                    };
+        for r in rows {
+            let mut t0 = 0;
+            while t0 < n_tok {
+                let tokens = (n_tok - t0).min(TOKENS_PER_PASS);
+                match tokens {
+                    1 => pass!(r, t0, 1),
+                    2 => pass!(r, t0, 2),
+                    3 => pass!(r, t0, 3),
+                    _ => pass!(r, t0, 4),
                 }
+                t0 += tokens;
             }
         }
     }

@@ -50,6 +50,21 @@ pub struct BenchArgs {
         default_value_t = 5
     )]
     repetitions: usize,
+    /// Also time exact passes over K tokens (what speculative verification
+    /// runs: the last token and K - 1 drafted ones) against one-token passes
+    /// at each depth; a comma list runs one test per K.
+    #[arg(long, value_name = "K", value_delimiter = ',')]
+    verify: Vec<usize>,
+    /// Acceptance rates per drafted token to project speculative speedups
+    /// at, from the --verify timings (a comma list).
+    #[arg(
+        long,
+        value_name = "A",
+        value_delimiter = ',',
+        default_value = "0.5,0.7,0.9",
+        requires = "verify"
+    )]
+    acceptance: Vec<f64>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -61,6 +76,37 @@ pub struct BenchArgs {
 
 /// Most repetitions of a test.
 const MAX_REPETITIONS: usize = 1000;
+
+/// Most tokens a `--verify` pass takes.
+const MAX_VERIFY: usize = 64;
+
+/// Passes per `--verify` repetition.
+const VERIFY_PASSES: usize = 32;
+
+/// A `--verify` measurement: a K-token exact pass against a one-token one.
+#[derive(Serialize)]
+struct Verify {
+    threads: usize,
+    depth: usize,
+    tokens: usize,
+    /// Median seconds of a pass over `tokens` tokens.
+    pass_s: f64,
+    /// Median seconds of a one-token pass.
+    one_token_s: f64,
+    /// `pass_s / one_token_s`.
+    cost_ratio: f64,
+    /// Per acceptance rate: the speedup over plain decoding if `tokens - 1`
+    /// drafted tokens cost nothing to draft (n-gram lookup).
+    projected: Vec<Projection>,
+}
+
+/// A projected speculative speedup.
+#[derive(Serialize)]
+struct Projection {
+    acceptance: f64,
+    tokens_per_pass: f64,
+    speedup: f64,
+}
 
 #[derive(Serialize)]
 struct Rate {
@@ -87,6 +133,8 @@ struct Report {
     /// How the attention cache stores keys and values.
     kv_cache: String,
     results: Vec<Rate>,
+    /// `--verify` measurements.
+    verify: Vec<Verify>,
     /// Measured memory read bandwidth (with --bandwidth).
     read_bandwidth_bytes_s: Option<f64>,
     /// Decode tok/s the bandwidth allows: bandwidth / bytes per token.
@@ -168,6 +216,27 @@ fn time_prompt(model: &Model, state: &mut InferenceState, n: usize) -> Result<f6
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// Median seconds of an exact pass over `n` tokens after `state`'s
+/// context, over [`VERIFY_PASSES`] passes each rolled back.
+fn time_exact_pass(model: &Model, state: &mut InferenceState, n: usize) -> Result<f64> {
+    let depth = state.len();
+    let input = tokens(n, model.info.vocab);
+    let mut logits = Vec::new();
+    let mut times = Vec::with_capacity(VERIFY_PASSES);
+    for _ in 0..VERIFY_PASSES {
+        let start = Instant::now();
+        model.forward_exact(state, &input, Logits::All(&mut logits))?;
+        times.push(start.elapsed().as_secs_f64());
+        state.truncate(depth)?;
+    }
+    Ok(median(&mut times))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 fn time_generation(model: &Model, state: &mut InferenceState, n: usize) -> Result<f64> {
     let mut token = tokens(1, model.info.vocab)[0];
     let start = Instant::now();
@@ -186,15 +255,32 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let prompts: Vec<usize> = args.n_prompt.iter().copied().filter(|&n| n > 0).collect();
     let gens: Vec<usize> = args.n_gen.iter().copied().filter(|&n| n > 0).collect();
-    if prompts.is_empty() && gens.is_empty() {
+    if prompts.is_empty() && gens.is_empty() && args.verify.is_empty() {
         bail!("nothing to measure: -p (prompt tokens) and -n (generated tokens) are both 0");
     }
+    if let Some(k) = args
+        .verify
+        .iter()
+        .find(|&&k| !(1..=MAX_VERIFY).contains(&k))
+    {
+        bail!("--verify takes passes of 1 to {MAX_VERIFY} tokens, not {k}");
+    }
+    if let Some(a) = args.acceptance.iter().find(|a| !(0.0..1.0).contains(*a)) {
+        bail!("--acceptance takes rates in [0, 1), not {a}");
+    }
+    let mut verify = Vec::new();
     let mut results = Vec::new();
     let mut dispatch = Vec::new();
     let mut first: Option<(Model, StateOptions)> = None;
     for &threads in &args.model.threads {
         let model = args.model.load_with(threads)?;
-        let longest = prompts.iter().chain(&gens).copied().max().unwrap_or(1);
+        let longest = prompts
+            .iter()
+            .chain(&gens)
+            .chain(&args.verify)
+            .copied()
+            .max()
+            .unwrap_or(1);
         let deepest = args.depth.iter().copied().max().unwrap_or(0);
         let needed = deepest.checked_add(longest);
         let ctx = args.model.ctx_size.or(needed).unwrap_or(usize::MAX);
@@ -205,7 +291,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 model.info.max_positions
             );
         }
-        let options = args.model.state_options(Some(ctx), KvFormat::Bf16);
+        let mut options = args.model.state_options(Some(ctx), KvFormat::Bf16);
+        // A verification pass is rolled back after it is timed.
+        options.rollback = options
+            .rollback
+            .max(args.verify.iter().copied().max().unwrap_or(0));
         let pool = model.pool();
         // Warm up: fault in the weights and the state's buffers once; the
         // tests reuse that state wherever it can be brought to their depth.
@@ -251,6 +341,37 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 let test = name(format!("{}{n}", if prompt { "pp" } else { "tg" }));
                 results.push(summarise(test, model.n_threads(), depth, n, &secs));
             }
+            for &k in &args.verify {
+                // One-token and K-token passes interleaved, medians of all.
+                let (mut one, mut many) = (Vec::new(), Vec::new());
+                for _ in 0..args.repetitions {
+                    let state = state_at_depth(&model, &options, depth, &mut slot)?;
+                    one.push(time_exact_pass(&model, state, 1)?);
+                    many.push(time_exact_pass(&model, state, k)?);
+                }
+                let (one, many) = (median(&mut one), median(&mut many));
+                let projected = args
+                    .acceptance
+                    .iter()
+                    .map(|&a| {
+                        let tokens = (1.0 - a.powi(k as i32)) / (1.0 - a);
+                        Projection {
+                            acceptance: a,
+                            tokens_per_pass: tokens,
+                            speedup: tokens * one / many,
+                        }
+                    })
+                    .collect();
+                verify.push(Verify {
+                    threads: model.n_threads(),
+                    depth,
+                    tokens: k,
+                    pass_s: many,
+                    one_token_s: one,
+                    cost_ratio: many / one,
+                    projected,
+                });
+            }
         }
         first.get_or_insert((model, options));
     }
@@ -271,6 +392,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         kernels: model.isa().name().to_owned(),
         kv_cache: options.kv_cache.name().to_owned(),
         results,
+        verify,
         read_bandwidth_bytes_s: bandwidth,
         decode_ceiling_tok_s: bandwidth.map(|b| b / model.info.bytes_per_token as f64),
         dispatch,
@@ -342,6 +464,31 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 100.0 * share
             );
         }
+    }
+    for v in &report.verify {
+        let projected: Vec<String> = v
+            .projected
+            .iter()
+            .map(|p| {
+                format!(
+                    "{:.0}%: {:.2} tok/pass, {:.2}x",
+                    100.0 * p.acceptance,
+                    p.tokens_per_pass,
+                    p.speedup
+                )
+            })
+            .collect();
+        println!(
+            "\n{} threads, depth {}: an exact pass over {} tokens takes {:.3} ms, {:.2}x a one-token pass ({:.3} ms); projected speedup with {} drafted tokens at acceptance {}",
+            v.threads,
+            v.depth,
+            v.tokens,
+            v.pass_s * 1e3,
+            v.cost_ratio,
+            v.one_token_s * 1e3,
+            v.tokens - 1,
+            projected.join(" | ")
+        );
     }
     println!("peak RSS {}", mib(report.peak_rss_bytes));
     Ok(())

@@ -2,6 +2,7 @@
 //! is kept across turns, so each turn prefills only what is new.
 
 use crate::common::{ModelArgs, SamplingArgs, stop_ids};
+use crate::speculation::{JsonStats, SpeculationArgs, stats_text};
 use anyhow::{Result, bail};
 use clap::Args;
 use hayate_chat::{Message, TextTokenizer};
@@ -20,6 +21,11 @@ pub struct ChatArgs {
     max_tokens: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    speculation: SpeculationArgs,
+    /// Also print each turn's statistics as one JSON object on stderr.
+    #[arg(long)]
+    json_stats: bool,
 }
 
 pub fn run(args: ChatArgs) -> Result<()> {
@@ -30,11 +36,17 @@ pub fn run(args: ChatArgs) -> Result<()> {
     }
     let params = args.sampling.resolve(&model)?;
     let stops = stop_ids(&model, Some(&tokenizer));
-    let options = args
-        .model
-        .state_options(args.model.ctx_size, KvFormat::Bf16);
+    let draft = args.speculation.load_draft(&args.model, Some(&tokenizer))?;
+    let options = args.speculation.state_options(
+        args.model
+            .state_options(args.model.ctx_size, KvFormat::Bf16),
+    )?;
+    let mut speculation = args
+        .speculation
+        .build(&model, draft.as_ref(), &params, &options)?;
+    let name = speculation.as_ref().map(|s| s.name());
     let mut generator = Generator::new(&model, &options)?;
-    let mut sampler = Sampler::new(params, model.info.vocab);
+    let mut sampler = Sampler::new(params.clone(), model.info.vocab);
     let base: Vec<Message> = args
         .system
         .iter()
@@ -78,8 +90,9 @@ pub fn run(args: ChatArgs) -> Result<()> {
         let mut stream = tokenizer.stream();
         let mut reply = String::new();
         let mut out = std::io::stdout().lock();
-        let stats = generator.generate(
+        let stats = generator.generate_with(
             &mut sampler,
+            speculation.as_mut(),
             args.max_tokens,
             &stops,
             |token| -> Result<bool> {
@@ -97,8 +110,12 @@ pub fn run(args: ChatArgs) -> Result<()> {
         }
         writeln!(out)?;
         out.flush()?;
+        let speculated = match (&stats.speculation, name) {
+            (Some(s), Some(name)) => stats_text(name, s, stats.generated),
+            _ => String::new(),
+        };
         eprintln!(
-            "[{} new prompt tok, {:.1} tok/s | {} tok, {:.1} tok/s{}]",
+            "[{} new prompt tok, {:.1} tok/s | {} tok, {:.1} tok/s{speculated}{}]",
             stats.prompt_tokens,
             stats.prefill_rate(),
             stats.generated,
@@ -109,6 +126,12 @@ pub fn run(args: ChatArgs) -> Result<()> {
                 ""
             }
         );
+        if args.json_stats {
+            eprintln!(
+                "{}",
+                serde_json::to_string(&JsonStats::new(&stats, &params, name))?
+            );
+        }
         messages.push(Message::new("assistant", &reply));
     }
     Ok(())

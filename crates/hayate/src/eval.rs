@@ -74,9 +74,37 @@ pub struct EvalArgs {
         requires = "teacher_generate"
     )]
     teacher_seed: u64,
+    /// Temperatures to measure the total-variation distance between the
+    /// two models' next-token distributions at (with --reference; at most
+    /// 4): TV bounds how often a draft's sample equals the model's.
+    #[arg(
+        long,
+        value_name = "T",
+        value_delimiter = ',',
+        default_value = "1",
+        requires = "reference"
+    )]
+    tv_temperature: Vec<f32>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// Most `--tv-temperature` values.
+const MAX_TV: usize = 4;
+
+/// Total-variation distance at one temperature, and the acceptance it
+/// bounds for a draft (the reference) proposing to the model.
+#[derive(Serialize)]
+struct TvReport {
+    temperature: f32,
+    /// Mean over positions of TV = ½ Σ |p_i − q_i|.
+    mean: f64,
+    /// Mean of (1 − TV) / (1 + TV): the acceptance per drafted token that
+    /// shared-noise (Gumbel) coupling guarantees at least.
+    shared_noise_bound: f64,
+    /// Mean of 1 − TV: what rejection sampling accepts.
+    rejection_sampling: f64,
 }
 
 /// What `--json` prints; the field names are stable.
@@ -114,6 +142,8 @@ struct Report {
     kl_max: Option<f64>,
     /// Share of positions where both models' most likely next token is the same.
     top1_agreement: Option<f64>,
+    /// Total-variation distances, per `--tv-temperature`.
+    tv: Vec<TvReport>,
     threads: usize,
     /// Wall time of the scoring loop (tokenization and loading excluded).
     seconds: f64,
@@ -208,11 +238,33 @@ struct Scored {
     /// KL(reference || model), nats.
     kl: f64,
     top1_agrees: bool,
+    /// TV distance per `--tv-temperature`.
+    tv: [f64; MAX_TV],
+}
+
+/// ½ Σ |softmax(p/t) − softmax(q/t)|.
+fn total_variation(p: &[f32], q: &[f32], t: f32) -> f64 {
+    let inv = 1.0 / f64::from(t);
+    let lse = |v: &[f32]| {
+        let max = f64::from(max_index(v).0) * inv;
+        max + v
+            .iter()
+            .map(|&x| (f64::from(x) * inv - max).exp())
+            .sum::<f64>()
+            .ln()
+    };
+    let (lp, lq) = (lse(p), lse(q));
+    let sum: f64 = p
+        .iter()
+        .zip(q)
+        .map(|(&a, &b)| ((f64::from(a) * inv - lp).exp() - (f64::from(b) * inv - lq).exp()).abs())
+        .sum();
+    0.5 * sum
 }
 
 /// Scores one position from the model's logits `q`, the reference's `p`
 /// if any, and the token that came next.
-fn score(q: &[f32], p: Option<&[f32]>, target: u32) -> Scored {
+fn score(q: &[f32], p: Option<&[f32]>, target: u32, tv_at: &[f32]) -> Scored {
     let t = target as usize;
     match p {
         None => Scored {
@@ -226,6 +278,9 @@ fn score(q: &[f32], p: Option<&[f32]>, target: u32) -> Scored {
                 reference_nll: p_row.lse - f64::from(p[t]),
                 kl,
                 top1_agrees: p_row.argmax == q_row.argmax,
+                tv: std::array::from_fn(|i| {
+                    tv_at.get(i).map_or(0.0, |&t| total_variation(p, q, t))
+                }),
             }
         }
     }
@@ -238,8 +293,8 @@ fn score_window(
     model_logits: &[f32],
     reference_logits: Option<&[f32]>,
     targets: &[u32],
-    vocab: usize,
-    threads: usize,
+    (vocab, threads): (usize, usize),
+    tv_at: &[f32],
     out: &mut Vec<Scored>,
 ) {
     out.clear();
@@ -255,6 +310,7 @@ fn score_window(
                         &model_logits[at.clone()],
                         reference_logits.map(|r| &r[at]),
                         targets[position],
+                        tv_at,
                     );
                 }
             });
@@ -269,6 +325,16 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     if args.context == 0 {
         bail!("--context must be at least 1");
+    }
+    if args.tv_temperature.len() > MAX_TV {
+        bail!("--tv-temperature takes at most {MAX_TV} temperatures");
+    }
+    if let Some(t) = args
+        .tv_temperature
+        .iter()
+        .find(|t| !(**t > 0.0 && t.is_finite()))
+    {
+        bail!("--tv-temperature must be > 0, not {t}");
     }
     if let Some(n) = args.teacher_generate
         && !(1..args.context).contains(&n)
@@ -433,6 +499,8 @@ fn evaluate(args: &EvalArgs, models: &Models<'_>, path: &Path, tokens: &[u32]) -
     // Summed in position order, whatever the thread count.
     let (mut n_scored, mut model_nll, mut reference_nll, mut agree) = (0, 0.0, 0.0, 0);
     let mut kl = Vec::new();
+    // Per `--tv-temperature`: Σ TV and Σ (1 - TV) / (1 + TV).
+    let mut tv_sums = [(0.0f64, 0.0f64); MAX_TV];
 
     let start = Instant::now();
     let windows = match (prompt_len, models.reference, &mut reference_state) {
@@ -481,14 +549,18 @@ fn evaluate(args: &EvalArgs, models: &Models<'_>, path: &Path, tokens: &[u32]) -
             &model_logits[from..],
             has_reference.then(|| &reference_logits[from..]),
             &window.targets,
-            vocab,
-            model.n_threads(),
+            (vocab, model.n_threads()),
+            &args.tv_temperature,
             &mut scored,
         );
         for s in &scored {
             model_nll += s.model_nll;
             reference_nll += s.reference_nll;
             agree += usize::from(s.top1_agrees);
+            for (sums, &tv) in tv_sums.iter_mut().zip(&s.tv) {
+                sums.0 += tv;
+                sums.1 += (1.0 - tv) / (1.0 + tv);
+            }
         }
         if has_reference {
             kl.extend(scored.iter().map(|s| s.kl));
@@ -528,6 +600,20 @@ fn evaluate(args: &EvalArgs, models: &Models<'_>, path: &Path, tokens: &[u32]) -
         kl_p99: kl_stat(&|k| quantile(k, 0.99)),
         kl_max: kl_stat(&|k| k[k.len() - 1]),
         top1_agreement: has_reference.then(|| agree as f64 / n),
+        tv: if has_reference {
+            args.tv_temperature
+                .iter()
+                .zip(tv_sums)
+                .map(|(&temperature, (tv, bound))| TvReport {
+                    temperature,
+                    mean: tv / n,
+                    shared_noise_bound: bound / n,
+                    rejection_sampling: 1.0 - tv / n,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
         threads: model.n_threads(),
         seconds,
     })
@@ -690,6 +776,24 @@ fn print_table(r: &Report) {
             row("  max", vec![format!("{max:.6}")]),
             row("top-1 agreement", vec![format!("{top1:.4}")]),
         ]);
+        for tv in &r.tv {
+            rows.extend([
+                vec![],
+                row(
+                    &format!("total variation at T = {}", tv.temperature),
+                    vec![],
+                ),
+                row("  mean TV", vec![format!("{:.4}", tv.mean)]),
+                row(
+                    "  mean (1 - TV) / (1 + TV)",
+                    vec![format!("{:.4}", tv.shared_noise_bound)],
+                ),
+                row(
+                    "  mean 1 - TV",
+                    vec![format!("{:.4}", tv.rejection_sampling)],
+                ),
+            ]);
+        }
     }
     print_aligned(&rows);
 }

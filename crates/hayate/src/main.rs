@@ -7,6 +7,7 @@ mod eval;
 mod logits;
 mod quantize;
 mod run;
+mod speculation;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 

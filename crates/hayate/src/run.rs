@@ -1,6 +1,7 @@
 //! `hayate run`: one prompt, one streamed reply, a stats line.
 
 use crate::common::{ModelArgs, SamplingArgs, mib, peak_rss_bytes, stop_ids};
+use crate::speculation::{JsonStats, SpeculationArgs, stats_text};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use hayate_chat::{Message, TextTokenizer};
@@ -22,6 +23,11 @@ pub struct RunArgs {
     raw: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    speculation: SpeculationArgs,
+    /// Also print the statistics as one JSON object on stderr, after the stats line.
+    #[arg(long)]
+    json_stats: bool,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -40,9 +46,14 @@ pub fn run(args: RunArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
-    let options = args
-        .model
-        .state_options(args.model.ctx_size, KvFormat::Bf16);
+    let draft = args.speculation.load_draft(&args.model, Some(&tokenizer))?;
+    let options = args.speculation.state_options(
+        args.model
+            .state_options(args.model.ctx_size, KvFormat::Bf16),
+    )?;
+    let mut speculation = args
+        .speculation
+        .build(&model, draft.as_ref(), &params, &options)?;
     let mut generator = Generator::new(&model, &options)?;
     let capacity = generator.state.capacity();
     if prompt.len() >= capacity {
@@ -60,19 +71,27 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut sampler = Sampler::new(params.clone(), model.info.vocab);
     let mut stream = tokenizer.stream();
     let mut out = std::io::stdout().lock();
-    let stats = generator.generate(&mut sampler, max_tokens, &stops, |token| -> Result<bool> {
-        if let Some(piece) = stream.push(token)? {
-            // A closed pipe (e.g. `| head`) ends generation quietly.
-            if out
-                .write_all(piece.as_bytes())
-                .and_then(|_| out.flush())
-                .is_err()
-            {
-                return Ok(false);
+    let speculating = speculation.as_mut();
+    let name = speculating.as_ref().map(|s| s.name());
+    let stats = generator.generate_with(
+        &mut sampler,
+        speculating,
+        max_tokens,
+        &stops,
+        |token| -> Result<bool> {
+            if let Some(piece) = stream.push(token)? {
+                // A closed pipe (e.g. `| head`) ends generation quietly.
+                if out
+                    .write_all(piece.as_bytes())
+                    .and_then(|_| out.flush())
+                    .is_err()
+                {
+                    return Ok(false);
+                }
             }
-        }
-        Ok(true)
-    })?;
+            Ok(true)
+        },
+    )?;
     if let Some(piece) = stream.finish()? {
         let _ = out.write_all(piece.as_bytes());
     }
@@ -83,8 +102,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     } else {
         format!("seed {}", params.seed)
     };
+    let speculated = match (&stats.speculation, name) {
+        (Some(s), Some(name)) => stats_text(name, s, stats.generated),
+        _ => String::new(),
+    };
     eprintln!(
-        "[prompt {} tok | first token {} | prefill {:.1} tok/s | generated {} tok | decode {:.1} tok/s | peak RSS {} | {} | stop: {}]",
+        "[prompt {} tok | first token {} | prefill {:.1} tok/s | generated {} tok | decode {:.1} tok/s{speculated} | peak RSS {} | {} | stop: {}]",
         stats.prompt_tokens,
         stats
             .time_to_first_token
@@ -99,6 +122,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         sampling,
         stats.stop
     );
+    if args.json_stats {
+        eprintln!(
+            "{}",
+            serde_json::to_string(&JsonStats::new(&stats, &params, name))?
+        );
+    }
     Ok(())
 }
 

@@ -52,11 +52,11 @@ impl<'m> DraftModel<'m> {
         Ok(DraftModel {
             model,
             fed: Vec::with_capacity(state.capacity()),
+            history: Vec::with_capacity(state.capacity()),
             state,
             sampler: Sampler::new(params, vocab),
             vocab,
             logits: vec![0.0; vocab],
-            history: Vec::new(),
         })
     }
 
