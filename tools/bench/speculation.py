@@ -64,6 +64,7 @@ def main():
         "draft": ["--draft", str(args.draft)],
         "draft-independent": ["--draft", str(args.draft), "--coupling", "independent"],
         "ngram": ["--speculate", "ngram"],
+        "suffix": ["--speculate", "suffix"],
     }
     temperatures = [float(t) for t in args.temperatures.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]

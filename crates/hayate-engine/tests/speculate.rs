@@ -4,13 +4,15 @@
 //! shared noise is always accepted.
 
 use hayate_engine::speculate::{
-    Coupling, DraftLength, DraftModel, PromptLookup, Speculation, Speculator,
+    Coupling, DraftLength, DraftModel, PromptLookup, Speculation, Speculator, SuffixSpeculator,
 };
 use hayate_engine::{
     Generator, LoadOptions, Model, QuantSpec, Sampler, SamplingParams, StateOptions, StopReason,
 };
 use hayate_kernels::QuantFormat;
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -201,12 +203,35 @@ fn other_drafts_give_the_plain_tokens() {
     }
 }
 
+/// A speculator shared by several generations.
+struct Shared(Rc<RefCell<SuffixSpeculator>>);
+
+impl Speculator for Shared {
+    fn name(&self) -> &'static str {
+        "suffix"
+    }
+    fn propose(
+        &mut self,
+        sequence: &[u32],
+        max: usize,
+        out: &mut Vec<u32>,
+    ) -> hayate_engine::Result<()> {
+        self.0.borrow_mut().propose(sequence, max, out)
+    }
+}
+
 #[test]
-fn prompt_lookup_gives_the_plain_tokens() {
+fn prompt_lookup_and_suffix_speculation_give_the_plain_tokens() {
     for (name, _) in fixture_names() {
         let model = load(&fixtures().join(&name), None);
         let some = (name.as_str(), some_settings());
         let (d, _) = check_identity(&model, some, |_, _| Box::new(PromptLookup::new(3, 1)));
         assert!(d > 0, "{name}: prompt lookup never proposed");
+        // One suffix speculator across all runs, as a session shares it:
+        // it proposes from what earlier runs generated too.
+        let shared = Rc::new(RefCell::new(SuffixSpeculator::new(4, 0.05)));
+        let some = (name.as_str(), some_settings());
+        let (d, _) = check_identity(&model, some, |_, _| Box::new(Shared(Rc::clone(&shared))));
+        assert!(d > 0, "{name}: suffix speculation never proposed");
     }
 }

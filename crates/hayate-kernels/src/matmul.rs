@@ -149,7 +149,7 @@ pub fn matmul(pool: &ThreadPool, isa: Isa, w: MatRef<'_>, x: &[f32], n_tok: usiz
     matmul_many(pool, isa, &mut [MatmulJob { w, y }], x, n_tok);
 }
 
-/// [`matmul_many`] with the fastest kernels ([`ProductMode::Fast`]).
+/// [`matmul_many_in`] with the fastest kernels ([`ProductMode::Fast`]).
 pub fn matmul_many(
     pool: &ThreadPool,
     isa: Isa,
@@ -165,7 +165,8 @@ struct OutPtr(*mut f32);
 unsafe impl Sync for OutPtr {}
 
 /// Several products that share their input, split across the pool as one
-/// piece of work (e.g. the q, k and v projections).
+/// piece of work (e.g. the q, k and v projections), on the kernels `mode`
+/// allows.
 ///
 /// Panics if the shapes disagree: that is a bug in the caller, never input.
 pub fn matmul_many_in(

@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use hayate_chat::TextTokenizer;
 use hayate_engine::speculate::{
     Coupling, DEFAULT_MAX_DRAFT, DraftLength, DraftModel, PromptLookup, Speculation,
-    SpeculationStats,
+    SpeculationStats, SuffixSpeculator,
 };
 use hayate_engine::{GenerationStats, Model, SamplingParams, StateOptions};
 use serde::Serialize;
@@ -26,8 +26,9 @@ pub struct SpeculationArgs {
     #[arg(long, value_name = "N")]
     pub draft_threads: Option<usize>,
     /// Which speculator guesses the next tokens: a draft model, n-gram
-    /// lookup in the prompt and output so far, or none (default: `draft`
-    /// with `--draft`, else `ngram`). The output is the same whichever.
+    /// lookup in the prompt and output so far, counted continuations of
+    /// everything the session saw (suffix), or none (default: `draft` with
+    /// `--draft`, else `ngram`). The output is the same whichever.
     #[arg(long, value_name = "S")]
     pub speculate: Option<SpeculateArg>,
     /// Tokens drafted per model pass (default: adaptive, up to 10, from the
@@ -50,6 +51,9 @@ pub enum SpeculateArg {
     Draft,
     /// Continuations of n-gram matches in the prompt and output.
     Ngram,
+    /// The continuations seen most often in everything this session saw
+    /// (in `chat`, earlier turns too).
+    Suffix,
 }
 
 /// A coupling on the command line.
@@ -75,7 +79,7 @@ impl SpeculationArgs {
         });
         match (kind, &self.draft) {
             (SpeculateArg::Draft, None) => bail!("--speculate draft needs --draft DIR"),
-            (SpeculateArg::None | SpeculateArg::Ngram, Some(_)) => {
+            (SpeculateArg::None | SpeculateArg::Ngram | SpeculateArg::Suffix, Some(_)) => {
                 bail!("--draft is only used with --speculate draft")
             }
             _ => Ok(kind),
@@ -155,6 +159,7 @@ impl SpeculationArgs {
         let speculator: Box<dyn hayate_engine::speculate::Speculator + 'm> = match self.kind()? {
             SpeculateArg::None => return Ok(None),
             SpeculateArg::Ngram => Box::new(PromptLookup::default()),
+            SpeculateArg::Suffix => Box::new(SuffixSpeculator::default()),
             SpeculateArg::Draft => {
                 let draft = draft.expect("loaded by load_draft");
                 if draft.info.vocab < model.info.vocab {

@@ -43,12 +43,13 @@ fn run_prints_the_same_text_with_every_speculator() {
     for (temperature, seed) in [("0", "1"), ("0.7", "2"), ("1", "3")] {
         let sampling = ["--temperature", temperature, "--seed", seed];
         let (want, _) = ok(&run(&[&sampling[..], &["--speculate", "none"]].concat()));
-        let variants: [&[&str]; 5] = [
+        let variants: [&[&str]; 6] = [
             &["--draft", draft],
             &["--draft", draft, "--draft-tokens", "4"],
             &["--draft", draft, "--coupling", "independent"],
             &["--draft", draft, "--draft-threads", "1"],
             &["--speculate", "ngram"],
+            &["--speculate", "suffix"],
         ];
         for variant in variants {
             let args = [&sampling[..], variant, &["--json-stats"]].concat();
@@ -58,7 +59,7 @@ fn run_prints_the_same_text_with_every_speculator() {
             let name = if variant[0] == "--draft" {
                 "draft"
             } else {
-                "ngram"
+                variant[1]
             };
             assert_eq!(stats["speculator"], name, "{stderr}");
             assert_eq!(stats["generated_tokens"], 96);

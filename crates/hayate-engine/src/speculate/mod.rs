@@ -16,17 +16,20 @@
 //! The pieces:
 //! - [`Speculator`]: the interface every speculator implements (propose up
 //!   to `k` tokens, learn from what was accepted);
-//! - [`DraftModel`] (a smaller model with the same tokenizer) and
-//!   [`PromptLookup`] (n-gram matches in the sequence so far);
+//! - [`DraftModel`] (a smaller model with the same tokenizer),
+//!   [`PromptLookup`] (n-gram matches in the sequence so far) and
+//!   [`SuffixSpeculator`] (counted continuations over everything seen);
 //! - [`Speculation`]: a speculator with its draft length (fixed, or
 //!   adaptive from the measured acceptance and costs) and statistics, which
 //!   [`crate::Generator::generate_with`] drives.
 
 mod draft;
 mod ngram;
+mod suffix;
 
 pub use draft::DraftModel;
 pub use ngram::PromptLookup;
+pub use suffix::SuffixSpeculator;
 
 use crate::Result;
 use std::time::Duration;
@@ -57,7 +60,7 @@ impl Coupling {
 
 /// Something that guesses how a sequence continues.
 pub trait Speculator {
-    /// A short name for reports (`draft`, `ngram`).
+    /// A short name for reports (`draft`, `ngram`, `suffix`).
     fn name(&self) -> &'static str;
 
     /// Appends to `out` up to `max` tokens guessed to follow `sequence`
@@ -96,6 +99,10 @@ impl DraftLength {
 
 /// Longest draft the adaptive length picks by default.
 pub const DEFAULT_MAX_DRAFT: usize = 10;
+
+/// Passes without a draft after which an adaptive length drafts once anyway,
+/// to keep its acceptance estimate current.
+pub const PROBE_EVERY: usize = 16;
 
 /// What speculation did during one generation.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -158,6 +165,10 @@ impl LineFit {
     fn mean_y(&self) -> Option<f64> {
         (self.n > 0.0).then(|| self.y / self.n)
     }
+
+    fn mean_xy(&self) -> Option<(f64, f64)> {
+        (self.n > 0.0).then(|| (self.x / self.n, self.y / self.n))
+    }
 }
 
 /// A speculator with its draft length, the estimates that choose an
@@ -169,10 +180,16 @@ pub struct Speculation<'a> {
     /// acceptance rate per position is `hits / (hits + misses)`.
     hits: f64,
     misses: f64,
-    /// Seconds per drafted token, decayed mean.
-    draft_cost: Option<f64>,
+    /// Seconds of a proposal against tokens drafted, from proposals that
+    /// followed a drafted pass (so a draft model's catching up after plain
+    /// steps, or its prefill of the prompt, does not count as drafting cost).
+    draft_cost: LineFit,
+    /// Length of the sequence at the last proposal that drafted.
+    drafted_at: Option<usize>,
     /// Seconds of a model pass against tokens in it.
     verify_cost: LineFit,
+    /// Passes in a row the adaptive length chose not to draft for.
+    undrafted: usize,
     /// This generation's counts.
     pub stats: SpeculationStats,
 }
@@ -186,8 +203,10 @@ impl<'a> Speculation<'a> {
             // A prior worth a few observations, at 60%.
             hits: 3.0,
             misses: 2.0,
-            draft_cost: None,
+            draft_cost: LineFit::default(),
+            drafted_at: None,
             verify_cost: LineFit::default(),
+            undrafted: 0,
             stats: SpeculationStats::default(),
         }
     }
@@ -208,19 +227,34 @@ impl<'a> Speculation<'a> {
         self.hits / (self.hits + self.misses)
     }
 
-    /// How many tokens to draft now, at most `room`.
-    pub(crate) fn next_length(&self, room: usize) -> usize {
+    /// How many tokens to draft now, at most `room`. An adaptive length
+    /// may choose none where drafting does not pay, drafting again every
+    /// [`PROBE_EVERY`] passes to learn whether it has started to.
+    pub(crate) fn next_length(&mut self, room: usize) -> usize {
         let k = match self.length {
             DraftLength::Fixed(k) => k,
-            DraftLength::Adaptive { max } => self.best_length(max),
+            DraftLength::Adaptive { max } => match self.best_length(max, 0) {
+                0 if self.undrafted + 1 < PROBE_EVERY => {
+                    self.undrafted += 1;
+                    0
+                }
+                0 => {
+                    self.undrafted = 0;
+                    self.best_length(max, 1)
+                }
+                k => {
+                    self.undrafted = 0;
+                    k
+                }
+            },
         };
         k.min(room)
     }
 
-    /// The `k` in `1..=max` with the most expected tokens per second:
+    /// The `k` in `min..=max` with the most expected tokens per second:
     /// `(1 - α^(k+1)) / (1 - α)` tokens for `k` draft steps and a pass over
-    /// `k + 1` tokens.
-    fn best_length(&self, max: usize) -> usize {
+    /// `k + 1` tokens (`k = 0`: a plain step).
+    fn best_length(&self, max: usize, min: usize) -> usize {
         let alpha = self.acceptance_estimate().min(0.999);
         let pass = |tokens: f64| -> f64 {
             match (self.verify_cost.line(), self.verify_cost.mean_y()) {
@@ -231,15 +265,22 @@ impl<'a> Speculation<'a> {
                 (None, None) => 1.0 + 0.05 * (tokens - 1.0),
             }
         };
-        let draft = self.draft_cost.unwrap_or(0.0);
+        let draft = |k: f64| -> f64 {
+            match (self.draft_cost.line(), self.draft_cost.mean_xy()) {
+                _ if k == 0.0 => 0.0,
+                (Some((a, b)), _) => (a + b * k).max(0.0),
+                (None, Some((x, y))) => y * k / x.max(1.0),
+                // Nothing measured yet: drafting is taken as free until it is.
+                (None, None) => 0.0,
+            }
+        };
         let rate = |k: usize| {
             let tokens = (1.0 - alpha.powi(k as i32 + 1)) / (1.0 - alpha);
-            tokens / (k as f64 * draft + pass(k as f64 + 1.0))
+            tokens / (draft(k as f64) + pass(k as f64 + 1.0))
         };
-        (1..=max.max(1))
+        (min..=max.max(min))
             .max_by(|&a, &b| rate(a).total_cmp(&rate(b)))
-            .unwrap_or(1)
-            .min(max)
+            .unwrap_or(min)
     }
 
     /// Asks the speculator for up to `max` tokens after `sequence`.
@@ -258,13 +299,15 @@ impl<'a> Speculation<'a> {
         out.truncate(max);
         let spent = start.elapsed();
         self.stats.draft_time += spent;
-        if !out.is_empty() {
-            let per_token = spent.as_secs_f64() / out.len() as f64;
-            self.draft_cost = Some(match self.draft_cost {
-                Some(c) => 0.9 * c + 0.1 * per_token,
-                None => per_token,
-            });
+        // Right after a drafted pass the sequence grew by at most a whole
+        // draft and the model's token.
+        let steady = self
+            .drafted_at
+            .is_some_and(|at| sequence.len() <= at + self.length.max() + 1);
+        if steady && !out.is_empty() {
+            self.draft_cost.add(out.len() as f64, spent.as_secs_f64());
         }
+        self.drafted_at = (!out.is_empty()).then_some(sequence.len());
         Ok(())
     }
 
@@ -310,9 +353,10 @@ mod tests {
 
     fn with(hits: f64, misses: f64, draft: f64, pass: (f64, f64)) -> Speculation<'static> {
         let mut s = Speculation::new(Box::new(Nothing), DraftLength::Adaptive { max: 12 });
-        (s.hits, s.misses, s.draft_cost) = (hits, misses, Some(draft));
+        (s.hits, s.misses) = (hits, misses);
         for t in 1..=6 {
             s.verify_cost.add(t as f64, pass.0 + pass.1 * t as f64);
+            s.draft_cost.add(t as f64, draft * t as f64);
         }
         s
     }
@@ -323,6 +367,16 @@ mod tests {
         assert_eq!(with(99.0, 1.0, 0.0, (1.0, 0.0)).next_length(100), 12);
         // Poor acceptance: short drafts.
         assert_eq!(with(1.0, 3.0, 0.05, (1.0, 0.05)).next_length(100), 1);
+        // Drafting does not pay: plain steps, with a probe every PROBE_EVERY passes.
+        let mut s = with(1.0, 4.0, 0.4, (1.0, 0.3));
+        let lengths: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| s.next_length(100)).collect();
+        let probes: Vec<usize> = (0..lengths.len()).filter(|&i| lengths[i] > 0).collect();
+        assert_eq!(
+            probes,
+            [PROBE_EVERY - 1, 2 * PROBE_EVERY - 1],
+            "{lengths:?}"
+        );
+        assert_eq!(lengths[PROBE_EVERY - 1], 1);
         // Good acceptance but an expensive draft: in between.
         let k = with(9.0, 1.0, 0.3, (1.0, 0.05)).next_length(100);
         assert!((2..8).contains(&k), "{k}");

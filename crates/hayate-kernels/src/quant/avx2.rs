@@ -108,21 +108,24 @@ fn lane(v: __m256, j: i32) -> __m256 {
     _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j))
 }
 
-/// One row dotted with one token's int8 activations. Blocks go in chunks of
-/// 8 so that their scales (and q4 zero-point corrections) are combined in
-/// vectors rather than one scalar at a time; leftover blocks one by one.
+/// One row dotted with `T` tokens' int8 activations. Blocks go in chunks
+/// of 8 so that their scales (and q4 zero-point corrections) are combined
+/// in vectors rather than one scalar at a time; leftover blocks one by one.
+/// Each block's codes and each chunk's scales are loaded once for all
+/// tokens, and every token's sums take the same steps whatever `T`, so a
+/// token's result does not depend on how many share the pass.
 ///
 /// # Safety
-/// `r` is a row of `w`; `xq` holds `w.cols` codes, `sx` and `sums`
-/// `w.cols / 32` values.
+/// `r` is a row of `w`; each `xq` holds `w.cols` codes, each `sx` and
+/// `sums` `w.cols / 32` values.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_row<const Q4: bool>(
+unsafe fn dot_row<const Q4: bool, const T: usize>(
     w: &QuantMatRef<'_>,
     r: usize,
-    xq: &[i8],
-    sx: &[f32],
-    sums: &[f32],
-) -> f32 {
+    xq: [&[i8]; T],
+    sx: [&[f32]; T],
+    sums: [&[f32]; T],
+) -> [f32; T] {
     let nb = w.cols / BLOCK;
     let groups = w.groups();
     let shift = (w.group / BLOCK).trailing_zeros();
@@ -135,24 +138,31 @@ unsafe fn dot_row<const Q4: bool>(
         let codes = w.codes.as_ptr().add(r * row_bytes);
         let scales = w.scales.as_ptr().add(r * groups);
         let zeros = w.zeros.as_ptr().add(r * w.format.zero_row_bytes(groups));
-        let (xq, sx, sums) = (xq.as_ptr(), sx.as_ptr(), sums.as_ptr());
-        let dot = |b: usize| -> __m256 {
-            let x = _mm256_loadu_si256(xq.add(b * BLOCK).cast());
+        let xq = xq.map(<[i8]>::as_ptr);
+        let (sx, sums) = (sx.map(<[f32]>::as_ptr), sums.map(<[f32]>::as_ptr));
+        // The block's codes as `vpmaddubsw` takes them, once for all tokens.
+        let codes_of = |b: usize| -> (__m256i, __m256i) {
+            if q4 {
+                (load_q4(codes.add(b * 16)), _mm256_setzero_si256())
+            } else {
+                let wv = _mm256_loadu_si256(codes.add(b * BLOCK).cast());
+                (_mm256_sign_epi8(wv, wv), wv)
+            }
+        };
+        let dot = |(q, wv): (__m256i, __m256i), t: usize, b: usize| -> __m256 {
+            let x = _mm256_loadu_si256(xq[t].add(b * BLOCK).cast());
             let d = if q4 {
-                block_dot(load_q4(codes.add(b * 16)), x)
+                block_dot(q, x)
             } else {
                 // |w| x (x with w's sign) = w x, with the unsigned operand first.
-                let wv = _mm256_loadu_si256(codes.add(b * BLOCK).cast());
-                block_dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv))
+                block_dot(q, _mm256_sign_epi8(x, wv))
             };
             _mm256_cvtepi32_ps(d)
         };
         let lanes = group_lanes(shift);
-        let (mut acc0, mut acc1, mut corr) = (
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-        );
+        let mut acc0 = [_mm256_setzero_ps(); T];
+        let mut acc1 = [_mm256_setzero_ps(); T];
+        let mut corr = [_mm256_setzero_ps(); T];
         let chunks = nb / 8;
         for c in 0..chunks {
             let b0 = c * 8;
@@ -163,33 +173,51 @@ unsafe fn dot_row<const Q4: bool>(
                     .cast(),
             );
             let s = chunk_scales(scales, g0, shift, lanes);
-            let both = _mm256_mul_ps(s, _mm256_loadu_ps(sx.add(b0)));
+            let sz = if q4 {
+                _mm256_mul_ps(s, chunk_zeros(zeros, g0, shift, lanes))
+            } else {
+                _mm256_setzero_ps()
+            };
+            let both: [__m256; T] =
+                std::array::from_fn(|t| _mm256_mul_ps(s, _mm256_loadu_ps(sx[t].add(b0))));
             if q4 {
-                let z = chunk_zeros(zeros, g0, shift, lanes);
-                corr = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(sums.add(b0)), corr);
+                for t in 0..T {
+                    corr[t] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(sums[t].add(b0)), corr[t]);
+                }
             }
-            acc0 = _mm256_fmadd_ps(dot(b0), lane(both, 0), acc0);
-            acc1 = _mm256_fmadd_ps(dot(b0 + 1), lane(both, 1), acc1);
-            acc0 = _mm256_fmadd_ps(dot(b0 + 2), lane(both, 2), acc0);
-            acc1 = _mm256_fmadd_ps(dot(b0 + 3), lane(both, 3), acc1);
-            acc0 = _mm256_fmadd_ps(dot(b0 + 4), lane(both, 4), acc0);
-            acc1 = _mm256_fmadd_ps(dot(b0 + 5), lane(both, 5), acc1);
-            acc0 = _mm256_fmadd_ps(dot(b0 + 6), lane(both, 6), acc0);
-            acc1 = _mm256_fmadd_ps(dot(b0 + 7), lane(both, 7), acc1);
+            for j in 0..4 {
+                let (b_even, b_odd) = (b0 + 2 * j, b0 + 2 * j + 1);
+                let (q_even, q_odd) = (codes_of(b_even), codes_of(b_odd));
+                for t in 0..T {
+                    let lane_even = lane(both[t], 2 * j as i32);
+                    let lane_odd = lane(both[t], 2 * j as i32 + 1);
+                    acc0[t] = _mm256_fmadd_ps(dot(q_even, t, b_even), lane_even, acc0[t]);
+                    acc1[t] = _mm256_fmadd_ps(dot(q_odd, t, b_odd), lane_odd, acc1[t]);
+                }
+            }
         }
-        let mut tail_corr = 0f32;
+        let mut tail_corr = [0f32; T];
         for b in chunks * 8..nb {
             let g = b >> shift;
             let s = bf16_to_f32(*scales.add(g));
-            acc0 = _mm256_fmadd_ps(dot(b), _mm256_set1_ps(s * *sx.add(b)), acc0);
-            if q4 {
-                let z = group_nibble(*zeros.add(g / 2), g);
-                tail_corr += s * f32::from(z) * *sums.add(b);
+            let q = codes_of(b);
+            for t in 0..T {
+                acc0[t] = _mm256_fmadd_ps(dot(q, t, b), _mm256_set1_ps(s * *sx[t].add(b)), acc0[t]);
+                if q4 {
+                    let z = group_nibble(*zeros.add(g / 2), g);
+                    tail_corr[t] += s * f32::from(z) * *sums[t].add(b);
+                }
             }
         }
-        hsum(_mm256_add_ps(acc0, acc1)) - hsum(corr) - tail_corr
+        std::array::from_fn(|t| {
+            hsum(_mm256_add_ps(acc0[t], acc1[t])) - hsum(corr[t]) - tail_corr[t]
+        })
     }
 }
+
+/// Tokens per pass of [`dot_row`] over a row: three accumulators per token
+/// in AVX2's 16 registers.
+const TOKENS_PER_PASS: usize = 3;
 
 /// Decode: every row of `rows` against each of the (few) tokens.
 ///
@@ -205,19 +233,35 @@ pub unsafe fn gemv_rows(
     assert_eq!(w.layout, QuantLayout::Rows, "row kernel on strips");
     let k = w.cols;
     let nb = k / BLOCK;
-    for r in rows {
-        for t in 0..acts.n_tok {
-            let xq = &acts.codes[t * k..(t + 1) * k];
-            let sx = &acts.scales[t * nb..(t + 1) * nb];
-            // SAFETY: `r` is a row of `w`; the slices cover one token; `y`
-            // covers `n_tok * w.rows` values (caller).
+    macro_rules! pass {
+        ($r:expr, $t0:expr, $T:literal) => {{
+            let (r, t0) = ($r, $t0);
+            let xq = std::array::from_fn(|j| &acts.codes[(t0 + j) * k..(t0 + j + 1) * k]);
+            let sx = std::array::from_fn(|j| &acts.scales[(t0 + j) * nb..(t0 + j + 1) * nb]);
+            let sums = std::array::from_fn(|j| &acts.sums[(t0 + j) * nb..(t0 + j + 1) * nb]);
+            // SAFETY: `r` is a row of `w`; the slices cover one token each;
+            // `y` covers `n_tok * w.rows` values (caller).
             unsafe {
-                let sums = &acts.sums[t * nb..(t + 1) * nb];
-                *y.add(t * w.rows + r) = match w.format {
-                    QuantFormat::Q4 => dot_row::<true>(&w, r, xq, sx, sums),
-                    QuantFormat::Q8 => dot_row::<false>(&w, r, xq, sx, sums),
+                let out: [f32; $T] = match w.format {
+                    QuantFormat::Q4 => dot_row::<true, $T>(&w, r, xq, sx, sums),
+                    QuantFormat::Q8 => dot_row::<false, $T>(&w, r, xq, sx, sums),
                 };
+                for (j, v) in out.into_iter().enumerate() {
+                    *y.add((t0 + j) * w.rows + r) = v;
+                }
             }
+        }};
+    }
+    for r in rows {
+        let mut t0 = 0;
+        while t0 < acts.n_tok {
+            let tokens = (acts.n_tok - t0).min(TOKENS_PER_PASS);
+            match tokens {
+                1 => pass!(r, t0, 1),
+                2 => pass!(r, t0, 2),
+                _ => pass!(r, t0, 3),
+            }
+            t0 += tokens;
         }
     }
 }
