@@ -104,6 +104,9 @@ pub const DEFAULT_MAX_DRAFT: usize = 10;
 /// to keep its acceptance estimate current.
 pub const PROBE_EVERY: usize = 16;
 
+/// Longest run of passes without a draft between probes.
+pub const MAX_PROBE_INTERVAL: usize = 128;
+
 /// What speculation did during one generation.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SpeculationStats {
@@ -190,6 +193,10 @@ pub struct Speculation<'a> {
     verify_cost: LineFit,
     /// Passes in a row the adaptive length chose not to draft for.
     undrafted: usize,
+    /// Undrafted passes before the next probe: [`PROBE_EVERY`], doubled
+    /// after each probe that did not make drafting pay (a draft model's
+    /// probe costs catching up on every token since the last one).
+    probe_interval: usize,
     /// This generation's counts.
     pub stats: SpeculationStats,
 }
@@ -207,6 +214,7 @@ impl<'a> Speculation<'a> {
             drafted_at: None,
             verify_cost: LineFit::default(),
             undrafted: 0,
+            probe_interval: PROBE_EVERY,
             stats: SpeculationStats::default(),
         }
     }
@@ -228,22 +236,25 @@ impl<'a> Speculation<'a> {
     }
 
     /// How many tokens to draft now, at most `room`. An adaptive length
-    /// may choose none where drafting does not pay, drafting again every
-    /// [`PROBE_EVERY`] passes to learn whether it has started to.
+    /// may choose none where drafting does not pay, drafting once after
+    /// [`PROBE_EVERY`] such passes (then twice as many, up to
+    /// [`MAX_PROBE_INTERVAL`]) to learn whether it has started to.
     pub(crate) fn next_length(&mut self, room: usize) -> usize {
         let k = match self.length {
             DraftLength::Fixed(k) => k,
             DraftLength::Adaptive { max } => match self.best_length(max, 0) {
-                0 if self.undrafted + 1 < PROBE_EVERY => {
+                0 if self.undrafted + 1 < self.probe_interval => {
                     self.undrafted += 1;
                     0
                 }
                 0 => {
                     self.undrafted = 0;
+                    self.probe_interval = (2 * self.probe_interval).min(MAX_PROBE_INTERVAL);
                     self.best_length(max, 1)
                 }
                 k => {
                     self.undrafted = 0;
+                    self.probe_interval = PROBE_EVERY;
                     k
                 }
             },
@@ -367,16 +378,14 @@ mod tests {
         assert_eq!(with(99.0, 1.0, 0.0, (1.0, 0.0)).next_length(100), 12);
         // Poor acceptance: short drafts.
         assert_eq!(with(1.0, 3.0, 0.05, (1.0, 0.05)).next_length(100), 1);
-        // Drafting does not pay: plain steps, with a probe every PROBE_EVERY passes.
+        // Drafting does not pay: plain steps, with a probe after PROBE_EVERY
+        // passes, then after twice as many each time.
         let mut s = with(1.0, 4.0, 0.4, (1.0, 0.3));
-        let lengths: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| s.next_length(100)).collect();
+        let lengths: Vec<usize> = (0..7 * PROBE_EVERY).map(|_| s.next_length(100)).collect();
         let probes: Vec<usize> = (0..lengths.len()).filter(|&i| lengths[i] > 0).collect();
-        assert_eq!(
-            probes,
-            [PROBE_EVERY - 1, 2 * PROBE_EVERY - 1],
-            "{lengths:?}"
-        );
-        assert_eq!(lengths[PROBE_EVERY - 1], 1);
+        let p = PROBE_EVERY;
+        assert_eq!(probes, [p - 1, 3 * p - 1, 7 * p - 1], "{lengths:?}");
+        assert_eq!(lengths[p - 1], 1);
         // Good acceptance but an expensive draft: in between.
         let k = with(9.0, 1.0, 0.3, (1.0, 0.05)).next_length(100);
         assert!((2..8).contains(&k), "{k}");
