@@ -225,6 +225,20 @@ impl<'a, E: KvElement> KvHead<'a, E> {
     }
 }
 
+/// Positions from `from` on read from a second, small cache rather than
+/// the main one: a branch of a speculative tree sees the shared prefix in
+/// the cache and its own path, laid out as one sequence, in the tail.
+/// Position `p >= from` lives in the tail's slot `p % tail.slots`, as in
+/// any cache, so the blocks visited and every sum stay exactly those of a
+/// cache holding that sequence.
+#[derive(Clone, Copy, Debug)]
+pub struct KvTail<'a, E = f32> {
+    /// First position read from the tail (a multiple of [`KEY_TILE`]).
+    pub from: usize,
+    /// The tail's buffers.
+    pub kv: KvHead<'a, E>,
+}
+
 /// One head's buffers to write: keys, values, and their scales (int8
 /// caches; empty slices otherwise), as in [`KvHead`].
 pub struct KvHeadMut<'a, E> {
@@ -290,6 +304,24 @@ pub fn attend<E: KvElement>(
     rows: &[QueryRow],
     out: &mut [f32],
 ) {
+    attend_with_tail(isa, kv, None, scale, q, rows, out)
+}
+
+/// [`attend`], reading positions from `tail.from` on from `tail` (see
+/// [`KvTail`]): bit for bit what [`attend`] gives over a cache that holds
+/// the tail's entries at those positions.
+///
+/// Panics, as [`attend`] does, on shapes that do not fit, and on a tail
+/// that does not start on a tile or does not hold a row's positions.
+pub fn attend_with_tail<E: KvElement>(
+    isa: Isa,
+    kv: KvHead<'_, E>,
+    tail: Option<KvTail<'_, E>>,
+    scale: f32,
+    q: &[f32],
+    rows: &[QueryRow],
+    out: &mut [f32],
+) {
     let hd = kv.head_dim;
     assert!(rows.len() <= MAX_ROWS, "at most {MAX_ROWS} rows per call");
     assert!(out.len() >= rows.len() * hd, "attention output too short");
@@ -306,18 +338,33 @@ pub fn attend<E: KvElement>(
             "query row out of range"
         );
     }
+    if let Some(t) = &tail {
+        assert!(
+            t.from.is_multiple_of(KEY_TILE) && t.kv.head_dim == hd,
+            "a tail starts on a key tile and has the cache's head size"
+        );
+        for r in rows.iter().filter(|r| r.last >= t.from) {
+            assert!(
+                r.last - t.from < t.kv.slots,
+                "row sees position {} of a tail from {} of {} slots",
+                r.last,
+                t.from,
+                t.kv.slots
+            );
+        }
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Amx if isa.has_avx512() => {
             // SAFETY: the CPU supports AVX-512 (checked); shapes checked above.
-            unsafe { x86::attend_avx512(kv, scale, q, rows, out) }
+            unsafe { x86::attend_avx512(kv, tail, scale, q, rows, out) }
         }
         #[cfg(target_arch = "x86_64")]
         isa if isa.has_avx2() => {
             // SAFETY: the CPU supports AVX2 and FMA (checked); shapes checked above.
-            unsafe { x86::attend_avx2(kv, scale, q, rows, out) }
+            unsafe { x86::attend_avx2(kv, tail, scale, q, rows, out) }
         }
-        _ => run::<Scalar, E>(kv, scale, q, rows, out),
+        _ => run::<Scalar, E>(kv, tail, scale, q, rows, out),
     }
 }
 
@@ -366,6 +413,7 @@ trait Steps {
 #[inline(always)]
 fn run<S: Steps, E: KvElement>(
     kv: KvHead<'_, E>,
+    tail: Option<KvTail<'_, E>>,
     scale: f32,
     q: &[f32],
     rows: &[QueryRow],
@@ -383,9 +431,13 @@ fn run<S: Steps, E: KvElement>(
     out[..rows.len() * hd].fill(0.0);
     for block in lo / KEY_TILE..=hi / KEY_TILE {
         let base = block * KEY_TILE;
-        let slot = base % kv.slots;
-        let tile = &kv.keys[slot * hd..(slot + KEY_TILE) * hd];
-        let values = &kv.values[slot * hd..(slot + KEY_TILE) * hd];
+        let src = match tail {
+            Some(t) if base >= t.from => t.kv,
+            _ => kv,
+        };
+        let slot = base % src.slots;
+        let tile = &src.keys[slot * hd..(slot + KEY_TILE) * hd];
+        let values = &src.values[slot * hd..(slot + KEY_TILE) * hd];
         let mut active = [0usize; MAX_ROWS];
         let mut queries: [&[f32]; MAX_ROWS] = [&[]; MAX_ROWS];
         let mut n = 0;
@@ -398,7 +450,7 @@ fn run<S: Steps, E: KvElement>(
         }
         S::scores(tile, hd, &queries[..n], &mut s[..n]);
         if E::SCALED {
-            let key_scales = &kv.scales.keys[slot..slot + KEY_TILE];
+            let key_scales = &src.scales.keys[slot..slot + KEY_TILE];
             for si in &mut s[..n] {
                 for (v, &ks) in si.iter_mut().zip(key_scales) {
                     *v *= ks;
@@ -412,7 +464,7 @@ fn run<S: Steps, E: KvElement>(
             let alpha = S::softmax_block(si, from..=to, scale, &mut max[i], &mut sums[i], &mut p);
             if E::SCALED {
                 // The sums took the weights; the values take them scaled.
-                for (pj, &vs) in p.iter_mut().zip(&kv.scales.values[slot..slot + KEY_TILE]) {
+                for (pj, &vs) in p.iter_mut().zip(&src.scales.values[slot..slot + KEY_TILE]) {
                     *pj *= vs;
                 }
             }
@@ -459,7 +511,7 @@ impl Steps for Scalar {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{KEY_TILE, KvElement, KvHead, QueryRow, Scalar, Steps, run};
+    use super::{KEY_TILE, KvElement, KvHead, KvTail, QueryRow, Scalar, Steps, run};
     use crate::exp::{
         exp,
         x86::{exp8, exp16},
@@ -473,12 +525,13 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn attend_avx2<E: KvElement>(
         kv: KvHead<'_, E>,
+        tail: Option<KvTail<'_, E>>,
         scale: f32,
         q: &[f32],
         rows: &[QueryRow],
         out: &mut [f32],
     ) {
-        run::<Avx2, E>(kv, scale, q, rows, out)
+        run::<Avx2, E>(kv, tail, scale, q, rows, out)
     }
 
     /// [`super::attend`] with AVX-512 steps.
@@ -488,12 +541,13 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn attend_avx512<E: KvElement>(
         kv: KvHead<'_, E>,
+        tail: Option<KvTail<'_, E>>,
         scale: f32,
         q: &[f32],
         rows: &[QueryRow],
         out: &mut [f32],
     ) {
-        run::<Avx512, E>(kv, scale, q, rows, out)
+        run::<Avx512, E>(kv, tail, scale, q, rows, out)
     }
 
     struct Avx2;
@@ -1072,6 +1126,123 @@ mod tests {
                 attend(isa, q8, scale, &q, &rows, &mut got);
                 assert_eq!(got, want, "{isa:?} hd={hd}");
             }
+        }
+    }
+
+    /// Positions read from a tail give bit for bit what a cache holding
+    /// them gives, on every path and for scaled caches too; the main
+    /// cache's entries there are not read.
+    #[test]
+    fn a_tail_reads_as_a_cache_holding_its_positions() {
+        let mut seed = 21;
+        let (hd, slots, tail_slots) = (24, 64, 32);
+        let from = 32;
+        let written = 52;
+        let fill = |seed: &mut u64| -> Vec<Vec<f32>> {
+            (0..written)
+                .map(|_| (0..hd).map(|_| 2.0 * lcg(seed)).collect())
+                .collect()
+        };
+        let (true_keys, true_values) = (fill(&mut seed), fill(&mut seed));
+        let (junk_keys, junk_values) = (fill(&mut seed), fill(&mut seed));
+        fn scaled<'a>(
+            k: &'a mut [i8],
+            v: &'a mut [i8],
+            ks: &'a mut [f32],
+            vs: &'a mut [f32],
+        ) -> KvHeadMut<'a, i8> {
+            KvHeadMut {
+                keys: k,
+                values: v,
+                key_scales: ks,
+                value_scales: vs,
+            }
+        }
+        // The whole sequence in one cache; the main cache with other entries
+        // from `from` on; the tail with the true ones there.
+        let (mut k, mut v) = (vec![0i8; slots * hd], vec![0i8; slots * hd]);
+        let (mut ks, mut vs) = (vec![0f32; slots], vec![0f32; slots]);
+        let (mut mk, mut mv) = (vec![0i8; slots * hd], vec![0i8; slots * hd]);
+        let (mut mks, mut mvs) = (vec![0f32; slots], vec![0f32; slots]);
+        let (mut tk, mut tv) = (vec![0i8; tail_slots * hd], vec![0i8; tail_slots * hd]);
+        let (mut tks, mut tvs) = (vec![0f32; tail_slots], vec![0f32; tail_slots]);
+        let (mut fk, mut fv) = (vec![0f32; slots * hd], vec![0f32; slots * hd]);
+        let (mut fmk, mut fmv) = (vec![0f32; slots * hd], vec![0f32; slots * hd]);
+        let (mut ftk, mut ftv) = (vec![0f32; tail_slots * hd], vec![0f32; tail_slots * hd]);
+        for p in 0..written {
+            let (key, value) = (&true_keys[p], &true_values[p]);
+            store(
+                scaled(&mut k, &mut v, &mut ks, &mut vs),
+                slots,
+                p,
+                key,
+                value,
+            );
+            store(unscaled(&mut fk, &mut fv), slots, p, key, value);
+            let (mkey, mvalue) = if p < from {
+                (key, value)
+            } else {
+                (&junk_keys[p], &junk_values[p])
+            };
+            store(
+                scaled(&mut mk, &mut mv, &mut mks, &mut mvs),
+                slots,
+                p,
+                mkey,
+                mvalue,
+            );
+            store(unscaled(&mut fmk, &mut fmv), slots, p, mkey, mvalue);
+            if p >= from {
+                store(
+                    scaled(&mut tk, &mut tv, &mut tks, &mut tvs),
+                    tail_slots,
+                    p,
+                    key,
+                    value,
+                );
+                store(unscaled(&mut ftk, &mut ftv), tail_slots, p, key, value);
+            }
+        }
+        let n_rows = 6;
+        let q: Vec<f32> = (0..n_rows * hd).map(|_| lcg(&mut seed)).collect();
+        // Rows ending before, at and after `from`, some starting late.
+        let rows: Vec<QueryRow> = (0..n_rows)
+            .map(|i| QueryRow {
+                at: i * hd,
+                first: (i * 7) % 20,
+                last: 20 + i * 6,
+            })
+            .collect();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let none = Scales::default();
+        let q8 = |k, v, keys, values, n| KvHead::new(k, v, Scales { keys, values }, n, hd);
+        let whole = q8(&k, &v, &ks, &vs, slots);
+        let main = q8(&mk, &mv, &mks, &mvs, slots);
+        let tail = KvTail {
+            from,
+            kv: q8(&tk, &tv, &tks, &tvs, tail_slots),
+        };
+        let fwhole = KvHead::new(&fk, &fv, none, slots, hd);
+        let fmain = KvHead::new(&fmk, &fmv, none, slots, hd);
+        let ftail = KvTail {
+            from,
+            kv: KvHead::new(&ftk, &ftv, none, tail_slots, hd),
+        };
+        for isa in Isa::supported() {
+            let mut want = vec![f32::NAN; n_rows * hd];
+            let mut got = vec![f32::NAN; n_rows * hd];
+            let mut stale = vec![f32::NAN; n_rows * hd];
+            attend(isa, whole, scale, &q, &rows, &mut want);
+            attend_with_tail(isa, main, Some(tail), scale, &q, &rows, &mut got);
+            attend(isa, main, scale, &q, &rows, &mut stale);
+            assert_eq!(got, want, "{isa:?} int8");
+            assert_ne!(
+                stale, want,
+                "{isa:?}: the main cache's later entries must matter"
+            );
+            attend(isa, fwhole, scale, &q, &rows, &mut want);
+            attend_with_tail(isa, fmain, Some(ftail), scale, &q, &rows, &mut got);
+            assert_eq!(got, want, "{isa:?} f32");
         }
     }
 
