@@ -491,6 +491,7 @@ fn run_half(
         n,
         start: 0,
         recurrent_tail: 1,
+        tree: None,
     };
     match half {
         Half::Mixer => {

@@ -1,11 +1,14 @@
 //! The forward pass: a batch of sequences, each through every block.
 
-use crate::layers::{Scratch, Step};
+use crate::layers::{Mixer, Scratch, Step, Tree};
 use crate::linear::Compute;
 use crate::model::Model;
 use crate::state::InferenceState;
 use crate::{EngineError, Result};
 use hayate_kernels::ProductMode;
+
+/// Most tokens one [`Model::forward_tree`] pass verifies.
+pub const MAX_TREE_NODES: usize = 64;
 
 /// Which next-token logits a forward call produces.
 #[derive(Debug)]
@@ -45,7 +48,7 @@ impl Model {
         mut logits: Logits<'_>,
     ) -> Result<&'s [f32]> {
         self.check_step(state, tokens, &mut logits)?;
-        self.run_step(state, tokens, &mut logits, ProductMode::Fast);
+        self.run_step(state, tokens, &mut logits, ProductMode::Fast, None);
         Ok(&state.scratch.logits)
     }
 
@@ -64,8 +67,68 @@ impl Model {
         mut logits: Logits<'_>,
     ) -> Result<&'s [f32]> {
         self.check_step(state, tokens, &mut logits)?;
-        self.run_step(state, tokens, &mut logits, ProductMode::TokenExact);
+        self.run_step(state, tokens, &mut logits, ProductMode::TokenExact, None);
         Ok(&state.scratch.logits)
+    }
+
+    /// Verifies a draft tree in one exact pass: `tokens[0]` follows what
+    /// `state` holds, and each `tokens[i]` (i > 0) follows `tokens[parents[i]]`
+    /// (`parents[0] == 0`, `parents[i] < i`). Every token's logits (written to
+    /// `logits`, `tokens.len() x vocab`) are bit-identical to those one-token
+    /// decoding gives after the prefix and the token's own path, as
+    /// [`forward_exact`](Self::forward_exact)'s are for a chain.
+    ///
+    /// Afterwards the state holds the tree, not a sequence: keep one branch
+    /// with [`InferenceState::keep_branch`] (or roll back with
+    /// [`InferenceState::truncate`]) before the next call. Only models whose
+    /// every mixer is attention can branch (see [`Self::can_branch`]); at
+    /// most [`MAX_TREE_NODES`] tokens, and no more than the state rolls back
+    /// plus one.
+    pub fn forward_tree(
+        &self,
+        state: &mut InferenceState,
+        tokens: &[u32],
+        parents: &[usize],
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        let n = tokens.len();
+        if !self.can_branch() {
+            return Err(EngineError::State(
+                "this model's recurrent layers cannot branch: verify chains".into(),
+            ));
+        }
+        let most = MAX_TREE_NODES
+            .min(state.shape.rollback + 1)
+            .min(state.shape.chunk);
+        if n == 0 || n > most {
+            return Err(EngineError::State(format!(
+                "a draft tree of {n} tokens: this state verifies 1 to {most}"
+            )));
+        }
+        if parents.len() != n || parents[0] != 0 || (1..n).any(|i| parents[i] >= i) {
+            return Err(EngineError::State(format!(
+                "the parents {parents:?} of a draft tree must start with 0 and precede their children"
+            )));
+        }
+        let mut request = Logits::All(logits);
+        self.check_step(state, tokens, &mut request)?;
+        self.run_step(
+            state,
+            tokens,
+            &mut request,
+            ProductMode::TokenExact,
+            Some(parents),
+        );
+        Ok(())
+    }
+
+    /// Whether [`forward_tree`](Self::forward_tree) can run: every mixer
+    /// is attention (recurrent states hold one history, not a tree).
+    pub fn can_branch(&self) -> bool {
+        self.parts
+            .blocks
+            .iter()
+            .all(|b| matches!(b.mixer, Mixer::Attention(_)))
     }
 
     /// Runs a batch of sequences, each with its own state, new tokens and
@@ -81,7 +144,13 @@ impl Model {
         }
         // The fused path across sequences is still to come; each runs in turn.
         for step in batch.iter_mut() {
-            self.run_step(step.state, step.tokens, &mut step.logits, ProductMode::Fast);
+            self.run_step(
+                step.state,
+                step.tokens,
+                &mut step.logits,
+                ProductMode::Fast,
+                None,
+            );
         }
         Ok(())
     }
@@ -134,13 +203,15 @@ impl Model {
         Ok(())
     }
 
-    /// Runs a checked step with the kernels `mode` allows.
+    /// Runs a checked step with the kernels `mode` allows; a tree (its
+    /// parents, checked) fits in one chunk.
     fn run_step(
         &self,
         state: &mut InferenceState,
         tokens: &[u32],
         logits: &mut Logits<'_>,
         mode: ProductMode,
+        tree: Option<&[usize]>,
     ) {
         let vocab = self.info.vocab;
         match logits {
@@ -151,7 +222,7 @@ impl Model {
         let chunk = state.shape.chunk;
         let n_chunks = tokens.len().div_ceil(chunk);
         for (c, piece) in tokens.chunks(chunk).enumerate() {
-            self.forward_chunk(state, piece, mode);
+            self.forward_chunk(state, piece, mode, tree);
             let (n, first) = (piece.len(), c * chunk);
             // The call's last token, as an index of the call like `At`'s.
             let last_row = [first + n - 1];
@@ -230,7 +301,13 @@ impl Model {
     /// Runs one chunk (at most `shape.chunk` tokens) with the kernels `mode`
     /// allows; leaves the final hidden states in `scratch.x` and advances
     /// the state.
-    fn forward_chunk(&self, state: &mut InferenceState, tokens: &[u32], mode: ProductMode) {
+    fn forward_chunk(
+        &self,
+        state: &mut InferenceState,
+        tokens: &[u32],
+        mode: ProductMode,
+        parents: Option<&[usize]>,
+    ) {
         let InferenceState {
             layers,
             len,
@@ -250,7 +327,21 @@ impl Model {
                 row.iter_mut().for_each(|v| *v *= scale);
             }
         }
-        ropes.fill(&self.parts.ropes, start, n);
+        // A tree's tokens sit at their depths.
+        let mut depths = [0usize; MAX_TREE_NODES];
+        let tree = parents.map(|parents| {
+            for i in 1..n {
+                depths[i] = depths[parents[i]] + 1;
+            }
+            Tree {
+                parents,
+                depths: &depths[..n],
+            }
+        });
+        match &tree {
+            Some(t) => ropes.fill_at(&self.parts.ropes, n, |i| start + t.depths[i]),
+            None => ropes.fill(&self.parts.ropes, start, n),
+        }
         // Exact steps take every token through the recurrent path, as one-token steps do.
         let recurrent_tail = match mode {
             ProductMode::Fast => shape.rollback,
@@ -265,6 +356,7 @@ impl Model {
             n,
             start,
             recurrent_tail,
+            tree,
         };
         for (block, layer) in self.parts.blocks.iter().zip(layers.iter_mut()) {
             block.forward(&step, layer, s, hidden);

@@ -3,7 +3,7 @@
 use crate::forward::Logits;
 use crate::model::{Model, StateOptions};
 use crate::sampler::Sampler;
-use crate::speculate::{Speculation, SpeculationStats};
+use crate::speculate::{DraftTree, Speculation, SpeculationStats};
 use crate::state::InferenceState;
 use crate::{EngineError, Result};
 use std::time::{Duration, Instant};
@@ -146,15 +146,22 @@ impl<'m> Generator<'m> {
             }
             .into());
         }
-        let max_draft = speculation.as_ref().map_or(0, |s| s.length().max());
+        // Trees where the model can branch and the speculation asks for them.
+        let branch = self.model.can_branch() && speculation.as_ref().is_some_and(|s| s.width() > 1);
+        let max_depth = speculation.as_ref().map_or(0, |s| s.length().max());
         if let Some(r) = self.state.max_rollback()
-            && r < max_draft
+            && r < max_depth
         {
             return Err(EngineError::State(format!(
-                "drafts of up to {max_draft} tokens need a state that rolls back as many; this one keeps {r}"
+                "drafts of up to {max_depth} tokens need a state that rolls back as many; this one keeps {r}"
             ))
             .into());
         }
+        // A tree is held to what one tree pass takes on this state.
+        let max_nodes = match (branch, &speculation) {
+            (true, Some(s)) => (max_depth * s.width()).min(self.state.max_tree_tokens() - 1),
+            _ => max_depth,
+        };
         if let Some(s) = speculation.as_deref_mut() {
             s.reset_stats();
         }
@@ -170,14 +177,17 @@ impl<'m> Generator<'m> {
         let vocab = self.model.info.vocab;
         let mut logits = vec![0f32; vocab];
         // Reserved here so that the loop does not allocate.
-        let mut drafts: Vec<u32> = Vec::with_capacity(max_draft);
-        let mut pass: Vec<u32> = Vec::with_capacity(max_draft + 1);
-        let mut rows: Vec<f32> = Vec::with_capacity((max_draft + 1) * vocab);
+        let mut drafts = DraftTree::with_capacity(max_nodes);
+        let mut pass: Vec<u32> = Vec::with_capacity(max_nodes + 1);
+        let mut parents: Vec<usize> = Vec::with_capacity(max_nodes + 1);
+        let mut rows: Vec<f32> = Vec::with_capacity((max_nodes + 1) * vocab);
+        // The pass tokens accepted so far, from the pass's first (its path in a tree).
+        let mut path: Vec<usize> = Vec::with_capacity(max_depth + 1);
         let new = &self.tokens[self.state.len()..];
         logits.copy_from_slice(self.model.forward(&mut self.state, new, Logits::Last)?);
         stats.prefill_time = start.elapsed();
         let mut first_at = None;
-        // Row of `rows` the current logits came from; drafts before it were accepted.
+        // Row of `rows` (pass token) the current logits came from.
         let mut row = 0;
         while stats.generated < max_tokens {
             let position = self.tokens.len();
@@ -187,14 +197,16 @@ impl<'m> Generator<'m> {
                 stats.time_to_first_token = Some(now - start);
                 first_at = Some(now);
             }
-            // A drafted token the model drew too: already fed, its logits are the next row.
-            let accepted = row < drafts.len() && drafts[row] == token;
+            // A drafted token the model drew too: already fed, its logits are its row.
+            let accepted = drafts.child(row, token);
             if let Some(s) = speculation.as_deref_mut()
-                && !accepted
-                && !drafts.is_empty()
+                && accepted.is_none()
+                && !drafts.tokens.is_empty()
             {
-                // The pass is settled: `row` drafts were accepted.
-                s.record_outcome(&self.tokens, drafts.len(), row);
+                // The pass is settled: its path is kept, the rest dropped.
+                let depth = depth_of(&drafts);
+                s.record_outcome(&self.tokens, (drafts.tokens.len(), depth), path.len() - 1);
+                self.state.keep_branch(pass.len(), &path)?;
                 drafts.clear();
             }
             if stop_ids.contains(&token) {
@@ -214,8 +226,9 @@ impl<'m> Generator<'m> {
                 stats.stop = StopReason::ContextFull;
                 break;
             }
-            if accepted {
-                row += 1;
+            if let Some(child) = accepted {
+                row = child;
+                path.push(child);
                 logits.copy_from_slice(&rows[row * vocab..(row + 1) * vocab]);
                 continue;
             }
@@ -233,16 +246,30 @@ impl<'m> Generator<'m> {
             let room = self.state.capacity() - self.tokens.len();
             let budget = (max_tokens - stats.generated).saturating_sub(1);
             let k = s.next_length(room.min(budget));
-            s.propose(&self.tokens, k, &mut drafts)?;
+            s.propose(&self.tokens, (k, room.min(max_nodes)), branch, &mut drafts)?;
             pass.clear();
             pass.push(token);
-            pass.extend_from_slice(&drafts);
+            pass.extend_from_slice(&drafts.tokens);
             let began = Instant::now();
-            self.model
-                .forward_exact(&mut self.state, &pass, Logits::All(&mut rows))?;
-            s.record_pass(pass.len(), began.elapsed());
+            if drafts.branches() {
+                parents.clear();
+                parents.push(0);
+                parents.extend_from_slice(&drafts.parents);
+                self.model
+                    .forward_tree(&mut self.state, &pass, &parents, &mut rows)?;
+            } else {
+                self.model
+                    .forward_exact(&mut self.state, &pass, Logits::All(&mut rows))?;
+            }
+            s.record_pass(pass.len(), drafts.branches(), began.elapsed());
             row = 0;
+            path.clear();
+            path.push(0);
             logits.copy_from_slice(&rows[..vocab]);
+        }
+        // A pass left unsettled (generation ended on an accepted token): keep its path.
+        if !drafts.tokens.is_empty() {
+            self.state.keep_branch(pass.len(), &path)?;
         }
         // The state holds no token the sequence does not.
         if self.state.len() > self.tokens.len() {
@@ -256,4 +283,24 @@ impl<'m> Generator<'m> {
         }
         Ok(stats)
     }
+}
+
+/// The longest branch of a draft, in tokens.
+fn depth_of(tree: &DraftTree) -> usize {
+    // Parents precede children, so one pass finds every depth; a chain's is its length.
+    if !tree.branches() {
+        return tree.tokens.len();
+    }
+    let mut depths = [0usize; crate::MAX_TREE_NODES];
+    let mut deepest = 0;
+    for (i, &p) in tree
+        .parents
+        .iter()
+        .enumerate()
+        .take(crate::MAX_TREE_NODES - 1)
+    {
+        depths[i + 1] = depths[p] + 1;
+        deepest = deepest.max(depths[i + 1]);
+    }
+    deepest
 }

@@ -56,7 +56,7 @@ pub mod state;
 
 pub use calibrate::Calibration;
 pub use error::EngineError;
-pub use forward::{Logits, SequenceStep};
+pub use forward::{Logits, MAX_TREE_NODES, SequenceStep};
 pub use generate::{GenerationStats, Generator, StopReason};
 pub use layers::KvFormat;
 pub use model::{LoadOptions, Model, ModelInfo, StateOptions};

@@ -92,11 +92,17 @@ impl RopeTables {
 
     /// Fills the tables for positions `start..start + n`.
     pub(crate) fn fill(&mut self, ropes: &[Rope], start: usize, n: usize) {
+        self.fill_at(ropes, n, |t| start + t);
+    }
+
+    /// Fills the tables for `n` tokens, token `t` at `position(t)` (a
+    /// draft tree's tokens sit at their depth).
+    pub(crate) fn fill_at(&mut self, ropes: &[Rope], n: usize, position: impl Fn(usize) -> usize) {
         for (rope, (half, cos, sin)) in ropes.iter().zip(&mut self.tables) {
             let half = *half;
             for t in 0..n {
                 let r = t * half..(t + 1) * half;
-                rope.cos_sin(start + t, &mut cos[r.clone()], &mut sin[r]);
+                rope.cos_sin(position(t), &mut cos[r.clone()], &mut sin[r]);
             }
         }
     }

@@ -86,6 +86,25 @@ impl Sampler {
     /// Picks the token at absolute `position` from `logits` (modified in
     /// place by the penalty), given the sequence so far in `history`.
     pub fn sample(&mut self, logits: &mut [f32], position: usize, history: &[u32]) -> u32 {
+        let mut best = [(f32::NEG_INFINITY, 0)];
+        self.sample_ranked(logits, position, history, &mut best);
+        best[0].1
+    }
+
+    /// [`sample`](Self::sample)'s best `best.len()` candidates, best first,
+    /// as `(score, token)`: the score is the perturbed scaled logit
+    /// `l / T + g` (the raw logit when greedy), ties to the lower id, so
+    /// `best[0]` is what `sample` picks. Returns how many candidates there
+    /// were (fewer slots are filled when the filters leave fewer). A draft
+    /// tree branches where the runner-up comes close.
+    pub fn sample_ranked(
+        &mut self,
+        logits: &mut [f32],
+        position: usize,
+        history: &[u32],
+        best: &mut [(f32, u32)],
+    ) -> usize {
+        best.fill((f32::NEG_INFINITY, 0));
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             for &t in history {
@@ -107,7 +126,10 @@ impl Sampler {
             }
         }
         if p.temperature == 0.0 {
-            return argmax(logits);
+            for (i, &l) in logits.iter().enumerate() {
+                rank(best, (l, i as u32));
+            }
+            return logits.len();
         }
         let inv_t = 1.0 / p.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
@@ -154,15 +176,28 @@ impl Sampler {
             self.candidates.retain(|c| c.0 >= min_logit);
         }
         let (seed, pos) = (p.seed, position as u64);
-        let mut best = (f32::NEG_INFINITY, 0u32);
         for &(l, id) in &self.candidates {
-            let score = l + gumbel(seed, pos, id as u64);
-            if score > best.0 || (score == best.0 && id < best.1) {
-                best = (score, id);
-            }
+            rank(best, (l + gumbel(seed, pos, id as u64), id));
         }
-        best.1
+        self.candidates.len()
     }
+}
+
+/// Inserts `c` into `best` (kept in descending score, ties to the lower
+/// id), dropping the last.
+#[inline]
+fn rank(best: &mut [(f32, u32)], c: (f32, u32)) {
+    let beats = |a: (f32, u32), b: (f32, u32)| a.0 > b.0 || (a.0 == b.0 && a.1 < b.1);
+    let Some(last) = best.last() else { return };
+    if !beats(c, *last) {
+        return;
+    }
+    let mut i = best.len() - 1;
+    while i > 0 && beats(c, best[i - 1]) {
+        best[i] = best[i - 1];
+        i -= 1;
+    }
+    best[i] = c;
 }
 
 /// Index of the largest value (the first, on ties, as `torch.argmax`).
@@ -276,6 +311,40 @@ mod tests {
                 a.sample(&mut logits.clone(), pos, &[]),
                 b.sample(&mut logits.clone(), pos, &[])
             );
+        }
+    }
+
+    /// The ranked candidates are the perturbed scores in order, computed
+    /// independently here; the first is what `sample` picks.
+    #[test]
+    fn ranked_candidates_are_the_best_perturbed_scores() {
+        let logits: Vec<f32> = (0..60).map(|i| (i as f32 * 0.37).cos() * 2.0).collect();
+        for temperature in [0.0, 0.7, 1.0] {
+            let params = SamplingParams {
+                seed: 11,
+                temperature,
+                ..Default::default()
+            };
+            let mut sampler = Sampler::new(params.clone(), logits.len());
+            for pos in 0..40 {
+                let mut best = [(0.0, 0); 3];
+                let n = sampler.sample_ranked(&mut logits.clone(), pos, &[], &mut best);
+                assert_eq!(n, logits.len());
+                let mut want: Vec<(f32, u32)> = logits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| match temperature {
+                        0.0 => (l, i as u32),
+                        t => (l * (1.0 / t) + gumbel(11, pos as u64, i as u64), i as u32),
+                    })
+                    .collect();
+                want.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                let ids: Vec<u32> = best.iter().map(|b| b.1).collect();
+                let want_ids: Vec<u32> = want[..3].iter().map(|w| w.1).collect();
+                assert_eq!(ids, want_ids, "T={temperature} pos {pos}");
+                assert!(best[0].0 >= best[1].0 && best[1].0 >= best[2].0);
+                assert_eq!(sampler.sample(&mut logits.clone(), pos, &[]), best[0].1);
+            }
         }
     }
 

@@ -93,6 +93,15 @@ impl InferenceState {
         self.bounded.then_some(self.shape.rollback)
     }
 
+    /// Most tokens one [`Model::forward_tree`](crate::Model::forward_tree)
+    /// pass takes on this state (its root included): what it can roll back
+    /// plus one, within one step and [`crate::MAX_TREE_NODES`].
+    pub fn max_tree_tokens(&self) -> usize {
+        crate::MAX_TREE_NODES
+            .min(self.shape.rollback + 1)
+            .min(self.shape.chunk)
+    }
+
     /// Whether [`truncate`](Self::truncate)`(len)` would succeed.
     pub fn can_truncate(&self, len: usize) -> bool {
         len <= self.len && self.max_rollback().is_none_or(|r| self.len - len <= r)
@@ -122,6 +131,41 @@ impl InferenceState {
         // `len`, and entries past it are overwritten before they are read.
         self.len = len;
         Ok(())
+    }
+
+    /// After [`Model::forward_tree`](crate::Model::forward_tree) over
+    /// `nodes` tokens, keeps the branch `path` (indices into the tree:
+    /// 0, then each a child of the one before): the state is then exactly
+    /// what feeding the prefix and the branch's tokens one at a time gives.
+    /// A chain (`path[j] == j`) works for every model, like
+    /// [`truncate`](Self::truncate).
+    pub fn keep_branch(&mut self, nodes: usize, path: &[usize]) -> Result<()> {
+        let increasing = path.first() == Some(&0) && path.windows(2).all(|w| w[0] < w[1]);
+        if nodes > self.len || path.len() > nodes || !increasing || path.iter().any(|&i| i >= nodes)
+        {
+            return Err(EngineError::State(format!(
+                "branch {path:?} of a {nodes}-token tree (the state holds {} tokens)",
+                self.len
+            )));
+        }
+        let chain = path.iter().enumerate().all(|(j, &i)| i == j);
+        if !chain {
+            if !self
+                .layers
+                .iter()
+                .all(|l| matches!(l, MixerState::Attention(_)))
+            {
+                return Err(EngineError::State(
+                    "this model's recurrent layers cannot branch".into(),
+                ));
+            }
+            for layer in &mut self.layers {
+                if let MixerState::Attention(cache) = layer {
+                    cache.keep_branch(self.len, nodes, path);
+                }
+            }
+        }
+        self.truncate(self.len - nodes + path.len())
     }
 
     /// Forgets all tokens.

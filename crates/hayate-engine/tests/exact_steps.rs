@@ -5,7 +5,9 @@
 //! prefill takes differs in the last bits from n = 5 on here: that is what
 //! makes the exact path necessary.)
 
-use hayate_engine::{InferenceState, LoadOptions, Logits, Model, QuantSpec, StateOptions};
+use hayate_engine::{
+    InferenceState, KvFormat, LoadOptions, Logits, Model, QuantSpec, StateOptions,
+};
 use hayate_kernels::QuantFormat;
 use std::path::{Path, PathBuf};
 
@@ -45,6 +47,88 @@ fn state(model: &Model) -> InferenceState {
             ..StateOptions::default()
         })
         .unwrap()
+}
+
+/// A draft tree of 13 tokens up to depth 6, branching at several depths.
+const PARENTS: [usize; 13] = [0, 0, 0, 1, 1, 2, 3, 3, 5, 8, 9, 10, 4];
+
+/// The tree's branch ending at `node`, root first.
+fn branch(node: usize) -> Vec<usize> {
+    let mut path = vec![node];
+    while *path.last().unwrap() != 0 {
+        path.push(PARENTS[*path.last().unwrap()]);
+    }
+    path.reverse();
+    path
+}
+
+/// `forward_tree`: every node's logits equal those of one-token steps over
+/// the prefix and its branch, and keeping a branch leaves the state that
+/// those steps leave; prefixes that end inside a key tile and on its edge,
+/// every KV cache format. Returns whether the model can branch at all.
+fn check_tree(dir: &Path, options: &LoadOptions, label: &str) -> bool {
+    let model = Model::load(dir, options).unwrap();
+    if !model.can_branch() {
+        return false;
+    }
+    let vocab = model.info.vocab;
+    let tree = tokens(PARENTS.len(), vocab, 4);
+    let after = tokens(3, vocab, 5);
+    for kv_cache in [KvFormat::F32, KvFormat::Bf16, KvFormat::Q8] {
+        let fresh = || {
+            model
+                .new_state_with(&StateOptions {
+                    context: Some(160),
+                    prefill_chunk: 32,
+                    rollback: 20,
+                    kv_cache,
+                })
+                .unwrap()
+        };
+        for prefix_len in [70, 64] {
+            let prefix = tokens(prefix_len, vocab, 1);
+            let mut s = fresh();
+            model.forward(&mut s, &prefix, Logits::None).unwrap();
+            let mut got = Vec::new();
+            model
+                .forward_tree(&mut s, &tree, &PARENTS, &mut got)
+                .unwrap();
+            let what = format!("{label} {kv_cache:?} {dir:?} after {prefix_len}");
+            for node in 0..tree.len() {
+                let mut one = fresh();
+                model.forward(&mut one, &prefix, Logits::None).unwrap();
+                let mut want = &[][..];
+                for &i in &branch(node) {
+                    want = model.forward(&mut one, &[tree[i]], Logits::Last).unwrap();
+                }
+                assert!(
+                    bits(&got[node * vocab..(node + 1) * vocab]) == bits(want),
+                    "{what}: node {node} differs from one-token steps over its branch"
+                );
+            }
+            // Keep the deepest branch (it skips over siblings' positions).
+            let path = branch(11);
+            s.keep_branch(tree.len(), &path).unwrap();
+            assert_eq!(s.len(), prefix_len + path.len());
+            let mut one = fresh();
+            model.forward(&mut one, &prefix, Logits::None).unwrap();
+            for &i in &path {
+                model.forward(&mut one, &[tree[i]], Logits::Last).unwrap();
+            }
+            for &t in &after {
+                let want = model
+                    .forward(&mut one, &[t], Logits::Last)
+                    .unwrap()
+                    .to_vec();
+                let next = model.forward(&mut s, &[t], Logits::Last).unwrap();
+                assert!(
+                    bits(next) == bits(&want),
+                    "{what}: state after keeping a branch"
+                );
+            }
+        }
+    }
+    true
 }
 
 /// Returns how many step lengths the fast path got wrong (for the report).
@@ -118,8 +202,41 @@ fn exact_steps_equal_one_token_steps_on_every_fixture() {
 }
 
 #[test]
+fn tree_passes_equal_one_token_steps_over_each_branch() {
+    let mut branching = 0;
+    for dir in fixture_dirs() {
+        for (options, label) in [
+            (LoadOptions::default(), "float"),
+            (quantized(QuantFormat::Q4), "q4"),
+        ] {
+            branching += usize::from(check_tree(&dir, &options, label));
+        }
+    }
+    // Llama, Qwen3 and Gemma 3 (sliding windows) at least, float and q4.
+    assert!(branching >= 6, "only {branching} fixture runs could branch");
+}
+
+#[test]
+fn a_model_with_recurrent_layers_refuses_a_tree() {
+    for dir in fixture_dirs() {
+        let model = Model::load(&dir, &LoadOptions::default()).unwrap();
+        if model.can_branch() {
+            continue;
+        }
+        let mut s = state(&model);
+        model.forward(&mut s, &[1, 2, 3], Logits::None).unwrap();
+        let err = model
+            .forward_tree(&mut s, &[4, 5, 6], &[0, 0, 0], &mut Vec::new())
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot branch"), "{err}");
+        assert_eq!(s.len(), 3, "a refused tree leaves the state");
+    }
+}
+
+#[test]
 fn exact_steps_equal_one_token_steps_on_the_trained_checkpoint() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/pystd-qwen3-7m");
     check(&dir, &LoadOptions::default(), "bf16");
     check(&dir, &quantized(QuantFormat::Q4), "q4");
+    assert!(check_tree(&dir, &LoadOptions::default(), "bf16"));
 }

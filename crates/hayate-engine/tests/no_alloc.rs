@@ -146,13 +146,21 @@ fn speculative_decode_does_not_allocate() {
         ..StateOptions::default()
     };
     let v = model.info.vocab;
-    let speculators: [Box<dyn Speculator + '_>; 2] = [
-        Box::new(DraftModel::new(&draft, v, &params, Coupling::Shared, &options).unwrap()),
-        Box::new(PromptLookup::new(3, 1)),
+    // Chains from each speculator, and trees from the draft.
+    let speculators: [(Box<dyn Speculator + '_>, usize); 3] = [
+        (
+            Box::new(DraftModel::new(&draft, v, &params, Coupling::Shared, &options).unwrap()),
+            1,
+        ),
+        (
+            Box::new(DraftModel::new(&draft, v, &params, Coupling::Shared, &options).unwrap()),
+            2,
+        ),
+        (Box::new(PromptLookup::new(3, 1)), 1),
     ];
-    for speculator in speculators {
+    for (speculator, width) in speculators {
         let name = speculator.name();
-        let mut speculation = Speculation::new(speculator, DraftLength::Fixed(6));
+        let mut speculation = Speculation::new(speculator, DraftLength::Fixed(6)).with_width(width);
         let mut generator = Generator::new(&model, &options).unwrap();
         // Text that repeats, so that prompt lookup drafts.
         let prompt: Vec<u32> = (0..60).map(|i| (i % 20 * 37 + 5) as u32).collect();
@@ -179,7 +187,12 @@ fn speculative_decode_does_not_allocate() {
         assert_eq!(
             after - before,
             0,
-            "{name}: allocations in 160 speculative tokens"
+            "{name} (width {width}): allocations in 160 speculative tokens"
+        );
+        assert_eq!(
+            speculation.stats.tree_passes > 0,
+            width > 1,
+            "{name} (width {width})"
         );
     }
 }

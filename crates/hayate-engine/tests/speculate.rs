@@ -1,10 +1,11 @@
 //! Speculative decoding gives exactly the tokens plain decoding gives, for
 //! every speculator, coupling, draft length, temperature, filter setting,
-//! seed and architecture fixture; a draft that is the model itself under
-//! shared noise is always accepted.
+//! seed and architecture fixture, as chains or as trees; a draft that is
+//! the model itself under shared noise is always accepted.
 
 use hayate_engine::speculate::{
-    Coupling, DraftLength, DraftModel, PromptLookup, Speculation, Speculator, SuffixSpeculator,
+    Coupling, DraftLength, DraftModel, PromptLookup, Speculation, SpeculationStats, Speculator,
+    SuffixSpeculator,
 };
 use hayate_engine::{
     Generator, LoadOptions, Model, QuantSpec, Sampler, SamplingParams, StateOptions, StopReason,
@@ -135,26 +136,39 @@ fn some_settings() -> Vec<SamplingParams> {
 fn check_identity<'a>(
     model: &Model,
     (label, settings): (&str, Vec<SamplingParams>),
-    mut make: impl FnMut(&SamplingParams, DraftLength) -> Box<dyn Speculator + 'a>,
+    make: impl FnMut(&SamplingParams, DraftLength) -> Box<dyn Speculator + 'a>,
 ) -> (usize, usize) {
-    let (mut drafted, mut accepted) = (0, 0);
+    let stats = check_trees(model, (label, settings), 1, make);
+    (stats.drafted, stats.accepted)
+}
+
+/// [`check_identity`] with trees of up to `width` candidates per position.
+fn check_trees<'a>(
+    model: &Model,
+    (label, settings): (&str, Vec<SamplingParams>),
+    width: usize,
+    mut make: impl FnMut(&SamplingParams, DraftLength) -> Box<dyn Speculator + 'a>,
+) -> SpeculationStats {
+    let mut total = SpeculationStats::default();
     for params in settings {
         let want = plain(model, &params);
         for length in LENGTHS {
-            let mut s = Speculation::new(make(&params, length), length);
+            let mut s = Speculation::new(make(&params, length), length).with_width(width);
             let got = speculative(model, &params, &mut s);
-            assert_eq!(got, want, "{label}: {params:?} {length:?}");
-            drafted += s.stats.drafted;
-            accepted += s.stats.accepted;
+            assert_eq!(got, want, "{label}: {params:?} {length:?} width {width}");
+            total.drafted += s.stats.drafted;
+            total.accepted += s.stats.accepted;
+            total.tree_passes += s.stats.tree_passes;
+            total.passes += s.stats.passes;
         }
     }
-    (drafted, accepted)
+    total
 }
 
 /// Makes draft-model speculators over `draft`.
 // The lifetime cannot be elided: in the closure's signature `'_` would name its own argument's.
 #[allow(clippy::needless_lifetimes)]
-fn draft<'m>(
+fn draft_of<'m>(
     draft: &'m Model,
     vocab: usize,
     coupling: Coupling,
@@ -173,12 +187,12 @@ fn the_model_drafting_for_itself_is_always_accepted_under_shared_noise() {
         let (d, a) = check_identity(
             &model,
             (&name, settings()),
-            draft(&model, v, Coupling::Shared),
+            draft_of(&model, v, Coupling::Shared),
         );
         assert_eq!(a, d, "{name}: the model drafting for itself");
         // Under independent noise: the same tokens, fewer accepted.
         let some = (name.as_str(), some_settings());
-        let (d, a) = check_identity(&model, some, draft(&model, v, Coupling::Independent));
+        let (d, a) = check_identity(&model, some, draft_of(&model, v, Coupling::Independent));
         assert!(a < d, "{name}: independent noise accepted everything");
     }
 }
@@ -193,12 +207,45 @@ fn other_drafts_give_the_plain_tokens() {
         // The model quantized: a close draft.
         let q4 = load(&fixtures().join(name), Some(QuantFormat::Q4));
         for coupling in [Coupling::Shared, Coupling::Independent] {
-            check_identity(&model, some(), draft(&q4, v, coupling));
+            check_identity(&model, some(), draft_of(&q4, v, coupling));
         }
         // Another architecture with the same vocabulary, if any: a poor one.
         if let Some((other, _)) = names.iter().find(|(n, s)| s == vocab && n != name) {
             let other = load(&fixtures().join(other), None);
-            check_identity(&model, some(), draft(&other, v, Coupling::Shared));
+            check_identity(&model, some(), draft_of(&other, v, Coupling::Shared));
+        }
+    }
+}
+
+#[test]
+fn draft_trees_give_the_plain_tokens() {
+    for (name, _) in fixture_names() {
+        let model = load(&fixtures().join(&name), None);
+        let v = model.info.vocab;
+        // A close draft (the model quantized) and a poor one (the model
+        // under other noise): trees branch where they are unsure.
+        let q4 = load(&fixtures().join(&name), Some(QuantFormat::Q4));
+        for (label, draft, coupling) in [
+            ("q4 draft", &q4, Coupling::Shared),
+            ("independent self-draft", &model, Coupling::Independent),
+        ] {
+            for width in [2, 3] {
+                let what = format!("{name} {label}");
+                let stats = check_trees(
+                    &model,
+                    (&what, some_settings()),
+                    width,
+                    draft_of(draft, v, coupling),
+                );
+                if model.can_branch() {
+                    assert!(stats.tree_passes > 0, "{what}: no tree was verified");
+                } else {
+                    assert_eq!(
+                        stats.tree_passes, 0,
+                        "{what}: recurrent layers verify chains"
+                    );
+                }
+            }
         }
     }
 }

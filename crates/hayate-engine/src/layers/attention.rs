@@ -14,7 +14,7 @@
 //! (scores, softmax and values in one pass; the key layout it reads), and
 //! the rotation [`hayate_kernels::ops::rope_rotate_half`].
 
-use super::mixer::{MixerLayer, Step};
+use super::mixer::{MixerLayer, Step, Tree};
 use super::norm::RmsNorm;
 use crate::Result;
 use crate::budget::{Budget, StateShape};
@@ -22,7 +22,7 @@ use crate::linear::{Compute, Linear};
 use half::bf16;
 use hayate_kernels::Isa;
 use hayate_kernels::attention::{
-    self as kernel, KEY_TILE, KvHead, KvHeadMut, MAX_ROWS, QueryRow, Scales,
+    self as kernel, KEY_TILE, KvElement, KvHead, KvHeadMut, MAX_ROWS, QueryRow, Scales,
 };
 use hayate_kernels::ops;
 use hayate_kernels::pool::{DisjointMut, split_range};
@@ -130,83 +130,229 @@ pub struct KvCache {
     pub slots: usize,
 }
 
-impl KvCache {
-    /// Stores the key and value of `position` for KV head `head`.
-    fn store(&mut self, head: usize, position: usize, key: &[f32], value: &[f32]) {
-        let per_head = self.slots * self.head_dim;
-        let range = head * per_head..(head + 1) * per_head;
-        let (slots, scales) = (self.slots, head * self.slots..(head + 1) * self.slots);
-        fn plain<'a, E>(k: &'a mut [E], v: &'a mut [E]) -> KvHeadMut<'a, E> {
-            KvHeadMut {
-                keys: k,
-                values: v,
-                key_scales: &mut [],
-                value_scales: &mut [],
+/// The element type of one [`KvData`] variant: typed access to a cache's
+/// buffers (keys, values, and the scales of int8 caches, empty otherwise).
+/// A cache's keys, values, key scales and value scales.
+type Parts<'a, E> = (&'a [E], &'a [E], &'a [f32], &'a [f32]);
+/// [`Parts`], to write.
+type PartsMut<'a, E> = (&'a mut [E], &'a mut [E], &'a mut [f32], &'a mut [f32]);
+
+trait Element: KvElement {
+    fn parts(data: &KvData) -> Option<Parts<'_, Self>>;
+    fn parts_mut(data: &mut KvData) -> Option<PartsMut<'_, Self>>;
+}
+
+macro_rules! plain_element {
+    ($t:ty, $variant:ident) => {
+        impl Element for $t {
+            fn parts(data: &KvData) -> Option<Parts<'_, Self>> {
+                match data {
+                    KvData::$variant { k, v } => Some((k, v, &[], &[])),
+                    _ => None,
+                }
+            }
+            fn parts_mut(data: &mut KvData) -> Option<PartsMut<'_, Self>> {
+                match data {
+                    KvData::$variant { k, v } => Some((k, v, &mut [], &mut [])),
+                    _ => None,
+                }
             }
         }
-        match &mut self.data {
-            KvData::F32 { k, v } => {
-                let head = plain(&mut k[range.clone()], &mut v[range]);
-                kernel::store(head, slots, position, key, value)
-            }
-            KvData::Bf16 { k, v } => {
-                let head = plain(&mut k[range.clone()], &mut v[range]);
-                kernel::store(head, slots, position, key, value)
-            }
+    };
+}
+plain_element!(f32, F32);
+plain_element!(bf16, Bf16);
+
+impl Element for i8 {
+    fn parts(data: &KvData) -> Option<Parts<'_, Self>> {
+        match data {
             KvData::Q8 {
                 k,
                 v,
                 k_scales,
                 v_scales,
-            } => {
-                let head = KvHeadMut {
-                    keys: &mut k[range.clone()],
-                    values: &mut v[range],
-                    key_scales: &mut k_scales[scales.clone()],
-                    value_scales: &mut v_scales[scales],
-                };
-                kernel::store(head, slots, position, key, value)
+            } => Some((k, v, k_scales, v_scales)),
+            _ => None,
+        }
+    }
+    fn parts_mut(data: &mut KvData) -> Option<PartsMut<'_, Self>> {
+        match data {
+            KvData::Q8 {
+                k,
+                v,
+                k_scales,
+                v_scales,
+            } => Some((k, v, k_scales, v_scales)),
+            _ => None,
+        }
+    }
+}
+
+/// Runs `$body` with `$E` the element type of `$data`.
+macro_rules! by_element {
+    ($data:expr, $E:ident => $body:expr) => {
+        match $data {
+            KvData::F32 { .. } => {
+                type $E = f32;
+                $body
             }
+            KvData::Bf16 { .. } => {
+                type $E = bf16;
+                $body
+            }
+            KvData::Q8 { .. } => {
+                type $E = i8;
+                $body
+            }
+        }
+    };
+}
+
+impl KvCache {
+    /// An empty cache of `slots` positions (a multiple of [`KEY_TILE`]).
+    fn zeroed(
+        format: KvFormat,
+        n_kv_heads: usize,
+        slots: usize,
+        head_dim: usize,
+        budget: &mut Budget,
+    ) -> Result<Self> {
+        // The geometry bounds each factor well below overflow.
+        let n = n_kv_heads * slots * head_dim;
+        let data = match format {
+            KvFormat::F32 => KvData::F32 {
+                k: budget.zeroed(n)?,
+                v: budget.zeroed(n)?,
+            },
+            KvFormat::Bf16 => KvData::Bf16 {
+                k: budget.zeroed(n)?,
+                v: budget.zeroed(n)?,
+            },
+            KvFormat::Q8 => KvData::Q8 {
+                k: budget.zeroed(n)?,
+                v: budget.zeroed(n)?,
+                k_scales: budget.zeroed(n_kv_heads * slots)?,
+                v_scales: budget.zeroed(n_kv_heads * slots)?,
+            },
+        };
+        Ok(KvCache {
+            data,
+            n_kv_heads,
+            head_dim,
+            slots,
+        })
+    }
+
+    /// KV head `head`, read-only.
+    fn head<E: Element>(&self, head: usize) -> KvHead<'_, E> {
+        let (k, v, ks, vs) = E::parts(&self.data).expect("the element type of this cache");
+        let (slots, hd) = (self.slots, self.head_dim);
+        let range = head * slots * hd..(head + 1) * slots * hd;
+        let scales = match E::SCALED {
+            true => Scales {
+                keys: &ks[head * slots..(head + 1) * slots],
+                values: &vs[head * slots..(head + 1) * slots],
+            },
+            false => Scales::default(),
+        };
+        KvHead::new(&k[range.clone()], &v[range], scales, slots, hd)
+    }
+
+    /// KV head `head`, to write.
+    fn head_mut<E: Element>(&mut self, head: usize) -> KvHeadMut<'_, E> {
+        let (slots, hd) = (self.slots, self.head_dim);
+        let (k, v, ks, vs) = E::parts_mut(&mut self.data).expect("the element type of this cache");
+        let range = head * slots * hd..(head + 1) * slots * hd;
+        let scales = if E::SCALED {
+            head * slots..(head + 1) * slots
+        } else {
+            0..0
+        };
+        KvHeadMut {
+            keys: &mut k[range.clone()],
+            values: &mut v[range],
+            key_scales: &mut ks[scales.clone()],
+            value_scales: &mut vs[scales],
         }
     }
 
-    /// The query `rows` attend over KV head `head` (see [`kernel::attend`]).
+    /// Stores the key and value of `position` for KV head `head`.
+    fn store(&mut self, head: usize, position: usize, key: &[f32], value: &[f32]) {
+        let slots = self.slots;
+        by_element!(&self.data, E => kernel::store(self.head_mut::<E>(head), slots, position, key, value))
+    }
+
+    /// The query `rows` attend over KV head `head`, positions from
+    /// `tail.0` on read from head 0 of `tail.1` (see [`kernel::attend_with_tail`]).
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         isa: Isa,
         head: usize,
+        tail: Option<(usize, &KvCache)>,
         scale: f32,
         q: &[f32],
         rows: &[QueryRow],
         out: &mut [f32],
     ) {
-        let per_head = self.slots * self.head_dim;
-        let range = head * per_head..(head + 1) * per_head;
+        by_element!(&self.data, E => {
+            let tail = tail.map(|(from, t)| kernel::KvTail { from, kv: t.head::<E>(0) });
+            kernel::attend_with_tail(isa, self.head::<E>(head), tail, scale, q, rows, out)
+        })
+    }
+
+    /// Copies, for KV head `head`, the key tile holding `position` (its 16
+    /// positions, with their scales) to the same positions of head 0 of
+    /// `dst`, a cache of the same format and head size.
+    fn copy_tile(&self, head: usize, position: usize, dst: &mut KvCache) {
+        let base = position / KEY_TILE * KEY_TILE;
+        let hd = self.head_dim;
+        let (from, to) = (base % self.slots, base % dst.slots);
+        by_element!(&self.data, E => {
+            let src = self.head::<E>(head);
+            let out = dst.head_mut::<E>(0);
+            let tile = KEY_TILE * hd;
+            out.keys[to * hd..][..tile].copy_from_slice(&src.keys[from * hd..][..tile]);
+            out.values[to * hd..][..tile].copy_from_slice(&src.values[from * hd..][..tile]);
+            if E::SCALED {
+                out.key_scales[to..to + KEY_TILE]
+                    .copy_from_slice(&src.scales.keys[from..from + KEY_TILE]);
+                out.value_scales[to..to + KEY_TILE]
+                    .copy_from_slice(&src.scales.values[from..from + KEY_TILE]);
+            }
+        })
+    }
+
+    /// Keeps one branch of a draft tree whose `nodes` tokens end the first
+    /// `len` positions: the entry of the `j`-th token of `path` (indices
+    /// into the tree, increasing, from 0) moves to the tree's `j`-th position.
+    pub(crate) fn keep_branch(&mut self, len: usize, nodes: usize, path: &[usize]) {
+        let base = len - nodes;
+        for (j, &i) in path.iter().enumerate() {
+            if i != j {
+                self.move_position(base + i, base + j);
+            }
+        }
+    }
+
+    /// Moves every head's entry at position `from` to position `to`: what
+    /// was stored for a token, bit for bit, as if it had been stored there.
+    fn move_position(&mut self, from: usize, to: usize) {
         let (slots, hd) = (self.slots, self.head_dim);
-        let none = Scales::default();
-        match &self.data {
-            KvData::F32 { k, v } => {
-                let kv = KvHead::new(&k[range.clone()], &v[range], none, slots, hd);
-                kernel::attend(isa, kv, scale, q, rows, out)
-            }
-            KvData::Bf16 { k, v } => {
-                let kv = KvHead::new(&k[range.clone()], &v[range], none, slots, hd);
-                kernel::attend(isa, kv, scale, q, rows, out)
-            }
-            KvData::Q8 {
-                k,
-                v,
-                k_scales,
-                v_scales,
-            } => {
-                let at = head * slots..(head + 1) * slots;
-                let scales = Scales {
-                    keys: &k_scales[at.clone()],
-                    values: &v_scales[at],
-                };
-                let kv = KvHead::new(&k[range.clone()], &v[range], scales, slots, hd);
-                kernel::attend(isa, kv, scale, q, rows, out)
-            }
+        let (a, b) = (from % slots, to % slots);
+        for head in 0..self.n_kv_heads {
+            by_element!(&self.data, E => {
+                let h = self.head_mut::<E>(head);
+                for d in 0..hd {
+                    h.keys[kernel::key_index(slots, hd, to, d)] =
+                        h.keys[kernel::key_index(slots, hd, from, d)];
+                }
+                h.values.copy_within(a * hd..(a + 1) * hd, b * hd);
+                if E::SCALED {
+                    h.key_scales[b] = h.key_scales[a];
+                    h.value_scales[b] = h.value_scales[a];
+                }
+            })
         }
     }
 }
@@ -221,6 +367,10 @@ pub(crate) struct Scratch {
     attn: Vec<f32>,
     /// Per kernel thread, the outputs of one tile of query rows.
     tiles: Vec<f32>,
+    /// Per kernel thread, one KV head's tail where a draft tree's node
+    /// lays out its path as a sequence ([`kernel::KvTail`]): the tile
+    /// before the tree, then up to the rollback depth of positions.
+    tails: Vec<KvCache>,
 }
 
 impl MixerLayer for Attention {
@@ -238,30 +388,7 @@ impl MixerLayer for Attention {
             _ => (shape.capacity, false),
         };
         let slots = held.next_multiple_of(KEY_TILE);
-        // The geometry bounds each factor well below overflow.
-        let n = self.n_kv_heads * slots * self.head_dim;
-        let data = match shape.kv {
-            KvFormat::F32 => KvData::F32 {
-                k: budget.zeroed(n)?,
-                v: budget.zeroed(n)?,
-            },
-            KvFormat::Bf16 => KvData::Bf16 {
-                k: budget.zeroed(n)?,
-                v: budget.zeroed(n)?,
-            },
-            KvFormat::Q8 => KvData::Q8 {
-                k: budget.zeroed(n)?,
-                v: budget.zeroed(n)?,
-                k_scales: budget.zeroed(self.n_kv_heads * slots)?,
-                v_scales: budget.zeroed(self.n_kv_heads * slots)?,
-            },
-        };
-        let cache = KvCache {
-            data,
-            n_kv_heads: self.n_kv_heads,
-            head_dim: self.head_dim,
-            slots,
-        };
+        let cache = KvCache::zeroed(shape.kv, self.n_kv_heads, slots, self.head_dim, budget)?;
         Ok((cache, ring))
     }
 
@@ -281,6 +408,12 @@ impl MixerLayer for Attention {
             v: budget.floats(chunk * kv_dim)?,
             attn: budget.floats(chunk * q_dim)?,
             tiles: budget.floats(shape.threads * MAX_ROWS * head_dim)?,
+            tails: (0..shape.threads)
+                .map(|_| {
+                    let slots = (KEY_TILE + shape.rollback).next_multiple_of(KEY_TILE);
+                    KvCache::zeroed(shape.kv, 1, slots, head_dim, budget)
+                })
+                .collect::<Result<_>>()?,
         })
     }
 
@@ -342,7 +475,22 @@ impl MixerLayer for Attention {
             }
         }
         let attn = &mut s.attn[..n * q_dim];
-        self.attend(cx, cache, &s.q[..n * q_dim], attn, &mut s.tiles, n, start);
+        match step.tree {
+            None => self.attend(cx, cache, &s.q[..n * q_dim], attn, &mut s.tiles, n, start),
+            Some(tree) => {
+                let kv = (&s.k[..n * kv_dim], &s.v[..n * kv_dim]);
+                let buffers = (&mut s.tiles[..], &mut s.tails[..]);
+                self.attend_tree(
+                    cx,
+                    cache,
+                    (&s.q[..n * q_dim], kv),
+                    attn,
+                    buffers,
+                    tree,
+                    start,
+                )
+            }
+        }
         if self.gate.is_some() {
             ops::mul_sigmoid(attn, &s.gate[..n * q_dim]);
         }
@@ -409,7 +557,92 @@ impl Attention {
                     }
                 }
                 let rows = &rows[..count];
-                cache.attend(isa, kvh, self.scale, q, rows, tile_out);
+                cache.attend(isa, kvh, None, self.scale, q, rows, tile_out);
+                for (row, result) in rows.iter().zip(tile_out.chunks_exact(hd)) {
+                    // SAFETY: query row `row.at` is one (token, head) of this
+                    // item, and items are split across threads without overlap.
+                    unsafe { out.piece(row.at, hd) }.copy_from_slice(result);
+                }
+            }
+        });
+    }
+
+    /// [`attend`](Self::attend) for a draft tree: every node's rows see the
+    /// prefix in the cache and the keys and values of its own path, laid
+    /// out at their depths in a thread's tail (the cache's tile holding
+    /// `start`, then the path from `k` and `v`, stored as the cache stores
+    /// them), so each node computes what one-token decoding of its path
+    /// would. One node per tile of rows.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_tree(
+        &self,
+        cx: &Compute<'_>,
+        cache: &KvCache,
+        (q, (k, v)): (&[f32], (&[f32], &[f32])),
+        out: &mut [f32],
+        (tiles, tails): (&mut [f32], &mut [KvCache]),
+        tree: Tree<'_>,
+        start: usize,
+    ) {
+        let isa = cx.isa;
+        let hd = self.head_dim;
+        let (q_dim, kv_dim) = (self.n_heads * hd, self.n_kv_heads * hd);
+        let n = tree.depths.len();
+        let group = self.n_heads / self.n_kv_heads;
+        let heads_per_tile = group.min(MAX_ROWS);
+        let head_chunks = group.div_ceil(heads_per_tile);
+        let items = self.n_kv_heads * head_chunks * n;
+        let per_thread = tiles.len() / cx.pool.n_threads();
+        let from = start / KEY_TILE * KEY_TILE;
+        let out = DisjointMut::new(out);
+        let tiles = DisjointMut::new(tiles);
+        let tails = DisjointMut::new(tails);
+        cx.pool.run(&|tid, n_threads| {
+            // SAFETY: each thread owns its piece of `tiles` and its tail
+            // (both hold one per thread).
+            let (tile_out, tail) = unsafe {
+                (
+                    tiles.piece(tid * per_thread, per_thread),
+                    &mut tails.piece(tid, 1)[0],
+                )
+            };
+            tail.head_dim = hd;
+            for item in split_range(items, n_threads, tid, 1) {
+                let kvh = item / (head_chunks * n);
+                let chunk = item / n % head_chunks;
+                let t = item % n;
+                if from < start {
+                    cache.copy_tile(kvh, start, tail);
+                }
+                let mut node = t;
+                loop {
+                    let at = node * kv_dim + kvh * hd;
+                    let position = start + tree.depths[node];
+                    tail.store(0, position, &k[at..at + hd], &v[at..at + hd]);
+                    if node == 0 {
+                        break;
+                    }
+                    node = tree.parents[node];
+                }
+                let last = start + tree.depths[t];
+                let first = self.window.map_or(0, |w| (last + 1).saturating_sub(w));
+                let heads = kvh * group + chunk * heads_per_tile;
+                let heads = heads..(heads + heads_per_tile).min((kvh + 1) * group);
+                let count = heads.len();
+                let mut rows = [QueryRow {
+                    at: 0,
+                    first: 0,
+                    last: 0,
+                }; MAX_ROWS];
+                for (row, head) in rows.iter_mut().zip(heads) {
+                    *row = QueryRow {
+                        at: t * q_dim + head * hd,
+                        first,
+                        last,
+                    };
+                }
+                let rows = &rows[..count];
+                cache.attend(isa, kvh, Some((from, tail)), self.scale, q, rows, tile_out);
                 for (row, result) in rows.iter().zip(tile_out.chunks_exact(hd)) {
                     // SAFETY: query row `row.at` is one (token, head) of this
                     // item, and items are split across threads without overlap.

@@ -19,6 +19,21 @@ pub(crate) struct Step<'a> {
     pub start: usize,
     /// Recurrent layers keep the state after each of this many last tokens.
     pub recurrent_tail: usize,
+    /// For a draft tree ([`crate::Model::forward_tree`]): which token each
+    /// follows; its tokens still occupy positions `start..start + n` of
+    /// the caches, but each sees only the prefix and its own path.
+    pub tree: Option<Tree<'a>>,
+}
+
+/// The shape of a draft tree of `n` tokens: token 0 follows the sequence,
+/// token `i > 0` follows `parents[i] < i`, at depth `depths[i]` (its
+/// position is `start + depths[i]`).
+#[derive(Clone, Copy)]
+pub(crate) struct Tree<'a> {
+    /// Each token's parent (`parents[0] == 0`).
+    pub parents: &'a [usize],
+    /// Each token's depth (`depths[0] == 0`).
+    pub depths: &'a [usize],
 }
 
 /// A layer type that mixes information across positions (attention,

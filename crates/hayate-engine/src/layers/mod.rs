@@ -27,7 +27,7 @@ pub use mlp::{Activation, GatedMlp};
 pub use norm::RmsNorm;
 pub use short_conv::{ConvHistory, ShortConv};
 
-pub(crate) use mixer::Step;
+pub(crate) use mixer::{Step, Tree};
 
 use crate::Result;
 use crate::budget::{Budget, StateShape};

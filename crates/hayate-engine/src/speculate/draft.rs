@@ -2,7 +2,7 @@
 //! tokens by sampling them as the model would, under the same noise (or
 //! its own, for comparison).
 
-use super::{Coupling, Speculator};
+use super::{Coupling, DraftTree, Speculator};
 use crate::forward::Logits;
 use crate::model::{Model, StateOptions};
 use crate::sampler::{Sampler, SamplingParams};
@@ -77,9 +77,9 @@ impl<'m> DraftModel<'m> {
         } else {
             self.state.clear();
         }
-        self.fed.clear();
-        self.fed.extend_from_slice(sequence);
         let start = self.state.len();
+        self.fed.truncate(start);
+        self.fed.extend_from_slice(&sequence[start..]);
         let logits = self
             .model
             .forward(&mut self.state, &sequence[start..], Logits::Last)?;
@@ -88,12 +88,27 @@ impl<'m> DraftModel<'m> {
     }
 }
 
-impl Speculator for DraftModel<'_> {
-    fn name(&self) -> &'static str {
-        "draft"
-    }
+/// Most candidates per position a draft tree takes from the draft model.
+pub const MAX_WIDTH: usize = 4;
 
-    fn propose(&mut self, sequence: &[u32], max: usize, out: &mut Vec<u32>) -> Result<()> {
+/// A runner-up joins the tree when its perturbed score is within this of
+/// the draft's pick (in scaled-logit units: the pick is then at most about
+/// e² ≈ 7 times likelier under the draft), where the model may well choose
+/// it. On the trained pair, margins of 1 and 4 traded tokens per pass
+/// against tree size worse.
+pub const BRANCH_MARGIN: f32 = 2.0;
+
+impl DraftModel<'_> {
+    /// Drafts a chain of up to `max` tokens; with `tree`, also the
+    /// runners-up (up to `width - 1` per position) that come within
+    /// [`BRANCH_MARGIN`] of each pick, as leaves beside it.
+    fn draft(
+        &mut self,
+        sequence: &[u32],
+        max: usize,
+        width: usize,
+        (tokens, mut parents): (&mut Vec<u32>, Option<&mut Vec<usize>>),
+    ) -> Result<()> {
         if sequence.is_empty() {
             return Ok(());
         }
@@ -106,12 +121,32 @@ impl Speculator for DraftModel<'_> {
         self.sync(sequence)?;
         self.history.clear();
         self.history.extend_from_slice(sequence);
+        let mut best = [(0f32, 0u32); MAX_WIDTH];
+        let width = if parents.is_some() {
+            width.clamp(1, MAX_WIDTH)
+        } else {
+            1
+        };
+        let best = &mut best[..width];
+        // The pass index of the chain's last token.
+        let mut parent = 0;
         for i in 0..max {
             let position = self.history.len();
-            let token = self
+            let found = self
                 .sampler
-                .sample(&mut self.logits, position, &self.history);
-            out.push(token);
+                .sample_ranked(&mut self.logits, position, &self.history, best);
+            let token = best[0].1;
+            tokens.push(token);
+            if let Some(parents) = parents.as_deref_mut() {
+                parents.push(parent);
+                parent = tokens.len();
+                for &(score, other) in &best[1..found.min(width)] {
+                    if best[0].0 - score < BRANCH_MARGIN {
+                        tokens.push(other);
+                        parents.push(parents[parent - 1]);
+                    }
+                }
+            }
             self.history.push(token);
             if i + 1 < max {
                 let logits = self
@@ -122,5 +157,30 @@ impl Speculator for DraftModel<'_> {
             }
         }
         Ok(())
+    }
+}
+
+impl Speculator for DraftModel<'_> {
+    fn name(&self) -> &'static str {
+        "draft"
+    }
+
+    fn propose(&mut self, sequence: &[u32], max: usize, out: &mut Vec<u32>) -> Result<()> {
+        self.draft(sequence, max, 1, (out, None))
+    }
+
+    fn propose_tree(
+        &mut self,
+        sequence: &[u32],
+        max: usize,
+        width: usize,
+        out: &mut DraftTree,
+    ) -> Result<()> {
+        self.draft(
+            sequence,
+            max,
+            width,
+            (&mut out.tokens, Some(&mut out.parents)),
+        )
     }
 }

@@ -27,7 +27,7 @@ mod draft;
 mod ngram;
 mod suffix;
 
-pub use draft::DraftModel;
+pub use draft::{BRANCH_MARGIN, DraftModel, MAX_WIDTH};
 pub use ngram::PromptLookup;
 pub use suffix::SuffixSpeculator;
 
@@ -68,10 +68,75 @@ pub trait Speculator {
     /// model but not yet fed to it). Proposing none is allowed.
     fn propose(&mut self, sequence: &[u32], max: usize, out: &mut Vec<u32>) -> Result<()>;
 
+    /// Like [`propose`](Self::propose), but a tree of depth up to `max`:
+    /// `out.tokens[i]` follows the pass's token `out.parents[i]` (0 the
+    /// last token of `sequence`, `j + 1` the drafted `out.tokens[j]`, so
+    /// parents precede children), with up to `width` candidates per
+    /// position, the likeliest first (the tree may be cut to fewer nodes).
+    /// Speculators without alternatives propose a chain (the default).
+    fn propose_tree(
+        &mut self,
+        sequence: &[u32],
+        max: usize,
+        _width: usize,
+        out: &mut DraftTree,
+    ) -> Result<()> {
+        self.propose(sequence, max, &mut out.tokens)?;
+        out.parents.extend(0..out.tokens.len());
+        Ok(())
+    }
+
     /// Called once each verification is settled: `sequence` now ends with
     /// the first `accepted` of the `drafted` tokens (the model's own next
     /// token follows, unless it ends generation).
     fn observe(&mut self, _sequence: &[u32], _drafted: usize, _accepted: usize) {}
+}
+
+/// Drafted tokens and where each attaches: `tokens[i]` follows the pass's
+/// token `parents[i]` (0: the model's last token; `j + 1`: `tokens[j]`).
+/// A chain has `parents[i] == i`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DraftTree {
+    /// The drafted tokens, parents before children.
+    pub tokens: Vec<u32>,
+    /// Each one's parent in the pass.
+    pub parents: Vec<usize>,
+}
+
+impl DraftTree {
+    /// Room for `nodes` tokens.
+    pub fn with_capacity(nodes: usize) -> Self {
+        DraftTree {
+            tokens: Vec::with_capacity(nodes),
+            parents: Vec::with_capacity(nodes),
+        }
+    }
+
+    /// Empties it.
+    pub fn clear(&mut self) {
+        self.tokens.clear();
+        self.parents.clear();
+    }
+
+    /// Whether it has branches (else it is a chain).
+    pub fn branches(&self) -> bool {
+        self.parents.iter().enumerate().any(|(i, &p)| p != i)
+    }
+
+    /// Keeps the first `n` tokens.
+    fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+        self.parents.truncate(n);
+    }
+
+    /// The drafted child of pass token `node` that is `token`, as a pass index.
+    pub fn child(&self, node: usize, token: u32) -> Option<usize> {
+        self.tokens
+            .iter()
+            .zip(&self.parents)
+            .position(|(&t, &p)| p == node && t == token)
+            .map(|i| i + 1)
+    }
 }
 
 /// How many tokens to draft per model pass.
@@ -116,6 +181,8 @@ pub struct SpeculationStats {
     pub accepted: usize,
     /// Model passes after the prefill (verifications and plain steps).
     pub passes: usize,
+    /// Of those, passes that verified a tree with branches.
+    pub tree_passes: usize,
     /// Time spent proposing.
     pub draft_time: Duration,
     /// Time spent in the model's passes.
@@ -197,6 +264,11 @@ pub struct Speculation<'a> {
     /// after each probe that did not make drafting pay (a draft model's
     /// probe costs catching up on every token since the last one).
     probe_interval: usize,
+    /// Candidates per position a tree may hold (1: chains).
+    width: usize,
+    /// Decayed mean of drafted tokens per position of depth (1 for
+    /// chains): a tree `k` deep costs a pass over about `1 + k · breadth`.
+    breadth: f64,
     /// This generation's counts.
     pub stats: SpeculationStats,
 }
@@ -215,8 +287,23 @@ impl<'a> Speculation<'a> {
             verify_cost: LineFit::default(),
             undrafted: 0,
             probe_interval: PROBE_EVERY,
+            width: 1,
+            breadth: 1.0,
             stats: SpeculationStats::default(),
         }
+    }
+
+    /// Drafts trees of up to `width` candidates per position where the
+    /// speculator has alternatives (1: chains; models with recurrent
+    /// layers verify chains whatever this says).
+    pub fn with_width(mut self, width: usize) -> Self {
+        self.width = width.max(1);
+        self
+    }
+
+    /// Candidates per position.
+    pub fn width(&self) -> usize {
+        self.width
     }
 
     /// The speculator's name.
@@ -287,27 +374,45 @@ impl<'a> Speculation<'a> {
         };
         let rate = |k: usize| {
             let tokens = (1.0 - alpha.powi(k as i32 + 1)) / (1.0 - alpha);
-            tokens / (draft(k as f64) + pass(k as f64 + 1.0))
+            tokens / (draft(k as f64) + pass(1.0 + k as f64 * self.breadth))
         };
         (min..=max.max(min))
             .max_by(|&a, &b| rate(a).total_cmp(&rate(b)))
             .unwrap_or(min)
     }
 
-    /// Asks the speculator for up to `max` tokens after `sequence`.
+    /// Asks the speculator for up to `depth` tokens after `sequence`: a
+    /// tree of at most `max_nodes` when `branch` (and the width allows),
+    /// else a chain.
     pub(crate) fn propose(
         &mut self,
         sequence: &[u32],
-        max: usize,
-        out: &mut Vec<u32>,
+        (depth, max_nodes): (usize, usize),
+        branch: bool,
+        out: &mut DraftTree,
     ) -> Result<()> {
         out.clear();
-        if max == 0 {
+        let depth = depth.min(max_nodes);
+        if depth == 0 {
             return Ok(());
         }
         let start = std::time::Instant::now();
-        self.speculator.propose(sequence, max, out)?;
-        out.truncate(max);
+        if branch && self.width > 1 {
+            self.speculator
+                .propose_tree(sequence, depth, self.width, out)?;
+            out.truncate(max_nodes);
+        } else {
+            self.speculator.propose(sequence, depth, &mut out.tokens)?;
+            out.tokens.truncate(depth);
+            out.parents.extend(0..out.tokens.len());
+        }
+        if out.parents.iter().enumerate().any(|(i, &p)| p > i) {
+            return Err(crate::EngineError::State(format!(
+                "the {} speculator proposed a tree whose parents {:?} do not precede their children",
+                self.speculator.name(),
+                out.parents
+            )));
+        }
         let spent = start.elapsed();
         self.stats.draft_time += spent;
         // Right after a drafted pass the sequence grew by at most a whole
@@ -315,29 +420,41 @@ impl<'a> Speculation<'a> {
         let steady = self
             .drafted_at
             .is_some_and(|at| sequence.len() <= at + self.length.max() + 1);
-        if steady && !out.is_empty() {
-            self.draft_cost.add(out.len() as f64, spent.as_secs_f64());
+        let n = out.tokens.len();
+        if steady && n > 0 {
+            self.draft_cost.add(n as f64, spent.as_secs_f64());
         }
-        self.drafted_at = (!out.is_empty()).then_some(sequence.len());
+        self.drafted_at = (n > 0).then_some(sequence.len());
         Ok(())
     }
 
-    /// Records a model pass over `tokens` tokens that took `time`.
-    pub(crate) fn record_pass(&mut self, tokens: usize, time: Duration) {
+    /// Records a model pass over `tokens` tokens (a tree with branches,
+    /// if `tree`) that took `time`.
+    pub(crate) fn record_pass(&mut self, tokens: usize, tree: bool, time: Duration) {
         self.stats.passes += 1;
+        self.stats.tree_passes += usize::from(tree);
         self.stats.verify_time += time;
         self.verify_cost.add(tokens as f64, time.as_secs_f64());
     }
 
-    /// Records that `accepted` of `drafted` tokens were kept; `sequence` is
-    /// the sequence after the pass.
-    pub(crate) fn record_outcome(&mut self, sequence: &[u32], drafted: usize, accepted: usize) {
+    /// Records that `accepted` of `drafted` tokens were kept, of a draft
+    /// whose longest branch was `depth` deep; `sequence` is the sequence
+    /// after the pass.
+    pub(crate) fn record_outcome(
+        &mut self,
+        sequence: &[u32],
+        (drafted, depth): (usize, usize),
+        accepted: usize,
+    ) {
         if drafted > 0 {
             self.stats.drafted += drafted;
             self.stats.accepted += accepted;
             let d = 0.98f64.powi(accepted as i32 + 1);
             self.hits = self.hits * d + accepted as f64;
-            self.misses = self.misses * d + f64::from(accepted < drafted);
+            self.misses = self.misses * d + f64::from(accepted < depth);
+            if depth > 0 {
+                self.breadth = 0.9 * self.breadth + 0.1 * drafted as f64 / depth as f64;
+            }
         }
         self.speculator.observe(sequence, drafted, accepted);
     }

@@ -89,16 +89,6 @@ impl SuffixSpeculator {
         }
     }
 
-    /// Contexts counted so far.
-    pub fn len(&self) -> usize {
-        self.table.len()
-    }
-
-    /// Whether nothing was counted yet.
-    pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
-    }
-
     /// Counts the token at `end` after each context ending just before it.
     fn count(&mut self, sequence: &[u32], end: usize) {
         let token = sequence[end];
