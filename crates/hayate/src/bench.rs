@@ -1,11 +1,17 @@
 //! `hayate bench`: prompt-processing and generation speed, like llama-bench.
 
-use crate::common::{ModelArgs, mib, peak_rss_bytes};
-use anyhow::{Result, bail};
+use crate::common::{ModelArgs, SamplingArgs, mib, peak_rss_bytes};
+use crate::speculation::{SpeculationArgs, tokens_per_pass};
+use anyhow::{Context, Result, bail};
 use clap::Args;
+use hayate_chat::TextTokenizer;
 use hayate_engine::sampler::argmax;
-use hayate_engine::{InferenceState, KvFormat, Logits, Model, StateOptions};
+use hayate_engine::speculate::SpeculationStats;
+use hayate_engine::{
+    EngineError, Generator, InferenceState, KvFormat, Logits, Model, Sampler, StateOptions,
+};
 use serde::Serialize;
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Args)]
@@ -65,6 +71,17 @@ pub struct BenchArgs {
         requires = "verify"
     )]
     acceptance: Vec<f64>,
+    /// Speculative generation (with `--draft` or `--speculate`): -n tokens
+    /// generated plainly and speculatively from the same prompt, in
+    /// alternation, with the speedup, acceptance and tokens per pass.
+    #[command(flatten)]
+    speculation: SpeculationArgs,
+    /// Text whose first -p tokens prompt the speculative test (default:
+    /// pseudo-random tokens, which give a speculator little to go by).
+    #[arg(long, value_name = "FILE")]
+    prompt_file: Option<PathBuf>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -98,6 +115,27 @@ struct Verify {
     /// Per acceptance rate: the speedup over plain decoding if `tokens - 1`
     /// drafted tokens cost nothing to draft (n-gram lookup).
     projected: Vec<Projection>,
+}
+
+/// A speculative generation test against plain generation.
+#[derive(Serialize)]
+struct Speculative {
+    speculator: String,
+    temperature: f32,
+    seed: u64,
+    prompt_tokens: usize,
+    tokens: usize,
+    /// Median decode speed of plain generation.
+    plain_tok_s: f64,
+    /// Median decode speed with speculation.
+    speculative_tok_s: f64,
+    /// Median of the per-repetition speed ratios.
+    speedup: f64,
+    drafted: usize,
+    accepted: usize,
+    acceptance: f64,
+    tokens_per_pass: f64,
+    tree_passes: usize,
 }
 
 /// A projected speculative speedup.
@@ -135,6 +173,8 @@ struct Report {
     results: Vec<Rate>,
     /// `--verify` measurements.
     verify: Vec<Verify>,
+    /// The speculative generation test.
+    speculative: Option<Speculative>,
     /// Measured memory read bandwidth (with --bandwidth).
     read_bandwidth_bytes_s: Option<f64>,
     /// Decode tok/s the bandwidth allows: bandwidth / bytes per token.
@@ -268,6 +308,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(a) = args.acceptance.iter().find(|a| !(0.0..1.0).contains(*a)) {
         bail!("--acceptance takes rates in [0, 1), not {a}");
     }
+    let speculating = args.speculation.speculate.is_some() || args.speculation.draft.is_some();
+    if speculating && gens.is_empty() {
+        bail!("speculative generation needs tokens to generate: -n must not be 0");
+    }
     let mut verify = Vec::new();
     let mut results = Vec::new();
     let mut dispatch = Vec::new();
@@ -376,6 +420,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         first.get_or_insert((model, options));
     }
     let (model, options) = first.expect("--threads has at least one value");
+    let speculative = match speculating {
+        true => bench_speculation(&args, &model, prompts.first().copied(), gens[0])?,
+        false => None,
+    };
     // Before the bandwidth probe, whose buffer is not the model's.
     let peak_rss = peak_rss_bytes();
     let bandwidth = args
@@ -393,6 +441,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         kv_cache: options.kv_cache.name().to_owned(),
         results,
         verify,
+        speculative,
         read_bandwidth_bytes_s: bandwidth,
         decode_ceiling_tok_s: bandwidth.map(|b| b / model.info.bytes_per_token as f64),
         dispatch,
@@ -490,8 +539,145 @@ pub fn run(args: BenchArgs) -> Result<()> {
             projected.join(" | ")
         );
     }
+    if let Some(s) = &report.speculative {
+        let trees = match s.tree_passes {
+            0 => String::new(),
+            n => format!(", {n} trees"),
+        };
+        println!(
+            "\nspeculative generation ({}, T = {}, seed {}): {} tokens after a {}-token prompt at {:.2} tok/s against {:.2} plainly, {:.2}x (median of {} runs); {} drafted, {} accepted ({:.0}%), {:.2} tok/pass{trees}; the same tokens",
+            s.speculator,
+            s.temperature,
+            s.seed,
+            s.tokens,
+            s.prompt_tokens,
+            s.speculative_tok_s,
+            s.plain_tok_s,
+            s.speedup,
+            args.repetitions,
+            s.drafted,
+            s.accepted,
+            100.0 * s.acceptance,
+            s.tokens_per_pass
+        );
+    }
     println!("peak RSS {}", mib(report.peak_rss_bytes));
     Ok(())
+}
+
+/// Generates `n` tokens plainly and speculatively from one prompt (the
+/// first `prompt_len` tokens of `--prompt-file`, or pseudo-random ones),
+/// alternating which goes first, and checks they agree.
+fn bench_speculation(
+    args: &BenchArgs,
+    model: &Model,
+    prompt_len: Option<usize>,
+    n: usize,
+) -> Result<Option<Speculative>> {
+    let prompt_len = prompt_len.unwrap_or(512);
+    let tokenizer = match (&args.prompt_file, &args.speculation.draft) {
+        (None, None) => None,
+        _ => Some(TextTokenizer::load(&args.model.model)?),
+    };
+    let prompt = match &args.prompt_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the prompt file {}", path.display()))?;
+            let mut ids = tokenizer
+                .as_ref()
+                .expect("loaded above")
+                .encode(&text, true)?;
+            ids.truncate(prompt_len);
+            ids
+        }
+        None => tokens(prompt_len, model.info.vocab),
+    };
+    if prompt.is_empty() {
+        bail!("the speculative test's prompt encodes to no tokens");
+    }
+    let params = args.sampling.resolve(model)?;
+    let draft = args
+        .speculation
+        .load_draft(&args.model, tokenizer.as_ref())?;
+    let needed = prompt.len() + n + 1;
+    let ctx = args.model.ctx_size.unwrap_or(needed);
+    if needed > ctx || ctx > model.info.max_positions {
+        bail!(
+            "the speculative test needs {needed} tokens of context ({} of prompt + {n}); the context allows {}",
+            prompt.len(),
+            ctx.min(model.info.max_positions)
+        );
+    }
+    let options = args
+        .speculation
+        .state_options(model, args.model.state_options(Some(ctx), KvFormat::Bf16))?;
+    let Some(mut speculation) = args
+        .speculation
+        .build(model, draft.as_ref(), &params, &options)?
+    else {
+        return Ok(None);
+    };
+    let generate = |speculation: Option<&mut hayate_engine::speculate::Speculation<'_>>| -> Result<(Vec<u32>, f64, Option<SpeculationStats>)> {
+        let mut generator = Generator::new(model, &options)?;
+        generator.set_prompt(&prompt)?;
+        let mut sampler = Sampler::new(params.clone(), model.info.vocab);
+        let mut out = Vec::with_capacity(n);
+        let stats = generator.generate_with(&mut sampler, speculation, n, &[], |t| {
+            out.push(t);
+            Ok::<_, EngineError>(true)
+        })?;
+        Ok((out, stats.decode_rate(), stats.speculation))
+    };
+    // Warm up both, untimed.
+    generate(None)?;
+    generate(Some(&mut speculation))?;
+    let (mut plain, mut fast, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut total = SpeculationStats::default();
+    let mut generated = 0;
+    for rep in 0..args.repetitions {
+        let first_plain = rep % 2 == 0;
+        let a = if first_plain {
+            Some(generate(None)?)
+        } else {
+            None
+        };
+        let (got, rate, stats) = generate(Some(&mut speculation))?;
+        let (want, plain_rate, _) = match a {
+            Some(a) => a,
+            None => generate(None)?,
+        };
+        if got != want {
+            bail!(
+                "speculative generation gave other tokens than plain generation: a bug, please report it"
+            );
+        }
+        let stats = stats.expect("a speculative run has speculation statistics");
+        total.drafted += stats.drafted;
+        total.accepted += stats.accepted;
+        total.passes += stats.passes + 1;
+        total.tree_passes += stats.tree_passes;
+        generated += got.len();
+        plain.push(plain_rate);
+        fast.push(rate);
+        ratios.push(rate / plain_rate);
+    }
+    // `tokens_per_pass` counts each run's prefill pass itself.
+    total.passes -= 1;
+    Ok(Some(Speculative {
+        speculator: speculation.name().to_owned(),
+        temperature: params.temperature,
+        seed: params.seed,
+        prompt_tokens: prompt.len(),
+        tokens: n,
+        plain_tok_s: median(&mut plain),
+        speculative_tok_s: median(&mut fast),
+        speedup: median(&mut ratios),
+        drafted: total.drafted,
+        accepted: total.accepted,
+        acceptance: total.acceptance(),
+        tokens_per_pass: tokens_per_pass(&total, generated),
+        tree_passes: total.tree_passes,
+    }))
 }
 
 /// Mean time of an empty job on `pool`, back to back (the workers stay awake

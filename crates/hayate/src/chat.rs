@@ -38,6 +38,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let stops = stop_ids(&model, Some(&tokenizer));
     let draft = args.speculation.load_draft(&args.model, Some(&tokenizer))?;
     let options = args.speculation.state_options(
+        &model,
         args.model
             .state_options(args.model.ctx_size, KvFormat::Bf16),
     )?;

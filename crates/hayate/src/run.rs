@@ -48,6 +48,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let draft = args.speculation.load_draft(&args.model, Some(&tokenizer))?;
     let options = args.speculation.state_options(
+        &model,
         args.model
             .state_options(args.model.ctx_size, KvFormat::Bf16),
     )?;

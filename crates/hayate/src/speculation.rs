@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use hayate_chat::TextTokenizer;
 use hayate_engine::speculate::{
-    Coupling, DEFAULT_MAX_DRAFT, DraftLength, DraftModel, PromptLookup, Speculation,
+    Coupling, DEFAULT_MAX_DRAFT, DraftLength, DraftModel, MAX_WIDTH, PromptLookup, Speculation,
     SpeculationStats, SuffixSpeculator,
 };
 use hayate_engine::{GenerationStats, Model, SamplingParams, StateOptions};
@@ -40,6 +40,12 @@ pub struct SpeculationArgs {
     /// llama.cpp does; for comparisons).
     #[arg(long, value_name = "C", default_value = "shared")]
     pub coupling: CouplingArg,
+    /// Candidates per drafted position: with more than 1, a draft model
+    /// also proposes its runners-up where they come close to its pick, and
+    /// the model verifies the tree in one pass (models whose layers are all
+    /// attention; others verify chains).
+    #[arg(long, value_name = "W", default_value_t = 1)]
+    pub tree_width: usize,
 }
 
 /// A speculator on the command line.
@@ -97,10 +103,24 @@ impl SpeculationArgs {
         }
     }
 
-    /// State options that can roll back a whole draft.
-    pub fn state_options(&self, mut options: StateOptions) -> Result<StateOptions> {
+    /// Candidates per position (checked).
+    pub fn width(&self) -> Result<usize> {
+        match self.tree_width {
+            w @ 1..=MAX_WIDTH => Ok(w),
+            w => bail!("--tree-width must be between 1 and {MAX_WIDTH}, not {w}"),
+        }
+    }
+
+    /// State options for `model` that can roll back a whole draft (a whole
+    /// tree, where the model branches).
+    pub fn state_options(&self, model: &Model, mut options: StateOptions) -> Result<StateOptions> {
         if self.kind()? != SpeculateArg::None {
-            options.rollback = options.rollback.max(self.length()?.max());
+            let depth = self.length()?.max();
+            let nodes = match model.can_branch() {
+                true => depth * self.width()?,
+                false => depth,
+            };
+            options.rollback = options.rollback.max(nodes);
         }
         Ok(options)
     }
@@ -181,15 +201,21 @@ impl SpeculationArgs {
                 )
             }
         };
-        Ok(Some(Speculation::new(speculator, length)))
+        Ok(Some(
+            Speculation::new(speculator, length).with_width(self.width()?),
+        ))
     }
 }
 
 /// The stats line's speculation part: ` | draft: 120 drafted, 96 accepted
 /// (80%), 3.1 tok/pass`.
 pub fn stats_text(name: &str, s: &SpeculationStats, generated: usize) -> String {
+    let trees = match s.tree_passes {
+        0 => String::new(),
+        n => format!(", {n} trees"),
+    };
     format!(
-        " | {name}: {} drafted, {} accepted ({:.0}%), {:.2} tok/pass",
+        " | {name}: {} drafted, {} accepted ({:.0}%), {:.2} tok/pass{trees}",
         s.drafted,
         s.accepted,
         100.0 * s.acceptance(),
@@ -220,6 +246,7 @@ pub struct JsonStats {
     accepted: Option<usize>,
     acceptance: Option<f64>,
     model_passes: Option<usize>,
+    tree_passes: Option<usize>,
     tokens_per_pass: Option<f64>,
     draft_s: Option<f64>,
     verify_s: Option<f64>,
@@ -244,6 +271,7 @@ impl JsonStats {
             accepted: s.map(|s| s.accepted),
             acceptance: s.map(SpeculationStats::acceptance),
             model_passes: s.map(|s| s.passes),
+            tree_passes: s.map(|s| s.tree_passes),
             tokens_per_pass: s.map(|s| tokens_per_pass(s, stats.generated)),
             draft_s: s.map(|s| s.draft_time.as_secs_f64()),
             verify_s: s.map(|s| s.verify_time.as_secs_f64()),

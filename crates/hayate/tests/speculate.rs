@@ -43,8 +43,16 @@ fn run_prints_the_same_text_with_every_speculator() {
     for (temperature, seed) in [("0", "1"), ("0.7", "2"), ("1", "3")] {
         let sampling = ["--temperature", temperature, "--seed", seed];
         let (want, _) = ok(&run(&[&sampling[..], &["--speculate", "none"]].concat()));
-        let variants: [&[&str]; 6] = [
+        let variants: [&[&str]; 7] = [
             &["--draft", draft],
+            &[
+                "--draft",
+                draft,
+                "--tree-width",
+                "2",
+                "--draft-threads",
+                "1",
+            ],
             &["--draft", draft, "--draft-tokens", "4"],
             &[
                 "--draft",
@@ -80,6 +88,9 @@ fn run_prints_the_same_text_with_every_speculator() {
             for field in [counts.as_str(), "tok/pass"] {
                 assert!(stats_line.contains(field), "{stats_line}");
             }
+            // Trees only where asked for; the target (Qwen3) can branch.
+            let trees = stats["tree_passes"].as_u64().unwrap();
+            assert_eq!(trees > 0, variant.contains(&"--tree-width"), "{stats}");
             // The two fixed-length drafts, shared and independent noise,
             // draft on every pass.
             if variant.contains(&"4") {
@@ -141,6 +152,12 @@ fn unusable_drafts_and_settings_are_refused() {
             &["--draft-tokens", "between 1 and 32"],
         );
     }
+    for w in ["0", "5"] {
+        assert_one_error_line(
+            &run(&["--draft", draft, "--tree-width", w]),
+            &["--tree-width", "between 1 and 4"],
+        );
+    }
     assert_one_error_line(
         &run(&["--draft", "/nonexistent/draft"]),
         &["draft model", "tokenizer"],
@@ -169,4 +186,58 @@ fn unusable_drafts_and_settings_are_refused() {
         &run(&["--draft", dir.path().to_str().unwrap()]),
         &["another vocabulary", "2 of 4096 tokens differ", "\"class\""],
     );
+}
+
+#[test]
+fn bench_measures_speculative_generation_against_plain() {
+    let target = shared_model("pystd-qwen3-7m");
+    let draft = shared_model("pystd-qwen3-1m");
+    let text = shared_model("../data/pystd-valid.txt");
+    let base = [
+        "bench",
+        "--model",
+        target.to_str().unwrap(),
+        "-p",
+        "64",
+        "-n",
+        "48",
+        "-r",
+        "2",
+        "--json",
+        "--prompt-file",
+        text.to_str().unwrap(),
+    ];
+    for (extra, name) in [
+        (
+            &["--draft", draft.to_str().unwrap(), "--temperature", "0"][..],
+            "draft",
+        ),
+        (
+            &["--speculate", "ngram", "--temperature", "1", "--seed", "5"][..],
+            "ngram",
+        ),
+    ] {
+        let (out, _) = ok(&hayate(&[&base[..], extra].concat()));
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let s = &report["speculative"];
+        assert_eq!(s["speculator"], name, "{s}");
+        assert_eq!(s["tokens"], 48);
+        assert_eq!(s["prompt_tokens"], 64);
+        let (drafted, accepted) = (
+            s["drafted"].as_u64().unwrap(),
+            s["accepted"].as_u64().unwrap(),
+        );
+        assert!(
+            accepted <= drafted && s["speedup"].as_f64().unwrap() > 0.0,
+            "{s}"
+        );
+        // The draft model agrees with the model on most greedy tokens.
+        if name == "draft" {
+            assert!(s["tokens_per_pass"].as_f64().unwrap() > 2.0, "{s}");
+        }
+    }
+    // Without a speculator there is no speculative test.
+    let (out, _) = ok(&hayate(&base));
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(report["speculative"].is_null());
 }
