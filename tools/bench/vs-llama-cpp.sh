@@ -53,49 +53,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-LLAMA_VERSION=0.3.36
-LLAMA_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
-mkdir -p "$WORK"
-log() { echo "[vs-llama-cpp] $*" >&2; }
-
-# --- Python tools (pinned) ---------------------------------------------------
-VENV="$WORK/venv"
-if [ ! -f "$VENV/.installed" ]; then
-  log "creating $VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q cmake==3.31.10 numpy==2.2.6 sentencepiece==0.2.1 \
-    transformers==4.57.6 protobuf==4.25.8 safetensors==0.6.2 tokenizers==0.22.2 torch==2.11.0
-  touch "$VENV/.installed"
-fi
-
-# --- llama.cpp from the llama-cpp-python source package ----------------------
-SRC="$WORK/llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp"
-if [ ! -d "$SRC" ]; then
-  tarball="$WORK/llama_cpp_python-$LLAMA_VERSION.tar.gz"
-  url=$(curl -fsS -H "Accept: application/vnd.pypi.simple.v1+json" \
-    https://pypi.org/simple/llama-cpp-python/ | "$VENV/bin/python" -c "
-import json, sys
-files = json.load(sys.stdin)['files']
-print(next(f['url'] for f in files if f['filename'] == 'llama_cpp_python-$LLAMA_VERSION.tar.gz'))")
-  log "fetching $url"
-  curl -fsSL -o "$tarball" "$url"
-  echo "$LLAMA_SHA256  $tarball" | sha256sum -c --quiet
-  tar xzf "$tarball" -C "$WORK"
-fi
-BUILD="$WORK/llama-build"
-if [ ! -x "$BUILD/bin/llama-bench" ] || [ ! -x "$BUILD/bin/llama-quantize" ]; then
-  log "building llama.cpp (native) in $BUILD"
-  # Native, but without AMX: on the Xeon VM this was written on, its AMX path died with SIGILL
-  # (an illegal instruction in libggml-cpu on Q8_0), so a user could not run it.
-  no_amx=""
-  grep -qw amx_tile /proc/cpuinfo && no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-  "$VENV/bin/cmake" -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-    -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-    -DLLAMA_BUILD_TOOLS=ON > "$WORK/cmake.log"
-  "$VENV/bin/cmake" --build "$BUILD" --config Release -j "$(nproc)" \
-    --target llama-bench llama-quantize > "$WORK/build.log"
-fi
+# shellcheck source=tools/bench/llama-cpp-env.sh
+. "$ROOT/tools/bench/llama-cpp-env.sh"
+llama_cpp_build llama-bench llama-quantize
 
 # --- The model, both ways ----------------------------------------------------
 MODELS="$ROOT/models"
@@ -117,39 +77,7 @@ if [ ! -f "$HF/config.json" ]; then
 fi
 GGUF="$WORK/gguf/$SHAPE"
 mkdir -p "$GGUF"
-if [ ! -f "$GGUF/bf16.gguf" ]; then
-  log "converting to GGUF"
-  # Checkpoints written by newer transformers list `extra_special_tokens`,
-  # which the pinned one reads as a mapping: convert from a copy (links, and
-  # that one file rewritten) where the list is dropped (the same tokens stay
-  # in `additional_special_tokens` and the tokenizer itself).
-  if python3 -c "import json,sys; sys.exit(not isinstance(json.load(open('$HF/tokenizer_config.json')).get('extra_special_tokens'), list))" 2>/dev/null; then
-    fixed="$WORK/hf/$SHAPE"
-    rm -rf "$fixed" && mkdir -p "$fixed"
-    for f in "$HF"/*; do ln -s "$f" "$fixed/"; done
-    rm "$fixed/tokenizer_config.json"
-    python3 -c "import json; d=json.load(open('$HF/tokenizer_config.json')); d.pop('extra_special_tokens'); json.dump(d, open('$fixed/tokenizer_config.json','w'))"
-    HF_CONVERT=$fixed
-  else
-    HF_CONVERT=$HF
-  fi
-  # The speed models' small tokenizer is not one llama.cpp knows by hash;
-  # its pre-tokenizer is declared `qwen2` (as for ../shared/anchors), which
-  # changes nothing that is timed.
-  "$VENV/bin/python" - "$SRC" "$HF_CONVERT" "$GGUF/bf16.gguf" > "$WORK/convert.log" 2>&1 <<'EOF'
-import runpy, sys
-src, model, out = sys.argv[1:]
-sys.path[:0] = [src, f"{src}/gguf-py"]
-import conversion.base
-conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
-sys.argv = ["convert_hf_to_gguf.py", model, "--outtype", "bf16", "--outfile", out]
-# Qwen3.5 expects multi-token-prediction layers unless told there are none.
-import json
-if json.load(open(f"{model}/config.json"))["model_type"].startswith("qwen3_5"):
-    sys.argv.append("--no-mtp")
-runpy.run_path(f"{src}/convert_hf_to_gguf.py", run_name="__main__")
-EOF
-fi
+llama_cpp_convert "$HF" "$GGUF/bf16.gguf"
 for q in Q8_0 Q4_K_M Q4_0; do
   [ -f "$GGUF/$q.gguf" ] || "$BUILD/bin/llama-quantize" "$GGUF/bf16.gguf" "$GGUF/$q.gguf" "$q" \
     "$THREADS" > "$WORK/quantize-$q.log" 2>&1
