@@ -50,6 +50,8 @@ fn run_prints_the_same_text_with_every_speculator() {
                 draft,
                 "--tree-width",
                 "2",
+                "--draft-tokens",
+                "3",
                 "--draft-threads",
                 "1",
             ],
@@ -209,7 +211,15 @@ fn bench_measures_speculative_generation_against_plain() {
     ];
     for (extra, name) in [
         (
-            &["--draft", draft.to_str().unwrap(), "--temperature", "0"][..],
+            // A fixed length: the adaptive one follows measured times.
+            &[
+                "--draft",
+                draft.to_str().unwrap(),
+                "--draft-tokens",
+                "4",
+                "--temperature",
+                "0",
+            ][..],
             "draft",
         ),
         (
