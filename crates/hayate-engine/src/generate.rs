@@ -204,7 +204,7 @@ impl<'m> Generator<'m> {
                 && !drafts.tokens.is_empty()
             {
                 // The pass is settled: its path is kept, the rest dropped.
-                let depth = depth_of(&drafts);
+                let depth = drafts.depth();
                 s.record_outcome(&self.tokens, (drafts.tokens.len(), depth), path.len() - 1);
                 self.state.keep_branch(pass.len(), &path)?;
                 drafts.clear();
@@ -283,24 +283,4 @@ impl<'m> Generator<'m> {
         }
         Ok(stats)
     }
-}
-
-/// The longest branch of a draft, in tokens.
-fn depth_of(tree: &DraftTree) -> usize {
-    // Parents precede children, so one pass finds every depth; a chain's is its length.
-    if !tree.branches() {
-        return tree.tokens.len();
-    }
-    let mut depths = [0usize; crate::MAX_TREE_NODES];
-    let mut deepest = 0;
-    for (i, &p) in tree
-        .parents
-        .iter()
-        .enumerate()
-        .take(crate::MAX_TREE_NODES - 1)
-    {
-        depths[i + 1] = depths[p] + 1;
-        deepest = deepest.max(depths[i + 1]);
-    }
-    deepest
 }

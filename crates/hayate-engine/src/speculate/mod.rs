@@ -123,6 +123,27 @@ impl DraftTree {
         self.parents.iter().enumerate().any(|(i, &p)| p != i)
     }
 
+    /// The longest branch, in tokens (at most [`crate::MAX_TREE_NODES`]
+    /// nodes are read: no pass verifies more).
+    pub fn depth(&self) -> usize {
+        if !self.branches() {
+            return self.tokens.len();
+        }
+        // Parents precede children, so one sweep finds every node's depth.
+        let mut depths = [0usize; crate::MAX_TREE_NODES];
+        let mut deepest = 0;
+        for (i, &p) in self
+            .parents
+            .iter()
+            .enumerate()
+            .take(crate::MAX_TREE_NODES - 1)
+        {
+            depths[i + 1] = depths[p] + 1;
+            deepest = deepest.max(depths[i + 1]);
+        }
+        deepest
+    }
+
     /// Keeps the first `n` tokens.
     fn truncate(&mut self, n: usize) {
         self.tokens.truncate(n);
