@@ -7,7 +7,7 @@
 //! can be recomputed, which speculative decoding relies on: a draft model
 //! that agrees with the target under the same noise picks the same token.
 
-use crate::rng::{GUMBEL_BOUND, gumbel};
+use crate::rng::{self, GUMBEL_BOUND, PositionNoise, gumbel_of};
 
 /// How to pick tokens. The defaults are plain sampling at temperature 1.
 #[derive(Clone, Debug, PartialEq)]
@@ -71,6 +71,9 @@ pub struct Sampler {
     pub params: SamplingParams,
     seen: Vec<bool>,
     candidates: Vec<(f32, u32)>,
+    /// Tokens whose noise was computed, over all calls (most are ruled out
+    /// without it).
+    pub noise_evaluations: usize,
 }
 
 impl Sampler {
@@ -80,6 +83,7 @@ impl Sampler {
             params,
             seen: vec![false; vocab],
             candidates: Vec::with_capacity(vocab),
+            noise_evaluations: 0,
         }
     }
 
@@ -132,6 +136,15 @@ impl Sampler {
             return logits.len();
         }
         let inv_t = 1.0 / p.temperature;
+        let noise = PositionNoise::new(p.seed, position as u64);
+        let mut evaluated = 0;
+        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            for (i, &l) in logits.iter().enumerate() {
+                evaluated += rank_perturbed(best, noise, l * inv_t, i as u32);
+            }
+            self.noise_evaluations += evaluated;
+            return logits.len();
+        }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
         // A token whose scaled logit is this far below the best can never win,
         // whatever the noise (|g| < GUMBEL_BOUND), nor matter for top-p or min-p.
@@ -175,12 +188,47 @@ impl Sampler {
             let min_logit = max + p.min_p.ln();
             self.candidates.retain(|c| c.0 >= min_logit);
         }
-        let (seed, pos) = (p.seed, position as u64);
         for &(l, id) in &self.candidates {
-            rank(best, (l + gumbel(seed, pos, id as u64), id));
+            evaluated += rank_perturbed(best, noise, l, id);
         }
+        self.noise_evaluations += evaluated;
         self.candidates.len()
     }
+}
+
+/// Scores below this magnitude (logits below it, any way below) keep the
+/// rounding of `l - bar` far inside [`rank_perturbed`]'s margin; beyond it
+/// every token's noise is computed.
+const PRUNE_RANGE: f32 = 1.0e4;
+
+/// Ranks the token `id` of scaled logit `l` by `l + g` (its Gumbel noise),
+/// skipping the two logarithms of `g` when the noise provably cannot lift
+/// it into `best`, so the result is exactly that of scoring every token.
+/// Returns 1 when it computed `g`, 0 when it skipped it.
+///
+/// With `bar` the last kept score, entering needs `g > bar - l`, that is
+/// `-ln u < e^(l - bar)`; since `-ln u >= 1 - u`, a uniform with
+/// `1 - u >= 1.05 e^(l - bar)` leaves `l + g <= bar - ln 1.05`. The test
+/// runs on powers of two: `1 - u >= 2^e` (`e` from its leading zeros) and
+/// `e >= (l - bar) log2(e) + 0.1` imply it, with 0.03 to spare for
+/// rounding. Usually only a few tokens near the top pass.
+#[inline(always)]
+fn rank_perturbed(best: &mut [(f32, u32)], noise: PositionNoise, l: f32, id: u32) -> usize {
+    let Some(&(bar, _)) = best.last() else {
+        return 0;
+    };
+    let bits = noise.bits(u64::from(id));
+    // (Far below the range, l can only lose; NaN is scored, and never enters.)
+    if bar.abs() < PRUNE_RANGE && l < PRUNE_RANGE {
+        // 1 - u = m / 2^54 with m odd, as `PositionNoise::uniform` makes u.
+        let m = (1u64 << 54) - 2 * (bits >> 11) - 1;
+        let e = (63 - m.leading_zeros() as i32 - 54) as f32;
+        if e >= (l - bar) * std::f32::consts::LOG2_E + 0.1 {
+            return 0;
+        }
+    }
+    rank(best, (l + gumbel_of(rng::uniform_of(bits)), id));
+    1
 }
 
 /// Inserts `c` into `best` (kept in descending score, ties to the lower
@@ -214,6 +262,7 @@ pub fn argmax(values: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::gumbel;
 
     fn draws(params: SamplingParams, logits: &[f32], n: usize) -> Vec<usize> {
         let mut sampler = Sampler::new(params, logits.len());
@@ -344,6 +393,87 @@ mod tests {
                 assert_eq!(ids, want_ids, "T={temperature} pos {pos}");
                 assert!(best[0].0 >= best[1].0 && best[1].0 >= best[2].0);
                 assert_eq!(sampler.sample(&mut logits.clone(), pos, &[]), best[0].1);
+            }
+        }
+    }
+
+    /// Every token scored, as `sample_ranked` would without ruling any out.
+    fn exhaustive(
+        logits: &[f32],
+        params: &SamplingParams,
+        pos: usize,
+        width: usize,
+    ) -> Vec<(u32, u32)> {
+        let inv_t = 1.0 / params.temperature;
+        let mut scored: Vec<(f32, u32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                (
+                    l * inv_t + gumbel(params.seed, pos as u64, i as u64),
+                    i as u32,
+                )
+            })
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        scored[..width]
+            .iter()
+            .map(|&(s, id)| (s.to_bits(), id))
+            .collect()
+    }
+
+    #[test]
+    fn ruling_tokens_out_changes_no_pick_and_skips_most_noise() {
+        let vocab = 4096;
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        // Logit spreads from flat to peaked, and one far beyond the pruning
+        // range (there the noise is computed for all but the hopeless).
+        for (spread, temperature) in [
+            (0.5, 1.0),
+            (8.0, 1.0),
+            (8.0, 0.7),
+            (20.0, 1.5),
+            (3.0e4, 1.0),
+        ] {
+            let params = SamplingParams {
+                seed: 5,
+                temperature,
+                ..Default::default()
+            };
+            let mut sampler = Sampler::new(params.clone(), vocab);
+            let positions = 60;
+            for pos in 0..positions {
+                let logits: Vec<f32> = (0..vocab).map(|_| next() * spread).collect();
+                for width in [1, 2, 4] {
+                    let mut best = vec![(0.0, 0); width];
+                    sampler.sample_ranked(&mut logits.clone(), pos, &[], &mut best);
+                    let got: Vec<(u32, u32)> =
+                        best.iter().map(|&(s, id)| (s.to_bits(), id)).collect();
+                    assert_eq!(
+                        got,
+                        exhaustive(&logits, &params, pos, width),
+                        "spread {spread} T={temperature} pos {pos}"
+                    );
+                }
+            }
+            let per_token = sampler.noise_evaluations as f64 / (positions * 3 * vocab) as f64;
+            if spread < 1.0e4 {
+                assert!(
+                    per_token < 0.02,
+                    "spread {spread}: noise of {per_token:.3} of the tokens computed"
+                );
+            }
+            if spread > 1.0e4 {
+                assert!(
+                    per_token > 0.9,
+                    "beyond the range nearly every token is scored"
+                );
             }
         }
     }
