@@ -73,7 +73,7 @@ pub struct Sampler {
     candidates: Vec<(f32, u32)>,
     /// Tokens whose noise was computed, over all calls (most are ruled out
     /// without it).
-    pub noise_evaluations: usize,
+    pub(crate) noise_evaluations: usize,
 }
 
 impl Sampler {
