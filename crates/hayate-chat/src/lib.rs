@@ -8,7 +8,7 @@ mod template;
 mod tokenizer;
 
 pub use stream::StreamDecoder;
-pub use template::{ChatTemplate, MAX_OUTPUT_BYTES as MAX_TEMPLATE_OUTPUT, Message};
+pub use template::{ChatTemplate, MAX_OUTPUT_BYTES as MAX_TEMPLATE_OUTPUT, Message, RenderOptions};
 pub use tokenizer::TextTokenizer;
 
 /// Why text could not be processed.

@@ -21,6 +21,17 @@ impl Message {
     }
 }
 
+/// What a render takes besides the messages.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RenderOptions<'a> {
+    /// End with the assistant's turn header.
+    pub add_generation_prompt: bool,
+    /// The tools offered (OpenAI's `tools` array), as templates take them.
+    pub tools: Option<&'a serde_json::Value>,
+    /// Further template variables (`chat_template_kwargs`, e.g. `enable_thinking`).
+    pub extra: Option<&'a serde_json::Map<String, serde_json::Value>>,
+}
+
 /// Instructions one render may execute: real templates need a few hundred
 /// per message; a template that loops without end runs out instead.
 const FUEL: u64 = 10_000_000;
@@ -94,21 +105,39 @@ impl ChatTemplate {
     /// Renders `messages`, ending with the assistant's turn header when
     /// `add_generation_prompt` is set.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(
+            messages,
+            &RenderOptions {
+                add_generation_prompt,
+                ..RenderOptions::default()
+            },
+        )
+    }
+
+    /// Renders any serializable conversation (messages as JSON objects, as
+    /// an API receives them: tool calls, content parts, ...) with `options`.
+    pub fn render_with(
+        &self,
+        messages: &(impl Serialize + ?Sized),
+        options: &RenderOptions<'_>,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template("chat")
             .map_err(|e| ChatError::Template(e.to_string()))?;
         let mut out = Capped::default();
+        let base = context! {
+            messages => Value::from(minijinja::value::Serde(messages)),
+            add_generation_prompt => options.add_generation_prompt,
+            bos_token => self.bos_token.as_str(),
+            eos_token => self.eos_token.as_str(),
+            tools => options.tools.map(|t| Value::from(minijinja::value::Serde(t))),
+        };
+        // Extra variables (e.g. `enable_thinking`) cannot replace the ones above.
+        let empty = serde_json::Map::new();
+        let extra = Value::from(minijinja::value::Serde(options.extra.unwrap_or(&empty)));
         let rendered = template
-            .render_captured_to(
-                context! {
-                    messages => Value::from(minijinja::value::Serde(messages)),
-                    add_generation_prompt => add_generation_prompt,
-                    bos_token => self.bos_token.as_str(),
-                    eos_token => self.eos_token.as_str(),
-                },
-                &mut out,
-            )
+            .render_captured_to(context! { ..base, ..extra }, &mut out)
             .map(drop);
         if out.overflowed {
             return Err(ChatError::Template(format!(
@@ -217,6 +246,39 @@ mod tests {
         );
         let err = t.render(&[Message::new("system", "x")], false).unwrap_err();
         assert!(err.to_string().contains("first must be user"));
+    }
+
+    #[test]
+    fn json_messages_tools_and_extra_variables_reach_the_template() {
+        let t = ChatTemplate::new(
+            "{% if tools %}{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% endif %}\
+             {% for m in messages %}{{ m.role }}:{% if m.tool_calls %}{{ m.tool_calls[0].function.name }}{% else %}{{ m.content }}{% endif %};{% endfor %}\
+             {{ 'think' if enable_thinking else 'plain' }}|{{ add_generation_prompt }}",
+            "",
+            "",
+        )
+        .unwrap();
+        let messages = serde_json::json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]},
+        ]);
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
+        let extra = serde_json::json!({"enable_thinking": true, "add_generation_prompt": false});
+        let options = RenderOptions {
+            add_generation_prompt: true,
+            tools: Some(&tools),
+            extra: extra.as_object(),
+        };
+        // The extra variables cannot override the render's own.
+        assert_eq!(
+            t.render_with(&messages, &options).unwrap(),
+            "[f]user:hi;assistant:f;think|True"
+        );
+        let plain = RenderOptions::default();
+        assert_eq!(
+            t.render_with(&messages, &plain).unwrap(),
+            "user:hi;assistant:f;plain|False"
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-use crate::{ChatError, ChatTemplate, Message, Result, StreamDecoder};
+use crate::{ChatError, ChatTemplate, Message, RenderOptions, Result, StreamDecoder};
 use serde_json::Value;
 use std::path::Path;
 use tokenizers::Tokenizer;
@@ -183,6 +183,29 @@ impl TextTokenizer {
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>> {
         self.encode(&self.render_chat(messages, add_generation_prompt)?, false)
+    }
+
+    /// Token ids of any serializable conversation (an API's JSON messages)
+    /// rendered with `options`, encoded as [`Self::encode_chat`] does.
+    pub fn encode_chat_with(
+        &self,
+        messages: &(impl serde::Serialize + ?Sized),
+        options: &RenderOptions<'_>,
+    ) -> Result<Vec<u32>> {
+        let text = self
+            .template
+            .as_ref()
+            .ok_or(ChatError::NoTemplate)?
+            .render_with(messages, options)?;
+        self.encode(&text, false)
+    }
+
+    /// The text of one token, special tokens included (`<|im_end|>`), as
+    /// log-probability listings show it.
+    pub fn token_text(&self, id: u32) -> Result<String> {
+        self.tokenizer
+            .decode(&[id], false)
+            .map_err(|e| ChatError::Tokenizer(e.to_string()))
     }
 
     /// A streaming decoder for generated ids.

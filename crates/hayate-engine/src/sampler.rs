@@ -23,6 +23,12 @@ pub struct SamplingParams {
     /// Divide positive / multiply negative logits of tokens already in the
     /// sequence by this (1: off), as `transformers` does.
     pub repetition_penalty: f32,
+    /// Subtracted from the logit of every token the output already holds
+    /// (OpenAI's `presence_penalty`, -2 to 2; 0: off).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time the output holds it
+    /// (OpenAI's `frequency_penalty`, -2 to 2; 0: off).
+    pub frequency_penalty: f32,
     /// Seed of the noise.
     pub seed: u64,
 }
@@ -35,6 +41,8 @@ impl Default for SamplingParams {
             top_p: 1.0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -61,6 +69,14 @@ impl SamplingParams {
                 self.repetition_penalty
             ));
         }
+        for (name, v) in [
+            ("presence-penalty", self.presence_penalty),
+            ("frequency-penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be in [-2, 2], not {v}"));
+            }
+        }
         Ok(())
     }
 }
@@ -70,6 +86,12 @@ pub struct Sampler {
     /// The parameters in force.
     pub params: SamplingParams,
     seen: Vec<bool>,
+    /// Occurrences of each token in the output (presence/frequency penalties).
+    counts: Vec<u32>,
+    /// Where the output begins in the histories this sampler is given: the
+    /// presence and frequency penalties count tokens from here on (the
+    /// prompt's own tokens are not penalized, as in vLLM).
+    pub output_start: usize,
     candidates: Vec<(f32, u32)>,
     /// Tokens whose noise was computed, over all calls (most are ruled out
     /// without it).
@@ -82,6 +104,8 @@ impl Sampler {
         Sampler {
             params,
             seen: vec![false; vocab],
+            counts: vec![0; vocab],
+            output_start: 0,
             candidates: Vec::with_capacity(vocab),
             noise_evaluations: 0,
         }
@@ -126,6 +150,23 @@ impl Sampler {
             for &t in history {
                 if let Some(s) = self.seen.get_mut(t as usize) {
                     *s = false;
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let output = history.get(self.output_start..).unwrap_or(&[]);
+            for &t in output {
+                if let Some(c) = self.counts.get_mut(t as usize) {
+                    *c += 1;
+                }
+            }
+            // The first visit of each token applies its penalty and resets its count.
+            for &t in output {
+                let n = self.counts.get_mut(t as usize).map_or(0, std::mem::take);
+                if let Some(l) = logits.get_mut(t as usize)
+                    && n > 0
+                {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
                 }
             }
         }
@@ -272,6 +313,36 @@ mod tests {
             counts[sampler.sample(&mut l, pos, &[]) as usize] += 1;
         }
         counts
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_the_output_only() {
+        let params = SamplingParams {
+            temperature: 0.0,
+            presence_penalty: 0.2,
+            frequency_penalty: 0.25,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(params, 4);
+        // Token 0 twice in the output: 3.0 - 0.2 - 2 * 0.25 = 2.3 < 2.5.
+        let history = [3, 0, 2, 0];
+        let mut logits = [3.0, 2.5, 1.0, 0.0];
+        assert_eq!(s.sample(&mut logits, 4, &history), 1);
+        assert_eq!(logits, [2.3, 2.5, 1.0 - 0.45, -0.45]);
+        // The same tokens in the prompt are not penalized: once is not enough.
+        s.output_start = 3;
+        let mut logits = [3.0, 2.5, 1.0, 0.0];
+        assert_eq!(s.sample(&mut logits, 4, &history), 0);
+        assert_eq!(logits, [2.55, 2.5, 1.0, 0.0]);
+        s.output_start = 4;
+        let mut logits = [3.0, 2.5, 1.0, 0.0];
+        assert_eq!(s.sample(&mut logits, 4, &history), 0);
+        assert_eq!(logits, [3.0, 2.5, 1.0, 0.0]);
+        let bad = SamplingParams {
+            frequency_penalty: 2.5,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("frequency-penalty"));
     }
 
     #[test]

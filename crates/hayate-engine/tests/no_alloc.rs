@@ -90,6 +90,8 @@ fn decode_steps_do_not_allocate() {
             top_p: 0.9,
             min_p: 0.05,
             repetition_penalty: 1.1,
+            presence_penalty: 0.4,
+            frequency_penalty: 0.2,
             seed: 1,
         };
         let mut sampler = Sampler::new(params, model.info.vocab);

@@ -97,7 +97,7 @@ fn speculative(
     (out, stats.stop)
 }
 
-/// Every temperature, with and without filters and penalty, at three seeds.
+/// Every temperature, with and without filters and penalties, at three seeds.
 fn settings() -> Vec<SamplingParams> {
     let mut all = Vec::new();
     for temperature in [0.0, 0.7, 1.0, 1.5] {
@@ -114,6 +114,8 @@ fn settings() -> Vec<SamplingParams> {
                 top_p: 0.9,
                 min_p: 0.02,
                 repetition_penalty: 1.2,
+                presence_penalty: 0.5,
+                frequency_penalty: 0.3,
             });
         }
     }

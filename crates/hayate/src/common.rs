@@ -390,6 +390,7 @@ impl SamplingArgs {
                 .repeat_penalty
                 .unwrap_or(g.repetition_penalty.unwrap_or(1.0)),
             seed,
+            ..SamplingParams::default()
         };
         params.validate().map_err(anyhow::Error::msg)?;
         Ok(params)

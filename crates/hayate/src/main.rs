@@ -7,6 +7,7 @@ mod eval;
 mod logits;
 mod quantize;
 mod run;
+mod serve;
 mod speculation;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -36,6 +37,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Write a quantized copy (q4 or q8) of a model directory.
     Quantize(quantize::QuantizeArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 /// Parses the command line. Every option that takes a value accepts a
@@ -94,6 +97,7 @@ fn main() {
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error:#}");

@@ -165,6 +165,10 @@ impl Speculator for DraftModel<'_> {
         "draft"
     }
 
+    fn begin_output(&mut self, start: usize) {
+        self.sampler.output_start = start;
+    }
+
     fn propose(&mut self, sequence: &[u32], max: usize, out: &mut Vec<u32>) -> Result<()> {
         self.draft(sequence, max, 1, (out, None))
     }

@@ -90,6 +90,11 @@ pub trait Speculator {
     /// the first `accepted` of the `drafted` tokens (the model's own next
     /// token follows, unless it ends generation).
     fn observe(&mut self, _sequence: &[u32], _drafted: usize, _accepted: usize) {}
+
+    /// Called as a generation starts: its output begins at index `start`
+    /// of the sequences that follow (a draft's sampler counts presence and
+    /// frequency penalties from there, as the model's does).
+    fn begin_output(&mut self, _start: usize) {}
 }
 
 /// Drafted tokens and where each attaches: `tokens[i]` follows the pass's
@@ -480,9 +485,11 @@ impl<'a> Speculation<'a> {
         self.speculator.observe(sequence, drafted, accepted);
     }
 
-    /// Starts the statistics of a new generation (the estimates carry over).
-    pub(crate) fn reset_stats(&mut self) {
+    /// Starts a new generation whose output begins at `output_start`:
+    /// new statistics (the estimates carry over).
+    pub(crate) fn begin_output(&mut self, output_start: usize) {
         self.stats = SpeculationStats::default();
+        self.speculator.begin_output(output_start);
     }
 }
 

@@ -1,0 +1,335 @@
+//! The engine thread: it owns the model and one generator, takes requests
+//! from a bounded queue one at a time, and streams each reply back as
+//! events. The generator keeps its state between requests, so a request
+//! that repeats the previous one's conversation prefills only what is new.
+
+use crate::stop::StopMatcher;
+use hayate_chat::TextTokenizer;
+use hayate_engine::{Generator, Model, Sampler, SamplingParams, StateOptions, StopReason};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// One request for the engine.
+pub struct Job {
+    /// The prompt's token ids (fits the context, checked by the caller).
+    pub prompt: Vec<u32>,
+    /// How to sample.
+    pub params: SamplingParams,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Stop strings (none empty).
+    pub stops: Vec<String>,
+    /// Log-probabilities to report per token: `None`, or the number of
+    /// alternatives beside the chosen token.
+    pub logprobs: Option<usize>,
+    /// Where the reply goes; when the receiver is gone (the client left),
+    /// generation stops.
+    pub events: UnboundedSender<Event>,
+}
+
+/// A token's log-probability and the most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its natural-log probability.
+    pub logprob: f32,
+    /// The most likely tokens at its position, best first: text and logprob.
+    pub top: Vec<(String, f32)>,
+}
+
+/// Why a reply ended, as OpenAI's `finish_reason` says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens`, or the context is full.
+    Length,
+}
+
+impl Finish {
+    /// OpenAI's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+/// What the engine sends back for a job.
+#[derive(Debug, PartialEq)]
+pub enum Event {
+    /// Generated text, with the log-probabilities of the tokens it completes
+    /// (when asked for).
+    Text {
+        /// The text (never part of a stop string).
+        text: String,
+        /// One entry per token, when log-probabilities were asked for.
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// The end of the reply.
+    Done {
+        /// Why it ended.
+        finish: Finish,
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// Tokens generated.
+        completion_tokens: usize,
+        /// Prompt tokens that were already in the cache (not prefilled).
+        cached_tokens: usize,
+    },
+    /// The engine failed on this request.
+    Failed(String),
+}
+
+/// What the HTTP side knows of the engine.
+pub struct EngineHandle {
+    /// The queue of jobs.
+    queue: SyncSender<Job>,
+    /// Jobs queued or running.
+    pub pending: Arc<AtomicUsize>,
+    /// Tokens generated since the start, over all requests.
+    pub generated: Arc<AtomicU64>,
+    /// Tokens the context holds.
+    pub capacity: usize,
+    /// Token ids the model knows.
+    pub vocab: usize,
+    /// The model's tokenizer and template.
+    pub tokenizer: Arc<TextTokenizer>,
+    /// Ids that end a reply.
+    pub stop_ids: Vec<u32>,
+}
+
+/// Why a job was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue is full.
+    Full,
+    /// The engine thread has ended.
+    Gone,
+}
+
+impl EngineHandle {
+    /// Queues `job` without waiting.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        self.queue.try_send(job).map_err(|e| {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            match e {
+                TrySendError::Full(_) => SubmitError::Full,
+                TrySendError::Disconnected(_) => SubmitError::Gone,
+            }
+        })
+    }
+}
+
+/// Starts the engine thread over `model`; `queue` jobs may wait at once.
+pub fn start(
+    model: Model,
+    tokenizer: Arc<TextTokenizer>,
+    options: StateOptions,
+    stop_ids: Vec<u32>,
+    queue: usize,
+) -> std::io::Result<EngineHandle> {
+    // The state is made here so that a context the machine cannot hold is
+    // an error at start, not on the first request.
+    let probe = Generator::new(&model, &options).map_err(std::io::Error::other)?;
+    let capacity = probe.state.capacity();
+    drop(probe);
+    let (send, receive) = std::sync::mpsc::sync_channel(queue);
+    let pending = Arc::new(AtomicUsize::new(0));
+    let generated = Arc::new(AtomicU64::new(0));
+    let counters = Counters {
+        pending: pending.clone(),
+        generated: generated.clone(),
+    };
+    let handle = EngineHandle {
+        queue: send,
+        pending,
+        generated,
+        capacity,
+        vocab: model.info.vocab,
+        tokenizer: tokenizer.clone(),
+        stop_ids: stop_ids.clone(),
+    };
+    std::thread::Builder::new()
+        .name("hayate-engine".into())
+        .spawn(move || serve_jobs(&model, &tokenizer, &options, &stop_ids, receive, &counters))?;
+    Ok(handle)
+}
+
+/// What the engine thread counts for the HTTP side.
+struct Counters {
+    pending: Arc<AtomicUsize>,
+    generated: Arc<AtomicU64>,
+}
+
+/// The engine thread's loop: one job at a time until the queue closes.
+fn serve_jobs(
+    model: &Model,
+    tokenizer: &TextTokenizer,
+    options: &StateOptions,
+    stop_ids: &[u32],
+    jobs: Receiver<Job>,
+    counters: &Counters,
+) {
+    let mut generator = match Generator::new(model, options) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!("the engine cannot make its state: {e}");
+            return;
+        }
+    };
+    for job in jobs {
+        // A client that left while its job waited costs nothing.
+        if !job.events.is_closed() {
+            let events = job.events.clone();
+            if let Err(e) = run_job(
+                model,
+                tokenizer,
+                &mut generator,
+                stop_ids,
+                job,
+                &counters.generated,
+            ) {
+                tracing::error!("request failed: {e}");
+                let _ = events.send(Event::Failed(e));
+            }
+        }
+        counters.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Why a reply could not be generated.
+#[derive(Debug)]
+struct JobError(String);
+
+impl From<hayate_engine::EngineError> for JobError {
+    fn from(e: hayate_engine::EngineError) -> Self {
+        JobError(e.to_string())
+    }
+}
+
+/// Generates one reply, sending its text as it comes.
+fn run_job(
+    model: &Model,
+    tokenizer: &TextTokenizer,
+    generator: &mut Generator<'_>,
+    stop_ids: &[u32],
+    job: Job,
+    generated: &AtomicU64,
+) -> Result<(), String> {
+    let cached = generator
+        .tokens
+        .iter()
+        .take(generator.state.len())
+        .zip(&job.prompt)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(job.prompt.len().saturating_sub(1));
+    generator
+        .set_prompt(&job.prompt)
+        .map_err(|e| e.to_string())?;
+    let mut sampler = Sampler::new(job.params, model.info.vocab);
+    let mut stream = tokenizer.stream();
+    let mut matcher = StopMatcher::new(job.stops);
+    let mut waiting: Vec<TokenLogprob> = Vec::new();
+    let mut stopped_by_string = false;
+    let mut client_gone = false;
+    let events = &job.events;
+    let stats = generator
+        .generate_observed(
+            &mut sampler,
+            None,
+            job.max_tokens,
+            stop_ids,
+            |token, logits| -> Result<bool, JobError> {
+                generated.fetch_add(1, Ordering::Relaxed);
+                if let Some(top) = job.logprobs {
+                    waiting.push(token_logprob(tokenizer, token, logits, top).map_err(JobError)?);
+                }
+                let Some(piece) = stream.push(token).map_err(|e| JobError(e.to_string()))? else {
+                    return Ok(true);
+                };
+                let (text, stopped) = matcher.push(&piece);
+                if !text.is_empty() || stopped {
+                    let logprobs = std::mem::take(&mut waiting);
+                    if events.send(Event::Text { text, logprobs }).is_err() {
+                        client_gone = true;
+                        return Ok(false);
+                    }
+                }
+                stopped_by_string = stopped;
+                Ok(!stopped)
+            },
+        )
+        .map_err(|e| e.0)?;
+    if client_gone {
+        return Ok(());
+    }
+    if !stopped_by_string {
+        let rest = stream.finish().map_err(|e| e.to_string())?;
+        let (mut text, stopped) = matcher.push(rest.as_deref().unwrap_or(""));
+        stopped_by_string = stopped;
+        if !stopped {
+            text += &matcher.finish();
+        }
+        if !text.is_empty() || !waiting.is_empty() {
+            let logprobs = std::mem::take(&mut waiting);
+            let _ = events.send(Event::Text { text, logprobs });
+        }
+    }
+    let finish = match stats.stop {
+        _ if stopped_by_string => Finish::Stop,
+        StopReason::Stop | StopReason::Cancelled => Finish::Stop,
+        StopReason::MaxTokens | StopReason::ContextFull => Finish::Length,
+    };
+    let _ = events.send(Event::Done {
+        finish,
+        prompt_tokens: job.prompt.len(),
+        completion_tokens: stats.generated,
+        cached_tokens: cached,
+    });
+    Ok(())
+}
+
+/// The log-probability of `token` under `logits` (softmax at temperature
+/// 1, penalties applied) and the `top` most likely tokens.
+fn token_logprob(
+    tokenizer: &TextTokenizer,
+    token: u32,
+    logits: &[f32],
+    top: usize,
+) -> Result<TokenLogprob, String> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let log_z = f64::from(max) + sum.ln();
+    let logprob = |l: f32| (f64::from(l) - log_z) as f32;
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() < top || l > best[best.len() - 1].0 {
+                let at = best.partition_point(|&(b, _)| b >= l);
+                best.insert(at, (l, i as u32));
+                best.truncate(top);
+            }
+        }
+    }
+    let text = |id: u32| tokenizer.token_text(id).map_err(|e| e.to_string());
+    Ok(TokenLogprob {
+        token: text(token)?,
+        logprob: logprob(
+            logits
+                .get(token as usize)
+                .copied()
+                .unwrap_or(f32::NEG_INFINITY),
+        ),
+        top: best
+            .into_iter()
+            .map(|(l, id)| Ok((text(id)?, logprob(l))))
+            .collect::<Result<_, String>>()?,
+    })
+}

@@ -1,0 +1,97 @@
+//! `hayate serve`: the OpenAI-compatible server (see `hayate-server`).
+
+use crate::common::{ModelArgs, SamplingArgs, stop_ids};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use hayate_chat::TextTokenizer;
+use hayate_engine::KvFormat;
+use hayate_server::{DEFAULT_MAX_BODY_BYTES, ServerConfig};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on (loopback by default; another address without
+    /// an API key is open to the network, and the server warns).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, value_name = "PORT", default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/* (also from HAYATE_API_KEY).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "HAYATE_API_KEY",
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
+    /// Requests that may wait for the engine at once; more are answered 503.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    queue: usize,
+    /// Most bytes of a request body; larger ones are answered 413.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// Defaults for requests that leave sampling fields out.
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    if args.queue == 0 {
+        bail!("--queue must be at least 1");
+    }
+    let model = args.model.load()?;
+    let tokenizer =
+        TextTokenizer::load(&args.model.model).context("the server needs the model's tokenizer")?;
+    let defaults = args.sampling.resolve(&model)?;
+    let stops = stop_ids(&model, Some(&tokenizer));
+    let options = args
+        .model
+        .state_options(args.model.ctx_size, KvFormat::Bf16);
+    let model_id = args
+        .model
+        .model
+        .file_name()
+        .map_or("model".to_owned(), |n| n.to_string_lossy().into_owned());
+    let api_key = args.api_key.filter(|k| !k.is_empty());
+    if !args.host.is_loopback() && api_key.is_none() {
+        tracing::warn!(
+            "listening on {} without an API key: anyone who can reach this machine can use the model (set --api-key or HAYATE_API_KEY)",
+            args.host
+        );
+        eprintln!(
+            "warning: listening on {} without an API key: anyone who can reach this machine can use the model",
+            args.host
+        );
+    }
+    let engine =
+        hayate_server::engine::start(model, Arc::new(tokenizer), options, stops, args.queue)
+            .context("cannot start the engine")?;
+    let capacity = engine.capacity;
+    let config = ServerConfig {
+        model_id: model_id.clone(),
+        api_key,
+        max_body_bytes: args.max_body_bytes,
+        defaults,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the server's runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((args.host, args.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+        let address = listener.local_addr()?;
+        eprintln!(
+            "hayate serve: {model_id} ({capacity} tokens of context) on http://{address}/v1 (Ctrl-C stops)"
+        );
+        hayate_server::serve(listener, hayate_server::router(config, engine))
+            .await
+            .context("the server failed")
+    })
+}

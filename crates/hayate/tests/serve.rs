@@ -1,0 +1,137 @@
+//! `hayate serve` over plain HTTP: the routes answer, a completion comes
+//! back in OpenAI's shape, and errors are error objects. (The full API
+//! suite, with the `openai` package, is tests/server/run.sh.)
+
+mod common;
+
+use common::shared_model;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+
+/// A server on a free port; killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let model = shared_model("pystd-qwen3-7m");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hayate"))
+            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("hayate serve starts");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("a line announcing the address")
+                .unwrap();
+            if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
+                break rest.split('/').next().unwrap().parse().unwrap();
+            }
+        };
+        // Keep reading stderr so that the server never blocks on it.
+        std::thread::spawn(move || lines.for_each(drop));
+        Server { child, port }
+    }
+
+    /// Status and body of one request.
+    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).unwrap();
+        let status = reply[9..12].parse().unwrap();
+        let body = reply.split_once("\r\n\r\n").unwrap().1.to_owned();
+        (status, body)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+#[test]
+fn serves_completions_and_answers_errors_with_error_objects() {
+    let server = Server::start(&[]);
+    let (status, body) = server.request("GET", "/health", "");
+    assert_eq!((status, json(&body)["status"].as_str()), (200, Some("ok")));
+    let (status, body) = server.request(
+        "POST",
+        "/v1/chat/completions",
+        r#"{"messages": [{"role": "user", "content": "Write a loop."}], "max_tokens": 7, "seed": 1}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let reply = json(&body);
+    assert_eq!(reply["object"], "chat.completion");
+    assert_eq!(reply["usage"]["completion_tokens"], 7);
+    assert_eq!(reply["choices"][0]["finish_reason"], "length");
+    assert!(reply["choices"][0]["message"]["content"].as_str().is_some());
+    // Greedy completions of the same prompt agree, whole or streamed.
+    let ask = r#"{"prompt": "import os\n", "max_tokens": 12, "temperature": 0}"#;
+    let (_, whole) = server.request("POST", "/v1/completions", ask);
+    let text = json(&whole)["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let streaming = ask.replace('{', r#"{"stream": true, "#);
+    let (status, events) = server.request("POST", "/v1/completions", &streaming);
+    assert_eq!(status, 200);
+    let streamed: String = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| {
+            json(d)["choices"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(streamed, text);
+    assert!(events.contains("data: [DONE]"));
+    for (path, body, status, param) in [
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "top_p": "high"}"#,
+            400,
+            "top_p",
+        ),
+        ("/v1/completions", r#"{"prompt": "x", "n": 4}"#, 400, "n"),
+        ("/v1/nowhere", "{}", 404, ""),
+    ] {
+        let (got, reply) = server.request("POST", path, body);
+        assert_eq!(got, status, "{path} {body}: {reply}");
+        let error = &json(&reply)["error"];
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+        if !param.is_empty() {
+            assert_eq!(error["param"], param);
+        }
+    }
+}
+
+#[test]
+fn an_api_key_is_required_when_set() {
+    let server = Server::start(&["--api-key", "k3y"]);
+    let (status, body) = server.request("GET", "/v1/models", "");
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(json(&body)["error"]["code"], "invalid_api_key");
+    assert_eq!(server.request("GET", "/health", "").0, 200);
+}

@@ -1,0 +1,371 @@
+"""`hayate serve` driven by the official `openai` package (and raw HTTP where
+a client library would hide what is checked): shapes, streaming, seeds,
+stop strings, log-probabilities, penalties, errors, disconnects.
+
+Run by tests/server/run.sh, which installs the pinned requirements.
+"""
+
+import http.client
+import json
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+import unittest
+from pathlib import Path
+
+import openai
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT.parent / "shared" / "models" / "pystd-qwen3-7m"
+BINARY = os.environ.get("HAYATE_BIN", str(ROOT / "target" / "release" / "hayate"))
+PROMPT = [{"role": "user", "content": "Write a function that parses a config file."}]
+
+
+class Server:
+    """A `hayate serve` process on a free loopback port."""
+
+    def __init__(self, *extra, env=None):
+        self.process = subprocess.Popen(
+            [BINARY, "serve", "--model", str(MODEL), "--port", "0", "--threads", "2", *extra],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines = []
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            line = self.process.stderr.readline()
+            if not line:
+                raise RuntimeError("hayate serve exited: " + "".join(self.lines))
+            self.lines.append(line)
+            found = re.search(r"http://([0-9.]+):(\d+)/v1", line)
+            if found:
+                self.host, self.port = found.group(1), int(found.group(2))
+                break
+        else:
+            raise RuntimeError("hayate serve did not start")
+        # Keep draining stderr so the server never blocks on it.
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self):
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    @property
+    def url(self):
+        return f"http://{self.host}:{self.port}/v1"
+
+    def client(self, key="none"):
+        return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=120)
+
+    def raw(self, method, path, body=None, headers=None):
+        """(status, headers, parsed JSON or text) of one plain HTTP request."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        text = response.read().decode()
+        conn.close()
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = text
+        return response.status, dict(response.getheaders()), parsed
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stderr.close()
+
+
+def chat_stream_text(client, **kwargs):
+    """The text, finish reason and usage of a streamed chat completion."""
+    text, finish, usage, roles = "", None, None, []
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.role:
+                roles.append(choice.delta.role)
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    return text, finish, usage, roles
+
+
+class Api(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server()
+        cls.client = cls.server.client()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def assert_error(self, status, body, want_status, param=None):
+        self.assertEqual(status, want_status, body)
+        self.assertIsInstance(body, dict, body)
+        error = body["error"]
+        self.assertTrue(error["message"])
+        self.assertIn("type", error)
+        if param is not None:
+            self.assertEqual(error["param"], param, error)
+
+    def test_models_and_health(self):
+        models = self.client.models.list()
+        self.assertEqual([m.id for m in models.data], ["pystd-qwen3-7m"])
+        status, _, body = self.server.raw("GET", "/health")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["status"], "ok")
+
+    def test_chat_completion_shape_and_usage(self):
+        r = self.client.chat.completions.create(model="pystd-qwen3-7m", messages=PROMPT, max_tokens=24, seed=1)
+        self.assertEqual(r.object, "chat.completion")
+        self.assertTrue(r.id.startswith("chatcmpl-"))
+        self.assertEqual(len(r.choices), 1)
+        choice = r.choices[0]
+        self.assertEqual(choice.message.role, "assistant")
+        self.assertTrue(choice.message.content)
+        self.assertEqual(choice.finish_reason, "length")
+        self.assertEqual(r.usage.completion_tokens, 24)
+        self.assertGreater(r.usage.prompt_tokens, 5)
+        self.assertEqual(r.usage.total_tokens, r.usage.prompt_tokens + 24)
+        # max_completion_tokens is the newer name of the same limit.
+        r = self.client.chat.completions.create(model="m", messages=PROMPT, max_completion_tokens=5, seed=1)
+        self.assertEqual(r.usage.completion_tokens, 5)
+        self.assertEqual(r.model, "m")
+
+    def test_streaming_equals_non_streaming_at_the_same_seed(self):
+        for temperature in (0.0, 0.8, 1.2):
+            kwargs = dict(model="m", messages=PROMPT, max_tokens=48, seed=11, temperature=temperature)
+            whole = self.client.chat.completions.create(**kwargs)
+            text, finish, usage, roles = chat_stream_text(
+                self.client, stream_options={"include_usage": True}, **kwargs
+            )
+            self.assertEqual(text, whole.choices[0].message.content, f"T={temperature}")
+            self.assertEqual(finish, whole.choices[0].finish_reason)
+            self.assertEqual(roles, ["assistant"])
+            self.assertEqual(usage.completion_tokens, whole.usage.completion_tokens)
+            self.assertEqual(usage.prompt_tokens, whole.usage.prompt_tokens)
+        kwargs = dict(model="m", prompt="import os\n", max_tokens=40, seed=5, temperature=0.9)
+        whole = self.client.completions.create(**kwargs)
+        streamed = "".join(c.choices[0].text for c in self.client.completions.create(stream=True, **kwargs) if c.choices)
+        self.assertEqual(streamed, whole.choices[0].text)
+
+    def test_a_seed_reproduces_and_seeds_differ(self):
+        def reply(seed):
+            r = self.client.chat.completions.create(model="m", messages=PROMPT, max_tokens=40, seed=seed, temperature=1.0)
+            return r.choices[0].message.content
+
+        first = reply(42)
+        self.client.chat.completions.create(model="m", messages=PROMPT, max_tokens=10, seed=7)
+        self.assertEqual(reply(42), first)
+        self.assertNotEqual(reply(43), first)
+        # Without a seed every request draws afresh.
+        texts = {self.client.chat.completions.create(model="m", messages=PROMPT, max_tokens=30, temperature=1.0).choices[0].message.content for _ in range(3)}
+        self.assertGreater(len(texts), 1)
+
+    def test_stop_strings_are_matched_across_tokens_and_never_emitted(self):
+        base = dict(model="m", prompt="def main():\n", max_tokens=60, temperature=0)
+        full = self.client.completions.create(**base).choices[0].text
+        self.assertIn("\n", full.strip("\n"))
+        # A stop string that spans tokens: two characters around a token boundary.
+        cut = full.find("\n", 1)
+        stop = full[cut - 1 : cut + 2]
+        r = self.client.completions.create(stop=[stop, "never-there"], **base)
+        self.assertEqual(r.choices[0].text, full[: full.find(stop)])
+        self.assertEqual(r.choices[0].finish_reason, "stop")
+        streamed = "".join(c.choices[0].text for c in self.client.completions.create(stream=True, stop=stop, **base) if c.choices)
+        self.assertEqual(streamed, r.choices[0].text)
+        chat = self.client.chat.completions.create(model="m", messages=PROMPT, max_tokens=60, temperature=0, stop="\n")
+        self.assertNotIn("\n", chat.choices[0].message.content)
+        self.assertEqual(chat.choices[0].finish_reason, "stop")
+
+    def test_logprobs(self):
+        r = self.client.chat.completions.create(model="m", messages=PROMPT, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+        content = r.choices[0].logprobs.content
+        self.assertEqual(len(content), 12)
+        self.assertEqual("".join(e.token for e in content), r.choices[0].message.content)
+        for e in content:
+            self.assertLessEqual(e.logprob, 0.0)
+            self.assertEqual(len(e.top_logprobs), 3)
+            tops = [t.logprob for t in e.top_logprobs]
+            self.assertEqual(tops, sorted(tops, reverse=True))
+            # Greedy picks the likeliest token.
+            self.assertEqual(e.top_logprobs[0].token, e.token)
+            self.assertAlmostEqual(e.top_logprobs[0].logprob, e.logprob, places=5)
+            self.assertEqual(bytes(e.bytes).decode(), e.token)
+        plain = self.client.chat.completions.create(model="m", messages=PROMPT, max_tokens=4)
+        self.assertIsNone(plain.choices[0].logprobs)
+        legacy = self.client.completions.create(model="m", prompt="class A:\n", max_tokens=6, temperature=0, logprobs=2)
+        lp = legacy.choices[0].logprobs
+        self.assertEqual(len(lp.tokens), 6)
+        self.assertEqual(len(lp.token_logprobs), 6)
+        self.assertEqual(len(lp.top_logprobs), 6)
+        self.assertTrue(all(len(t) <= 2 for t in lp.top_logprobs))
+        self.assertEqual(lp.text_offset[0], 0)
+
+    def test_completions_take_token_ids_and_echo(self):
+        status, _, body = self.server.raw("POST", "/v1/completions", {"prompt": [1, 2, 3, 4], "max_tokens": 3, "temperature": 0})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["usage"]["prompt_tokens"], 4)
+        r = self.client.completions.create(model="m", prompt="x = 1\n", max_tokens=4, temperature=0, echo=True)
+        self.assertTrue(r.choices[0].text.startswith("x = 1\n"))
+        # OpenAI's default limit for completions is 16 tokens.
+        r = self.client.completions.create(model="m", prompt="import", temperature=0.5, seed=2)
+        self.assertLessEqual(r.usage.completion_tokens, 16)
+
+    def test_penalties_change_the_reply(self):
+        base = dict(model="m", prompt="x = [", max_tokens=40, temperature=0)
+        plain = self.client.completions.create(**base).choices[0].text
+        penalized = self.client.completions.create(frequency_penalty=2.0, presence_penalty=1.0, **base).choices[0].text
+        self.assertNotEqual(plain, penalized)
+        repeated = self.client.completions.create(extra_body={"repetition_penalty": 1.5}, **base).choices[0].text
+        self.assertNotEqual(plain, repeated)
+
+    def test_message_forms(self):
+        messages = [
+            {"role": "developer", "content": "You write Python."},
+            {"role": "user", "content": [{"type": "text", "text": "Write "}, {"type": "text", "text": "a loop."}]},
+            {"role": "assistant", "content": "for i in range(3):\n    pass"},
+            {"role": "user", "content": "Another."},
+        ]
+        r = self.client.chat.completions.create(
+            model="m", messages=messages, max_tokens=8, seed=3,
+            extra_body={"chat_template_kwargs": {"enable_thinking": False}, "some_unknown_field": {"x": 1}},
+        )
+        self.assertEqual(r.usage.completion_tokens, 8)
+
+    def test_a_follow_up_turn_reuses_the_cache(self):
+        first = self.client.chat.completions.create(model="m", messages=PROMPT, max_tokens=20, seed=9)
+        turn = PROMPT + [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "Now add tests."},
+        ]
+        second = self.client.chat.completions.create(model="m", messages=turn, max_tokens=5, seed=9)
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        self.assertGreaterEqual(cached, first.usage.prompt_tokens)
+        self.assertLess(cached, second.usage.prompt_tokens)
+
+    def test_bad_requests_are_400_naming_the_field(self):
+        cases = [
+            ({"messages": PROMPT, "temperature": "hot"}, "temperature"),
+            ({"messages": PROMPT, "max_tokens": -3}, "max_tokens"),
+            ({"messages": PROMPT, "temperature": 5}, "temperature"),
+            ({"messages": PROMPT, "top_p": 0}, "top_p"),
+            ({"messages": PROMPT, "n": 2}, "n"),
+            ({"messages": PROMPT, "stop": [""]}, "stop"),
+            ({"messages": PROMPT, "stop": 7}, "stop"),
+            ({"messages": PROMPT, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+            ({"messages": PROMPT, "presence_penalty": 3}, "presence_penalty"),
+            ({"messages": []}, "messages"),
+            ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+            ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].type"),
+            ({"messages": PROMPT, "response_format": {"type": "json_object"}}, "response_format"),
+            ({"messages": PROMPT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+            ({"prompt_only": 1}, None),
+        ]
+        for body, param in cases:
+            status, _, reply = self.server.raw("POST", "/v1/chat/completions", body)
+            self.assert_error(status, reply, 400, param)
+        status, _, reply = self.server.raw("POST", "/v1/chat/completions", b"{not json")
+        self.assert_error(status, reply, 400)
+        status, _, reply = self.server.raw("POST", "/v1/completions", {"prompt": [999999]})
+        self.assert_error(status, reply, 400, "prompt")
+        with self.assertRaises(openai.BadRequestError):
+            self.client.chat.completions.create(model="m", messages=PROMPT, n=3)
+
+    def test_a_prompt_longer_than_the_context_is_refused_not_truncated(self):
+        long = "def f():\n    return 1\n" * 400
+        status, _, reply = self.server.raw("POST", "/v1/completions", {"prompt": long, "max_tokens": 1})
+        self.assert_error(status, reply, 400, "prompt")
+        self.assertEqual(reply["error"]["code"], "context_length_exceeded")
+        status, _, reply = self.server.raw("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": long}]})
+        self.assert_error(status, reply, 400, "messages")
+        status, _, reply = self.server.raw("POST", "/v1/chat/completions", {"messages": PROMPT, "max_tokens": 100000})
+        self.assert_error(status, reply, 400, "max_tokens")
+
+    def test_unknown_routes_and_methods(self):
+        status, _, reply = self.server.raw("GET", "/v1/nothing")
+        self.assert_error(status, reply, 404)
+        status, _, reply = self.server.raw("GET", "/v1/chat/completions")
+        self.assert_error(status, reply, 405)
+
+    def test_a_client_that_leaves_mid_stream_frees_its_request(self):
+        _, _, before = self.server.raw("GET", "/health")
+        body = json.dumps({"model": "m", "messages": PROMPT, "max_tokens": 1500, "stream": True, "temperature": 1.0, "seed": 1})
+        sock = socket.create_connection((self.server.host, self.server.port))
+        sock.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        received = b""
+        while received.count(b"data:") < 3:
+            received += sock.recv(4096)
+        sock.close()
+        # The engine drops the request: the queue empties long before 1500 tokens.
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            _, _, health = self.server.raw("GET", "/health")
+            if health["queued"] == 0:
+                break
+            time.sleep(0.05)
+        self.assertEqual(health["queued"], 0)
+        # It stopped soon after the client left, far short of its 1500 tokens.
+        self.assertLess(health["tokens_generated"] - before["tokens_generated"], 300)
+        r = self.client.chat.completions.create(model="m", messages=PROMPT, max_tokens=4)
+        self.assertEqual(r.usage.completion_tokens, 4)
+
+
+class Limits(unittest.TestCase):
+    def test_api_key(self):
+        server = Server(env={"HAYATE_API_KEY": "sesame"})
+        try:
+            with self.assertRaises(openai.AuthenticationError):
+                server.client("wrong").models.list()
+            status, headers, body = server.raw("GET", "/v1/models")
+            self.assertEqual(status, 401)
+            self.assertEqual(body["error"]["code"], "invalid_api_key")
+            self.assertEqual([m.id for m in server.client("sesame").models.list().data], ["pystd-qwen3-7m"])
+            # Health stays open for load balancers.
+            self.assertEqual(server.raw("GET", "/health")[0], 200)
+        finally:
+            server.stop()
+
+    def test_body_limit_and_full_queue(self):
+        server = Server("--max-body-bytes", "2000", "--queue", "1")
+        try:
+            status, _, body = server.raw("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 5000}]})
+            self.assertEqual(status, 413, body)
+            self.assertIn("error", body)
+            results = []
+
+            def ask():
+                results.append(server.raw("POST", "/v1/chat/completions", {"messages": PROMPT, "max_tokens": 400, "temperature": 1.0}))
+
+            threads = [threading.Thread(target=ask) for _ in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            statuses = sorted(r[0] for r in results)
+            self.assertIn(200, statuses)
+            self.assertIn(503, statuses)
+            busy = next(r for r in results if r[0] == 503)
+            self.assertEqual(busy[1].get("retry-after"), "1")
+            self.assertIn("error", busy[2])
+            # Served again once the queue drains.
+            self.assertEqual(server.raw("POST", "/v1/chat/completions", {"messages": PROMPT, "max_tokens": 2})[0], 200)
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    unittest.main()
