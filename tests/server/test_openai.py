@@ -16,6 +16,7 @@ import time
 import unittest
 from pathlib import Path
 
+import jsonschema
 import openai
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -269,7 +270,10 @@ class Api(unittest.TestCase):
             ({"messages": []}, "messages"),
             ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
             ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].type"),
-            ({"messages": PROMPT, "response_format": {"type": "json_object"}}, "response_format"),
+            ({"messages": PROMPT, "response_format": {"type": "xml"}}, "response_format.type"),
+            ({"messages": PROMPT, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+            ({"messages": PROMPT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/missing"}}}}, "response_format.json_schema.schema"),
+            ({"messages": PROMPT, "grammar": "start: (("}, "grammar"),
             ({"messages": PROMPT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
             ({"prompt_only": 1}, None),
         ]
@@ -322,6 +326,138 @@ class Api(unittest.TestCase):
         self.assertLess(health["tokens_generated"] - before["tokens_generated"], 300)
         r = self.client.chat.completions.create(model="m", messages=PROMPT, max_tokens=4)
         self.assertEqual(r.usage.completion_tokens, 4)
+
+
+SCHEMAS = [
+    {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 24},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "email": {"type": "string", "maxLength": 40},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "function": {"type": "string", "maxLength": 30},
+            "arguments": {
+                "type": "array",
+                "maxItems": 4,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "maxLength": 16},
+                        "kind": {"enum": ["int", "str", "list", "dict"]},
+                        "default": {"type": ["number", "null"]},
+                    },
+                    "required": ["name", "kind"],
+                    "additionalProperties": False,
+                },
+            },
+            "returns": {"enum": ["None", "int", "str", "bool"]},
+        },
+        "required": ["function", "arguments", "returns"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "point": {
+                "type": "object",
+                "properties": {
+                    "x": {"type": "number", "minimum": -10, "maximum": 10},
+                    "y": {"type": "number", "exclusiveMinimum": 0, "maximum": 5},
+                },
+                "required": ["x", "y"],
+                "additionalProperties": False,
+            },
+            "labels": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 1, "maxItems": 3},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["point", "labels", "ok"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 1, "maximum": 9},
+        "minItems": 2,
+        "maxItems": 6,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "status": {"enum": ["open", "closed", "pending"]},
+            "count": {"type": "integer", "minimum": 0, "maximum": 1000},
+            "meta": {
+                "type": "object",
+                "properties": {"owner": {"type": "string", "maxLength": 12}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+                "required": ["owner"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["status", "count", "meta"],
+        "additionalProperties": False,
+    },
+]
+
+
+class Constrained(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server()
+        cls.client = cls.server.client()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def test_json_schema_replies_are_valid_documents(self):
+        valid = 0
+        for i in range(100):
+            schema = SCHEMAS[i % len(SCHEMAS)]
+            r = self.client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": "Describe the function as JSON."}],
+                max_tokens=400,
+                seed=i,
+                temperature=1.0,
+                response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}},
+            )
+            text = r.choices[0].message.content
+            self.assertEqual(r.choices[0].finish_reason, "stop", text)
+            jsonschema.validate(json.loads(text), schema)
+            valid += 1
+        self.assertEqual(valid, 100)
+
+    def test_json_object_and_streaming_under_a_schema(self):
+        r = self.client.chat.completions.create(model="m", messages=PROMPT, max_tokens=200, seed=4, response_format={"type": "json_object"})
+        self.assertIsInstance(json.loads(r.choices[0].message.content), dict)
+        kwargs = dict(
+            model="m", messages=PROMPT, max_tokens=300, seed=8, temperature=0.9,
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[1]}},
+        )
+        whole = self.client.chat.completions.create(**kwargs).choices[0].message.content
+        streamed, finish, _, _ = chat_stream_text(self.client, **kwargs)
+        self.assertEqual(streamed, whole)
+        self.assertEqual(finish, "stop")
+        jsonschema.validate(json.loads(streamed), SCHEMAS[1])
+
+    def test_lark_grammars_and_completions(self):
+        for seed in range(5):
+            r = self.client.completions.create(
+                model="m", prompt="The answer is ", max_tokens=20, seed=seed, temperature=1.0,
+                extra_body={"grammar": 'start: ("yes" | "no") "." '},
+            )
+            self.assertIn(r.choices[0].text, ("yes.", "no."))
+            self.assertEqual(r.choices[0].finish_reason, "stop")
+        r = self.client.completions.create(
+            model="m", prompt="config = ", max_tokens=200, seed=1,
+            extra_body={"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMAS[3]}}},
+        )
+        jsonschema.validate(json.loads(r.choices[0].text), SCHEMAS[3])
 
 
 class Limits(unittest.TestCase):

@@ -3,6 +3,7 @@
 //! with `minijinja` (with Python-compatible string and dict methods, which
 //! Hugging Face templates use), and a streaming detokeniser.
 
+pub mod grammar;
 mod stream;
 mod template;
 mod tokenizer;

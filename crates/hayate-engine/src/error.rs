@@ -51,4 +51,7 @@ pub enum EngineError {
     /// A model cannot be quantized as asked.
     #[error("cannot quantize: {0}")]
     Quantize(String),
+    /// A token constraint (grammar) failed or left no token to draw.
+    #[error("constraint: {0}")]
+    Constraint(String),
 }

@@ -57,11 +57,11 @@ pub mod state;
 pub use calibrate::Calibration;
 pub use error::EngineError;
 pub use forward::{Logits, MAX_TREE_NODES, SequenceStep};
-pub use generate::{GenerationStats, Generator, StopReason};
+pub use generate::{GenerationStats, Generator, Rules, StopReason};
 pub use layers::KvFormat;
 pub use model::{LoadOptions, Model, ModelInfo, StateOptions};
 pub use quantize::{EmbeddingFormat, QuantSpec};
-pub use sampler::{Sampler, SamplingParams};
+pub use sampler::{Sampler, SamplingParams, TokenConstraint};
 pub use state::InferenceState;
 
 /// Result type of this crate.

@@ -81,6 +81,16 @@ impl SamplingParams {
     }
 }
 
+/// Restricts which tokens may come next (a grammar, a JSON schema): the
+/// generation loop masks the logits with it before every draw, through the
+/// same sampler, and tells it each token drawn.
+pub trait TokenConstraint {
+    /// Sets the logits of the tokens that may not come next to -inf.
+    fn mask(&mut self, logits: &mut [f32]) -> Result<(), String>;
+    /// Advances past `token`, which the mask allowed.
+    fn commit(&mut self, token: u32) -> Result<(), String>;
+}
+
 /// Picks tokens from logits; keeps its buffers between calls so decoding does not allocate.
 pub struct Sampler {
     /// The parameters in force.

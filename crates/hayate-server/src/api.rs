@@ -3,6 +3,7 @@
 //! as absent.
 
 use crate::error::ApiError;
+use hayate_chat::grammar::{Constraint, GrammarCompiler};
 use hayate_engine::SamplingParams;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -39,6 +40,8 @@ pub struct ChatRequest {
     pub parallel_tool_calls: Option<bool>,
     /// Extra variables for the chat template (e.g. `enable_thinking`).
     pub chat_template_kwargs: Option<Map<String, Value>>,
+    /// An extension: a grammar in llguidance's Lark syntax the reply follows.
+    pub grammar: Option<String>,
 }
 
 /// `POST /v1/completions`.
@@ -56,6 +59,10 @@ pub struct CompletionRequest {
     pub stream_options: Option<StreamOptions>,
     /// Return the prompt before the completion.
     pub echo: Option<bool>,
+    /// `text`, `json_object` or `json_schema`, as for chat.
+    pub response_format: Option<Value>,
+    /// An extension: a grammar in llguidance's Lark syntax the reply follows.
+    pub grammar: Option<String>,
 }
 
 /// The sampling and streaming fields both endpoints take, read from the
@@ -305,20 +312,8 @@ pub fn top_logprobs(param: &str, top: Option<u64>) -> Result<usize, ApiError> {
 
 impl ChatRequest {
     /// Refuses what this server cannot honour yet, rather than ignoring it
-    /// (a client asking for JSON must not silently get prose).
+    /// (a client asking for tool calls must not silently get prose).
     pub fn check_supported(&self) -> Result<(), ApiError> {
-        if let Some(format) = &self.response_format {
-            let kind = format.get("type").and_then(Value::as_str);
-            if kind != Some("text") {
-                return Err(ApiError::invalid(
-                    "response_format",
-                    format!(
-                        "response_format {} is not supported by this server yet; only {{\"type\": \"text\"}}",
-                        kind.unwrap_or("without a type")
-                    ),
-                ));
-            }
-        }
         if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(ApiError::invalid(
                 "tools",
@@ -394,5 +389,75 @@ impl ChatRequest {
                 Ok(out)
             })
             .collect()
+    }
+}
+
+/// The constraint a request's `response_format` and `grammar` ask for:
+/// none for `text`; a JSON schema (`json_schema`, or any object for
+/// `json_object`); a Lark grammar. What cannot be compiled is a 400 naming
+/// the field and llguidance's reason.
+pub fn constraint(
+    compiler: Option<&GrammarCompiler>,
+    response_format: Option<&Value>,
+    grammar: Option<&str>,
+) -> Result<Option<Constraint>, ApiError> {
+    let schema = match response_format {
+        None | Some(Value::Null) => None,
+        Some(format) => match format.get("type").and_then(Value::as_str) {
+            Some("text") => None,
+            Some("json_object") => Some(json!({"type": "object"})),
+            Some("json_schema") => {
+                let spec = format.get("json_schema").ok_or_else(|| {
+                    ApiError::invalid(
+                        "response_format.json_schema",
+                        "json_schema needs a `json_schema` object",
+                    )
+                })?;
+                let schema = spec.get("schema").cloned().unwrap_or_else(|| json!({}));
+                if !schema.is_object() && !schema.is_boolean() {
+                    return Err(ApiError::invalid(
+                        "response_format.json_schema.schema",
+                        "the schema must be a JSON object",
+                    ));
+                }
+                Some(schema)
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    "response_format.type",
+                    format!(
+                        "response_format type {} is not one of text, json_object, json_schema",
+                        other.map_or("(missing)".to_owned(), |o| format!("`{o}`"))
+                    ),
+                ));
+            }
+        },
+    };
+    if schema.is_some() && grammar.is_some() {
+        return Err(ApiError::invalid(
+            "grammar",
+            "give response_format or grammar, not both",
+        ));
+    }
+    if schema.is_none() && grammar.is_none() {
+        return Ok(None);
+    }
+    let compiler = compiler.ok_or_else(|| {
+        ApiError::invalid(
+            "response_format",
+            "constrained decoding is unavailable for this model's tokenizer",
+        )
+    })?;
+    match (schema, grammar) {
+        (Some(schema), _) => compiler.json_schema(&schema).map(Some).map_err(|e| {
+            ApiError::invalid(
+                "response_format.json_schema.schema",
+                format!("the schema cannot be compiled: {e}"),
+            )
+        }),
+        (None, Some(lark)) => compiler.lark(lark).map(Some).map_err(|e| {
+            ApiError::invalid("grammar", format!("the grammar cannot be compiled: {e}"))
+        }),
+        (None, None) => Ok(None),
     }
 }

@@ -5,7 +5,10 @@
 
 use crate::stop::StopMatcher;
 use hayate_chat::TextTokenizer;
-use hayate_engine::{Generator, Model, Sampler, SamplingParams, StateOptions, StopReason};
+use hayate_chat::grammar::Constraint;
+use hayate_engine::{
+    Generator, Model, Rules, Sampler, SamplingParams, StateOptions, StopReason, TokenConstraint,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -24,6 +27,8 @@ pub struct Job {
     /// Log-probabilities to report per token: `None`, or the number of
     /// alternatives beside the chosen token.
     pub logprobs: Option<usize>,
+    /// The grammar the reply must follow (`response_format`, `grammar`).
+    pub constraint: Option<Constraint>,
     /// Where the reply goes; when the receiver is gone (the client left),
     /// generation stops.
     pub events: UnboundedSender<Event>,
@@ -240,12 +245,17 @@ fn run_job(
     let mut stopped_by_string = false;
     let mut client_gone = false;
     let events = &job.events;
+    let mut constraint = job.constraint;
+    let rules = Rules {
+        speculation: None,
+        constraint: constraint.as_mut().map(|c| c as &mut dyn TokenConstraint),
+        max_tokens: job.max_tokens,
+        stop_ids,
+    };
     let stats = generator
         .generate_observed(
             &mut sampler,
-            None,
-            job.max_tokens,
-            stop_ids,
+            rules,
             |token, logits| -> Result<bool, JobError> {
                 generated.fetch_add(1, Ordering::Relaxed);
                 if let Some(top) = job.logprobs {

@@ -26,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
 use hayate_chat::RenderOptions;
+use hayate_chat::grammar::{Constraint, GrammarCompiler};
 use hayate_engine::SamplingParams;
 use serde_json::{Value, json};
 use std::convert::Infallible;
@@ -55,6 +56,9 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 8 << 20;
 struct AppState {
     config: ServerConfig,
     engine: EngineHandle,
+    /// Compiles `response_format` schemas and grammars (absent when the
+    /// tokenizer cannot be read as llguidance needs).
+    grammars: Option<GrammarCompiler>,
     /// Makes response ids unique and seeds requests that give none.
     counter: AtomicU64,
     started: u64,
@@ -62,11 +66,16 @@ struct AppState {
 
 type Shared = Arc<AppState>;
 
-/// The routes over a started engine.
-pub fn router(config: ServerConfig, engine: EngineHandle) -> Router {
+/// The routes over a started engine; `grammars` compiles constraints.
+pub fn router(
+    config: ServerConfig,
+    engine: EngineHandle,
+    grammars: Option<GrammarCompiler>,
+) -> Router {
     let state = Arc::new(AppState {
         config,
         engine,
+        grammars,
         counter: AtomicU64::new(0),
         started: unix_time(),
     });
@@ -205,6 +214,8 @@ struct Prepared {
     include_usage: bool,
     /// Text returned before the completion (`echo`).
     echo: Option<String>,
+    /// The grammar of the reply.
+    constraint: Option<Constraint>,
 }
 
 impl AppState {
@@ -243,6 +254,11 @@ async fn prepare_chat(state: &AppState, body: Body) -> Result<Prepared, ApiError
     let fields: SamplingFields = api::parse(&bytes)?;
     request.check_supported()?;
     let sampling = fields.resolve(&state.config.defaults, state.fresh_seed())?;
+    let constraint = api::constraint(
+        state.grammars.as_ref(),
+        request.response_format.as_ref(),
+        request.grammar.as_deref(),
+    )?;
     let messages = request.template_messages()?;
     let tokenizer = &state.engine.tokenizer;
     if !tokenizer.has_template() {
@@ -289,6 +305,7 @@ async fn prepare_chat(state: &AppState, body: Body) -> Result<Prepared, ApiError
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         echo: None,
+        constraint,
     })
 }
 
@@ -297,6 +314,11 @@ async fn prepare_completion(state: &AppState, body: Body) -> Result<Prepared, Ap
     let request: CompletionRequest = api::parse(&bytes)?;
     let fields: SamplingFields = api::parse(&bytes)?;
     let sampling = fields.resolve(&state.config.defaults, state.fresh_seed())?;
+    let constraint = api::constraint(
+        state.grammars.as_ref(),
+        request.response_format.as_ref(),
+        request.grammar.as_deref(),
+    )?;
     let tokenizer = &state.engine.tokenizer;
     let one = |n: usize| {
         if n == 1 {
@@ -367,11 +389,12 @@ async fn prepare_completion(state: &AppState, body: Body) -> Result<Prepared, Ap
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         echo,
+        constraint,
     })
 }
 
 /// Checks the lengths, queues the job and answers, streaming or whole.
-async fn respond(state: Shared, prepared: Prepared) -> Response {
+async fn respond(state: Shared, mut prepared: Prepared) -> Response {
     let capacity = state.engine.capacity;
     let n_prompt = prepared.prompt.len();
     if n_prompt >= capacity {
@@ -407,6 +430,7 @@ async fn respond(state: Shared, prepared: Prepared) -> Response {
         max_tokens,
         stops: prepared.sampling.stops.clone(),
         logprobs: prepared.logprobs,
+        constraint: prepared.constraint.take(),
         events: send,
     };
     match state.engine.submit(job) {

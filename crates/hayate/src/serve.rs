@@ -4,6 +4,7 @@ use crate::common::{ModelArgs, SamplingArgs, stop_ids};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use hayate_chat::TextTokenizer;
+use hayate_chat::grammar::GrammarCompiler;
 use hayate_engine::KvFormat;
 use hayate_server::{DEFAULT_MAX_BODY_BYTES, ServerConfig};
 use std::net::IpAddr;
@@ -67,6 +68,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
             args.host
         );
     }
+    let grammars = match std::fs::read_to_string(args.model.model.join("tokenizer.json"))
+        .map_err(|e| e.to_string())
+        .and_then(|json| {
+            GrammarCompiler::new(&json, model.info.vocab, &stops).map_err(|e| e.to_string())
+        }) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            eprintln!("warning: no constrained decoding (response_format, grammar): {e}");
+            None
+        }
+    };
     let engine =
         hayate_server::engine::start(model, Arc::new(tokenizer), options, stops, args.queue)
             .context("cannot start the engine")?;
@@ -90,7 +102,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         eprintln!(
             "hayate serve: {model_id} ({capacity} tokens of context) on http://{address}/v1 (Ctrl-C stops)"
         );
-        hayate_server::serve(listener, hayate_server::router(config, engine))
+        hayate_server::serve(listener, hayate_server::router(config, engine, grammars))
             .await
             .context("the server failed")
     })
