@@ -25,12 +25,66 @@ BINARY = os.environ.get("HAYATE_BIN", str(ROOT / "target" / "release" / "hayate"
 PROMPT = [{"role": "user", "content": "Write a function that parses a config file."}]
 
 
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather forecast for a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 20},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                    "unit": {"enum": ["C", "F"]},
+                },
+                "required": ["city", "days", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "search_code",
+            "description": "Search the repository.",
+            "parameters": {
+                "type": "object",
+                "properties": {"query": {"type": "string", "maxLength": 30}, "limit": {"type": "integer", "minimum": 1, "maximum": 50}},
+                "required": ["query", "limit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+SCHEMA_OF = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+# A chat template in LFM2's tool syntax (tools and calls rendered by the template itself).
+LFM2_TEMPLATE = """{%- if tools %}<|im_start|>system
+List of tools: <|tool_list_start|>{{ tools | tojson }}<|tool_list_end|><|im_end|>
+{% endif %}{%- for message in messages -%}
+<|im_start|>{{ message['role'] }}
+{% if message.tool_calls %}<|tool_call_start|>[{% for tc in message.tool_calls %}{{ tc.function.name }}({% for k, v in tc.function.arguments | items %}{{ k }}={{ v | tojson }}{% if not loop.last %}, {% endif %}{% endfor %}){% if not loop.last %}, {% endif %}{% endfor %}]<|tool_call_end|>{% endif %}{{ message['content'] }}<|im_end|>
+{% endfor -%}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif -%}"""
+
+
+def lfm2_model(directory):
+    """pystd-qwen3-7m with the LFM2-style template, in `directory`."""
+    for entry in MODEL.iterdir():
+        if entry.name != "chat_template.jinja":
+            (directory / entry.name).symlink_to(entry)
+    (directory / "chat_template.jinja").write_text(LFM2_TEMPLATE)
+    return directory
+
+
 class Server:
     """A `hayate serve` process on a free loopback port."""
 
-    def __init__(self, *extra, env=None):
+    def __init__(self, *extra, env=None, model=MODEL):
         self.process = subprocess.Popen(
-            [BINARY, "serve", "--model", str(MODEL), "--port", "0", "--threads", "2", *extra],
+            [BINARY, "serve", "--model", str(model), "--port", "0", "--threads", "2", *extra],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
@@ -274,7 +328,11 @@ class Api(unittest.TestCase):
             ({"messages": PROMPT, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
             ({"messages": PROMPT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/missing"}}}}, "response_format.json_schema.schema"),
             ({"messages": PROMPT, "grammar": "start: (("}, "grammar"),
-            ({"messages": PROMPT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+            ({"messages": PROMPT, "tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0].function.name"),
+            ({"messages": PROMPT, "tools": [{"type": "retrieval"}]}, "tools[0].type"),
+            ({"messages": PROMPT, "tool_choice": "required"}, "tool_choice"),
+            ({"messages": PROMPT, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "missing"}}}, "tool_choice"),
+            ({"messages": PROMPT, "tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
             ({"prompt_only": 1}, None),
         ]
         for body, param in cases:
@@ -458,6 +516,106 @@ class Constrained(unittest.TestCase):
             extra_body={"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMAS[3]}}},
         )
         jsonschema.validate(json.loads(r.choices[0].text), SCHEMAS[3])
+
+
+def check_calls(test, calls, allowed):
+    test.assertTrue(calls)
+    for call in calls:
+        test.assertEqual(call.type, "function")
+        test.assertTrue(call.id)
+        test.assertIn(call.function.name, allowed)
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMA_OF[call.function.name])
+
+
+class Tools(unittest.TestCase):
+    """Tool calls on the ChatML model (Hermes syntax, taught by a system
+    prompt since its template knows no tools) and on the same weights with
+    an LFM2-style template (its own syntax, rendered by the template)."""
+
+    @classmethod
+    def setUpClass(cls):
+        import tempfile
+
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.servers = {"hermes": Server(), "lfm2": Server(model=lfm2_model(Path(cls.tmp.name)))}
+
+    @classmethod
+    def tearDownClass(cls):
+        for server in cls.servers.values():
+            server.stop()
+        cls.tmp.cleanup()
+
+    def test_required_and_named_calls_validate(self):
+        for syntax, server in self.servers.items():
+            client = server.client()
+            for seed in range(6):
+                r = client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "What is the weather in Oslo?"}],
+                    tools=TOOLS, tool_choice="required", parallel_tool_calls=False, seed=seed, temperature=1.0, max_tokens=200,
+                )
+                choice = r.choices[0]
+                self.assertEqual(choice.finish_reason, "tool_calls", (syntax, choice.message))
+                self.assertEqual(len(choice.message.tool_calls), 1)
+                check_calls(self, choice.message.tool_calls, SCHEMA_OF)
+                named = client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "Find the parser."}],
+                    tools=TOOLS, tool_choice={"type": "function", "function": {"name": "search_code"}},
+                    seed=seed, temperature=1.0, max_tokens=200,
+                )
+                calls = named.choices[0].message.tool_calls
+                self.assertEqual([c.function.name for c in calls], ["search_code"], syntax)
+                check_calls(self, calls, {"search_code"})
+
+    def test_streamed_calls_equal_whole_ones(self):
+        for syntax, server in self.servers.items():
+            client = server.client()
+            kwargs = dict(
+                model="m", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS,
+                tool_choice="required", seed=3, temperature=0.8, max_tokens=300,
+            )
+            whole = client.chat.completions.create(**kwargs).choices[0]
+            calls, finish = {}, None
+            for chunk in client.chat.completions.create(stream=True, **kwargs):
+                for choice in chunk.choices:
+                    finish = choice.finish_reason or finish
+                    for delta in choice.delta.tool_calls or []:
+                        entry = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+                        entry["name"] += delta.function.name or ""
+                        entry["arguments"] += delta.function.arguments or ""
+            self.assertEqual(finish, whole.finish_reason, syntax)
+            self.assertEqual(
+                [calls[i] for i in sorted(calls)],
+                [{"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls],
+                syntax,
+            )
+
+    def test_tool_results_round_trip_through_the_template(self):
+        for syntax, server in self.servers.items():
+            client = server.client()
+            ask = [{"role": "user", "content": "Weather in Oslo?"}]
+            r = client.chat.completions.create(model="m", messages=ask, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, seed=1, max_tokens=200)
+            call = r.choices[0].message.tool_calls[0]
+            conversation = ask + [
+                {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": "RESULT-17: sunny"},
+            ]
+            status, _, shown = server.raw("POST", "/apply-template", {"messages": conversation, "tools": TOOLS})
+            self.assertEqual(status, 200, shown)
+            prompt = shown["prompt"]
+            self.assertIn("RESULT-17: sunny", prompt)
+            self.assertIn(call.function.name, prompt)
+            self.assertIn("get_weather", prompt)
+            self.assertEqual(shown["tool_syntax"], {"hermes": "hermes", "lfm2": "lfm2"}[syntax])
+            marker = {"hermes": "<tool_call>", "lfm2": "<|tool_call_start|>"}[syntax]
+            self.assertIn(marker, prompt)
+            for key, value in json.loads(call.function.arguments).items():
+                self.assertIn(key, prompt)
+            # The model answers after the tool's result.
+            after = client.chat.completions.create(model="m", messages=conversation, tools=TOOLS, seed=1, max_tokens=10)
+            self.assertEqual(after.usage.completion_tokens, 10)
+            # tool_choice none hides the tools.
+            status, _, hidden = server.raw("POST", "/apply-template", {"messages": ask, "tools": TOOLS, "tool_choice": "none"})
+            self.assertNotIn("get_weather", hidden["prompt"])
 
 
 class Limits(unittest.TestCase):

@@ -230,6 +230,64 @@ mod tests {
     }
 
     #[test]
+    fn tool_call_grammars_force_calls_that_parse_in_every_syntax() {
+        use crate::tools::{Tool, ToolSyntax};
+        let (json, tokenizer) = pystd();
+        let vocab = tokenizer.get_vocab_size(true);
+        let end = tokenizer.token_to_id("<|im_end|>").unwrap();
+        let compiler = GrammarCompiler::new(&json, vocab, &[end]).unwrap();
+        let tools = [
+            Tool {
+                name: "get_weather".into(),
+                parameters: serde_json::json!({
+                    "type": "object",
+                    "properties": {
+                        "city": {"type": "string", "maxLength": 12},
+                        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                    },
+                    "required": ["city", "days"],
+                    "additionalProperties": false,
+                }),
+            },
+            Tool {
+                name: "now".into(),
+                // Closed, so that random draws end.
+                parameters: serde_json::json!({"type": "object", "properties": {}, "additionalProperties": false}),
+            },
+        ];
+        let no_special = |_: &str| None;
+        for syntax in [ToolSyntax::Hermes, ToolSyntax::Llama3, ToolSyntax::Lfm2] {
+            for parallel in [false, true] {
+                let grammar = syntax.grammar(&tools, parallel, &no_special);
+                for seed in 0..4 {
+                    let mut c = compiler
+                        .lark(&grammar)
+                        .unwrap_or_else(|e| panic!("{}: {e}\n{grammar}", syntax.name()));
+                    let ids = draw(&mut c, vocab, end, seed);
+                    let text = tokenizer.decode(&ids, false).unwrap();
+                    let (rest, calls) = syntax.parse(&text);
+                    assert!(rest.is_empty(), "{}: {text}", syntax.name());
+                    assert!(
+                        !calls.is_empty() && (parallel || calls.len() == 1),
+                        "{text}"
+                    );
+                    for call in &calls {
+                        match call.name.as_str() {
+                            "get_weather" => {
+                                let days = call.arguments["days"].as_i64().unwrap();
+                                assert!((1..=7).contains(&days), "{text}");
+                                assert!(call.arguments["city"].is_string(), "{text}");
+                            }
+                            "now" => {}
+                            other => panic!("unknown tool {other} in {text}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn schemas_and_grammars_that_cannot_compile_say_why() {
         let (json, tokenizer) = pystd();
         let vocab = tokenizer.get_vocab_size(true);

@@ -7,6 +7,7 @@ pub mod grammar;
 mod stream;
 mod template;
 mod tokenizer;
+pub mod tools;
 
 pub use stream::StreamDecoder;
 pub use template::{ChatTemplate, MAX_OUTPUT_BYTES as MAX_TEMPLATE_OUTPUT, Message, RenderOptions};

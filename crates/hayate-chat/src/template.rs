@@ -68,6 +68,7 @@ impl std::io::Write for Capped {
 /// [`MAX_OUTPUT_BYTES`]; beyond that it is an error, not a hang.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -97,9 +98,15 @@ impl ChatTemplate {
             .map_err(|e| ChatError::Template(e.to_string()))?;
         Ok(ChatTemplate {
             env,
+            source: source.to_owned(),
             bos_token: bos_token.to_owned(),
             eos_token: eos_token.to_owned(),
         })
+    }
+
+    /// The template's source (to see which variables it reads, e.g. `tools`).
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders `messages`, ending with the assistant's turn header when

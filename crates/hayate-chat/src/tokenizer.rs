@@ -123,6 +123,17 @@ impl TextTokenizer {
         ))
     }
 
+    /// The id of a special token given by its text (`<|tool_call_start|>`),
+    /// if the vocabulary has it as one.
+    pub fn special_token_id(&self, token: &str) -> Option<u32> {
+        let id = self.tokenizer.token_to_id(token)?;
+        self.tokenizer
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|t| t.special)
+            .then_some(id)
+    }
+
     /// The id of a token given by its text (e.g. `<|im_end|>`).
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.tokenizer.token_to_id(token)
@@ -162,6 +173,11 @@ impl TextTokenizer {
         ids
     }
 
+    /// The chat template's source, if there is one.
+    pub fn template_source(&self) -> Option<&str> {
+        self.template.as_ref().map(ChatTemplate::source)
+    }
+
     /// Whether a chat template is available.
     pub fn has_template(&self) -> bool {
         self.template.is_some()
@@ -192,12 +208,19 @@ impl TextTokenizer {
         messages: &(impl serde::Serialize + ?Sized),
         options: &RenderOptions<'_>,
     ) -> Result<Vec<u32>> {
-        let text = self
-            .template
+        self.encode(&self.render_chat_with(messages, options)?, false)
+    }
+
+    /// The text of any serializable conversation rendered with `options`.
+    pub fn render_chat_with(
+        &self,
+        messages: &(impl serde::Serialize + ?Sized),
+        options: &RenderOptions<'_>,
+    ) -> Result<String> {
+        self.template
             .as_ref()
             .ok_or(ChatError::NoTemplate)?
-            .render_with(messages, options)?;
-        self.encode(&text, false)
+            .render_with(messages, options)
     }
 
     /// The text of one token, special tokens included (`<|im_end|>`), as

@@ -4,6 +4,7 @@
 
 use crate::error::ApiError;
 use hayate_chat::grammar::{Constraint, GrammarCompiler};
+use hayate_chat::tools::{Tool, ToolCall, ToolSyntax};
 use hayate_engine::SamplingParams;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -32,11 +33,11 @@ pub struct ChatRequest {
     pub stream_options: Option<StreamOptions>,
     /// `{"type": "text"}` only, so far.
     pub response_format: Option<Value>,
-    /// Tools the model may call (not yet supported beyond an empty list).
+    /// Tools the model may call.
     pub tools: Option<Vec<Value>>,
-    /// `none` or `auto` without tools.
+    /// `none`, `auto`, `required`, or `{"type": "function", "function": {"name": ...}}`.
     pub tool_choice: Option<Value>,
-    /// Accepted and ignored: no tools are called yet.
+    /// Whether a reply may make several calls (default true).
     pub parallel_tool_calls: Option<bool>,
     /// Extra variables for the chat template (e.g. `enable_thinking`).
     pub chat_template_kwargs: Option<Map<String, Value>>,
@@ -311,31 +312,103 @@ pub fn top_logprobs(param: &str, top: Option<u64>) -> Result<usize, ApiError> {
 }
 
 impl ChatRequest {
-    /// Refuses what this server cannot honour yet, rather than ignoring it
-    /// (a client asking for tool calls must not silently get prose).
-    pub fn check_supported(&self) -> Result<(), ApiError> {
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::invalid(
-                "tools",
-                "tool calls are not supported by this server yet",
-            ));
-        }
-        match &self.tool_choice {
-            None => {}
-            Some(Value::String(s)) if s == "none" || s == "auto" => {}
-            Some(_) => {
+    /// The tools and what `tool_choice` asks of them, checked; `None`
+    /// when no tools are offered.
+    pub fn tool_request(&self) -> Result<Option<ToolRequest>, ApiError> {
+        let offered = self.tools.as_deref().unwrap_or(&[]);
+        let mut tools = Vec::with_capacity(offered.len());
+        for (i, t) in offered.iter().enumerate() {
+            let at = |f: &str| format!("tools[{i}]{f}");
+            if t.get("type").and_then(Value::as_str) != Some("function") {
                 return Err(ApiError::invalid(
-                    "tool_choice",
-                    "tool_choice needs tools, which this server does not support yet",
+                    &at(".type"),
+                    "only tools of type `function` are supported",
                 ));
             }
+            let function = t
+                .get("function")
+                .ok_or_else(|| ApiError::invalid(&at(".function"), "a tool needs a `function`"))?;
+            let name = function
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| {
+                    ApiError::invalid(&at(".function.name"), "a function needs a non-empty `name`")
+                })?;
+            let parameters = match function.get("parameters") {
+                None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
+                Some(p @ Value::Object(_)) => p.clone(),
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        &at(".function.parameters"),
+                        "`parameters` must be a JSON schema object",
+                    ));
+                }
+            };
+            if tools.iter().any(|t: &Tool| t.name == name) {
+                return Err(ApiError::invalid(
+                    &at(".function.name"),
+                    format!("two tools are named `{name}`"),
+                ));
+            }
+            tools.push(Tool {
+                name: name.to_owned(),
+                parameters,
+            });
         }
-        Ok(())
+        let choice = match &self.tool_choice {
+            None | Some(Value::Null) => ToolChoice::Auto,
+            Some(Value::String(s)) => match s.as_str() {
+                "none" => ToolChoice::None,
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required,
+                other => {
+                    return Err(ApiError::invalid(
+                        "tool_choice",
+                        format!("tool_choice `{other}` is not none, auto or required"),
+                    ));
+                }
+            },
+            Some(v) => {
+                let name = v.pointer("/function/name").and_then(Value::as_str).ok_or_else(|| {
+                    ApiError::invalid("tool_choice", "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}")
+                })?;
+                if !tools.iter().any(|t| t.name == name) {
+                    return Err(ApiError::invalid(
+                        "tool_choice",
+                        format!("tool_choice names `{name}`, which is not among the tools"),
+                    ));
+                }
+                ToolChoice::Named(name.to_owned())
+            }
+        };
+        if tools.is_empty() {
+            return match choice {
+                ToolChoice::Required | ToolChoice::Named(_) => Err(ApiError::invalid(
+                    "tool_choice",
+                    "tool_choice asks for a call but no tools are given",
+                )),
+                _ => Ok(None),
+            };
+        }
+        Ok(Some(ToolRequest {
+            tools,
+            listing: Value::Array(offered.to_vec()),
+            choice,
+            parallel: self.parallel_tool_calls.unwrap_or(true),
+        }))
     }
 
     /// The messages as the chat template takes them: content as one
-    /// string, `developer` as `system`.
-    pub fn template_messages(&self) -> Result<Vec<Value>, ApiError> {
+    /// string, `developer` as `system`, tool-call arguments as objects.
+    /// A template that does not render tool calls (`native` false) gets
+    /// them written into the assistant's text in `syntax`, and tool
+    /// results as user turns in `<tool_response>` tags.
+    pub fn template_messages(
+        &self,
+        syntax: ToolSyntax,
+        native: bool,
+    ) -> Result<Vec<Value>, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::invalid("messages", "messages cannot be empty"));
         }
@@ -373,12 +446,36 @@ impl ChatRequest {
                 if m.content.is_none() && m.tool_calls.is_none() {
                     return Err(ApiError::invalid(&at("content"), "a message needs content"));
                 }
+                let mut calls = Vec::new();
+                for (j, call) in m.tool_calls.iter().flatten().enumerate() {
+                    let bad = || ApiError::invalid(&format!("messages[{i}].tool_calls[{j}]"), "a tool call needs `function.name` and `function.arguments` (a JSON string)");
+                    let name = call.pointer("/function/name").and_then(Value::as_str).ok_or_else(bad)?;
+                    let arguments = match call.pointer("/function/arguments") {
+                        Some(Value::String(a)) => serde_json::from_str(a).map_err(|_| bad())?,
+                        Some(a @ Value::Object(_)) => a.clone(),
+                        None => json!({}),
+                        Some(_) => return Err(bad()),
+                    };
+                    calls.push((call.get("id").cloned(), ToolCall { name: name.to_owned(), arguments }));
+                }
+                let (role, content) = match (role, native) {
+                    ("tool", false) => ("user", format!("<tool_response>\n{content}\n</tool_response>")),
+                    ("assistant", false) if !calls.is_empty() => {
+                        let written = syntax.render(&calls.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>());
+                        let joined = if content.is_empty() { written } else { format!("{content}\n{written}") };
+                        ("assistant", joined)
+                    }
+                    _ => (role, content),
+                };
                 let mut out = json!({ "role": role, "content": content });
                 if let Some(name) = &m.name {
                     out["name"] = json!(name);
                 }
-                if let Some(calls) = &m.tool_calls {
-                    out["tool_calls"] = json!(calls);
+                if native && !calls.is_empty() {
+                    out["tool_calls"] = calls
+                        .iter()
+                        .map(|(id, c)| json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                        .collect();
                 }
                 if let Some(id) = &m.tool_call_id {
                     out["tool_call_id"] = json!(id);
@@ -389,6 +486,57 @@ impl ChatRequest {
                 Ok(out)
             })
             .collect()
+    }
+}
+
+/// What `tool_choice` asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// No calls: the tools are not shown to the model.
+    None,
+    /// The model decides; calls in its reply are recognised.
+    Auto,
+    /// At least one call, forced by a grammar.
+    Required,
+    /// A call to this function, forced by a grammar.
+    Named(String),
+}
+
+/// The tools of a chat request, checked.
+#[derive(Clone, Debug)]
+pub struct ToolRequest {
+    /// The functions and their argument schemas.
+    pub tools: Vec<Tool>,
+    /// The `tools` array as given, for templates.
+    pub listing: Value,
+    /// What `tool_choice` asks for.
+    pub choice: ToolChoice,
+    /// Whether several calls may be made at once.
+    pub parallel: bool,
+}
+
+impl ToolRequest {
+    /// The grammar that forces the calls `choice` asks for in `syntax`
+    /// (`None` unless a call is required); `special` gives the id of a
+    /// marker that is one special token.
+    pub fn grammar(
+        &self,
+        syntax: ToolSyntax,
+        special: &dyn Fn(&str) -> Option<u32>,
+    ) -> Option<String> {
+        match &self.choice {
+            ToolChoice::None | ToolChoice::Auto => None,
+            ToolChoice::Required => Some(syntax.grammar(&self.tools, self.parallel, special)),
+            ToolChoice::Named(name) => {
+                let one: Vec<Tool> = self
+                    .tools
+                    .iter()
+                    .filter(|t| &t.name == name)
+                    .cloned()
+                    .collect();
+                Some(syntax.grammar(&one, false, special))
+            }
+        }
     }
 }
 

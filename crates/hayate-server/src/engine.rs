@@ -264,7 +264,8 @@ fn run_job(
                 let Some(piece) = stream.push(token).map_err(|e| JobError(e.to_string()))? else {
                     return Ok(true);
                 };
-                let (text, stopped) = matcher.push(&piece);
+                let (text, stop) = matcher.push(&piece);
+                let stopped = stop.is_some();
                 if !text.is_empty() || stopped {
                     let logprobs = std::mem::take(&mut waiting);
                     if events.send(Event::Text { text, logprobs }).is_err() {
@@ -282,7 +283,8 @@ fn run_job(
     }
     if !stopped_by_string {
         let rest = stream.finish().map_err(|e| e.to_string())?;
-        let (mut text, stopped) = matcher.push(rest.as_deref().unwrap_or(""));
+        let (mut text, stop) = matcher.push(rest.as_deref().unwrap_or(""));
+        let stopped = stop.is_some();
         stopped_by_string = stopped;
         if !stopped {
             text += &matcher.finish();

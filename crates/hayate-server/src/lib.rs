@@ -13,9 +13,12 @@ pub mod engine;
 pub mod error;
 pub mod stop;
 
-use crate::api::{ChatRequest, CompletionRequest, Prompt, Sampling, SamplingFields, top_logprobs};
+use crate::api::{
+    ChatRequest, CompletionRequest, Prompt, Sampling, SamplingFields, ToolChoice, top_logprobs,
+};
 use crate::engine::{EngineHandle, Event, Job, SubmitError, TokenLogprob};
 use crate::error::ApiError;
+use crate::stop::StopMatcher;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -27,6 +30,7 @@ use axum::routing::{get, post};
 use futures_util::StreamExt;
 use hayate_chat::RenderOptions;
 use hayate_chat::grammar::{Constraint, GrammarCompiler};
+use hayate_chat::tools::{ToolCall, ToolSyntax};
 use hayate_engine::SamplingParams;
 use serde_json::{Value, json};
 use std::convert::Infallible;
@@ -83,6 +87,7 @@ pub fn router(
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/apply-template", post(apply_template))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/health", get(health))
@@ -216,6 +221,10 @@ struct Prepared {
     echo: Option<String>,
     /// The grammar of the reply.
     constraint: Option<Constraint>,
+    /// The syntax tool calls in the reply are read in, when tools were offered.
+    tools: Option<ToolSyntax>,
+    /// The prompt's text, for a chat request.
+    rendered: Option<String>,
 }
 
 impl AppState {
@@ -248,32 +257,81 @@ async fn completions(State(state): State<Shared>, body: Body) -> Response {
     respond(state, prepared).await
 }
 
+/// `POST /apply-template` (as llama.cpp's server names it): the prompt a
+/// chat request would run, tools and tool results included, without running it.
+async fn apply_template(State(state): State<Shared>, body: Body) -> Response {
+    match prepare_chat(&state, body).await {
+        Ok(p) => axum::Json(json!({
+            "prompt": p.rendered,
+            "tokens": p.prompt.len(),
+            "tool_syntax": p.tools.map(ToolSyntax::name),
+        }))
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn prepare_chat(state: &AppState, body: Body) -> Result<Prepared, ApiError> {
     let bytes = read_body(state, body).await?;
     let request: ChatRequest = api::parse(&bytes)?;
     let fields: SamplingFields = api::parse(&bytes)?;
-    request.check_supported()?;
+    let tools = request.tool_request()?;
     let sampling = fields.resolve(&state.config.defaults, state.fresh_seed())?;
-    let constraint = api::constraint(
-        state.grammars.as_ref(),
-        request.response_format.as_ref(),
-        request.grammar.as_deref(),
-    )?;
-    let messages = request.template_messages()?;
     let tokenizer = &state.engine.tokenizer;
-    if !tokenizer.has_template() {
+    let Some(source) = tokenizer.template_source() else {
         return Err(ApiError::invalid(
             "messages",
             "this model has no chat template: use /v1/completions",
         ));
+    };
+    let syntax = ToolSyntax::detect(source);
+    // Templates that render calls and tools themselves get them as data;
+    // others get them written out as the model's syntax.
+    let native_calls = source.contains("tool_calls");
+    let mut messages = request.template_messages(syntax, native_calls)?;
+    let shown = tools.as_ref().filter(|t| t.choice != ToolChoice::None);
+    let mut template_tools = None;
+    if let Some(t) = shown {
+        if source.contains("tools") {
+            template_tools = Some(&t.listing);
+        } else {
+            let instructions = syntax.instructions(&t.listing);
+            match messages.first_mut() {
+                Some(first) if first["role"] == "system" => {
+                    let text = first["content"].as_str().unwrap_or("").to_owned();
+                    first["content"] = json!(format!("{text}\n\n{instructions}"));
+                }
+                _ => messages.insert(0, json!({"role": "system", "content": instructions})),
+            }
+        }
     }
+    let special = |marker: &str| tokenizer.special_token_id(marker);
+    let tool_grammar = shown.and_then(|t| t.grammar(syntax, &special));
+    let constraint = match tool_grammar {
+        Some(_) if request.response_format.is_some() || request.grammar.is_some() => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "a required tool call cannot be combined with response_format or grammar",
+            ));
+        }
+        Some(grammar) => api::constraint(state.grammars.as_ref(), None, Some(&grammar))
+            .map_err(|e| ApiError::invalid("tools", e.message))?,
+        None => api::constraint(
+            state.grammars.as_ref(),
+            request.response_format.as_ref(),
+            request.grammar.as_deref(),
+        )?,
+    };
     let options = RenderOptions {
         add_generation_prompt: true,
-        tools: None,
+        tools: template_tools,
         extra: request.chat_template_kwargs.as_ref(),
     };
+    let text = tokenizer
+        .render_chat_with(&messages, &options)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     let prompt = tokenizer
-        .encode_chat_with(&messages, &options)
+        .encode(&text, false)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     let logprobs = match request.logprobs {
         Some(true) => Some(top_logprobs("top_logprobs", request.top_logprobs)?),
@@ -306,6 +364,8 @@ async fn prepare_chat(state: &AppState, body: Body) -> Result<Prepared, ApiError
             .unwrap_or(false),
         echo: None,
         constraint,
+        tools: shown.map(|_| syntax),
+        rendered: Some(text),
     })
 }
 
@@ -390,6 +450,8 @@ async fn prepare_completion(state: &AppState, body: Body) -> Result<Prepared, Ap
             .unwrap_or(false),
         echo,
         constraint,
+        tools: None,
+        rendered: None,
     })
 }
 
@@ -519,6 +581,25 @@ impl Reply {
         }
     }
 
+    /// `calls` as OpenAI lists them (with `index` in a stream's deltas).
+    fn tool_calls(&self, calls: &[ToolCall], streaming: bool) -> Value {
+        calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut call = json!({
+                    "id": format!("call_{}_{i}", self.prepared.id.trim_start_matches("chatcmpl-")),
+                    "type": "function",
+                    "function": { "name": c.name, "arguments": c.arguments.to_string() },
+                });
+                if streaming {
+                    call["index"] = json!(i);
+                }
+                call
+            })
+            .collect()
+    }
+
     fn usage(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Value {
         json!({
             "prompt_tokens": prompt_tokens,
@@ -549,7 +630,22 @@ async fn whole_reply(reply: Reply, mut events: UnboundedReceiver<Event>) -> Resp
                 cached_tokens,
             } => {
                 let logprobs = reply.logprobs(&entries, start);
+                let (text, calls) = match reply.prepared.tools {
+                    Some(syntax) => syntax.parse(&text),
+                    None => (text, Vec::new()),
+                };
                 let choice = match reply.prepared.kind {
+                    Kind::Chat if !calls.is_empty() => json!({
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": if text.is_empty() { Value::Null } else { json!(text) },
+                            "refusal": null,
+                            "tool_calls": reply.tool_calls(&calls, false),
+                        },
+                        "logprobs": logprobs,
+                        "finish_reason": "tool_calls",
+                    }),
                     Kind::Chat => json!({
                         "index": 0,
                         "message": { "role": "assistant", "content": text, "refusal": null },
@@ -597,21 +693,45 @@ fn stream_reply(reply: Reply, events: UnboundedReceiver<Event>) -> impl IntoResp
             )
         }),
     };
-    let offset = Arc::new(AtomicU64::new(
-        reply.prepared.echo.as_ref().map_or(0, |e| e.len() as u64),
-    ));
+    let mut offset = reply.prepared.echo.as_ref().map_or(0, String::len);
+    // With tools, text from the first call opener on is held back until
+    // the reply ends, then sent as calls (or as text, if it is none).
+    let mut openers = reply.prepared.tools.map(|syntax| {
+        let list = syntax.openers().iter().map(|o| o.to_string()).collect();
+        (syntax, StopMatcher::new(list))
+    });
+    let mut held: Option<String> = None;
     let body = UnboundedReceiverStream::new(events).flat_map(move |event| {
         let reply = reply.clone();
         let mut out = Vec::new();
+        let content = |reply: &Reply, text: String, lp: Value| {
+            let choice = match reply.prepared.kind {
+                Kind::Chat => json!({ "index": 0, "delta": { "content": text }, "logprobs": lp, "finish_reason": null }),
+                Kind::Text => json!({ "index": 0, "text": text, "logprobs": lp, "finish_reason": null }),
+            };
+            sse_json(&reply.envelope(true, json!([choice])))
+        };
+        let mut finish_calls = false;
         match event {
             Event::Text { text, logprobs } => {
-                let at = offset.fetch_add(text.len() as u64, Ordering::SeqCst) as usize;
+                let at = offset;
+                offset += text.len();
                 let lp = reply.logprobs(&logprobs, at);
-                let choice = match reply.prepared.kind {
-                    Kind::Chat => json!({ "index": 0, "delta": { "content": text }, "logprobs": lp, "finish_reason": null }),
-                    Kind::Text => json!({ "index": 0, "text": text, "logprobs": lp, "finish_reason": null }),
+                let text = match (&mut held, &mut openers) {
+                    (Some(h), _) => {
+                        h.push_str(&text);
+                        String::new()
+                    }
+                    (None, Some((_, matcher))) => {
+                        let (emit, rest) = matcher.push(&text);
+                        held = rest;
+                        emit
+                    }
+                    (None, None) => text,
                 };
-                out.push(sse_json(&reply.envelope(true, json!([choice]))));
+                if !text.is_empty() || (held.is_none() && openers.is_none()) {
+                    out.push(content(&reply, text, lp));
+                }
             }
             Event::Failed(message) => {
                 let error = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message);
@@ -623,9 +743,23 @@ fn stream_reply(reply: Reply, events: UnboundedReceiver<Event>) -> impl IntoResp
                 completion_tokens,
                 cached_tokens,
             } => {
+                if let Some((syntax, matcher)) = &mut openers {
+                    let rest = held.take().unwrap_or_else(|| matcher.finish());
+                    let (text, calls) = syntax.parse(&rest);
+                    if !text.is_empty() {
+                        out.push(content(&reply, text, Value::Null));
+                    }
+                    if !calls.is_empty() {
+                        let delta = json!({ "tool_calls": reply.tool_calls(&calls, true) });
+                        let choice = json!([{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": null }]);
+                        out.push(sse_json(&reply.envelope(true, choice)));
+                        finish_calls = true;
+                    }
+                }
+                let finish = if finish_calls { "tool_calls" } else { finish.as_str() };
                 let choice = match reply.prepared.kind {
-                    Kind::Chat => json!({ "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish.as_str() }),
-                    Kind::Text => json!({ "index": 0, "text": "", "logprobs": null, "finish_reason": finish.as_str() }),
+                    Kind::Chat => json!({ "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish }),
+                    Kind::Text => json!({ "index": 0, "text": "", "logprobs": null, "finish_reason": finish }),
                 };
                 let mut last = reply.envelope(true, json!([choice]));
                 let usage = Reply::usage(prompt_tokens, completion_tokens, cached_tokens);

@@ -19,10 +19,11 @@ impl StopMatcher {
         }
     }
 
-    /// Adds generated text. Returns the text that can be emitted and
-    /// whether a stop string was reached (then the text ends before it,
-    /// and generation should end).
-    pub fn push(&mut self, piece: &str) -> (String, bool) {
+    /// Adds generated text. Returns the text that can be emitted and, once
+    /// a stop string is reached, the text from its start on (the emitted
+    /// text ends before it; a stop string ends generation, a tool call's
+    /// opener starts a call).
+    pub fn push(&mut self, piece: &str) -> (String, Option<String>) {
         self.held.push_str(piece);
         let first = self
             .stops
@@ -30,15 +31,14 @@ impl StopMatcher {
             .filter_map(|s| self.held.find(s.as_str()))
             .min();
         if let Some(at) = first {
-            let out = self.held[..at].to_owned();
-            self.held.clear();
-            return (out, true);
+            let rest = self.held.split_off(at);
+            return (std::mem::take(&mut self.held), Some(rest));
         }
         let keep = self.partial_suffix();
         let emit = self.held.len() - keep;
         let out = self.held[..emit].to_owned();
         self.held.drain(..emit);
-        (out, false)
+        (out, None)
     }
 
     /// The text still held back, once generation has ended without a stop.
@@ -74,7 +74,7 @@ mod tests {
         for p in pieces {
             let (text, stopped) = m.push(p);
             out += &text;
-            if stopped {
+            if stopped.is_some() {
                 return (out, true);
             }
         }
@@ -105,8 +105,10 @@ mod tests {
         assert_eq!(run(&["END"], &["a EN"]), ("a EN".into(), false));
         let mut m = StopMatcher::new(vec!["END".into()]);
         // Only what could begin the stop is held.
-        assert_eq!(m.push("xyzE"), ("xyz".into(), false));
-        assert_eq!(m.push("é"), ("Eé".into(), false));
+        assert_eq!(m.push("xyzE"), ("xyz".into(), None));
+        assert_eq!(m.push("é"), ("Eé".into(), None));
+        // What follows a match comes back with it.
+        assert_eq!(m.push("ab ENDcd"), ("ab ".into(), Some("ENDcd".into())));
     }
 
     #[test]

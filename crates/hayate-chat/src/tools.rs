@@ -1,0 +1,449 @@
+//! Tool calls as each model family writes them: recognised from the chat
+//! template, parsed out of replies, rendered back into conversations whose
+//! template cannot, and forced by a grammar when a call is required.
+
+use serde_json::{Value, json};
+
+/// How a model family writes tool calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToolSyntax {
+    /// Hermes and Qwen: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`
+    /// per call. Also the fallback for templates that know no tools.
+    Hermes,
+    /// Llama 3.x: one JSON object `{"name": ..., "parameters": {...}}` per
+    /// call (`;`-separated), optionally after `<|python_tag|>`.
+    Llama3,
+    /// LFM2: `<|tool_call_start|>[name(arg=value, ...), ...]<|tool_call_end|>`,
+    /// values written as JSON.
+    Lfm2,
+}
+
+/// One call a reply makes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolCall {
+    /// The function.
+    pub name: String,
+    /// Its arguments (an object).
+    pub arguments: Value,
+}
+
+/// A tool offered to the model: a function and the JSON schema of its arguments.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tool {
+    /// The function's name.
+    pub name: String,
+    /// The schema of its arguments (an object schema).
+    pub parameters: Value,
+}
+
+const LFM2_START: &str = "<|tool_call_start|>";
+const LFM2_END: &str = "<|tool_call_end|>";
+const PYTHON_TAG: &str = "<|python_tag|>";
+
+impl ToolSyntax {
+    /// The syntax a chat template teaches its model (Hermes when it names none).
+    pub fn detect(template: &str) -> Self {
+        if template.contains(LFM2_START) {
+            ToolSyntax::Lfm2
+        } else if template.contains(PYTHON_TAG) || template.contains("ipython") {
+            ToolSyntax::Llama3
+        } else {
+            ToolSyntax::Hermes
+        }
+    }
+
+    /// A short name for logs and docs.
+    pub fn name(self) -> &'static str {
+        match self {
+            ToolSyntax::Hermes => "hermes",
+            ToolSyntax::Llama3 => "llama3-json",
+            ToolSyntax::Lfm2 => "lfm2",
+        }
+    }
+
+    /// Texts that open a call: a streamed reply is held back from the
+    /// first of them on.
+    pub fn openers(self) -> &'static [&'static str] {
+        match self {
+            ToolSyntax::Hermes => &["<tool_call>"],
+            ToolSyntax::Llama3 => &[PYTHON_TAG, "{\"name\""],
+            ToolSyntax::Lfm2 => &[LFM2_START],
+        }
+    }
+
+    /// `calls` as the model writes them.
+    pub fn render(self, calls: &[ToolCall]) -> String {
+        match self {
+            ToolSyntax::Hermes => calls
+                .iter()
+                .map(|c| {
+                    format!(
+                        "<tool_call>\n{}\n</tool_call>",
+                        json!({"name": c.name, "arguments": c.arguments})
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            ToolSyntax::Llama3 => calls
+                .iter()
+                .map(|c| json!({"name": c.name, "parameters": c.arguments}).to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+            ToolSyntax::Lfm2 => {
+                let calls: Vec<String> = calls
+                    .iter()
+                    .map(|c| {
+                        let args: Vec<String> = c
+                            .arguments
+                            .as_object()
+                            .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect())
+                            .unwrap_or_default();
+                        format!("{}({})", c.name, args.join(", "))
+                    })
+                    .collect();
+                format!("{LFM2_START}[{}]{LFM2_END}", calls.join(", "))
+            }
+        }
+    }
+
+    /// A system prompt that teaches this syntax and `tools` (the OpenAI
+    /// `tools` array), for templates that do not render tools themselves.
+    pub fn instructions(self, tools: &Value) -> String {
+        let listing: Vec<String> = tools
+            .as_array()
+            .map(|a| a.iter().map(Value::to_string).collect())
+            .unwrap_or_default();
+        let example = self.render(&[ToolCall {
+            name: "<function-name>".into(),
+            arguments: json!({"<argument>": "<value>"}),
+        }]);
+        format!(
+            "# Tools\n\nYou may call one or more functions to assist with the user query. The functions:\n<tools>\n{}\n</tools>\n\nTo call a function, reply with:\n{example}",
+            listing.join("\n")
+        )
+    }
+
+    /// A Lark grammar that admits only calls to `tools` (one, or one or
+    /// more with `parallel`), in this syntax, with arguments valid under
+    /// each tool's schema. `special` gives the id of a marker that is one
+    /// special token of the vocabulary (written `<[id]>` in the grammar).
+    pub fn grammar(
+        self,
+        tools: &[Tool],
+        parallel: bool,
+        special: &dyn Fn(&str) -> Option<u32>,
+    ) -> String {
+        let marker = |text: &str| match special(text) {
+            Some(id) => format!("<[{id}]>"),
+            None => lark_string(text),
+        };
+        let compact =
+            json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
+        let call_schema = |arguments_key: &str| {
+            let options: Vec<Value> = tools
+                .iter()
+                .map(|t| {
+                    json!({
+                        "type": "object",
+                        "properties": {"name": {"const": t.name}, arguments_key: t.parameters},
+                        "required": ["name", arguments_key],
+                        "additionalProperties": false,
+                    })
+                })
+                .collect();
+            json!({"x-guidance": compact, "anyOf": options})
+        };
+        // More calls after the first, when parallel calls are allowed.
+        let more = |sep: &str, call: &str| {
+            if parallel {
+                format!(" ({} {call})*", lark_string(sep))
+            } else {
+                String::new()
+            }
+        };
+        match self {
+            ToolSyntax::Hermes => format!(
+                "start: call{more}\ncall: {open} \"\\n\" body \"\\n\" {close}\nbody: %json {schema}\n",
+                more = more("\n", "call"),
+                open = marker("<tool_call>"),
+                close = marker("</tool_call>"),
+                schema = call_schema("arguments"),
+            ),
+            ToolSyntax::Llama3 => format!(
+                "start: body{more}\nbody: %json {schema}\n",
+                more = more("; ", "body"),
+                schema = call_schema("parameters"),
+            ),
+            ToolSyntax::Lfm2 => {
+                let mut rules = String::new();
+                let mut names = Vec::new();
+                for (i, t) in tools.iter().enumerate() {
+                    let properties = t.parameters.get("properties").and_then(Value::as_object);
+                    let required: Vec<&str> = t
+                        .parameters
+                        .get("required")
+                        .and_then(Value::as_array)
+                        .map(|r| r.iter().filter_map(Value::as_str).collect())
+                        .unwrap_or_default();
+                    let mut args = Vec::new();
+                    for (j, name) in required.iter().enumerate() {
+                        let schema = properties
+                            .and_then(|p| p.get(*name))
+                            .cloned()
+                            .unwrap_or(json!({}));
+                        let mut schema = schema;
+                        if let Some(o) = schema.as_object_mut() {
+                            o.insert("x-guidance".into(), compact.clone());
+                        }
+                        rules += &format!("arg{i}_{j}: %json {schema}\n");
+                        args.push(format!("{} arg{i}_{j}", lark_string(&format!("{name}="))));
+                    }
+                    let sep = format!(" {} ", lark_string(", "));
+                    rules += &format!(
+                        "call{i}: {} {} {}\n",
+                        lark_string(&format!("{}(", t.name)),
+                        if args.is_empty() {
+                            String::new()
+                        } else {
+                            args.join(&sep)
+                        },
+                        lark_string(")")
+                    );
+                    names.push(format!("call{i}"));
+                }
+                format!(
+                    "start: {open} \"[\" call{more} \"]\" {close}\ncall: {}\n{rules}",
+                    names.join(" | "),
+                    open = marker(LFM2_START),
+                    close = marker(LFM2_END),
+                    more = more(", ", "call"),
+                )
+            }
+        }
+    }
+
+    /// Splits a reply into its text and the calls it makes. Text that
+    /// looks like a call but does not parse stays text.
+    pub fn parse(self, reply: &str) -> (String, Vec<ToolCall>) {
+        match self {
+            ToolSyntax::Hermes => {
+                let mut text = String::new();
+                let mut calls = Vec::new();
+                let mut rest = reply;
+                while let Some(start) = rest.find("<tool_call>") {
+                    let after = &rest[start + "<tool_call>".len()..];
+                    let Some(end) = after.find("</tool_call>") else {
+                        break;
+                    };
+                    match call_of(after[..end].trim(), "arguments") {
+                        Some(call) => {
+                            text += &rest[..start];
+                            calls.push(call);
+                        }
+                        None => {
+                            text +=
+                                &rest[..start + "<tool_call>".len() + end + "</tool_call>".len()]
+                        }
+                    }
+                    rest = &after[end + "</tool_call>".len()..];
+                }
+                text += rest;
+                if calls.is_empty() {
+                    return (reply.to_owned(), calls);
+                }
+                (text.trim().to_owned(), calls)
+            }
+            ToolSyntax::Llama3 => {
+                let body = reply
+                    .trim()
+                    .strip_prefix(PYTHON_TAG)
+                    .unwrap_or(reply.trim())
+                    .trim();
+                let calls: Option<Vec<ToolCall>> = body
+                    .split("; ")
+                    .map(|part| {
+                        call_of(part.trim(), "parameters")
+                            .or_else(|| call_of(part.trim(), "arguments"))
+                    })
+                    .collect();
+                match calls {
+                    Some(calls) if body.starts_with('{') => (String::new(), calls),
+                    _ => (reply.to_owned(), Vec::new()),
+                }
+            }
+            ToolSyntax::Lfm2 => {
+                let Some(start) = reply.find(LFM2_START) else {
+                    return (reply.to_owned(), Vec::new());
+                };
+                let after = &reply[start + LFM2_START.len()..];
+                let Some(end) = after.find(LFM2_END) else {
+                    return (reply.to_owned(), Vec::new());
+                };
+                match pythonic_calls(after[..end].trim()) {
+                    Some(calls) => {
+                        let text = format!("{}{}", &reply[..start], &after[end + LFM2_END.len()..]);
+                        (text.trim().to_owned(), calls)
+                    }
+                    None => (reply.to_owned(), Vec::new()),
+                }
+            }
+        }
+    }
+}
+
+/// A call written as JSON `{"name": ..., key: {...}}`.
+fn call_of(text: &str, key: &str) -> Option<ToolCall> {
+    let value: Value = serde_json::from_str(text).ok()?;
+    let name = value.get("name")?.as_str()?.to_owned();
+    let arguments = match value.get(key) {
+        Some(Value::String(s)) => serde_json::from_str(s).ok()?,
+        Some(v @ Value::Object(_)) => v.clone(),
+        None => json!({}),
+        Some(_) => return None,
+    };
+    Some(ToolCall { name, arguments })
+}
+
+/// `[f(a=1, b="x"), g()]` without the brackets: calls with keyword
+/// arguments whose values are JSON (Python's True, False and None too).
+fn pythonic_calls(text: &str) -> Option<Vec<ToolCall>> {
+    let inner = text.strip_prefix('[')?.strip_suffix(']')?;
+    split_top(inner, ',')
+        .into_iter()
+        .filter(|c| !c.trim().is_empty())
+        .map(|call| {
+            let call = call.trim();
+            let open = call.find('(')?;
+            let name = call[..open].trim();
+            let args = call[open + 1..].strip_suffix(')')?;
+            let mut arguments = serde_json::Map::new();
+            for arg in split_top(args, ',')
+                .into_iter()
+                .filter(|a| !a.trim().is_empty())
+            {
+                let (key, value) = arg.split_once('=')?;
+                let value = match value.trim() {
+                    "True" => Value::Bool(true),
+                    "False" => Value::Bool(false),
+                    "None" => Value::Null,
+                    v => serde_json::from_str(v).ok()?,
+                };
+                arguments.insert(key.trim().to_owned(), value);
+            }
+            (!name.is_empty()).then(|| ToolCall {
+                name: name.to_owned(),
+                arguments: Value::Object(arguments),
+            })
+        })
+        .collect()
+}
+
+/// Splits at `sep` outside brackets and strings.
+fn split_top(text: &str, sep: char) -> Vec<&str> {
+    let (mut parts, mut depth, mut quoted, mut escaped, mut from) =
+        (Vec::new(), 0i32, false, false, 0);
+    for (i, c) in text.char_indices() {
+        if quoted {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => quoted = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => quoted = true,
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth -= 1,
+            c if c == sep && depth == 0 => {
+                parts.push(&text[from..i]);
+                from = i + c.len_utf8();
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[from..]);
+    parts
+}
+
+/// `text` as a Lark string literal.
+fn lark_string(text: &str) -> String {
+    serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn calls() -> Vec<ToolCall> {
+        vec![
+            ToolCall {
+                name: "get_weather".into(),
+                arguments: json!({"city": "Oslo", "days": 3}),
+            },
+            ToolCall {
+                name: "now".into(),
+                arguments: json!({}),
+            },
+        ]
+    }
+
+    #[test]
+    fn every_syntax_parses_what_it_renders() {
+        for syntax in [ToolSyntax::Hermes, ToolSyntax::Llama3, ToolSyntax::Lfm2] {
+            let text = syntax.render(&calls());
+            assert_eq!(
+                syntax.parse(&text),
+                (String::new(), calls()),
+                "{}: {text}",
+                syntax.name()
+            );
+        }
+    }
+
+    #[test]
+    fn text_around_calls_is_kept_and_broken_calls_stay_text() {
+        let reply =
+            "Let me check.\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>";
+        let (text, found) = ToolSyntax::Hermes.parse(reply);
+        assert_eq!(text, "Let me check.");
+        assert_eq!(
+            found,
+            vec![ToolCall {
+                name: "now".into(),
+                arguments: json!({})
+            }]
+        );
+        let broken = "<tool_call>\n{\"name\": \"now\", \"arguments\": \n</tool_call>";
+        assert_eq!(
+            ToolSyntax::Hermes.parse(broken),
+            (broken.to_owned(), vec![])
+        );
+        // OpenAI-style string arguments are read too.
+        let stringy = "<tool_call>{\"name\": \"f\", \"arguments\": \"{\\\"a\\\": 1}\"}</tool_call>";
+        assert_eq!(
+            ToolSyntax::Hermes.parse(stringy).1[0].arguments,
+            json!({"a": 1})
+        );
+        assert_eq!(ToolSyntax::Llama3.parse("no call here").1, vec![]);
+        let lfm = "<|tool_call_start|>[f(flag=True, x=None, s=\"a, (b)\")]<|tool_call_end|>done";
+        let (text, found) = ToolSyntax::Lfm2.parse(lfm);
+        assert_eq!(text, "done");
+        assert_eq!(
+            found[0].arguments,
+            json!({"flag": true, "x": null, "s": "a, (b)"})
+        );
+    }
+
+    #[test]
+    fn templates_name_their_syntax() {
+        assert_eq!(
+            ToolSyntax::detect("{{ '<tool_call>' }}"),
+            ToolSyntax::Hermes
+        );
+        assert_eq!(ToolSyntax::detect("<|python_tag|>"), ToolSyntax::Llama3);
+        assert_eq!(ToolSyntax::detect("<|tool_call_start|>"), ToolSyntax::Lfm2);
+        assert_eq!(ToolSyntax::detect("{{ messages }}"), ToolSyntax::Hermes);
+    }
+}
