@@ -503,6 +503,21 @@ class Constrained(unittest.TestCase):
         self.assertEqual(finish, "stop")
         jsonschema.validate(json.loads(streamed), SCHEMAS[1])
 
+    def test_reasoning_goes_to_reasoning_content(self):
+        grammar = 'start: "<think>" R "</think>" A\nR: /[a-z ]{1,20}/\nA: /[a-z]{1,10}/\n'
+        kwargs = dict(model="m", messages=PROMPT, max_tokens=60, seed=2, temperature=1.0, extra_body={"grammar": grammar})
+        whole = self.client.chat.completions.create(**kwargs).choices[0].message
+        reasoning = whole.model_extra.get("reasoning_content")
+        self.assertTrue(reasoning)
+        self.assertNotIn("<think>", reasoning + whole.content)
+        self.assertRegex(whole.content, r"^[a-z]{1,10}$")
+        streamed_reasoning, streamed = "", ""
+        for chunk in self.client.chat.completions.create(stream=True, **kwargs):
+            for choice in chunk.choices:
+                streamed_reasoning += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+                streamed += choice.delta.content or ""
+        self.assertEqual((streamed_reasoning, streamed), (reasoning, whole.content))
+
     def test_lark_grammars_and_completions(self):
         for seed in range(5):
             r = self.client.completions.create(

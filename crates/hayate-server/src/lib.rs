@@ -5,12 +5,14 @@
 //! - [`api`]: the requests as OpenAI's API defines them, checked field by
 //!   field; [`error`]: OpenAI's error objects;
 //! - [`stop`]: stop strings matched across token boundaries;
+//! - [`reply`]: a chat reply split into reasoning, content and tool calls;
 //! - this module: the routes (`/v1/chat/completions`, `/v1/completions`,
 //!   `/v1/models`, `/health`), the API key, body limits and streaming.
 
 pub mod api;
 pub mod engine;
 pub mod error;
+pub mod reply;
 pub mod stop;
 
 use crate::api::{
@@ -18,7 +20,7 @@ use crate::api::{
 };
 use crate::engine::{EngineHandle, Event, Job, SubmitError, TokenLogprob};
 use crate::error::ApiError;
-use crate::stop::StopMatcher;
+use crate::reply::{Part, ReplySplitter};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -581,6 +583,17 @@ impl Reply {
         }
     }
 
+    /// A splitter for this chat reply: its tools, and whether the prompt
+    /// already opened a reasoning block.
+    fn splitter(&self) -> ReplySplitter {
+        let thinking = self
+            .prepared
+            .rendered
+            .as_deref()
+            .is_some_and(|p| p.trim_end().ends_with("<think>"));
+        ReplySplitter::new(self.prepared.tools, thinking)
+    }
+
     /// `calls` as OpenAI lists them (with `index` in a stream's deltas).
     fn tool_calls(&self, calls: &[ToolCall], streaming: bool) -> Value {
         calls
@@ -630,28 +643,40 @@ async fn whole_reply(reply: Reply, mut events: UnboundedReceiver<Event>) -> Resp
                 cached_tokens,
             } => {
                 let logprobs = reply.logprobs(&entries, start);
-                let (text, calls) = match reply.prepared.tools {
-                    Some(syntax) => syntax.parse(&text),
-                    None => (text, Vec::new()),
-                };
                 let choice = match reply.prepared.kind {
-                    Kind::Chat if !calls.is_empty() => json!({
-                        "index": 0,
-                        "message": {
+                    Kind::Chat => {
+                        let mut splitter = reply.splitter();
+                        let mut parts = splitter.push(&text);
+                        let (rest, calls) = splitter.finish();
+                        parts.extend(rest);
+                        let (mut reasoning, mut content) = (String::new(), String::new());
+                        for part in parts {
+                            match part {
+                                Part::Reasoning(t) => reasoning += &t,
+                                Part::Content(t) => content += &t,
+                            }
+                        }
+                        let mut message = json!({
                             "role": "assistant",
-                            "content": if text.is_empty() { Value::Null } else { json!(text) },
+                            "content": if content.is_empty() && !calls.is_empty() { Value::Null } else { json!(content) },
                             "refusal": null,
-                            "tool_calls": reply.tool_calls(&calls, false),
-                        },
-                        "logprobs": logprobs,
-                        "finish_reason": "tool_calls",
-                    }),
-                    Kind::Chat => json!({
-                        "index": 0,
-                        "message": { "role": "assistant", "content": text, "refusal": null },
-                        "logprobs": logprobs,
-                        "finish_reason": finish.as_str(),
-                    }),
+                        });
+                        if !reasoning.is_empty() {
+                            message["reasoning_content"] = json!(reasoning);
+                        }
+                        let finish = if calls.is_empty() {
+                            finish.as_str()
+                        } else {
+                            message["tool_calls"] = reply.tool_calls(&calls, false);
+                            "tool_calls"
+                        };
+                        json!({
+                            "index": 0,
+                            "message": message,
+                            "logprobs": logprobs,
+                            "finish_reason": finish,
+                        })
+                    }
                     Kind::Text => json!({
                         "index": 0,
                         "text": text,
@@ -694,20 +719,17 @@ fn stream_reply(reply: Reply, events: UnboundedReceiver<Event>) -> impl IntoResp
         }),
     };
     let mut offset = reply.prepared.echo.as_ref().map_or(0, String::len);
-    // With tools, text from the first call opener on is held back until
-    // the reply ends, then sent as calls (or as text, if it is none).
-    let mut openers = reply.prepared.tools.map(|syntax| {
-        let list = syntax.openers().iter().map(|o| o.to_string()).collect();
-        (syntax, StopMatcher::new(list))
-    });
-    let mut held: Option<String> = None;
+    // A chat reply goes through the splitter (reasoning, calls, content);
+    // text from the first call opener on is held back until the end.
+    let mut splitter = (reply.prepared.kind == Kind::Chat).then(|| reply.splitter());
     let body = UnboundedReceiverStream::new(events).flat_map(move |event| {
         let reply = reply.clone();
         let mut out = Vec::new();
-        let content = |reply: &Reply, text: String, lp: Value| {
-            let choice = match reply.prepared.kind {
-                Kind::Chat => json!({ "index": 0, "delta": { "content": text }, "logprobs": lp, "finish_reason": null }),
-                Kind::Text => json!({ "index": 0, "text": text, "logprobs": lp, "finish_reason": null }),
+        let chunk = |reply: &Reply, part: Part, lp: Value| {
+            let choice = match (reply.prepared.kind, part) {
+                (Kind::Chat, Part::Content(text)) => json!({ "index": 0, "delta": { "content": text }, "logprobs": lp, "finish_reason": null }),
+                (Kind::Chat, Part::Reasoning(text)) => json!({ "index": 0, "delta": { "reasoning_content": text }, "logprobs": lp, "finish_reason": null }),
+                (Kind::Text, Part::Content(text) | Part::Reasoning(text)) => json!({ "index": 0, "text": text, "logprobs": lp, "finish_reason": null }),
             };
             sse_json(&reply.envelope(true, json!([choice])))
         };
@@ -716,21 +738,14 @@ fn stream_reply(reply: Reply, events: UnboundedReceiver<Event>) -> impl IntoResp
             Event::Text { text, logprobs } => {
                 let at = offset;
                 offset += text.len();
-                let lp = reply.logprobs(&logprobs, at);
-                let text = match (&mut held, &mut openers) {
-                    (Some(h), _) => {
-                        h.push_str(&text);
-                        String::new()
+                let mut lp = reply.logprobs(&logprobs, at);
+                match &mut splitter {
+                    Some(s) => {
+                        for part in s.push(&text) {
+                            out.push(chunk(&reply, part, std::mem::take(&mut lp)));
+                        }
                     }
-                    (None, Some((_, matcher))) => {
-                        let (emit, rest) = matcher.push(&text);
-                        held = rest;
-                        emit
-                    }
-                    (None, None) => text,
-                };
-                if !text.is_empty() || (held.is_none() && openers.is_none()) {
-                    out.push(content(&reply, text, lp));
+                    None => out.push(chunk(&reply, Part::Content(text), lp)),
                 }
             }
             Event::Failed(message) => {
@@ -743,11 +758,10 @@ fn stream_reply(reply: Reply, events: UnboundedReceiver<Event>) -> impl IntoResp
                 completion_tokens,
                 cached_tokens,
             } => {
-                if let Some((syntax, matcher)) = &mut openers {
-                    let rest = held.take().unwrap_or_else(|| matcher.finish());
-                    let (text, calls) = syntax.parse(&rest);
-                    if !text.is_empty() {
-                        out.push(content(&reply, text, Value::Null));
+                if let Some(s) = &mut splitter {
+                    let (parts, calls) = s.finish();
+                    for part in parts {
+                        out.push(chunk(&reply, part, Value::Null));
                     }
                     if !calls.is_empty() {
                         let delta = json!({ "tool_calls": reply.tool_calls(&calls, true) });
