@@ -143,11 +143,23 @@ impl hayate_engine::TokenConstraint for Constraint {
             .matcher
             .compute_mask_or_eos()
             .map_err(|e| e.to_string())?;
-        for (i, l) in logits.iter_mut().enumerate().take(self.vocab) {
-            if !allowed.is_allowed(i as TokenId) {
-                *l = f32::NEG_INFINITY;
+        // 32 tokens per word of the mask; most words are all clear or all set.
+        let words = allowed.as_slice();
+        let n = logits.len().min(self.vocab);
+        for (i, chunk) in logits[..n].chunks_mut(32).enumerate() {
+            match words.get(i).copied().unwrap_or(0) {
+                u32::MAX if chunk.len() == 32 => {}
+                0 => chunk.fill(f32::NEG_INFINITY),
+                word => {
+                    for (bit, l) in chunk.iter_mut().enumerate() {
+                        if word & (1 << bit) == 0 {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                }
             }
         }
+        logits[n..].fill(f32::NEG_INFINITY);
         Ok(())
     }
 

@@ -85,9 +85,39 @@ pub enum Event {
         completion_tokens: usize,
         /// Prompt tokens that were already in the cache (not prefilled).
         cached_tokens: usize,
+        /// Prefill and decode times, as llama.cpp's server reports them.
+        timings: Timings,
     },
     /// The engine failed on this request.
     Failed(String),
+}
+
+/// How long a reply took (llama.cpp's `timings` object).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Timings {
+    /// Prompt tokens prefilled.
+    pub prompt_n: usize,
+    /// Milliseconds to prefill them.
+    pub prompt_ms: f64,
+    /// Tokens decoded after the first.
+    pub predicted_n: usize,
+    /// Milliseconds to decode them.
+    pub predicted_ms: f64,
+}
+
+impl Timings {
+    /// The JSON object, with rates per second.
+    pub fn json(&self) -> serde_json::Value {
+        let rate = |n: usize, ms: f64| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
+        serde_json::json!({
+            "prompt_n": self.prompt_n,
+            "prompt_ms": self.prompt_ms,
+            "prompt_per_second": rate(self.prompt_n, self.prompt_ms),
+            "predicted_n": self.predicted_n,
+            "predicted_ms": self.predicted_ms,
+            "predicted_per_second": rate(self.predicted_n, self.predicted_ms),
+        })
+    }
 }
 
 /// What the HTTP side knows of the engine.
@@ -304,6 +334,12 @@ fn run_job(
         prompt_tokens: job.prompt.len(),
         completion_tokens: stats.generated,
         cached_tokens: cached,
+        timings: Timings {
+            prompt_n: stats.prompt_tokens,
+            prompt_ms: stats.prefill_time.as_secs_f64() * 1e3,
+            predicted_n: stats.generated.saturating_sub(1),
+            predicted_ms: stats.decode_time.as_secs_f64() * 1e3,
+        },
     });
     Ok(())
 }

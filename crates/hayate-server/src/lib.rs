@@ -641,6 +641,7 @@ async fn whole_reply(reply: Reply, mut events: UnboundedReceiver<Event>) -> Resp
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens,
+                timings,
             } => {
                 let logprobs = reply.logprobs(&entries, start);
                 let choice = match reply.prepared.kind {
@@ -686,6 +687,7 @@ async fn whole_reply(reply: Reply, mut events: UnboundedReceiver<Event>) -> Resp
                 };
                 let mut body = reply.envelope(false, json!([choice]));
                 body["usage"] = Reply::usage(prompt_tokens, completion_tokens, cached_tokens);
+                body["timings"] = timings.json();
                 return axum::Json(body).into_response();
             }
         }
@@ -757,6 +759,7 @@ fn stream_reply(reply: Reply, events: UnboundedReceiver<Event>) -> impl IntoResp
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens,
+                timings,
             } => {
                 if let Some(s) = &mut splitter {
                     let (parts, calls) = s.finish();
@@ -776,6 +779,7 @@ fn stream_reply(reply: Reply, events: UnboundedReceiver<Event>) -> impl IntoResp
                     Kind::Text => json!({ "index": 0, "text": "", "logprobs": null, "finish_reason": finish }),
                 };
                 let mut last = reply.envelope(true, json!([choice]));
+                last["timings"] = timings.json();
                 let usage = Reply::usage(prompt_tokens, completion_tokens, cached_tokens);
                 if reply.prepared.include_usage {
                     last["usage"] = Value::Null;
