@@ -646,17 +646,7 @@ async fn whole_reply(reply: Reply, mut events: UnboundedReceiver<Event>) -> Resp
                 let logprobs = reply.logprobs(&entries, start);
                 let choice = match reply.prepared.kind {
                     Kind::Chat => {
-                        let mut splitter = reply.splitter();
-                        let mut parts = splitter.push(&text);
-                        let (rest, calls) = splitter.finish();
-                        parts.extend(rest);
-                        let (mut reasoning, mut content) = (String::new(), String::new());
-                        for part in parts {
-                            match part {
-                                Part::Reasoning(t) => reasoning += &t,
-                                Part::Content(t) => content += &t,
-                            }
-                        }
+                        let (reasoning, content, calls) = reply.splitter().split(&text);
                         let mut message = json!({
                             "role": "assistant",
                             "content": if content.is_empty() && !calls.is_empty() { Value::Null } else { json!(content) },

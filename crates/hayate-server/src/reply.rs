@@ -106,6 +106,21 @@ impl ReplySplitter {
         }
     }
 
+    /// A whole reply at once: its reasoning, its content and its calls.
+    pub fn split(mut self, reply: &str) -> (String, String, Vec<ToolCall>) {
+        let mut parts = self.push(reply);
+        let (rest, calls) = self.finish();
+        parts.extend(rest);
+        let (mut reasoning, mut content) = (String::new(), String::new());
+        for part in parts {
+            match part {
+                Part::Reasoning(t) => reasoning += &t,
+                Part::Content(t) => content += &t,
+            }
+        }
+        (reasoning, content, calls)
+    }
+
     /// Ends the reply: the parts still held, and the calls it made.
     pub fn finish(&mut self) -> (Vec<Part>, Vec<ToolCall>) {
         let mut parts = Vec::new();
@@ -138,26 +153,26 @@ fn push(parts: &mut Vec<Part>, part: Part) {
 mod tests {
     use super::*;
 
-    /// The reply fed in `pieces`: reasoning, content, call names.
+    /// The reply fed in `pieces` (the last through [`ReplySplitter::split`]):
+    /// reasoning, content, call names.
     fn split(
         tools: Option<ToolSyntax>,
         thinking: bool,
         pieces: &[&str],
     ) -> (String, String, Vec<String>) {
         let mut s = ReplySplitter::new(tools, thinking);
-        let mut parts: Vec<Part> = pieces.iter().flat_map(|p| s.push(p)).collect();
-        let (rest, calls) = s.finish();
-        parts.extend(rest);
+        let (init, last) = pieces.split_at(pieces.len() - 1);
         let (mut reasoning, mut content) = (String::new(), String::new());
-        for p in parts {
-            match p {
+        for part in init.iter().flat_map(|p| s.push(p)) {
+            match part {
                 Part::Reasoning(t) => reasoning += &t,
                 Part::Content(t) => content += &t,
             }
         }
+        let (r, c, calls) = s.split(last[0]);
         (
-            reasoning,
-            content,
+            reasoning + &r,
+            content + &c,
             calls.into_iter().map(|c| c.name).collect(),
         )
     }
