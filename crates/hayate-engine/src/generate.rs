@@ -100,8 +100,9 @@ impl<'m> Generator<'m> {
 
     /// Makes the sequence `prompt`, keeping the longest already-processed
     /// prefix (only the rest will be prefilled): multi-turn chat re-renders
-    /// the whole conversation, and only the new turn costs time.
-    pub fn set_prompt(&mut self, prompt: &[u32]) -> Result<()> {
+    /// the whole conversation, and only the new turn costs time. Returns
+    /// how many of the prompt's tokens were kept (not to be prefilled).
+    pub fn set_prompt(&mut self, prompt: &[u32]) -> Result<usize> {
         let common = self.tokens[..self.state.len()]
             .iter()
             .zip(prompt)
@@ -109,15 +110,17 @@ impl<'m> Generator<'m> {
             .count();
         // At least one token must be fed to get logits for the next one.
         let keep = common.min(prompt.len().saturating_sub(1));
-        if self.state.can_truncate(keep) {
+        let kept = if self.state.can_truncate(keep) {
             self.state.truncate(keep)?;
+            keep
         } else {
             // Recurrent layers cannot go back that far: start over.
             self.state.clear();
-        }
+            0
+        };
         self.tokens.clear();
         self.tokens.extend_from_slice(prompt);
-        Ok(())
+        Ok(kept)
     }
 
     /// Prefills what the state lacks of the sequence, then samples up to

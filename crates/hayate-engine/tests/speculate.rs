@@ -284,3 +284,34 @@ fn prompt_lookup_and_suffix_speculation_give_the_plain_tokens() {
         assert!(d > 0, "{name}: suffix speculation never proposed");
     }
 }
+
+#[test]
+fn a_new_prompt_keeps_the_common_prefix_where_the_state_can_go_back() {
+    for (name, _) in fixture_names() {
+        let model = load(&fixtures().join(&name), None);
+        let mut g = Generator::new(&model, &options(4)).unwrap();
+        let first = prompt(model.info.vocab);
+        assert_eq!(
+            g.set_prompt(&first).unwrap(),
+            0,
+            "{name}: an empty state keeps nothing"
+        );
+        g.generate(
+            &mut Sampler::new(SamplingParams::default(), model.info.vocab),
+            3,
+            &[],
+            |_| Ok::<_, hayate_engine::EngineError>(true),
+        )
+        .unwrap();
+        // The same prompt again: all but its last token are kept where the
+        // state rolls back that far; recurrent states start over.
+        let kept = g.set_prompt(&first).unwrap();
+        let back = g.state.len();
+        assert_eq!(back, kept, "{name}: the state holds what was kept");
+        if model.can_branch() {
+            assert_eq!(kept, first.len() - 1, "{name}");
+        } else {
+            assert!(kept == 0 || kept == first.len() - 1, "{name}: {kept}");
+        }
+    }
+}

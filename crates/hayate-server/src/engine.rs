@@ -257,15 +257,8 @@ fn run_job(
     job: Job,
     generated: &AtomicU64,
 ) -> Result<(), String> {
+    // The generator says how much of the prompt its state still holds.
     let cached = generator
-        .tokens
-        .iter()
-        .take(generator.state.len())
-        .zip(&job.prompt)
-        .take_while(|(a, b)| a == b)
-        .count()
-        .min(job.prompt.len().saturating_sub(1));
-    generator
         .set_prompt(&job.prompt)
         .map_err(|e| e.to_string())?;
     let mut sampler = Sampler::new(job.params, model.info.vocab);

@@ -489,7 +489,7 @@ async fn respond(state: Shared, mut prepared: Prepared) -> Response {
     };
     let (send, receive) = tokio::sync::mpsc::unbounded_channel();
     let job = Job {
-        prompt: prepared.prompt.clone(),
+        prompt: std::mem::take(&mut prepared.prompt),
         params: prepared.sampling.params.clone(),
         max_tokens,
         stops: prepared.sampling.stops.clone(),
