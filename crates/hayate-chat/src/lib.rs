@@ -1,9 +1,13 @@
 //! The text side: `tokenizer.json` through the `tokenizers` crate, chat
 //! templates from `tokenizer_config.json` / `chat_template.jinja` rendered
 //! with `minijinja` (with Python-compatible string and dict methods, which
-//! Hugging Face templates use), and a streaming detokeniser.
+//! Hugging Face templates use), a streaming detokeniser, stop strings
+//! matched across tokens, tool-call syntaxes, grammars, and the split of a
+//! reply into reasoning, content and calls.
 
 pub mod grammar;
+pub mod reply;
+pub mod stop;
 mod stream;
 mod template;
 mod tokenizer;

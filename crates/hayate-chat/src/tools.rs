@@ -36,6 +36,124 @@ pub struct Tool {
     pub parameters: Value,
 }
 
+/// One message of a conversation that may hold tool calls and results.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Turn {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// Its text.
+    pub content: String,
+    /// The calls an assistant turn made, each with its id when it has one.
+    pub calls: Vec<(Option<String>, ToolCall)>,
+    /// The speaker's name, when given.
+    pub name: Option<String>,
+    /// For a tool result: the call it answers.
+    pub tool_call_id: Option<String>,
+    /// An assistant turn's reasoning, for templates that render it.
+    pub reasoning: Option<String>,
+}
+
+impl Turn {
+    /// A turn of text only.
+    pub fn text(role: &str, content: &str) -> Self {
+        Turn {
+            role: role.to_owned(),
+            content: content.to_owned(),
+            ..Turn::default()
+        }
+    }
+}
+
+/// How a chat template deals with tools: the syntax it teaches its model,
+/// and whether it renders offered tools and assistant calls itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ToolTemplate {
+    /// The model's tool-call syntax.
+    pub syntax: ToolSyntax,
+    /// The template reads a `tools` variable.
+    pub renders_tools: bool,
+    /// The template reads messages' `tool_calls`.
+    pub renders_calls: bool,
+}
+
+impl ToolTemplate {
+    /// What the template `source` does with tools.
+    pub fn of(source: &str) -> Self {
+        ToolTemplate {
+            syntax: ToolSyntax::detect(source),
+            renders_tools: source.contains("tools"),
+            renders_calls: source.contains("tool_calls"),
+        }
+    }
+
+    /// The messages as the template takes them, and the `tools` (an
+    /// OpenAI `tools` array) to hand it. What the template cannot render
+    /// is written out in the model's syntax: offered tools as a system
+    /// prompt, calls into the assistant's text, results as user turns in
+    /// `<tool_response>` tags.
+    pub fn messages<'a>(
+        &self,
+        turns: &[Turn],
+        tools: Option<&'a Value>,
+    ) -> (Vec<Value>, Option<&'a Value>) {
+        let native = self.renders_calls;
+        let mut messages: Vec<Value> = turns
+            .iter()
+            .map(|turn| {
+                let calls: Vec<ToolCall> = turn.calls.iter().map(|(_, c)| c.clone()).collect();
+                let (role, content) = match (turn.role.as_str(), native) {
+                    ("tool", false) => (
+                        "user",
+                        format!("<tool_response>\n{}\n</tool_response>", turn.content),
+                    ),
+                    ("assistant", false) if !calls.is_empty() => {
+                        let written = self.syntax.render(&calls);
+                        let joined = if turn.content.is_empty() {
+                            written
+                        } else {
+                            format!("{}\n{written}", turn.content)
+                        };
+                        ("assistant", joined)
+                    }
+                    (role, _) => (role, turn.content.clone()),
+                };
+                let mut out = json!({ "role": role, "content": content });
+                if let Some(name) = &turn.name {
+                    out["name"] = json!(name);
+                }
+                if native && !calls.is_empty() {
+                    out["tool_calls"] = turn
+                        .calls
+                        .iter()
+                        .map(|(id, c)| json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                        .collect();
+                }
+                if let Some(id) = &turn.tool_call_id {
+                    out["tool_call_id"] = json!(id);
+                }
+                if let Some(r) = &turn.reasoning {
+                    out["reasoning_content"] = json!(r);
+                }
+                out
+            })
+            .collect();
+        match tools {
+            Some(tools) if !self.renders_tools => {
+                let instructions = self.syntax.instructions(tools);
+                match messages.first_mut() {
+                    Some(first) if first["role"] == "system" => {
+                        let text = first["content"].as_str().unwrap_or("").to_owned();
+                        first["content"] = json!(format!("{text}\n\n{instructions}"));
+                    }
+                    _ => messages.insert(0, json!({"role": "system", "content": instructions})),
+                }
+                (messages, None)
+            }
+            tools => (messages, tools),
+        }
+    }
+}
+
 const LFM2_START: &str = "<|tool_call_start|>";
 const LFM2_END: &str = "<|tool_call_end|>";
 const PYTHON_TAG: &str = "<|python_tag|>";
@@ -434,6 +552,54 @@ mod tests {
             found[0].arguments,
             json!({"flag": true, "x": null, "s": "a, (b)"})
         );
+    }
+
+    #[test]
+    fn what_a_template_cannot_render_is_written_in_the_syntax() {
+        let call = (Some("call-1".to_owned()), calls()[0].clone());
+        let turns = vec![
+            Turn::text("user", "Weather?"),
+            Turn {
+                role: "assistant".into(),
+                calls: vec![call],
+                ..Turn::default()
+            },
+            Turn {
+                role: "tool".into(),
+                content: "sunny".into(),
+                tool_call_id: Some("call-1".into()),
+                ..Turn::default()
+            },
+        ];
+        let tools = json!([{"type": "function", "function": {"name": "get_weather"}}]);
+        let plain = ToolTemplate::of("{{ messages }}");
+        let (messages, given) = plain.messages(&turns, Some(&tools));
+        assert_eq!(given, None);
+        assert_eq!(messages[0]["role"], "system");
+        assert!(
+            messages[0]["content"]
+                .as_str()
+                .unwrap()
+                .contains("get_weather")
+        );
+        assert_eq!(
+            messages[2]["content"],
+            ToolSyntax::Hermes.render(&calls()[..1])
+        );
+        assert_eq!(
+            messages[3],
+            json!({"role": "user", "content": "<tool_response>\nsunny\n</tool_response>", "tool_call_id": "call-1"})
+        );
+        let native = ToolTemplate::of("{{ tools }}{{ m.tool_calls }}<|tool_call_start|>");
+        assert_eq!(native.syntax, ToolSyntax::Lfm2);
+        let (messages, given) = native.messages(&turns, Some(&tools));
+        assert_eq!(given, Some(&tools));
+        assert_eq!(messages.len(), 3);
+        assert_eq!(
+            messages[1]["tool_calls"][0]["function"],
+            json!({"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}})
+        );
+        assert_eq!(messages[2]["role"], "tool");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use crate::error::ApiError;
 use hayate_chat::grammar::{Constraint, GrammarCompiler};
-use hayate_chat::tools::{Tool, ToolCall, ToolSyntax};
+use hayate_chat::tools::{Tool, ToolCall, ToolSyntax, Turn};
 use hayate_engine::SamplingParams;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -399,16 +399,9 @@ impl ChatRequest {
         }))
     }
 
-    /// The messages as the chat template takes them: content as one
-    /// string, `developer` as `system`, tool-call arguments as objects.
-    /// A template that does not render tool calls (`native` false) gets
-    /// them written into the assistant's text in `syntax`, and tool
-    /// results as user turns in `<tool_response>` tags.
-    pub fn template_messages(
-        &self,
-        syntax: ToolSyntax,
-        native: bool,
-    ) -> Result<Vec<Value>, ApiError> {
+    /// The messages as turns of a conversation: content as one string,
+    /// `developer` as `system`, tool-call arguments as objects.
+    pub fn turns(&self) -> Result<Vec<Turn>, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::invalid("messages", "messages cannot be empty"));
         }
@@ -456,34 +449,17 @@ impl ChatRequest {
                         None => json!({}),
                         Some(_) => return Err(bad()),
                     };
-                    calls.push((call.get("id").cloned(), ToolCall { name: name.to_owned(), arguments }));
+                    let id = call.get("id").and_then(Value::as_str).map(str::to_owned);
+                    calls.push((id, ToolCall { name: name.to_owned(), arguments }));
                 }
-                let (role, content) = match (role, native) {
-                    ("tool", false) => ("user", format!("<tool_response>\n{content}\n</tool_response>")),
-                    ("assistant", false) if !calls.is_empty() => {
-                        let written = syntax.render(&calls.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>());
-                        let joined = if content.is_empty() { written } else { format!("{content}\n{written}") };
-                        ("assistant", joined)
-                    }
-                    _ => (role, content),
-                };
-                let mut out = json!({ "role": role, "content": content });
-                if let Some(name) = &m.name {
-                    out["name"] = json!(name);
-                }
-                if native && !calls.is_empty() {
-                    out["tool_calls"] = calls
-                        .iter()
-                        .map(|(id, c)| json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
-                        .collect();
-                }
-                if let Some(id) = &m.tool_call_id {
-                    out["tool_call_id"] = json!(id);
-                }
-                if let Some(r) = &m.reasoning_content {
-                    out["reasoning_content"] = json!(r);
-                }
-                Ok(out)
+                Ok(Turn {
+                    role: role.to_owned(),
+                    content,
+                    calls,
+                    name: m.name.clone(),
+                    tool_call_id: m.tool_call_id.clone(),
+                    reasoning: m.reasoning_content.clone(),
+                })
             })
             .collect()
     }

@@ -3,9 +3,9 @@
 //! events. The generator keeps its state between requests, so a request
 //! that repeats the previous one's conversation prefills only what is new.
 
-use crate::stop::StopMatcher;
 use hayate_chat::TextTokenizer;
 use hayate_chat::grammar::Constraint;
+use hayate_chat::stop::StopMatcher;
 use hayate_engine::{
     Generator, Model, Rules, Sampler, SamplingParams, StateOptions, StopReason, TokenConstraint,
 };

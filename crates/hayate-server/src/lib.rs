@@ -4,23 +4,20 @@
 //!   request at a time from a bounded queue, streaming each reply back;
 //! - [`api`]: the requests as OpenAI's API defines them, checked field by
 //!   field; [`error`]: OpenAI's error objects;
-//! - [`stop`]: stop strings matched across token boundaries;
-//! - [`reply`]: a chat reply split into reasoning, content and tool calls;
+//! - stop strings and the split of a chat reply into reasoning, content
+//!   and tool calls come from `hayate_chat::{stop, reply}`;
 //! - this module: the routes (`/v1/chat/completions`, `/v1/completions`,
 //!   `/v1/models`, `/health`), the API key, body limits and streaming.
 
 pub mod api;
 pub mod engine;
 pub mod error;
-pub mod reply;
-pub mod stop;
 
 use crate::api::{
     ChatRequest, CompletionRequest, Prompt, Sampling, SamplingFields, ToolChoice, top_logprobs,
 };
 use crate::engine::{EngineHandle, Event, Job, SubmitError, TokenLogprob};
 use crate::error::ApiError;
-use crate::reply::{Part, ReplySplitter};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -32,7 +29,8 @@ use axum::routing::{get, post};
 use futures_util::StreamExt;
 use hayate_chat::RenderOptions;
 use hayate_chat::grammar::{Constraint, GrammarCompiler};
-use hayate_chat::tools::{ToolCall, ToolSyntax};
+use hayate_chat::reply::{Part, ReplySplitter};
+use hayate_chat::tools::{ToolCall, ToolSyntax, ToolTemplate};
 use hayate_engine::SamplingParams;
 use serde_json::{Value, json};
 use std::convert::Infallible;
@@ -286,27 +284,11 @@ async fn prepare_chat(state: &AppState, body: Body) -> Result<Prepared, ApiError
             "this model has no chat template: use /v1/completions",
         ));
     };
-    let syntax = ToolSyntax::detect(source);
-    // Templates that render calls and tools themselves get them as data;
-    // others get them written out as the model's syntax.
-    let native_calls = source.contains("tool_calls");
-    let mut messages = request.template_messages(syntax, native_calls)?;
+    let template = ToolTemplate::of(source);
+    let syntax = template.syntax;
+    let turns = request.turns()?;
     let shown = tools.as_ref().filter(|t| t.choice != ToolChoice::None);
-    let mut template_tools = None;
-    if let Some(t) = shown {
-        if source.contains("tools") {
-            template_tools = Some(&t.listing);
-        } else {
-            let instructions = syntax.instructions(&t.listing);
-            match messages.first_mut() {
-                Some(first) if first["role"] == "system" => {
-                    let text = first["content"].as_str().unwrap_or("").to_owned();
-                    first["content"] = json!(format!("{text}\n\n{instructions}"));
-                }
-                _ => messages.insert(0, json!({"role": "system", "content": instructions})),
-            }
-        }
-    }
+    let (messages, template_tools) = template.messages(&turns, shown.map(|t| &t.listing));
     let special = |marker: &str| tokenizer.special_token_id(marker);
     let tool_grammar = shown.and_then(|t| t.grammar(syntax, &special));
     let constraint = match tool_grammar {
@@ -586,12 +568,10 @@ impl Reply {
     /// A splitter for this chat reply: its tools, and whether the prompt
     /// already opened a reasoning block.
     fn splitter(&self) -> ReplySplitter {
-        let thinking = self
-            .prepared
-            .rendered
-            .as_deref()
-            .is_some_and(|p| p.trim_end().ends_with("<think>"));
-        ReplySplitter::new(self.prepared.tools, thinking)
+        ReplySplitter::after(
+            self.prepared.rendered.as_deref().unwrap_or(""),
+            self.prepared.tools,
+        )
     }
 
     /// `calls` as OpenAI lists them (with `index` in a stream's deltas).

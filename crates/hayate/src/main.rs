@@ -1,5 +1,6 @@
 //! The `hayate` command line.
 
+mod agent;
 mod bench;
 mod chat;
 mod common;

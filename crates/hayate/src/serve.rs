@@ -59,12 +59,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .map_or("model".to_owned(), |n| n.to_string_lossy().into_owned());
     let api_key = args.api_key.filter(|k| !k.is_empty());
     if !args.host.is_loopback() && api_key.is_none() {
-        tracing::warn!(
-            "listening on {} without an API key: anyone who can reach this machine can use the model (set --api-key or HAYATE_API_KEY)",
-            args.host
-        );
         eprintln!(
-            "warning: listening on {} without an API key: anyone who can reach this machine can use the model",
+            "warning: listening on {} without an API key: anyone who can reach this machine can use the model (set --api-key or HAYATE_API_KEY)",
             args.host
         );
     }

@@ -4,7 +4,7 @@
 //! replies, so both give the same parts.
 
 use crate::stop::StopMatcher;
-use hayate_chat::tools::{ToolCall, ToolSyntax};
+use crate::tools::{ToolCall, ToolSyntax};
 
 const THINK_OPEN: &str = "<think>";
 const THINK_CLOSE: &str = "</think>";
@@ -55,6 +55,12 @@ impl ReplySplitter {
             }),
             held: None,
         }
+    }
+
+    /// A splitter for the reply to `prompt` (the rendered chat): a prompt
+    /// that ends by opening `<think>` starts the reply in its reasoning.
+    pub fn after(prompt: &str, tools: Option<ToolSyntax>) -> Self {
+        ReplySplitter::new(tools, prompt.trim_end().ends_with(THINK_OPEN))
     }
 
     /// Adds generated text; returns the parts it completes.
