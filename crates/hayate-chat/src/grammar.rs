@@ -300,6 +300,88 @@ mod tests {
     }
 
     #[test]
+    fn auto_grammars_leave_text_free_and_hold_a_started_call_to_the_schema() {
+        use crate::tools::{Tool, ToolSyntax};
+        let (json, tokenizer) = pystd();
+        let vocab = tokenizer.get_vocab_size(true);
+        let end = tokenizer.token_to_id("<|im_end|>").unwrap();
+        let compiler = GrammarCompiler::new(&json, vocab, &[end]).unwrap();
+        let tools = [Tool {
+            name: "add".into(),
+            parameters: serde_json::json!({
+                "type": "object",
+                "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["a"],
+                "additionalProperties": false,
+            }),
+        }];
+        let encode = |text: &str| tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+        let allows = |c: &mut Constraint, id: u32| {
+            let mut logits = vec![0.0; vocab];
+            c.mask(&mut logits).unwrap();
+            logits[id as usize].is_finite()
+        };
+        // In the pystd vocabulary the openers are text; `<|im_start|>`
+        // stands in for an opener that is one special token.
+        let im_start = tokenizer.token_to_id("<|im_start|>").unwrap();
+        let as_special =
+            |m: &str| (m == "<tool_call>" || m == "<|tool_call_start|>").then_some(im_start);
+        let no_special = |_: &str| None;
+        assert_eq!(
+            ToolSyntax::Llama3.auto_grammar(&tools, true, &no_special),
+            None
+        );
+        for syntax in [ToolSyntax::Hermes, ToolSyntax::Lfm2] {
+            let opener = if syntax == ToolSyntax::Hermes {
+                "<tool_call>"
+            } else {
+                "<|tool_call_start|>"
+            };
+            for special in [false, true] {
+                let marker: &dyn Fn(&str) -> Option<u32> =
+                    if special { &as_special } else { &no_special };
+                let grammar = syntax.auto_grammar(&tools, false, marker).unwrap();
+                let compile = || {
+                    compiler
+                        .lark(&grammar)
+                        .unwrap_or_else(|e| panic!("{}: {e}\n{grammar}", syntax.name()))
+                };
+                // Free text, with a `<` that opens no call, may end the reply.
+                let mut c = compile();
+                for id in encode("x = a < b\nprint(x)") {
+                    assert!(allows(&mut c, id), "{grammar}");
+                    c.commit(id).unwrap();
+                }
+                assert!(allows(&mut c, end));
+                // Once the opener is written the call must follow, valid.
+                for seed in 0..4 {
+                    let mut c = compile();
+                    let mut ids = encode("Let me add. ");
+                    if special {
+                        ids.push(im_start);
+                    } else {
+                        ids.extend(encode(opener));
+                    }
+                    for &id in &ids {
+                        c.commit(id).unwrap();
+                    }
+                    assert!(!allows(&mut c, end), "a started call cannot end the reply");
+                    ids.extend(draw(&mut c, vocab, end, seed));
+                    let text = tokenizer
+                        .decode(&ids, false)
+                        .unwrap()
+                        .replace("<|im_start|>", opener);
+                    let (rest, calls) = syntax.parse(&text);
+                    assert_eq!(rest, "Let me add.", "{text}");
+                    assert_eq!(calls.len(), 1, "{text}");
+                    let a = calls[0].arguments["a"].as_i64().unwrap();
+                    assert!((0..=9).contains(&a), "{text}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn schemas_and_grammars_that_cannot_compile_say_why() {
         let (json, tokenizer) = pystd();
         let vocab = tokenizer.get_vocab_size(true);

@@ -251,6 +251,47 @@ impl ToolSyntax {
         parallel: bool,
         special: &dyn Fn(&str) -> Option<u32>,
     ) -> String {
+        let (rules, _) = self.call_rules(tools, parallel, special);
+        format!("start: calls\n{rules}")
+    }
+
+    /// A Lark grammar for `tool_choice: auto`: free text, or text followed
+    /// by calls to `tools` that, once the model writes the call opener,
+    /// must be well formed with arguments valid under the tools' schemas.
+    /// `None` for Llama 3 JSON, whose calls have no opener to wait for.
+    pub fn auto_grammar(
+        self,
+        tools: &[Tool],
+        parallel: bool,
+        special: &dyn Fn(&str) -> Option<u32>,
+    ) -> Option<String> {
+        let opener = match self {
+            ToolSyntax::Hermes => "<tool_call>",
+            ToolSyntax::Lfm2 => LFM2_START,
+            ToolSyntax::Llama3 => return None,
+        };
+        let (rules, more) = self.call_rules(tools, parallel, special);
+        let free = "free: /(.|\\n)*/\n";
+        Some(match special(opener) {
+            // A special token cannot occur in text: the text ends where it is drawn.
+            Some(_) => format!("start: free | free calls\n{free}{rules}"),
+            // A text opener: the first occurrence of it starts the calls.
+            None => format!(
+                "start: free | head after{more}\n{free}head[lazy]: /(.|\\n)*{}/\n{rules}",
+                regex_escape(opener)
+            ),
+        })
+    }
+
+    /// The rules `calls` (every call), `call` (one call, opener included)
+    /// and `after` (a call after its opener) of this syntax's grammars,
+    /// and what follows a first call (more calls, when parallel).
+    fn call_rules(
+        self,
+        tools: &[Tool],
+        parallel: bool,
+        special: &dyn Fn(&str) -> Option<u32>,
+    ) -> (String, String) {
         let marker = |text: &str| match special(text) {
             Some(id) => format!("<[{id}]>"),
             None => lark_string(text),
@@ -280,18 +321,24 @@ impl ToolSyntax {
             }
         };
         match self {
-            ToolSyntax::Hermes => format!(
-                "start: call{more}\ncall: {open} \"\\n\" body \"\\n\" {close}\nbody: %json {schema}\n",
-                more = more("\n", "call"),
-                open = marker("<tool_call>"),
-                close = marker("</tool_call>"),
-                schema = call_schema("arguments"),
-            ),
-            ToolSyntax::Llama3 => format!(
-                "start: body{more}\nbody: %json {schema}\n",
-                more = more("; ", "body"),
-                schema = call_schema("parameters"),
-            ),
+            ToolSyntax::Hermes => {
+                let more = more("\n", "call");
+                let rules = format!(
+                    "calls: call{more}\ncall: {open} after\nafter: \"\\n\" body \"\\n\" {close}\nbody: %json {schema}\n",
+                    open = marker("<tool_call>"),
+                    close = marker("</tool_call>"),
+                    schema = call_schema("arguments"),
+                );
+                (rules, more)
+            }
+            ToolSyntax::Llama3 => {
+                let more = more("; ", "body");
+                let rules = format!(
+                    "calls: body{more}\nbody: %json {schema}\n",
+                    schema = call_schema("parameters"),
+                );
+                (rules, more)
+            }
             ToolSyntax::Lfm2 => {
                 let mut rules = String::new();
                 let mut names = Vec::new();
@@ -318,7 +365,7 @@ impl ToolSyntax {
                     }
                     let sep = format!(" {} ", lark_string(", "));
                     rules += &format!(
-                        "call{i}: {} {} {}\n",
+                        "fn{i}: {} {} {}\n",
                         lark_string(&format!("{}(", t.name)),
                         if args.is_empty() {
                             String::new()
@@ -327,15 +374,16 @@ impl ToolSyntax {
                         },
                         lark_string(")")
                     );
-                    names.push(format!("call{i}"));
+                    names.push(format!("fn{i}"));
                 }
-                format!(
-                    "start: {open} \"[\" call{more} \"]\" {close}\ncall: {}\n{rules}",
+                let rules = format!(
+                    "calls: call\ncall: {open} after\nafter: \"[\" fn{inner} \"]\" {close}\nfn: {}\n{rules}",
                     names.join(" | "),
                     open = marker(LFM2_START),
                     close = marker(LFM2_END),
-                    more = more(", ", "call"),
-                )
+                    inner = more(", ", "fn"),
+                );
+                (rules, String::new())
             }
         }
     }
@@ -483,6 +531,21 @@ fn split_top(text: &str, sep: char) -> Vec<&str> {
     }
     parts.push(&text[from..]);
     parts
+}
+
+/// `text` as a literal inside a Lark regex.
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            // In a class, so that no escape reads as an assertion (`\<`).
+            match c {
+                c if c.is_ascii_alphanumeric() || c == '_' || c == ' ' => c.to_string(),
+                '/' => "\\/".to_owned(),
+                '\\' | ']' | '[' | '^' | '-' => format!("[\\{c}]"),
+                c => format!("[{c}]"),
+            }
+        })
+        .collect()
 }
 
 /// `text` as a Lark string literal.

@@ -514,6 +514,20 @@ impl ToolRequest {
             }
         }
     }
+
+    /// Under `tool_choice: auto`, the grammar that leaves the reply free
+    /// until the model opens a call and then holds the call to the tools'
+    /// schemas (`None` otherwise, and for syntaxes without an opener).
+    pub fn auto_grammar(
+        &self,
+        syntax: ToolSyntax,
+        special: &dyn Fn(&str) -> Option<u32>,
+    ) -> Option<String> {
+        match self.choice {
+            ToolChoice::Auto => syntax.auto_grammar(&self.tools, self.parallel, special),
+            _ => None,
+        }
+    }
 }
 
 /// The constraint a request's `response_format` and `grammar` ask for:

@@ -300,11 +300,25 @@ async fn prepare_chat(state: &AppState, body: Body) -> Result<Prepared, ApiError
         }
         Some(grammar) => api::constraint(state.grammars.as_ref(), None, Some(&grammar))
             .map_err(|e| ApiError::invalid("tools", e.message))?,
-        None => api::constraint(
+        None => match api::constraint(
             state.grammars.as_ref(),
             request.response_format.as_ref(),
             request.grammar.as_deref(),
-        )?,
+        )? {
+            Some(c) => Some(c),
+            // A call the model starts on its own is held to the schemas too.
+            None => match (
+                state.grammars.as_ref(),
+                shown.and_then(|t| t.auto_grammar(syntax, &special)),
+            ) {
+                (Some(compiler), Some(grammar)) => Some(
+                    compiler
+                        .lark(&grammar)
+                        .map_err(|e| ApiError::invalid("tools", e))?,
+                ),
+                _ => None,
+            },
+        },
     };
     let options = RenderOptions {
         add_generation_prompt: true,

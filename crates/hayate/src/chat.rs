@@ -6,7 +6,7 @@
 use crate::agent::{CallResult, Source, Toolbox};
 use crate::common::{ModelArgs, SamplingArgs, stop_ids};
 use crate::speculation::{JsonStats, SpeculationArgs, stats_text};
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use hayate_chat::grammar::{Constraint, GrammarCompiler};
 use hayate_chat::reply::{Part, ReplySplitter};
@@ -80,8 +80,12 @@ struct Agent {
     toolbox: Toolbox,
     listing: Value,
     choice: Choice,
-    /// The grammar that forces a call, when `choice` asks for one.
-    forced: Option<(GrammarCompiler, String)>,
+    /// Grammars over the model's vocabulary (none when it has no usable tokenizer.json).
+    compiler: Option<GrammarCompiler>,
+    /// The grammar that forces a first call, when `choice` asks for one.
+    forced: Option<String>,
+    /// The grammar of later (or `auto`) replies: free text until a call opens.
+    auto: Option<String>,
     ask: bool,
     calls_made: usize,
 }
@@ -222,32 +226,58 @@ impl Agent {
         if toolbox.tools().is_empty() && choice != Choice::None {
             eprintln!("warning: the MCP servers and --tools offer no tools");
         }
+        // Calls are forced (`required`, a name) or, once the model opens
+        // one, held to the schemas (`auto`) by grammars over the vocabulary.
+        let compiler = match std::fs::read_to_string(args.model.model.join("tokenizer.json"))
+            .map_err(|e| e.to_string())
+            .and_then(|json| {
+                GrammarCompiler::new(&json, model.info.vocab, stops).map_err(|e| e.to_string())
+            }) {
+            Ok(compiler) => Some(compiler),
+            Err(e) if matches!(choice, Choice::Required | Choice::Named(_)) => {
+                bail!("cannot force tool calls: {e}")
+            }
+            Err(e) => {
+                eprintln!(
+                    "warning: tool calls are parsed but not checked against their schemas: {e}"
+                );
+                None
+            }
+        };
+        let tokenizer = TextTokenizer::load(&args.model.model)?;
+        let special = |marker: &str| tokenizer.special_token_id(marker);
+        let schemas = toolbox.schemas();
         let forced = match &choice {
-            Choice::Required | Choice::Named(_) => {
-                let json = std::fs::read_to_string(args.model.model.join("tokenizer.json"))
-                    .context("forcing a tool call needs the model's tokenizer.json")?;
-                let compiler = GrammarCompiler::new(&json, model.info.vocab, stops)
-                    .map_err(|e| anyhow::anyhow!("cannot force tool calls: {e}"))?;
-                let tokenizer = TextTokenizer::load(&args.model.model)?;
-                let special = |marker: &str| tokenizer.special_token_id(marker);
-                let mut tools = toolbox.schemas();
-                if let Choice::Named(name) = &choice {
-                    tools.retain(|t| &t.name == name);
-                }
-                let grammar = syntax.grammar(&tools, false, &special);
-                // Compiled once here so that a schema llguidance rejects fails now.
-                compiler
-                    .lark(&grammar)
-                    .map_err(|e| anyhow::anyhow!("cannot force tool calls: {e}"))?;
-                Some((compiler, grammar))
+            Choice::Required => Some(syntax.grammar(&schemas, false, &special)),
+            Choice::Named(name) => {
+                let one: Vec<_> = schemas
+                    .iter()
+                    .filter(|t| &t.name == name)
+                    .cloned()
+                    .collect();
+                Some(syntax.grammar(&one, false, &special))
             }
             Choice::None | Choice::Auto => None,
         };
+        let auto = match choice {
+            Choice::None => None,
+            _ => syntax.auto_grammar(&schemas, true, &special),
+        };
+        if let Some(compiler) = &compiler {
+            // Compiled once here, so that a schema llguidance rejects fails now.
+            for grammar in forced.iter().chain(&auto) {
+                compiler
+                    .lark(grammar)
+                    .map_err(|e| anyhow::anyhow!("the tools' schemas cannot be compiled: {e}"))?;
+            }
+        }
         Ok(Agent {
             listing: toolbox.listing(),
             toolbox,
             choice,
+            compiler,
             forced,
+            auto,
             ask: !args.yes,
             calls_made: 0,
         })
@@ -311,14 +341,19 @@ impl Session<'_> {
         }
         generator.set_prompt(&prompt)?;
         let syntax = offered.map(|_| self.template.syntax);
-        let mut constraint: Option<Constraint> = match offered.and_then(|a| a.forced.as_ref()) {
-            Some((compiler, grammar)) if first => Some(
-                compiler
-                    .lark(grammar)
-                    .map_err(|e| anyhow::anyhow!("cannot force a tool call: {e}"))?,
-            ),
-            _ => None,
-        };
+        let grammar = offered.and_then(|a| match (&a.forced, first) {
+            (Some(forced), true) => Some(forced),
+            _ => a.auto.as_ref(),
+        });
+        let mut constraint: Option<Constraint> =
+            match (offered.and_then(|a| a.compiler.as_ref()), grammar) {
+                (Some(compiler), Some(grammar)) => Some(
+                    compiler
+                        .lark(grammar)
+                        .map_err(|e| anyhow::anyhow!("cannot constrain a tool call: {e}"))?,
+                ),
+                _ => None,
+            };
         let mut splitter = ReplySplitter::after(&rendered, syntax);
         let mut stream = self.tokenizer.stream();
         let mut shown = Shown::default();
