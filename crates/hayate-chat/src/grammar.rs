@@ -39,6 +39,7 @@ impl TokenizerEnv for Vocabulary {
 pub struct GrammarCompiler {
     factory: Arc<ParserFactory>,
     vocab: usize,
+    ends: Arc<[u32]>,
 }
 
 impl GrammarCompiler {
@@ -75,6 +76,7 @@ impl GrammarCompiler {
         Ok(GrammarCompiler {
             factory: Arc::new(factory),
             vocab,
+            ends: end_ids.into(),
         })
     }
 
@@ -119,6 +121,7 @@ impl GrammarCompiler {
         Ok(Constraint {
             matcher,
             vocab: self.vocab,
+            ends: self.ends.clone(),
         })
     }
 }
@@ -127,6 +130,7 @@ impl GrammarCompiler {
 pub struct Constraint {
     matcher: Matcher,
     vocab: usize,
+    ends: Arc<[u32]>,
 }
 
 impl Constraint {
@@ -165,6 +169,20 @@ impl hayate_engine::TokenConstraint for Constraint {
 
     fn commit(&mut self, token: u32) -> std::result::Result<(), String> {
         self.matcher.consume_token(token).map_err(|e| e.to_string())
+    }
+
+    fn rollback(&mut self, tokens: usize) -> std::result::Result<(), String> {
+        self.matcher.rollback(tokens).map_err(|e| e.to_string())
+    }
+
+    fn is_end(&self, token: u32) -> bool {
+        self.ends.contains(&token)
+    }
+
+    fn valid_prefix(&mut self, tokens: &[u32]) -> std::result::Result<usize, String> {
+        self.matcher
+            .validate_tokens(tokens)
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -69,7 +69,9 @@ impl GenerationStats {
 pub struct Rules<'r, 's> {
     /// Speculative decoding (the same tokens in fewer passes).
     pub speculation: Option<&'r mut Speculation<'s>>,
-    /// Tokens allowed at each step (a grammar); not with speculation yet.
+    /// Tokens allowed at each step (a grammar). With speculation, every
+    /// token is still drawn from the model's masked logits (the output is
+    /// the same), and drafts are masked too.
     pub constraint: Option<&'r mut dyn TokenConstraint>,
     /// Most tokens to generate.
     pub max_tokens: usize,
@@ -174,12 +176,6 @@ impl<'m> Generator<'m> {
             max_tokens,
             stop_ids,
         } = rules;
-        if constraint.is_some() && speculation.is_some() {
-            return Err(EngineError::Constraint(
-                "speculative decoding under a constraint is not supported yet".into(),
-            )
-            .into());
-        }
         let start = Instant::now();
         let pending = self.tokens.len() - self.state.len();
         if pending == 0 {
@@ -194,8 +190,11 @@ impl<'m> Generator<'m> {
             }
             .into());
         }
-        // Trees where the model can branch and the speculation asks for them.
-        let branch = self.model.can_branch() && speculation.as_ref().is_some_and(|s| s.width() > 1);
+        // Trees where the model can branch and the speculation asks for them
+        // (chains under a constraint, whose drafts are masked one path).
+        let branch = self.model.can_branch()
+            && constraint.is_none()
+            && speculation.as_ref().is_some_and(|s| s.width() > 1);
         let max_depth = speculation.as_ref().map_or(0, |s| s.length().max());
         if let Some(r) = self.state.max_rollback()
             && r < max_depth
@@ -309,7 +308,15 @@ impl<'m> Generator<'m> {
             let room = self.state.capacity() - self.tokens.len();
             let budget = (max_tokens - stats.generated).saturating_sub(1);
             let k = s.next_length(room.min(budget));
-            s.propose(&self.tokens, (k, room.min(max_nodes)), branch, &mut drafts)?;
+            s.propose(
+                &self.tokens,
+                (k, room.min(max_nodes)),
+                branch,
+                constraint
+                    .as_deref_mut()
+                    .map(|c| c as &mut dyn TokenConstraint),
+                &mut drafts,
+            )?;
             pass.clear();
             pass.push(token);
             pass.extend_from_slice(&drafts.tokens);

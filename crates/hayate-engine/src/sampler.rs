@@ -89,6 +89,14 @@ pub trait TokenConstraint {
     fn mask(&mut self, logits: &mut [f32]) -> Result<(), String>;
     /// Advances past `token`, which the mask allowed.
     fn commit(&mut self, token: u32) -> Result<(), String>;
+    /// Undoes the last `tokens` commits: a draft looks ahead under the
+    /// constraint, then steps back.
+    fn rollback(&mut self, tokens: usize) -> Result<(), String>;
+    /// How many of `tokens`, in order from here, the constraint allows
+    /// (nothing is committed).
+    fn valid_prefix(&mut self, tokens: &[u32]) -> Result<usize, String>;
+    /// Whether `token` ends the reply (it is never committed).
+    fn is_end(&self, token: u32) -> bool;
 }
 
 /// Picks tokens from logits; keeps its buffers between calls so decoding does not allocate.

@@ -5,7 +5,7 @@
 use super::{Coupling, DraftTree, Speculator};
 use crate::forward::Logits;
 use crate::model::{Model, StateOptions};
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::{Sampler, SamplingParams, TokenConstraint};
 use crate::state::InferenceState;
 use crate::{EngineError, Result};
 
@@ -108,6 +108,7 @@ impl DraftModel<'_> {
         max: usize,
         width: usize,
         (tokens, mut parents): (&mut Vec<u32>, Option<&mut Vec<usize>>),
+        mut constraint: Option<&mut dyn TokenConstraint>,
     ) -> Result<()> {
         if sequence.is_empty() {
             return Ok(());
@@ -130,13 +131,33 @@ impl DraftModel<'_> {
         let best = &mut best[..width];
         // The pass index of the chain's last token.
         let mut parent = 0;
+        // Tokens committed to the constraint, stepped back at the end.
+        let mut committed = 0;
         for i in 0..max {
             let position = self.history.len();
+            if let Some(c) = constraint.as_deref_mut() {
+                // The draft draws from masked logits as the model will.
+                c.mask(&mut self.logits).map_err(EngineError::Constraint)?;
+                if !self.logits.iter().any(|l| *l > f32::NEG_INFINITY) {
+                    break;
+                }
+            }
             let found = self
                 .sampler
                 .sample_ranked(&mut self.logits, position, &self.history, best);
             let token = best[0].1;
             tokens.push(token);
+            if let Some(c) = constraint.as_deref_mut() {
+                if c.is_end(token) {
+                    // Nothing follows the end of the reply.
+                    break;
+                }
+                if let Err(e) = c.commit(token) {
+                    c.rollback(committed).map_err(EngineError::Constraint)?;
+                    return Err(EngineError::Constraint(e));
+                }
+                committed += 1;
+            }
             if let Some(parents) = parents.as_deref_mut() {
                 parents.push(parent);
                 parent = tokens.len();
@@ -156,6 +177,9 @@ impl DraftModel<'_> {
                 self.fed.push(token);
             }
         }
+        if let Some(c) = constraint {
+            c.rollback(committed).map_err(EngineError::Constraint)?;
+        }
         Ok(())
     }
 }
@@ -170,7 +194,17 @@ impl Speculator for DraftModel<'_> {
     }
 
     fn propose(&mut self, sequence: &[u32], max: usize, out: &mut Vec<u32>) -> Result<()> {
-        self.draft(sequence, max, 1, (out, None))
+        self.draft(sequence, max, 1, (out, None), None)
+    }
+
+    fn propose_constrained(
+        &mut self,
+        sequence: &[u32],
+        max: usize,
+        constraint: &mut dyn TokenConstraint,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        self.draft(sequence, max, 1, (out, None), Some(constraint))
     }
 
     fn propose_tree(
@@ -185,6 +219,7 @@ impl Speculator for DraftModel<'_> {
             max,
             width,
             (&mut out.tokens, Some(&mut out.parents)),
+            None,
         )
     }
 }

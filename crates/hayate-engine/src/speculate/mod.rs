@@ -31,7 +31,8 @@ pub use draft::{BRANCH_MARGIN, DraftModel, MAX_WIDTH};
 pub use ngram::PromptLookup;
 pub use suffix::SuffixSpeculator;
 
-use crate::Result;
+use crate::sampler::TokenConstraint;
+use crate::{EngineError, Result};
 use std::time::Duration;
 
 /// How a draft model's samples relate to the model's.
@@ -84,6 +85,21 @@ pub trait Speculator {
         self.propose(sequence, max, &mut out.tokens)?;
         out.parents.extend(0..out.tokens.len());
         Ok(())
+    }
+
+    /// Like [`propose`](Self::propose), under a constraint on the output
+    /// (a grammar): the tokens should be ones `constraint` allows in turn,
+    /// and `constraint` must be left as it was. Speculators that cannot
+    /// consult it propose as usual (the default); either way a draft is cut
+    /// at its first token the constraint rejects before it is verified.
+    fn propose_constrained(
+        &mut self,
+        sequence: &[u32],
+        max: usize,
+        _constraint: &mut dyn TokenConstraint,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        self.propose(sequence, max, out)
     }
 
     /// Called once each verification is settled: `sequence` now ends with
@@ -409,12 +425,13 @@ impl<'a> Speculation<'a> {
 
     /// Asks the speculator for up to `depth` tokens after `sequence`: a
     /// tree of at most `max_nodes` when `branch` (and the width allows),
-    /// else a chain.
+    /// else a chain; under a `constraint`, a chain of tokens it allows.
     pub(crate) fn propose(
         &mut self,
         sequence: &[u32],
         (depth, max_nodes): (usize, usize),
         branch: bool,
+        constraint: Option<&mut dyn TokenConstraint>,
         out: &mut DraftTree,
     ) -> Result<()> {
         out.clear();
@@ -423,7 +440,17 @@ impl<'a> Speculation<'a> {
             return Ok(());
         }
         let start = std::time::Instant::now();
-        if branch && self.width > 1 {
+        if let Some(c) = constraint {
+            self.speculator
+                .propose_constrained(sequence, depth, c, &mut out.tokens)?;
+            out.tokens.truncate(depth);
+            // Tokens the constraint rejects could never be accepted.
+            let valid = c
+                .valid_prefix(&out.tokens)
+                .map_err(EngineError::Constraint)?;
+            out.tokens.truncate(valid);
+            out.parents.extend(0..out.tokens.len());
+        } else if branch && self.width > 1 {
             self.speculator
                 .propose_tree(sequence, depth, self.width, out)?;
             out.truncate(max_nodes);
