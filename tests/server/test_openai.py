@@ -21,6 +21,7 @@ import openai
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT.parent / "shared" / "models" / "pystd-qwen3-7m"
+DRAFT = ROOT.parent / "shared" / "models" / "pystd-qwen3-1m"
 BINARY = os.environ.get("HAYATE_BIN", str(ROOT / "target" / "release" / "hayate"))
 PROMPT = [{"role": "user", "content": "Write a function that parses a config file."}]
 
@@ -631,6 +632,56 @@ class Tools(unittest.TestCase):
             # tool_choice none hides the tools.
             status, _, hidden = server.raw("POST", "/apply-template", {"messages": ask, "tools": TOOLS, "tool_choice": "none"})
             self.assertNotIn("get_weather", hidden["prompt"])
+
+
+def without_ids(message):
+    """`message` with its tool calls' ids (fresh per reply) left out."""
+    calls = [{k: v for k, v in c.items() if k != "id"} for c in message.get("tool_calls") or []]
+    return {**message, "tool_calls": calls}
+
+
+class Speculation(unittest.TestCase):
+    """Speculative decoding in the server gives the replies of plain decoding,
+    with and without a grammar, and reports what it drafted."""
+
+    REQUESTS = [
+        *({"messages": PROMPT, "max_tokens": 60, "seed": 3, "temperature": t} for t in (0.0, 0.8, 1.2)),
+        {"messages": PROMPT, "max_tokens": 80, "seed": 4, "temperature": 0.9,
+         "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[1]}}},
+        {"messages": PROMPT, "max_tokens": 120, "seed": 5, "tools": TOOLS, "tool_choice": "required"},
+        {"messages": PROMPT, "max_tokens": 30, "seed": 6, "logprobs": True, "top_logprobs": 2},
+    ]
+
+    def replies(self, *extra):
+        server = Server(*extra)
+        try:
+            out = []
+            for request in self.REQUESTS:
+                status, _, body = server.raw("POST", "/v1/chat/completions", {"model": "m", **request})
+                self.assertEqual(status, 200, body)
+                out.append(body)
+            return out
+        finally:
+            server.stop()
+
+    def test_speculative_replies_equal_plain_ones(self):
+        plain = self.replies("--speculate", "none")
+        # A fixed draft length, so that every reply drafts (the adaptive one
+        # may stop drafting after poor acceptance).
+        for extra in (("--draft", str(DRAFT), "--draft-tokens", "3"), ("--speculate", "suffix"), ("--speculate", "ngram")):
+            for request, base, spec in zip(self.REQUESTS, plain, self.replies(*extra)):
+                what = f"{extra} {request}"
+                self.assertEqual(without_ids(spec["choices"][0]["message"]), without_ids(base["choices"][0]["message"]), what)
+                self.assertEqual(spec["usage"]["completion_tokens"], base["usage"]["completion_tokens"], what)
+                self.assertNotIn("draft_n", base["timings"])
+                if extra[0] == "--draft":
+                    self.assertGreater(spec["timings"]["draft_n_accepted"], 0, what)
+                    self.assertLessEqual(spec["timings"]["draft_n_accepted"], spec["timings"]["draft_n"])
+                if "logprobs" in request:
+                    got = [(e["token"], round(e["logprob"], 4)) for e in spec["choices"][0]["logprobs"]["content"]]
+                    want = [(e["token"], round(e["logprob"], 4)) for e in base["choices"][0]["logprobs"]["content"]]
+                    self.assertEqual(got, want, what)
+        jsonschema.validate(json.loads(plain[3]["choices"][0]["message"]["content"]), SCHEMAS[1])
 
 
 class Limits(unittest.TestCase):

@@ -2,10 +2,13 @@
 //! from a bounded queue one at a time, and streams each reply back as
 //! events. The generator keeps its state between requests, so a request
 //! that repeats the previous one's conversation prefills only what is new.
+//! With speculative decoding, one speculation serves every request (a
+//! draft model keeps its own cache, the suffix speculator its counts).
 
 use hayate_chat::TextTokenizer;
 use hayate_chat::grammar::Constraint;
 use hayate_chat::stop::StopMatcher;
+use hayate_engine::speculate::Speculation;
 use hayate_engine::{
     Generator, Model, Rules, Sampler, SamplingParams, StateOptions, StopReason, TokenConstraint,
 };
@@ -103,20 +106,27 @@ pub struct Timings {
     pub predicted_n: usize,
     /// Milliseconds to decode them.
     pub predicted_ms: f64,
+    /// Tokens drafted and accepted, with speculative decoding.
+    pub draft: Option<(usize, usize)>,
 }
 
 impl Timings {
     /// The JSON object, with rates per second.
     pub fn json(&self) -> serde_json::Value {
         let rate = |n: usize, ms: f64| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
-        serde_json::json!({
+        let mut timings = serde_json::json!({
             "prompt_n": self.prompt_n,
             "prompt_ms": self.prompt_ms,
             "prompt_per_second": rate(self.prompt_n, self.prompt_ms),
             "predicted_n": self.predicted_n,
             "predicted_ms": self.predicted_ms,
             "predicted_per_second": rate(self.predicted_n, self.predicted_ms),
-        })
+        });
+        if let Some((drafted, accepted)) = self.draft {
+            timings["draft_n"] = drafted.into();
+            timings["draft_n_accepted"] = accepted.into();
+        }
+        timings
     }
 }
 
@@ -161,19 +171,30 @@ impl EngineHandle {
     }
 }
 
+/// Makes the engine's speculation, on its thread, from the model and the
+/// draft model: for every request (each sets its own sampling).
+pub type MakeSpeculation =
+    Box<dyn for<'m> FnOnce(&'m Model, Option<&'m Model>) -> Result<Speculation<'m>, String> + Send>;
+
+/// Speculative decoding for the engine.
+pub struct SpeculationSetup {
+    /// The draft model, when the speculator is one.
+    pub draft: Option<Model>,
+    /// Makes the speculation.
+    pub make: MakeSpeculation,
+}
+
 /// Starts the engine thread over `model`; `queue` jobs may wait at once.
+/// Fails when the state for `options` cannot be made (a context the
+/// machine cannot hold) or the speculation cannot.
 pub fn start(
     model: Model,
     tokenizer: Arc<TextTokenizer>,
     options: StateOptions,
     stop_ids: Vec<u32>,
     queue: usize,
+    speculation: Option<SpeculationSetup>,
 ) -> std::io::Result<EngineHandle> {
-    // The state is made here so that a context the machine cannot hold is
-    // an error at start, not on the first request.
-    let probe = Generator::new(&model, &options).map_err(std::io::Error::other)?;
-    let capacity = probe.state.capacity();
-    drop(probe);
     let (send, receive) = std::sync::mpsc::sync_channel(queue);
     let pending = Arc::new(AtomicUsize::new(0));
     let generated = Arc::new(AtomicU64::new(0));
@@ -181,19 +202,54 @@ pub fn start(
         pending: pending.clone(),
         generated: generated.clone(),
     };
-    let handle = EngineHandle {
+    let vocab = model.info.vocab;
+    let thread_tokenizer = tokenizer.clone();
+    let thread_stops = stop_ids.clone();
+    // The thread makes its state and says how large it is, or why it cannot.
+    let (ready, started) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("hayate-engine".into())
+        .spawn(move || {
+            let mut generator = match Generator::new(&model, &options) {
+                Ok(g) => g,
+                Err(e) => {
+                    let _ = ready.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let (draft, make) = match speculation {
+                Some(s) => (s.draft, Some(s.make)),
+                None => (None, None),
+            };
+            let mut speculation = match make.map(|make| make(&model, draft.as_ref())) {
+                Some(Err(e)) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+                Some(Ok(s)) => Some(s),
+                None => None,
+            };
+            let _ = ready.send(Ok(generator.state.capacity()));
+            let engine = Engine {
+                model: &model,
+                tokenizer: &thread_tokenizer,
+                stop_ids: &thread_stops,
+            };
+            engine.serve(&mut generator, speculation.as_mut(), receive, &counters);
+        })?;
+    let capacity = started
+        .recv()
+        .map_err(|_| std::io::Error::other("the engine thread ended at start"))?
+        .map_err(std::io::Error::other)?;
+    Ok(EngineHandle {
         queue: send,
         pending,
         generated,
         capacity,
-        vocab: model.info.vocab,
-        tokenizer: tokenizer.clone(),
-        stop_ids: stop_ids.clone(),
-    };
-    std::thread::Builder::new()
-        .name("hayate-engine".into())
-        .spawn(move || serve_jobs(&model, &tokenizer, &options, &stop_ids, receive, &counters))?;
-    Ok(handle)
+        vocab,
+        tokenizer,
+        stop_ids,
+    })
 }
 
 /// What the engine thread counts for the HTTP side.
@@ -202,39 +258,38 @@ struct Counters {
     generated: Arc<AtomicU64>,
 }
 
-/// The engine thread's loop: one job at a time until the queue closes.
-fn serve_jobs(
-    model: &Model,
-    tokenizer: &TextTokenizer,
-    options: &StateOptions,
-    stop_ids: &[u32],
-    jobs: Receiver<Job>,
-    counters: &Counters,
-) {
-    let mut generator = match Generator::new(model, options) {
-        Ok(g) => g,
-        Err(e) => {
-            tracing::error!("the engine cannot make its state: {e}");
-            return;
-        }
-    };
-    for job in jobs {
-        // A client that left while its job waited costs nothing.
-        if !job.events.is_closed() {
-            let events = job.events.clone();
-            if let Err(e) = run_job(
-                model,
-                tokenizer,
-                &mut generator,
-                stop_ids,
-                job,
-                &counters.generated,
-            ) {
-                tracing::error!("request failed: {e}");
-                let _ = events.send(Event::Failed(e));
+/// What every job of the engine thread shares.
+struct Engine<'a> {
+    model: &'a Model,
+    tokenizer: &'a TextTokenizer,
+    stop_ids: &'a [u32],
+}
+
+impl Engine<'_> {
+    /// One job at a time until the queue closes.
+    fn serve(
+        &self,
+        generator: &mut Generator<'_>,
+        mut speculation: Option<&mut Speculation<'_>>,
+        jobs: Receiver<Job>,
+        counters: &Counters,
+    ) {
+        for job in jobs {
+            // A client that left while its job waited costs nothing.
+            if !job.events.is_closed() {
+                let events = job.events.clone();
+                if let Err(e) = self.run_job(
+                    generator,
+                    speculation.as_deref_mut(),
+                    job,
+                    &counters.generated,
+                ) {
+                    tracing::error!("request failed: {e}");
+                    let _ = events.send(Event::Failed(e));
+                }
             }
+            counters.pending.fetch_sub(1, Ordering::SeqCst);
         }
-        counters.pending.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -248,93 +303,101 @@ impl From<hayate_engine::EngineError> for JobError {
     }
 }
 
-/// Generates one reply, sending its text as it comes.
-fn run_job(
-    model: &Model,
-    tokenizer: &TextTokenizer,
-    generator: &mut Generator<'_>,
-    stop_ids: &[u32],
-    job: Job,
-    generated: &AtomicU64,
-) -> Result<(), String> {
-    // The generator says how much of the prompt its state still holds.
-    let cached = generator
-        .set_prompt(&job.prompt)
-        .map_err(|e| e.to_string())?;
-    let mut sampler = Sampler::new(job.params, model.info.vocab);
-    let mut stream = tokenizer.stream();
-    let mut matcher = StopMatcher::new(job.stops);
-    let mut waiting: Vec<TokenLogprob> = Vec::new();
-    let mut stopped_by_string = false;
-    let mut client_gone = false;
-    let events = &job.events;
-    let mut constraint = job.constraint;
-    let rules = Rules {
-        speculation: None,
-        constraint: constraint.as_mut().map(|c| c as &mut dyn TokenConstraint),
-        max_tokens: job.max_tokens,
-        stop_ids,
-    };
-    let stats = generator
-        .generate_observed(
-            &mut sampler,
-            rules,
-            |token, logits| -> Result<bool, JobError> {
-                generated.fetch_add(1, Ordering::Relaxed);
-                if let Some(top) = job.logprobs {
-                    waiting.push(token_logprob(tokenizer, token, logits, top).map_err(JobError)?);
-                }
-                let Some(piece) = stream.push(token).map_err(|e| JobError(e.to_string()))? else {
-                    return Ok(true);
-                };
-                let (text, stop) = matcher.push(&piece);
-                let stopped = stop.is_some();
-                if !text.is_empty() || stopped {
-                    let logprobs = std::mem::take(&mut waiting);
-                    if events.send(Event::Text { text, logprobs }).is_err() {
-                        client_gone = true;
-                        return Ok(false);
+impl Engine<'_> {
+    /// Generates one reply, sending its text as it comes.
+    fn run_job(
+        &self,
+        generator: &mut Generator<'_>,
+        mut speculation: Option<&mut Speculation<'_>>,
+        job: Job,
+        generated: &AtomicU64,
+    ) -> Result<(), String> {
+        let (model, tokenizer, stop_ids) = (self.model, self.tokenizer, self.stop_ids);
+        // The generator says how much of the prompt its state still holds.
+        let cached = generator
+            .set_prompt(&job.prompt)
+            .map_err(|e| e.to_string())?;
+        let mut sampler = Sampler::new(job.params, model.info.vocab);
+        let mut stream = tokenizer.stream();
+        let mut matcher = StopMatcher::new(job.stops);
+        let mut waiting: Vec<TokenLogprob> = Vec::new();
+        let mut stopped_by_string = false;
+        let mut client_gone = false;
+        let events = &job.events;
+        let mut constraint = job.constraint;
+        if let Some(s) = speculation.as_deref_mut() {
+            s.set_params(&sampler.params);
+        }
+        let rules = Rules {
+            speculation,
+            constraint: constraint.as_mut().map(|c| c as &mut dyn TokenConstraint),
+            max_tokens: job.max_tokens,
+            stop_ids,
+        };
+        let stats = generator
+            .generate_observed(
+                &mut sampler,
+                rules,
+                |token, logits| -> Result<bool, JobError> {
+                    generated.fetch_add(1, Ordering::Relaxed);
+                    if let Some(top) = job.logprobs {
+                        waiting
+                            .push(token_logprob(tokenizer, token, logits, top).map_err(JobError)?);
                     }
-                }
-                stopped_by_string = stopped;
-                Ok(!stopped)
+                    let Some(piece) = stream.push(token).map_err(|e| JobError(e.to_string()))?
+                    else {
+                        return Ok(true);
+                    };
+                    let (text, stop) = matcher.push(&piece);
+                    let stopped = stop.is_some();
+                    if !text.is_empty() || stopped {
+                        let logprobs = std::mem::take(&mut waiting);
+                        if events.send(Event::Text { text, logprobs }).is_err() {
+                            client_gone = true;
+                            return Ok(false);
+                        }
+                    }
+                    stopped_by_string = stopped;
+                    Ok(!stopped)
+                },
+            )
+            .map_err(|e| e.0)?;
+        if client_gone {
+            return Ok(());
+        }
+        if !stopped_by_string {
+            let rest = stream.finish().map_err(|e| e.to_string())?;
+            let (mut text, stop) = matcher.push(rest.as_deref().unwrap_or(""));
+            let stopped = stop.is_some();
+            stopped_by_string = stopped;
+            if !stopped {
+                text += &matcher.finish();
+            }
+            if !text.is_empty() || !waiting.is_empty() {
+                let logprobs = std::mem::take(&mut waiting);
+                let _ = events.send(Event::Text { text, logprobs });
+            }
+        }
+        let finish = match stats.stop {
+            _ if stopped_by_string => Finish::Stop,
+            StopReason::Stop | StopReason::Cancelled => Finish::Stop,
+            StopReason::MaxTokens | StopReason::ContextFull => Finish::Length,
+        };
+        let _ = events.send(Event::Done {
+            finish,
+            prompt_tokens: job.prompt.len(),
+            completion_tokens: stats.generated,
+            cached_tokens: cached,
+            timings: Timings {
+                prompt_n: stats.prompt_tokens,
+                prompt_ms: stats.prefill_time.as_secs_f64() * 1e3,
+                predicted_n: stats.generated.saturating_sub(1),
+                predicted_ms: stats.decode_time.as_secs_f64() * 1e3,
+                draft: stats.speculation.as_ref().map(|s| (s.drafted, s.accepted)),
             },
-        )
-        .map_err(|e| e.0)?;
-    if client_gone {
-        return Ok(());
+        });
+        Ok(())
     }
-    if !stopped_by_string {
-        let rest = stream.finish().map_err(|e| e.to_string())?;
-        let (mut text, stop) = matcher.push(rest.as_deref().unwrap_or(""));
-        let stopped = stop.is_some();
-        stopped_by_string = stopped;
-        if !stopped {
-            text += &matcher.finish();
-        }
-        if !text.is_empty() || !waiting.is_empty() {
-            let logprobs = std::mem::take(&mut waiting);
-            let _ = events.send(Event::Text { text, logprobs });
-        }
-    }
-    let finish = match stats.stop {
-        _ if stopped_by_string => Finish::Stop,
-        StopReason::Stop | StopReason::Cancelled => Finish::Stop,
-        StopReason::MaxTokens | StopReason::ContextFull => Finish::Length,
-    };
-    let _ = events.send(Event::Done {
-        finish,
-        prompt_tokens: job.prompt.len(),
-        completion_tokens: stats.generated,
-        cached_tokens: cached,
-        timings: Timings {
-            prompt_n: stats.prompt_tokens,
-            prompt_ms: stats.prefill_time.as_secs_f64() * 1e3,
-            predicted_n: stats.generated.saturating_sub(1),
-            predicted_ms: stats.decode_time.as_secs_f64() * 1e3,
-        },
-    });
-    Ok(())
 }
 
 /// The log-probability of `token` under `logits` (softmax at temperature

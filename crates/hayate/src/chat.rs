@@ -359,12 +359,7 @@ impl Session<'_> {
         let mut shown = Shown::default();
         let name = speculation.as_ref().map(|s| s.name());
         let rules = Rules {
-            // Exact speculation under a grammar is not built yet.
-            speculation: if constraint.is_some() {
-                None
-            } else {
-                speculation
-            },
+            speculation,
             constraint: constraint.as_mut().map(|c| c as &mut dyn TokenConstraint),
             max_tokens: self.args.max_tokens,
             stop_ids: self.stops,

@@ -1,11 +1,13 @@
 //! `hayate serve`: the OpenAI-compatible server (see `hayate-server`).
 
 use crate::common::{ModelArgs, SamplingArgs, stop_ids};
+use crate::speculation::{SpeculateArg, SpeculationArgs};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use hayate_chat::TextTokenizer;
 use hayate_chat::grammar::GrammarCompiler;
 use hayate_engine::KvFormat;
+use hayate_server::engine::SpeculationSetup;
 use hayate_server::{DEFAULT_MAX_BODY_BYTES, ServerConfig};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -38,6 +40,9 @@ pub struct ServeArgs {
     /// Defaults for requests that leave sampling fields out.
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// Speculative decoding for every request (the replies are the same).
+    #[command(flatten)]
+    speculation: SpeculationArgs,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -49,9 +54,28 @@ pub fn run(args: ServeArgs) -> Result<()> {
         TextTokenizer::load(&args.model.model).context("the server needs the model's tokenizer")?;
     let defaults = args.sampling.resolve(&model)?;
     let stops = stop_ids(&model, Some(&tokenizer));
-    let options = args
-        .model
-        .state_options(args.model.ctx_size, KvFormat::Bf16);
+    let options = args.speculation.state_options(
+        &model,
+        args.model
+            .state_options(args.model.ctx_size, KvFormat::Bf16),
+    )?;
+    let draft = args.speculation.load_draft(&args.model, Some(&tokenizer))?;
+    let speculation = match args.speculation.kind()? {
+        SpeculateArg::None => None,
+        _ => {
+            let (speculate, params, state) =
+                (args.speculation.clone(), defaults.clone(), options.clone());
+            Some(SpeculationSetup {
+                draft,
+                make: Box::new(move |model, draft| {
+                    speculate
+                        .build(model, draft, &params, &state)
+                        .map_err(|e| format!("{e:#}"))?
+                        .ok_or_else(|| "no speculator".to_owned())
+                }),
+            })
+        }
+    };
     let model_id = args
         .model
         .model
@@ -75,9 +99,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
             None
         }
     };
-    let engine =
-        hayate_server::engine::start(model, Arc::new(tokenizer), options, stops, args.queue)
-            .context("cannot start the engine")?;
+    let engine = hayate_server::engine::start(
+        model,
+        Arc::new(tokenizer),
+        options,
+        stops,
+        args.queue,
+        speculation,
+    )
+    .context("cannot start the engine")?;
     let capacity = engine.capacity;
     let config = ServerConfig {
         model_id: model_id.clone(),

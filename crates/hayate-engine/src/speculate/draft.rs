@@ -20,6 +20,7 @@ pub struct DraftModel<'m> {
     vocab: usize,
     logits: Vec<f32>,
     history: Vec<u32>,
+    coupling: Coupling,
 }
 
 impl<'m> DraftModel<'m> {
@@ -57,6 +58,7 @@ impl<'m> DraftModel<'m> {
             sampler: Sampler::new(params, vocab),
             vocab,
             logits: vec![0.0; vocab],
+            coupling,
         })
     }
 
@@ -187,6 +189,13 @@ impl DraftModel<'_> {
 impl Speculator for DraftModel<'_> {
     fn name(&self) -> &'static str {
         "draft"
+    }
+
+    fn set_params(&mut self, params: &SamplingParams) {
+        self.sampler.params = SamplingParams {
+            seed: self.coupling.draft_seed(params.seed),
+            ..params.clone()
+        };
     }
 
     fn begin_output(&mut self, start: usize) {

@@ -31,7 +31,7 @@ pub use draft::{BRANCH_MARGIN, DraftModel, MAX_WIDTH};
 pub use ngram::PromptLookup;
 pub use suffix::SuffixSpeculator;
 
-use crate::sampler::TokenConstraint;
+use crate::sampler::{SamplingParams, TokenConstraint};
 use crate::{EngineError, Result};
 use std::time::Duration;
 
@@ -106,6 +106,12 @@ pub trait Speculator {
     /// the first `accepted` of the `drafted` tokens (the model's own next
     /// token follows, unless it ends generation).
     fn observe(&mut self, _sequence: &[u32], _drafted: usize, _accepted: usize) {}
+
+    /// Called before a generation that samples with `params`, which may
+    /// differ from the last one's (a server's requests): a speculator that
+    /// samples as the model does takes them up (a draft model, under its
+    /// coupling's noise). Others ignore them (the default).
+    fn set_params(&mut self, _params: &SamplingParams) {}
 
     /// Called as a generation starts: its output begins at index `start`
     /// of the sequences that follow (a draft's sampler counts presence and
@@ -351,6 +357,12 @@ impl<'a> Speculation<'a> {
     /// The speculator's name.
     pub fn name(&self) -> &'static str {
         self.speculator.name()
+    }
+
+    /// Speculates for generations that sample with `params` from now on
+    /// (what was learnt of acceptance and costs carries over).
+    pub fn set_params(&mut self, params: &SamplingParams) {
+        self.speculator.set_params(params);
     }
 
     /// The draft length setting.
