@@ -6,6 +6,7 @@ Run by tests/server/run.sh, which installs the pinned requirements.
 """
 
 import http.client
+import itertools
 import json
 import os
 import re
@@ -71,12 +72,24 @@ List of tools: <|tool_list_start|>{{ tools | tojson }}<|tool_list_end|><|im_end|
 {% endif -%}"""
 
 
-def lfm2_model(directory):
-    """pystd-qwen3-7m with the LFM2-style template, in `directory`."""
+# A chat template in Llama 3.x's JSON tool syntax: results come back as
+# `ipython` turns, calls are `{"name": ..., "parameters": ...}`.
+LLAMA3_TEMPLATE = """{%- for message in messages -%}
+<|im_start|>{% if message['role'] == 'tool' %}ipython{% else %}{{ message['role'] }}{% endif %}
+{% if tools and loop.first %}Reply with a JSON object {"name": function name, "parameters": its arguments} to call one of: {{ tools | tojson }}
+{% endif %}{% for tc in message.tool_calls or [] %}{"name": "{{ tc.function.name }}", "parameters": {{ tc.function.arguments | tojson }}}{% endfor %}{{ message['content'] }}<|im_end|>
+{% endfor -%}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif -%}"""
+
+
+def templated_model(directory, template):
+    """pystd-qwen3-7m with another chat template, in `directory`."""
+    directory.mkdir()
     for entry in MODEL.iterdir():
         if entry.name != "chat_template.jinja":
             (directory / entry.name).symlink_to(entry)
-    (directory / "chat_template.jinja").write_text(LFM2_TEMPLATE)
+    (directory / "chat_template.jinja").write_text(template)
     return directory
 
 
@@ -546,14 +559,20 @@ def check_calls(test, calls, allowed):
 class Tools(unittest.TestCase):
     """Tool calls on the ChatML model (Hermes syntax, taught by a system
     prompt since its template knows no tools) and on the same weights with
-    an LFM2-style template (its own syntax, rendered by the template)."""
+    an LFM2-style and a Llama 3-style template (their own syntaxes, rendered
+    by the templates)."""
 
     @classmethod
     def setUpClass(cls):
         import tempfile
 
         cls.tmp = tempfile.TemporaryDirectory()
-        cls.servers = {"hermes": Server(), "lfm2": Server(model=lfm2_model(Path(cls.tmp.name)))}
+        tmp = Path(cls.tmp.name)
+        cls.servers = {
+            "hermes": Server(),
+            "lfm2": Server(model=templated_model(tmp / "lfm2", LFM2_TEMPLATE)),
+            "llama3-json": Server(model=templated_model(tmp / "llama3", LLAMA3_TEMPLATE)),
+        }
 
     @classmethod
     def tearDownClass(cls):
@@ -583,27 +602,33 @@ class Tools(unittest.TestCase):
                 check_calls(self, calls, {"search_code"})
 
     def test_streamed_calls_equal_whole_ones(self):
-        for syntax, server in self.servers.items():
+        for (syntax, server), parallel in itertools.product(self.servers.items(), (False, True)):
             client = server.client()
             kwargs = dict(
                 model="m", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS,
-                tool_choice="required", seed=3, temperature=0.8, max_tokens=300,
+                tool_choice="required", seed=3, temperature=0.8, max_tokens=300, parallel_tool_calls=parallel,
             )
             whole = client.chat.completions.create(**kwargs).choices[0]
-            calls, finish = {}, None
+            calls, finish, content = {}, None, ""
             for chunk in client.chat.completions.create(stream=True, **kwargs):
                 for choice in chunk.choices:
                     finish = choice.finish_reason or finish
+                    content += choice.delta.content or ""
                     for delta in choice.delta.tool_calls or []:
                         entry = calls.setdefault(delta.index, {"name": "", "arguments": ""})
                         entry["name"] += delta.function.name or ""
                         entry["arguments"] += delta.function.arguments or ""
-            self.assertEqual(finish, whole.finish_reason, syntax)
+            what = (syntax, parallel)
+            self.assertEqual(finish, whole.finish_reason, what)
+            self.assertEqual(content, whole.message.content or "", what)
             self.assertEqual(
                 [calls[i] for i in sorted(calls)],
-                [{"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls],
-                syntax,
+                [{"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls or []],
+                what,
             )
+            if not parallel:
+                # One call, complete: a reply cut short by max_tokens would be text.
+                self.assertEqual((finish, len(calls)), ("tool_calls", 1), what)
 
     def test_tool_results_round_trip_through_the_template(self):
         for syntax, server in self.servers.items():
@@ -621,8 +646,8 @@ class Tools(unittest.TestCase):
             self.assertIn("RESULT-17: sunny", prompt)
             self.assertIn(call.function.name, prompt)
             self.assertIn("get_weather", prompt)
-            self.assertEqual(shown["tool_syntax"], {"hermes": "hermes", "lfm2": "lfm2"}[syntax])
-            marker = {"hermes": "<tool_call>", "lfm2": "<|tool_call_start|>"}[syntax]
+            self.assertEqual(shown["tool_syntax"], syntax)
+            marker = {"hermes": "<tool_call>", "lfm2": "<|tool_call_start|>", "llama3-json": '"parameters": {'}[syntax]
             self.assertIn(marker, prompt)
             for key, value in json.loads(call.function.arguments).items():
                 self.assertIn(key, prompt)

@@ -9,6 +9,19 @@ use crate::tools::{ToolCall, ToolSyntax};
 const THINK_OPEN: &str = "<think>";
 const THINK_CLOSE: &str = "</think>";
 
+/// The ids of the special tokens a reply is split by (`<think>`, and the
+/// call markers of `tools`), for [`TextTokenizer::stream_showing`]: where
+/// a marker is a special token, decoding would otherwise drop it.
+///
+/// [`TextTokenizer::stream_showing`]: crate::TextTokenizer::stream_showing
+pub fn marker_ids(tokenizer: &crate::TextTokenizer, tools: Option<ToolSyntax>) -> Vec<u32> {
+    [THINK_OPEN, THINK_CLOSE]
+        .iter()
+        .chain(tools.map_or(&[][..], ToolSyntax::markers))
+        .filter_map(|m| tokenizer.special_token_id(m))
+        .collect()
+}
+
 /// A part of a reply, as it becomes known.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Part {

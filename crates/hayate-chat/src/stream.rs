@@ -8,6 +8,11 @@ use tokenizers::Tokenizer;
 /// are emitted as U+FFFD rather than held forever.
 pub struct StreamDecoder<'a> {
     tokenizer: &'a Tokenizer,
+    /// Special tokens to leave out, sorted; `None`: every special token
+    /// (the tokenizer's own skipping).
+    hidden: Option<Vec<u32>>,
+    /// The ids being decoded, without the hidden ones.
+    visible: Vec<u32>,
     ids: Vec<u32>,
     prefix_offset: usize,
     read_offset: usize,
@@ -28,9 +33,11 @@ pub struct StreamDecoder<'a> {
 const MAX_HELD_TOKENS: usize = 4;
 
 impl<'a> StreamDecoder<'a> {
-    pub(crate) fn new(tokenizer: &'a Tokenizer) -> Self {
+    pub(crate) fn new(tokenizer: &'a Tokenizer, hidden: Option<Vec<u32>>) -> Self {
         StreamDecoder {
             tokenizer,
+            hidden,
+            visible: Vec::new(),
             ids: Vec::new(),
             prefix_offset: 0,
             read_offset: 0,
@@ -40,16 +47,25 @@ impl<'a> StreamDecoder<'a> {
         }
     }
 
-    fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, true)
-            .map_err(|e| ChatError::Tokenizer(e.to_string()))
+    fn decode(&mut self, ids: std::ops::Range<usize>) -> Result<String> {
+        let decoded = if let Some(hidden) = &self.hidden {
+            self.visible.clear();
+            self.visible.extend(
+                self.ids[ids]
+                    .iter()
+                    .filter(|id| hidden.binary_search(id).is_err()),
+            );
+            self.tokenizer.decode(&self.visible, false)
+        } else {
+            self.tokenizer.decode(&self.ids[ids], true)
+        };
+        decoded.map_err(|e| ChatError::Tokenizer(e.to_string()))
     }
 
     /// Adds one token; returns the text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let full = self.decode(&self.ids[self.prefix_offset..])?;
+        let full = self.decode(self.prefix_offset..self.ids.len())?;
         if full != self.last_text {
             self.held_changes += 1;
         }
@@ -58,7 +74,7 @@ impl<'a> StreamDecoder<'a> {
             let piece = full.get(self.prefix_len..).unwrap_or(&full).to_owned();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
-            self.last_text = self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+            self.last_text = self.decode(self.prefix_offset..self.read_offset)?;
             self.prefix_len = self.last_text.len();
             self.held_changes = 0;
             return Ok(Some(piece));
@@ -69,8 +85,8 @@ impl<'a> StreamDecoder<'a> {
 
     /// Whatever is still held back (incomplete bytes become U+FFFD).
     pub fn finish(&mut self) -> Result<Option<String>> {
-        let prefix = self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let full = self.decode(&self.ids[self.prefix_offset..])?;
+        let prefix = self.decode(self.prefix_offset..self.read_offset)?;
+        let full = self.decode(self.prefix_offset..self.ids.len())?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
         Ok((full.len() > prefix.len())

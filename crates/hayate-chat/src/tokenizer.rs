@@ -9,6 +9,8 @@ pub struct TextTokenizer {
     template: Option<ChatTemplate>,
     /// `eos_token` of `tokenizer_config.json` (empty if none).
     eos_token: String,
+    /// The special tokens' ids, sorted: left out of decoded text.
+    special_ids: Vec<u32>,
 }
 
 /// Assistant text the template is probed with, to see what follows a turn.
@@ -69,10 +71,18 @@ impl TextTokenizer {
         let template = source
             .map(|s| ChatTemplate::new(&s, &bos, &eos))
             .transpose()?;
+        let mut special_ids: Vec<u32> = tokenizer
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(&id, _)| id)
+            .collect();
+        special_ids.sort_unstable();
         Ok(TextTokenizer {
             tokenizer,
             template,
             eos_token: eos,
+            special_ids,
         })
     }
 
@@ -231,8 +241,21 @@ impl TextTokenizer {
             .map_err(|e| ChatError::Tokenizer(e.to_string()))
     }
 
-    /// A streaming decoder for generated ids.
+    /// A streaming decoder for generated ids; special tokens are left out.
     pub fn stream(&self) -> StreamDecoder<'_> {
-        StreamDecoder::new(&self.tokenizer)
+        StreamDecoder::new(&self.tokenizer, None)
+    }
+
+    /// A streaming decoder that writes out the special tokens among
+    /// `shown` (markers a reply is parsed by, such as a tool-call opener
+    /// that is one special token) and leaves out the others.
+    pub fn stream_showing(&self, shown: &[u32]) -> StreamDecoder<'_> {
+        let hidden: Vec<u32> = self
+            .special_ids
+            .iter()
+            .copied()
+            .filter(|id| !shown.contains(id))
+            .collect();
+        StreamDecoder::new(&self.tokenizer, Some(hidden))
     }
 }

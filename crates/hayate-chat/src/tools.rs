@@ -179,6 +179,16 @@ impl ToolSyntax {
         }
     }
 
+    /// The markers of calls in this syntax (in some vocabularies each is
+    /// one special token, which decoding must then keep).
+    pub fn markers(self) -> &'static [&'static str] {
+        match self {
+            ToolSyntax::Hermes => &["<tool_call>", "</tool_call>"],
+            ToolSyntax::Llama3 => &[PYTHON_TAG],
+            ToolSyntax::Lfm2 => &[LFM2_START, LFM2_END],
+        }
+    }
+
     /// Texts that open a call: a streamed reply is held back from the
     /// first of them on.
     pub fn openers(self) -> &'static [&'static str] {

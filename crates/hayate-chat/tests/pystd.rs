@@ -92,3 +92,26 @@ fn the_end_of_a_turn_comes_from_the_template_and_tokenizer_config() {
     // eos_token and the template's end of turn are both <|im_end|>.
     assert_eq!(t.end_of_turn_ids(), vec![im_end]);
 }
+
+#[test]
+fn a_stream_shows_the_special_tokens_it_is_asked_to_and_hides_the_others() {
+    let t = pystd();
+    let start = t.special_token_id("<|im_start|>").unwrap();
+    let end = t.special_token_id("<|im_end|>").unwrap();
+    let mut ids = vec![start];
+    ids.extend(t.encode("x = 1", false).unwrap());
+    ids.push(end);
+    let decode = |mut stream: hayate_chat::StreamDecoder<'_>| {
+        let mut out = String::new();
+        for &id in &ids {
+            out += &stream.push(id).unwrap().unwrap_or_default();
+        }
+        out + &stream.finish().unwrap().unwrap_or_default()
+    };
+    assert_eq!(decode(t.stream()), "x = 1");
+    assert_eq!(decode(t.stream_showing(&[start])), "<|im_start|>x = 1");
+    assert_eq!(
+        decode(t.stream_showing(&[start, end])),
+        "<|im_start|>x = 1<|im_end|>"
+    );
+}

@@ -32,6 +32,8 @@ pub struct Job {
     pub logprobs: Option<usize>,
     /// The grammar the reply must follow (`response_format`, `grammar`).
     pub constraint: Option<Constraint>,
+    /// Special tokens the reply's text keeps (markers it is split by).
+    pub shown: Vec<u32>,
     /// Where the reply goes; when the receiver is gone (the client left),
     /// generation stops.
     pub events: UnboundedSender<Event>,
@@ -318,7 +320,7 @@ impl Engine<'_> {
             .set_prompt(&job.prompt)
             .map_err(|e| e.to_string())?;
         let mut sampler = Sampler::new(job.params, model.info.vocab);
-        let mut stream = tokenizer.stream();
+        let mut stream = tokenizer.stream_showing(&job.shown);
         let mut matcher = StopMatcher::new(job.stops);
         let mut waiting: Vec<TokenLogprob> = Vec::new();
         let mut stopped_by_string = false;

@@ -29,7 +29,7 @@ use axum::routing::{get, post};
 use futures_util::StreamExt;
 use hayate_chat::RenderOptions;
 use hayate_chat::grammar::{Constraint, GrammarCompiler};
-use hayate_chat::reply::{Part, ReplySplitter};
+use hayate_chat::reply::{Part, ReplySplitter, marker_ids};
 use hayate_chat::tools::{ToolCall, ToolSyntax, ToolTemplate};
 use hayate_engine::SamplingParams;
 use serde_json::{Value, json};
@@ -491,6 +491,10 @@ async fn respond(state: Shared, mut prepared: Prepared) -> Response {
         stops: prepared.sampling.stops.clone(),
         logprobs: prepared.logprobs,
         constraint: prepared.constraint.take(),
+        shown: match prepared.kind {
+            Kind::Chat => marker_ids(&state.engine.tokenizer, prepared.tools),
+            Kind::Text => Vec::new(),
+        },
         events: send,
     };
     match state.engine.submit(job) {

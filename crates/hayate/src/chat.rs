@@ -9,7 +9,7 @@ use crate::speculation::{JsonStats, SpeculationArgs, stats_text};
 use anyhow::{Result, bail};
 use clap::Args;
 use hayate_chat::grammar::{Constraint, GrammarCompiler};
-use hayate_chat::reply::{Part, ReplySplitter};
+use hayate_chat::reply::{Part, ReplySplitter, marker_ids};
 use hayate_chat::tools::{ToolCall, ToolSyntax, ToolTemplate, Turn};
 use hayate_chat::{RenderOptions, TextTokenizer};
 use hayate_engine::speculate::Speculation;
@@ -355,7 +355,9 @@ impl Session<'_> {
                 _ => None,
             };
         let mut splitter = ReplySplitter::after(&rendered, syntax);
-        let mut stream = self.tokenizer.stream();
+        let mut stream = self
+            .tokenizer
+            .stream_showing(&marker_ids(self.tokenizer, syntax));
         let mut shown = Shown::default();
         let name = speculation.as_ref().map(|s| s.name());
         let rules = Rules {
