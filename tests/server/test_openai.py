@@ -609,7 +609,7 @@ class Tools(unittest.TestCase):
                 tool_choice="required", seed=3, temperature=0.8, max_tokens=300, parallel_tool_calls=parallel,
             )
             whole = client.chat.completions.create(**kwargs).choices[0]
-            calls, finish, content = {}, None, ""
+            calls, finish, content, fragments = {}, None, "", 0
             for chunk in client.chat.completions.create(stream=True, **kwargs):
                 for choice in chunk.choices:
                     finish = choice.finish_reason or finish
@@ -618,6 +618,7 @@ class Tools(unittest.TestCase):
                         entry = calls.setdefault(delta.index, {"name": "", "arguments": ""})
                         entry["name"] += delta.function.name or ""
                         entry["arguments"] += delta.function.arguments or ""
+                        fragments += bool(delta.function.arguments)
             what = (syntax, parallel)
             self.assertEqual(finish, whole.finish_reason, what)
             self.assertEqual(content, whole.message.content or "", what)
@@ -629,6 +630,10 @@ class Tools(unittest.TestCase):
             if not parallel:
                 # One call, complete: a reply cut short by max_tokens would be text.
                 self.assertEqual((finish, len(calls)), ("tool_calls", 1), what)
+                # JSON calls stream their arguments as they are written (LFM2's
+                # pythonic calls come whole, converted to JSON).
+                if syntax != "lfm2":
+                    self.assertGreater(fragments, 3, what)
 
     def test_tool_results_round_trip_through_the_template(self):
         for syntax, server in self.servers.items():

@@ -4,7 +4,8 @@
 //! replies, so both give the same parts.
 
 use crate::stop::StopMatcher;
-use crate::tools::{ToolCall, ToolSyntax};
+use crate::tools::{CALL_HEADER, ToolCall, ToolSyntax, ValueScan, call_header};
+use serde_json::Value;
 
 const THINK_OPEN: &str = "<think>";
 const THINK_CLOSE: &str = "</think>";
@@ -29,6 +30,92 @@ pub enum Part {
     Reasoning(String),
     /// Answer text.
     Content(String),
+    /// A streamed tool call begins: its index among the reply's calls and
+    /// the function's name.
+    CallName {
+        /// The call's index.
+        index: usize,
+        /// The function.
+        name: String,
+    },
+    /// More of a streamed call's arguments, as the model writes them.
+    CallArguments {
+        /// The call's index.
+        index: usize,
+        /// The next piece of the arguments' JSON text.
+        text: String,
+    },
+}
+
+/// Reads JSON calls from held text as they are written, so that their
+/// arguments stream as fragments.
+struct CallStream {
+    /// The key of the arguments (`arguments`, `parameters`).
+    key: &'static str,
+    /// How far the held text has been read.
+    read: usize,
+    /// Calls begun so far: each name and its arguments' text so far.
+    begun: Vec<(String, String)>,
+    /// Inside a call's arguments: where the unsent text starts, and the scan.
+    arguments: Option<(usize, ValueScan)>,
+}
+
+impl CallStream {
+    fn read(&mut self, held: &str, parts: &mut Vec<Part>) {
+        loop {
+            match &mut self.arguments {
+                None => {
+                    let Some(at) = held[self.read..].find(CALL_HEADER) else {
+                        return;
+                    };
+                    let from = self.read + at;
+                    let Some((written, offset)) = call_header(&held[from..], self.key) else {
+                        return;
+                    };
+                    let start = from + offset;
+                    match held[start..].chars().next() {
+                        Some('{') => {}
+                        // Not an object (yet): wait, or leave it to the parse at the end.
+                        None => return,
+                        Some(_) => {
+                            self.read = start;
+                            continue;
+                        }
+                    }
+                    let name = serde_json::from_str::<String>(&format!("\"{written}\""))
+                        .unwrap_or_else(|_| written.to_owned());
+                    parts.push(Part::CallName {
+                        index: self.begun.len(),
+                        name: name.clone(),
+                    });
+                    self.begun.push((name, String::new()));
+                    self.read = start;
+                    self.arguments = Some((start, ValueScan::default()));
+                }
+                Some((unsent, scan)) => {
+                    let index = self.begun.len() - 1;
+                    let end = scan.advance(&held[self.read..]).map(|e| self.read + e);
+                    let upto = end.unwrap_or(held.len());
+                    if upto > *unsent {
+                        let text = &held[*unsent..upto];
+                        self.begun[index].1 += text;
+                        parts.push(Part::CallArguments {
+                            index,
+                            text: text.to_owned(),
+                        });
+                    }
+                    self.read = upto;
+                    match end {
+                        Some(_) => self.arguments = None,
+                        None => {
+                            *unsent = upto;
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Where the reply is.
@@ -49,6 +136,8 @@ pub struct ReplySplitter {
     tools: Option<(ToolSyntax, StopMatcher)>,
     /// The text from the first call opener on, held until the end.
     held: Option<String>,
+    /// Calls streamed as they are written (see [`Self::streaming_calls`]).
+    calls: Option<CallStream>,
 }
 
 impl ReplySplitter {
@@ -67,7 +156,34 @@ impl ReplySplitter {
                 (s, StopMatcher::new(openers))
             }),
             held: None,
+            calls: None,
         }
+    }
+
+    /// Streams JSON tool calls (Hermes, Llama 3) as they are written: a
+    /// [`Part::CallName`] once a call's name is known, then its arguments
+    /// in [`Part::CallArguments`] pieces. For replies whose calls a grammar
+    /// holds to the compact form (then every call parses as it streamed,
+    /// unless the reply is cut short).
+    pub fn streaming_calls(mut self) -> Self {
+        let key = match self.tools.as_ref().map(|(s, _)| *s) {
+            Some(ToolSyntax::Hermes) => "arguments",
+            Some(ToolSyntax::Llama3) => "parameters",
+            _ => return self,
+        };
+        self.calls = Some(CallStream {
+            key,
+            read: 0,
+            begun: Vec::new(),
+            arguments: None,
+        });
+        self
+    }
+
+    /// How many calls have begun streaming (their later deltas carry only
+    /// what was not streamed).
+    pub fn streamed_calls(&self) -> usize {
+        self.calls.as_ref().map_or(0, |c| c.begun.len())
     }
 
     /// A splitter for the reply to `prompt` (the rendered chat): a prompt
@@ -113,15 +229,20 @@ impl ReplySplitter {
                     self.feed(&answer, parts);
                 }
             }
-            Phase::Answer => match (&mut self.held, &mut self.tools) {
-                (Some(held), _) => held.push_str(text),
-                (None, Some((_, openers))) => {
-                    let (answer, call) = openers.push(text);
-                    push(parts, Part::Content(answer));
-                    self.held = call;
+            Phase::Answer => {
+                match (&mut self.held, &mut self.tools) {
+                    (Some(held), _) => held.push_str(text),
+                    (None, Some((_, openers))) => {
+                        let (answer, call) = openers.push(text);
+                        push(parts, Part::Content(answer));
+                        self.held = call;
+                    }
+                    (None, None) => push(parts, Part::Content(text.to_owned())),
                 }
-                (None, None) => push(parts, Part::Content(text.to_owned())),
-            },
+                if let (Some(held), Some(calls)) = (&self.held, &mut self.calls) {
+                    calls.read(held, parts);
+                }
+            }
         }
     }
 
@@ -135,6 +256,7 @@ impl ReplySplitter {
             match part {
                 Part::Reasoning(t) => reasoning += &t,
                 Part::Content(t) => content += &t,
+                Part::CallName { .. } | Part::CallArguments { .. } => {}
             }
         }
         (reasoning, content, calls)
@@ -152,7 +274,23 @@ impl ReplySplitter {
             return (parts, Vec::new());
         };
         let rest = self.held.take().unwrap_or_else(|| openers.finish());
-        let (text, calls) = syntax.parse(&rest);
+        let (mut text, mut calls) = syntax.parse(&rest);
+        // Streamed calls are the reply's calls, also when it was cut short
+        // before the calls' markers were all written (the parse then fails).
+        if let Some(stream) = &self.calls
+            && stream.begun.len() > calls.len()
+        {
+            calls = stream
+                .begun
+                .iter()
+                .map(|(name, arguments)| ToolCall {
+                    name: name.clone(),
+                    arguments: serde_json::from_str(arguments).unwrap_or(Value::Null),
+                    arguments_text: Some(arguments.clone()),
+                })
+                .collect();
+            text.clear();
+        }
         push(&mut parts, Part::Content(text));
         (parts, calls)
     }
@@ -162,6 +300,7 @@ impl ReplySplitter {
 fn push(parts: &mut Vec<Part>, part: Part) {
     let empty = match &part {
         Part::Reasoning(t) | Part::Content(t) => t.is_empty(),
+        Part::CallName { .. } | Part::CallArguments { .. } => false,
     };
     if !empty {
         parts.push(part);
@@ -186,6 +325,7 @@ mod tests {
             match part {
                 Part::Reasoning(t) => reasoning += &t,
                 Part::Content(t) => content += &t,
+                Part::CallName { .. } | Part::CallArguments { .. } => {}
             }
         }
         let (r, c, calls) = s.split(last[0]);
@@ -247,5 +387,78 @@ mod tests {
             split(Some(ToolSyntax::Hermes), false, &["a <tool_", "b"]),
             (String::new(), "a <tool_b".into(), vec![])
         );
+    }
+
+    #[test]
+    fn json_calls_stream_as_names_then_argument_fragments_equal_to_the_whole() {
+        let hermes = "Sure.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"O\\\"s{lo}\", \"days\": [1, {\"x\": 2}]}}\n</tool_call>\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>";
+        let llama = "{\"name\": \"now\", \"parameters\": {}}; {\"name\": \"f\", \"parameters\": {\"a\": \"}\"}}";
+        for (syntax, reply) in [(ToolSyntax::Hermes, hermes), (ToolSyntax::Llama3, llama)] {
+            for step in [1, 3, 7, reply.len()] {
+                let mut s = ReplySplitter::new(Some(syntax), false).streaming_calls();
+                let mut parts = Vec::new();
+                let chars: Vec<char> = reply.chars().collect();
+                for piece in chars.chunks(step) {
+                    parts.extend(s.push(&piece.iter().collect::<String>()));
+                }
+                let (rest, calls) = s.finish();
+                parts.extend(rest);
+                let mut streamed: Vec<(String, String)> = Vec::new();
+                for part in &parts {
+                    match part {
+                        Part::CallName { index, name } => {
+                            assert_eq!(*index, streamed.len());
+                            streamed.push((name.clone(), String::new()));
+                        }
+                        Part::CallArguments { index, text } => streamed[*index].1 += text,
+                        _ => {}
+                    }
+                }
+                let whole: Vec<(String, String)> = calls
+                    .iter()
+                    .map(|c| (c.name.clone(), c.arguments_text.clone().unwrap()))
+                    .collect();
+                assert_eq!(streamed, whole, "{syntax:?} in pieces of {step}");
+                assert_eq!(s.streamed_calls(), 2);
+                // In pieces, some call's arguments come in several fragments.
+                let fragments = parts
+                    .iter()
+                    .filter(|p| matches!(p, Part::CallArguments { .. }))
+                    .count();
+                assert!(
+                    step == reply.len() || fragments > 2,
+                    "{syntax:?}: {fragments}"
+                );
+            }
+        }
+        // A reply cut short inside its second call: the calls are what
+        // streamed, whole or in pieces.
+        let cut = &hermes[..hermes.find("{}").unwrap() + 1];
+        let whole = ReplySplitter::new(Some(ToolSyntax::Hermes), false)
+            .streaming_calls()
+            .split(cut);
+        let mut s = ReplySplitter::new(Some(ToolSyntax::Hermes), false).streaming_calls();
+        for c in cut.chars() {
+            s.push(&c.to_string());
+        }
+        let (_, calls) = s.finish();
+        assert_eq!(whole.2, calls);
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1].arguments_text.as_deref(), Some("{"));
+        assert_eq!(whole.1, "Sure.\n");
+
+        // Without streaming, the calls come whole (and their text is kept).
+        let mut s = ReplySplitter::new(Some(ToolSyntax::Hermes), false);
+        assert!(
+            s.push(hermes)
+                .iter()
+                .all(|p| !matches!(p, Part::CallName { .. }))
+        );
+        let (_, calls) = s.finish();
+        assert_eq!(
+            calls[0].arguments_text.as_deref(),
+            Some("{\"city\": \"O\\\"s{lo}\", \"days\": [1, {\"x\": 2}]}")
+        );
+        assert_eq!(s.streamed_calls(), 0);
     }
 }

@@ -25,6 +25,10 @@ pub struct ToolCall {
     pub name: String,
     /// Its arguments (an object).
     pub arguments: Value,
+    /// The arguments as the model wrote them, where they can be read as
+    /// written (JSON calls in the compact form grammars force): what a
+    /// reply returns, streamed or whole, rather than a re-serialisation.
+    pub arguments_text: Option<String>,
 }
 
 /// A tool offered to the model: a function and the JSON schema of its arguments.
@@ -244,6 +248,7 @@ impl ToolSyntax {
         let example = self.render(&[ToolCall {
             name: "<function-name>".into(),
             arguments: json!({"<argument>": "<value>"}),
+            arguments_text: None,
         }]);
         format!(
             "# Tools\n\nYou may call one or more functions to assist with the user query. The functions:\n<tools>\n{}\n</tools>\n\nTo call a function, reply with:\n{example}",
@@ -477,7 +482,90 @@ fn call_of(text: &str, key: &str) -> Option<ToolCall> {
         None => json!({}),
         Some(_) => return None,
     };
-    Some(ToolCall { name, arguments })
+    let arguments_text = raw_arguments(text, key).map(str::to_owned);
+    Some(ToolCall {
+        name,
+        arguments,
+        arguments_text,
+    })
+}
+
+/// The start of a JSON call in the compact form: `{"name": "`.
+pub(crate) const CALL_HEADER: &str = "{\"name\": \"";
+
+/// Where the arguments of a JSON call begin in `text`, which starts with
+/// one written compactly, `{"name": "NAME", "KEY": ARGS`: the name as
+/// written (escapes and all) and the offset of ARGS. `None` until all of
+/// that has been written (or when `text` is not such a call).
+pub(crate) fn call_header<'t>(text: &'t str, key: &str) -> Option<(&'t str, usize)> {
+    let rest = text.strip_prefix(CALL_HEADER)?;
+    let mut escaped = false;
+    let end = rest.char_indices().find_map(|(i, c)| match (escaped, c) {
+        (true, _) => {
+            escaped = false;
+            None
+        }
+        (false, '\\') => {
+            escaped = true;
+            None
+        }
+        (false, '"') => Some(i),
+        _ => None,
+    })?;
+    let after = &rest[end + 1..];
+    let separator = format!(", \"{key}\": ");
+    after
+        .strip_prefix(separator.as_str())
+        .map(|_| (&rest[..end], CALL_HEADER.len() + end + 1 + separator.len()))
+}
+
+/// Scans a JSON value as it is written, to find where it ends.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ValueScan {
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl ValueScan {
+    /// Reads `text`, the next part of an object or array value; returns the
+    /// offset just past the value's end, if it ends in `text`.
+    pub(crate) fn advance(&mut self, text: &str) -> Option<usize> {
+        for (i, c) in text.char_indices() {
+            if self.in_string {
+                match (self.escaped, c) {
+                    (true, _) => self.escaped = false,
+                    (false, '\\') => self.escaped = true,
+                    (false, '"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match c {
+                '"' => self.in_string = true,
+                '{' | '[' => self.depth += 1,
+                '}' | ']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 0 {
+                        return Some(i + 1);
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
+/// The arguments object of the compact JSON call `text`, as written.
+fn raw_arguments<'t>(text: &'t str, key: &str) -> Option<&'t str> {
+    let (_, start) = call_header(text, key)?;
+    let args = &text[start..];
+    if !args.starts_with('{') {
+        return None;
+    }
+    let end = ValueScan::default().advance(args)?;
+    (args[end..].trim() == "}").then(|| &args[..end])
 }
 
 /// `[f(a=1, b="x"), g()]` without the brackets: calls with keyword
@@ -509,6 +597,7 @@ fn pythonic_calls(text: &str) -> Option<Vec<ToolCall>> {
             (!name.is_empty()).then(|| ToolCall {
                 name: name.to_owned(),
                 arguments: Value::Object(arguments),
+                arguments_text: None,
             })
         })
         .collect()
@@ -572,10 +661,12 @@ mod tests {
             ToolCall {
                 name: "get_weather".into(),
                 arguments: json!({"city": "Oslo", "days": 3}),
+                arguments_text: None,
             },
             ToolCall {
                 name: "now".into(),
                 arguments: json!({}),
+                arguments_text: None,
             },
         ]
     }
@@ -603,7 +694,8 @@ mod tests {
             found,
             vec![ToolCall {
                 name: "now".into(),
-                arguments: json!({})
+                arguments: json!({}),
+                arguments_text: Some("{}".into()),
             }]
         );
         let broken = "<tool_call>\n{\"name\": \"now\", \"arguments\": \n</tool_call>";

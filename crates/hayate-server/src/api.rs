@@ -450,7 +450,7 @@ impl ChatRequest {
                         Some(_) => return Err(bad()),
                     };
                     let id = call.get("id").and_then(Value::as_str).map(str::to_owned);
-                    calls.push((id, ToolCall { name: name.to_owned(), arguments }));
+                    calls.push((id, ToolCall { name: name.to_owned(), arguments, arguments_text: None }));
                 }
                 Ok(Turn {
                     role: role.to_owned(),

@@ -223,6 +223,9 @@ struct Prepared {
     constraint: Option<Constraint>,
     /// The syntax tool calls in the reply are read in, when tools were offered.
     tools: Option<ToolSyntax>,
+    /// A grammar holds the reply's calls to their compact form, so that
+    /// they can stream as they are written.
+    calls_held: bool,
     /// The prompt's text, for a chat request.
     rendered: Option<String>,
 }
@@ -291,6 +294,13 @@ async fn prepare_chat(state: &AppState, body: Body) -> Result<Prepared, ApiError
     let (messages, template_tools) = template.messages(&turns, shown.map(|t| &t.listing));
     let special = |marker: &str| tokenizer.special_token_id(marker);
     let tool_grammar = shown.and_then(|t| t.grammar(syntax, &special));
+    let calls_held = tool_grammar.is_some()
+        || (request.response_format.is_none()
+            && request.grammar.is_none()
+            && state.grammars.is_some()
+            && shown
+                .and_then(|t| t.auto_grammar(syntax, &special))
+                .is_some());
     let constraint = match tool_grammar {
         Some(_) if request.response_format.is_some() || request.grammar.is_some() => {
             return Err(ApiError::invalid(
@@ -363,6 +373,7 @@ async fn prepare_chat(state: &AppState, body: Body) -> Result<Prepared, ApiError
         echo: None,
         constraint,
         tools: shown.map(|_| syntax),
+        calls_held,
         rendered: Some(text),
     })
 }
@@ -449,6 +460,7 @@ async fn prepare_completion(state: &AppState, body: Body) -> Result<Prepared, Ap
         echo,
         constraint,
         tools: None,
+        calls_held: false,
         rendered: None,
     })
 }
@@ -586,22 +598,43 @@ impl Reply {
     /// A splitter for this chat reply: its tools, and whether the prompt
     /// already opened a reasoning block.
     fn splitter(&self) -> ReplySplitter {
-        ReplySplitter::after(
+        let splitter = ReplySplitter::after(
             self.prepared.rendered.as_deref().unwrap_or(""),
             self.prepared.tools,
+        );
+        if self.prepared.calls_held {
+            splitter.streaming_calls()
+        } else {
+            splitter
+        }
+    }
+
+    /// The id of the reply's `index`th call.
+    fn call_id(&self, index: usize) -> String {
+        format!(
+            "call_{}_{index}",
+            self.prepared.id.trim_start_matches("chatcmpl-")
         )
     }
 
     /// `calls` as OpenAI lists them (with `index` in a stream's deltas).
-    fn tool_calls(&self, calls: &[ToolCall], streaming: bool) -> Value {
+    /// `calls` as OpenAI lists them, from the `first`th of the reply on
+    /// (with `index` in a stream's deltas). The arguments are the model's
+    /// text where it can be kept, as streamed fragments carry it.
+    fn tool_calls(&self, calls: &[ToolCall], first: usize, streaming: bool) -> Value {
         calls
             .iter()
             .enumerate()
+            .skip(first)
             .map(|(i, c)| {
+                let arguments = c
+                    .arguments_text
+                    .clone()
+                    .unwrap_or_else(|| c.arguments.to_string());
                 let mut call = json!({
-                    "id": format!("call_{}_{i}", self.prepared.id.trim_start_matches("chatcmpl-")),
+                    "id": self.call_id(i),
                     "type": "function",
-                    "function": { "name": c.name, "arguments": c.arguments.to_string() },
+                    "function": { "name": c.name, "arguments": arguments },
                 });
                 if streaming {
                     call["index"] = json!(i);
@@ -656,7 +689,7 @@ async fn whole_reply(reply: Reply, mut events: UnboundedReceiver<Event>) -> Resp
                         let finish = if calls.is_empty() {
                             finish.as_str()
                         } else {
-                            message["tool_calls"] = reply.tool_calls(&calls, false);
+                            message["tool_calls"] = reply.tool_calls(&calls, 0, false);
                             "tool_calls"
                         };
                         json!({
@@ -716,7 +749,15 @@ fn stream_reply(reply: Reply, events: UnboundedReceiver<Event>) -> impl IntoResp
         let reply = reply.clone();
         let mut out = Vec::new();
         let chunk = |reply: &Reply, part: Part, lp: Value| {
+            let call_delta = |call: Value| json!({ "index": 0, "delta": { "tool_calls": [call] }, "logprobs": lp, "finish_reason": null });
             let choice = match (reply.prepared.kind, part) {
+                (_, Part::CallName { index, name }) => call_delta(json!({
+                    "index": index, "id": reply.call_id(index), "type": "function",
+                    "function": { "name": name, "arguments": "" },
+                })),
+                (_, Part::CallArguments { index, text }) => call_delta(json!({
+                    "index": index, "function": { "arguments": text },
+                })),
                 (Kind::Chat, Part::Content(text)) => json!({ "index": 0, "delta": { "content": text }, "logprobs": lp, "finish_reason": null }),
                 (Kind::Chat, Part::Reasoning(text)) => json!({ "index": 0, "delta": { "reasoning_content": text }, "logprobs": lp, "finish_reason": null }),
                 (Kind::Text, Part::Content(text) | Part::Reasoning(text)) => json!({ "index": 0, "text": text, "logprobs": lp, "finish_reason": null }),
@@ -754,11 +795,12 @@ fn stream_reply(reply: Reply, events: UnboundedReceiver<Event>) -> impl IntoResp
                     for part in parts {
                         out.push(chunk(&reply, part, Value::Null));
                     }
-                    if !calls.is_empty() {
-                        let delta = json!({ "tool_calls": reply.tool_calls(&calls, true) });
+                    let streamed = s.streamed_calls();
+                    finish_calls = !calls.is_empty();
+                    if calls.len() > streamed {
+                        let delta = json!({ "tool_calls": reply.tool_calls(&calls, streamed, true) });
                         let choice = json!([{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": null }]);
                         out.push(sse_json(&reply.envelope(true, choice)));
-                        finish_calls = true;
                     }
                 }
                 let finish = if finish_calls { "tool_calls" } else { finish.as_str() };

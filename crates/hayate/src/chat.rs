@@ -502,6 +502,8 @@ impl Shown {
                     eprint!("{text}");
                     self.reasoning += &text;
                 }
+                // Calls are shown whole once the reply is parsed.
+                Part::CallName { .. } | Part::CallArguments { .. } => {}
             }
         }
         Ok(())
