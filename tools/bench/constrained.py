@@ -7,7 +7,9 @@ each one's decode rate from the server's `timings`, and reports the median
 rate of each and the median of the per-pair ratios. Standard library only.
 
     cargo build --release
-    python3 tools/bench/constrained.py --model models/qwen3-0.6b-speed --quantize q4
+    python3 tools/speedmodels/make_speed_model.py --shape qwen3-0.6b \\
+        --out models/qwen3-0.6b-speed-vocab --synthetic-vocab 151643
+    python3 tools/bench/constrained.py --model models/qwen3-0.6b-speed-vocab --quantize q4
 """
 
 import argparse
@@ -52,8 +54,10 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--speculate", default="none", help="the server's --speculate (none: the mask's cost alone)")
     args = parser.parse_args()
-    cmd = [str(args.binary), "serve", "--model", str(args.model), "--port", "0", "--threads", str(args.threads)]
+    cmd = [str(args.binary), "serve", "--model", str(args.model), "--port", "0", "--threads", str(args.threads),
+           "--speculate", args.speculate]
     if args.quantize:
         cmd += ["--quantize", args.quantize]
     server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)

@@ -579,6 +579,30 @@ def dump_json(path: Path, obj) -> None:
         f.write("\n")
 
 
+def pad_vocab(path: Path, size: int, seed: int) -> None:
+    """Adds tokens to the BPE vocabulary of `path` until it holds `size`: each
+    the text of two trained tokens joined (no merge produces them, so encoding
+    is unchanged; decoding and vocabulary tries see them)."""
+    doc = json.loads(path.read_text())
+    vocab = doc["model"]["vocab"]
+    # The specials join the model's vocabulary at their ids, so that they keep
+    # them once it is larger (an added token outside it is renumbered past it).
+    for token in doc.get("added_tokens", []):
+        vocab[token["content"]] = token["id"]
+    taken = set(vocab) | {t["content"] for t in doc.get("added_tokens", [])}
+    next_id = 1 + max([*vocab.values(), *(t["id"] for t in doc.get("added_tokens", []))])
+    words = sorted(vocab, key=vocab.get)
+    rng = np.random.default_rng(seed)
+    while next_id < size:
+        a, b = rng.integers(0, len(words), 2)
+        word = words[a] + words[b]
+        if word not in taken:
+            taken.add(word)
+            vocab[word] = next_id
+            next_id += 1
+    path.write_text(json.dumps(doc, ensure_ascii=False))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", required=True, choices=sorted(SHAPES))
@@ -586,6 +610,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="text to train the BPE on")
     ap.add_argument("--tokenizer-vocab", type=int, default=4096, help="BPE vocab size incl. specials")
+    ap.add_argument(
+        "--synthetic-vocab", type=int, default=0,
+        help="pad the tokenizer's vocabulary to this many tokens with synthetic ones (two trained tokens "
+        "joined), so that costs that grow with the vocabulary (grammar masks) are the real model's",
+    )
     args = ap.parse_args()
 
     spec = SHAPES[args.shape]
@@ -604,6 +633,8 @@ def main() -> int:
     if tok_vocab > cfg["vocab_size"]:
         raise SystemExit(f"tokenizer vocab {tok_vocab} > model vocab {cfg['vocab_size']}")
     tok.save(str(out / "tokenizer.json"))
+    if args.synthetic_vocab:
+        pad_vocab(out / "tokenizer.json", args.synthetic_vocab, args.seed)
 
     roles = spec["token_roles"]
     for key, role in roles["config"].items():

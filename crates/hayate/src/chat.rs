@@ -108,7 +108,12 @@ pub fn run(args: ChatArgs) -> Result<()> {
     ) {
         (true, c) if c == "auto" || c == "none" => None,
         (true, _) => bail!("--tool-choice needs tools (--mcp or --tools)"),
-        (false, _) => Some(Agent::start(&args, &model, &stops, template.syntax)?),
+        (false, _) => Some(Agent::start(
+            &args,
+            (&model, &tokenizer),
+            &stops,
+            template.syntax,
+        )?),
     };
     let draft = args.speculation.load_draft(&args.model, Some(&tokenizer))?;
     let options = args.speculation.state_options(
@@ -205,7 +210,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
 impl Agent {
     fn start(
         args: &ChatArgs,
-        model: &hayate_engine::Model,
+        (model, tokenizer): (&hayate_engine::Model, &TextTokenizer),
         stops: &[u32],
         syntax: ToolSyntax,
     ) -> Result<Self> {
@@ -244,7 +249,6 @@ impl Agent {
                 None
             }
         };
-        let tokenizer = TextTokenizer::load(&args.model.model)?;
         let special = |marker: &str| tokenizer.special_token_id(marker);
         let schemas = toolbox.schemas();
         let forced = match &choice {
