@@ -5,6 +5,7 @@
 //! With speculative decoding, one speculation serves every request (a
 //! draft model keeps its own cache, the suffix speculator its counts).
 
+use crate::metrics::Metrics;
 use hayate_chat::TextTokenizer;
 use hayate_chat::grammar::Constraint;
 use hayate_chat::stop::StopMatcher;
@@ -13,8 +14,9 @@ use hayate_engine::{
     Generator, Model, Rules, Sampler, SamplingParams, StateOptions, StopReason, TokenConstraint,
 };
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 /// One request for the engine.
@@ -138,8 +140,8 @@ pub struct EngineHandle {
     queue: SyncSender<Job>,
     /// Jobs queued or running.
     pub pending: Arc<AtomicUsize>,
-    /// Tokens generated since the start, over all requests.
-    pub generated: Arc<AtomicU64>,
+    /// What `/metrics` reports (tokens, latencies), over all requests.
+    pub metrics: Arc<Metrics>,
     /// Tokens the context holds.
     pub capacity: usize,
     /// Token ids the model knows.
@@ -199,10 +201,10 @@ pub fn start(
 ) -> std::io::Result<EngineHandle> {
     let (send, receive) = std::sync::mpsc::sync_channel(queue);
     let pending = Arc::new(AtomicUsize::new(0));
-    let generated = Arc::new(AtomicU64::new(0));
+    let metrics = Arc::new(Metrics::default());
     let counters = Counters {
         pending: pending.clone(),
-        generated: generated.clone(),
+        metrics: metrics.clone(),
     };
     let vocab = model.info.vocab;
     let thread_tokenizer = tokenizer.clone();
@@ -246,7 +248,7 @@ pub fn start(
     Ok(EngineHandle {
         queue: send,
         pending,
-        generated,
+        metrics,
         capacity,
         vocab,
         tokenizer,
@@ -257,7 +259,7 @@ pub fn start(
 /// What the engine thread counts for the HTTP side.
 struct Counters {
     pending: Arc<AtomicUsize>,
-    generated: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
 }
 
 /// What every job of the engine thread shares.
@@ -284,7 +286,7 @@ impl Engine<'_> {
                     generator,
                     speculation.as_deref_mut(),
                     job,
-                    &counters.generated,
+                    &counters.metrics,
                 ) {
                     tracing::error!("request failed: {e}");
                     let _ = events.send(Event::Failed(e));
@@ -312,7 +314,7 @@ impl Engine<'_> {
         generator: &mut Generator<'_>,
         mut speculation: Option<&mut Speculation<'_>>,
         job: Job,
-        generated: &AtomicU64,
+        metrics: &Metrics,
     ) -> Result<(), String> {
         let (model, tokenizer, stop_ids) = (self.model, self.tokenizer, self.stop_ids);
         // The generator says how much of the prompt its state still holds.
@@ -336,12 +338,17 @@ impl Engine<'_> {
             max_tokens: job.max_tokens,
             stop_ids,
         };
+        let mut last_token: Option<Instant> = None;
         let stats = generator
             .generate_observed(
                 &mut sampler,
                 rules,
                 |token, logits| -> Result<bool, JobError> {
-                    generated.fetch_add(1, Ordering::Relaxed);
+                    metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                    let now = Instant::now();
+                    if let Some(previous) = last_token.replace(now) {
+                        metrics.inter_token.observe((now - previous).as_secs_f64());
+                    }
                     if let Some(top) = job.logprobs {
                         waiting
                             .push(token_logprob(tokenizer, token, logits, top).map_err(JobError)?);
@@ -364,6 +371,23 @@ impl Engine<'_> {
                 },
             )
             .map_err(|e| e.0)?;
+        metrics
+            .prompt_tokens
+            .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+        metrics
+            .cached_tokens
+            .fetch_add(cached as u64, Ordering::Relaxed);
+        if let Some(first) = stats.time_to_first_token {
+            metrics.time_to_first_token.observe(first.as_secs_f64());
+        }
+        if let Some(s) = &stats.speculation {
+            metrics
+                .drafted_tokens
+                .fetch_add(s.drafted as u64, Ordering::Relaxed);
+            metrics
+                .accepted_tokens
+                .fetch_add(s.accepted as u64, Ordering::Relaxed);
+        }
         if client_gone {
             return Ok(());
         }

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 
 use crate::api::{
     ChatRequest, CompletionRequest, Prompt, Sampling, SamplingFields, ToolChoice, top_logprobs,
@@ -91,10 +92,41 @@ pub fn router(
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .merge(v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)
+}
+
+/// Counts every response for `/metrics` and logs one line per request.
+async fn log_request(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    state.engine.metrics.count_request(&path, status);
+    tracing::info!(
+        "{method} {path} {status} in {:.1} ms (streamed replies: until the headers)",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    response
+}
+
+async fn metrics(State(state): State<Shared>) -> Response {
+    let text = state
+        .engine
+        .metrics
+        .render(state.engine.pending.load(Ordering::SeqCst));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// Serves `router` on `listener` until Ctrl-C.
@@ -164,7 +196,7 @@ async fn health(State(state): State<Shared>) -> Response {
     axum::Json(json!({
         "status": "ok",
         "queued": state.engine.pending.load(Ordering::SeqCst),
-        "tokens_generated": state.engine.generated.load(Ordering::Relaxed),
+        "tokens_generated": state.engine.metrics.generated_tokens.load(Ordering::Relaxed),
     }))
     .into_response()
 }

@@ -135,3 +135,54 @@ fn an_api_key_is_required_when_set() {
     assert_eq!(json(&body)["error"]["code"], "invalid_api_key");
     assert_eq!(server.request("GET", "/health", "").0, 200);
 }
+
+#[test]
+fn metrics_count_requests_tokens_and_latencies() {
+    let server = Server::start(&["--speculate", "ngram", "--draft-tokens", "2"]);
+    let ask = r#"{"messages": [{"role": "user", "content": "Write a loop."}], "max_tokens": 9, "seed": 1}"#;
+    let (_, first) = server.request("POST", "/v1/chat/completions", ask);
+    let (_, second) = server.request("POST", "/v1/chat/completions", ask);
+    let (missing, _) = server.request("GET", "/nowhere", "");
+    assert_eq!(missing, 404);
+    let (status, text) = server.request("GET", "/metrics", "");
+    assert_eq!(status, 200);
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    let usage = |body: &str, field: &str| json(body)["usage"][field].as_f64().unwrap();
+    assert_eq!(
+        value("hayate_requests_total{route=\"/v1/chat/completions\",status=\"200\"}"),
+        2.0
+    );
+    assert_eq!(
+        value("hayate_requests_total{route=\"other\",status=\"404\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("hayate_prompt_tokens_total"),
+        usage(&first, "prompt_tokens") + usage(&second, "prompt_tokens")
+    );
+    assert_eq!(
+        value("hayate_generated_tokens_total"),
+        usage(&first, "completion_tokens") + usage(&second, "completion_tokens")
+    );
+    // The second, identical request found all but its last prompt token cached.
+    assert_eq!(
+        value("hayate_prompt_cached_tokens_total"),
+        json(&second)["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_f64()
+            .unwrap()
+    );
+    assert!(value("hayate_prompt_cached_tokens_total") > 0.0);
+    assert_eq!(value("hayate_time_to_first_token_seconds_count"), 2.0);
+    // One interval between each two tokens of a reply.
+    assert_eq!(value("hayate_inter_token_seconds_count"), 16.0);
+    assert_eq!(
+        value("hayate_inter_token_seconds_bucket{le=\"+Inf\"}"),
+        16.0
+    );
+    assert!(value("hayate_draft_accepted_tokens_total") <= value("hayate_draft_tokens_total"));
+    assert_eq!(value("hayate_queue_depth"), 0.0);
+}
