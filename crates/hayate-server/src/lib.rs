@@ -326,39 +326,39 @@ async fn prepare_chat(state: &AppState, body: Body) -> Result<Prepared, ApiError
     let (messages, template_tools) = template.messages(&turns, shown.map(|t| &t.listing));
     let special = |marker: &str| tokenizer.special_token_id(marker);
     let tool_grammar = shown.and_then(|t| t.grammar(syntax, &special));
-    let calls_held = tool_grammar.is_some()
-        || (request.response_format.is_none()
-            && request.grammar.is_none()
-            && state.grammars.is_some()
-            && shown
-                .and_then(|t| t.auto_grammar(syntax, &special))
-                .is_some());
-    let constraint = match tool_grammar {
+    // Whether the constraint is the tools' grammar (whose calls can stream).
+    let (constraint, calls_held) = match tool_grammar {
         Some(_) if request.response_format.is_some() || request.grammar.is_some() => {
             return Err(ApiError::invalid(
                 "tool_choice",
                 "a required tool call cannot be combined with response_format or grammar",
             ));
         }
-        Some(grammar) => api::constraint(state.grammars.as_ref(), None, Some(&grammar))
-            .map_err(|e| ApiError::invalid("tools", e.message))?,
+        Some(grammar) => (
+            api::constraint(state.grammars.as_ref(), None, Some(&grammar))
+                .map_err(|e| ApiError::invalid("tools", e.message))?,
+            true,
+        ),
         None => match api::constraint(
             state.grammars.as_ref(),
             request.response_format.as_ref(),
             request.grammar.as_deref(),
         )? {
-            Some(c) => Some(c),
+            Some(c) => (Some(c), false),
             // A call the model starts on its own is held to the schemas too.
             None => match (
                 state.grammars.as_ref(),
                 shown.and_then(|t| t.auto_grammar(syntax, &special)),
             ) {
-                (Some(compiler), Some(grammar)) => Some(
-                    compiler
-                        .lark(&grammar)
-                        .map_err(|e| ApiError::invalid("tools", e))?,
+                (Some(compiler), Some(grammar)) => (
+                    Some(
+                        compiler
+                            .lark(&grammar)
+                            .map_err(|e| ApiError::invalid("tools", e))?,
+                    ),
+                    true,
                 ),
-                _ => None,
+                _ => (None, false),
             },
         },
     };
