@@ -37,6 +37,11 @@ impl Budget {
         }
     }
 
+    /// Bytes taken so far.
+    pub(crate) fn used(&self) -> usize {
+        self.total - self.left
+    }
+
     /// A zeroed buffer of `n` floats, if the budget allows it. Zeroed
     /// allocations come from fresh pages, so memory is only committed as
     /// the buffer is written.
@@ -62,7 +67,7 @@ impl Budget {
 }
 
 /// Total physical memory in bytes (Linux: `MemTotal`), read once.
-fn physical_memory() -> Option<usize> {
+pub(crate) fn physical_memory() -> Option<usize> {
     static TOTAL: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     *TOTAL.get_or_init(read_mem_total)
 }

@@ -490,6 +490,7 @@ fn run_half(
         ropes,
         n,
         start: 0,
+        offset: 0,
         recurrent_tail: 1,
         tree: None,
     };
@@ -498,7 +499,7 @@ fn run_half(
             layer.clear();
             block.forward_mixer(&step, layer, scratch, hidden);
         }
-        Half::Mlp => block.forward_mlp(&step, scratch, hidden),
+        Half::Mlp => block.forward_mlp(&step.cx, scratch, n, hidden),
     }
     if write_back {
         window.copy_from_slice(&scratch.x[..window.len()]);

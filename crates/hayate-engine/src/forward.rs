@@ -1,5 +1,6 @@
 //! The forward pass: a batch of sequences, each through every block.
 
+use crate::budget::{Budget, StateShape};
 use crate::layers::{Mixer, Scratch, Step, Tree};
 use crate::linear::Compute;
 use crate::model::Model;
@@ -23,6 +24,26 @@ pub enum Logits<'a> {
     /// each below the number of tokens): written here, one row of `vocab`
     /// values per index (speculative verification asks for k + 1 of them).
     At(&'a [usize], &'a mut Vec<f32>),
+}
+
+/// The buffers of batched steps ([`Model::forward_batch`]): the rows of
+/// every sequence of a step side by side, and the logits they ask for.
+/// Made once ([`Model::new_batch_scratch`]) and reused, so that batched
+/// decoding does not allocate.
+pub struct BatchScratch {
+    model_id: u64,
+    /// Most rows (tokens of all the sequences) one step takes.
+    rows: usize,
+    scratch: Scratch,
+    /// The logits of the rows asked for, `rows × vocab`.
+    logits: Vec<f32>,
+}
+
+impl BatchScratch {
+    /// Most tokens, over all its sequences, one batched step takes.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
 }
 
 /// One sequence's part of a batched forward call ([`Model::forward_batch`]).
@@ -131,26 +152,165 @@ impl Model {
             .all(|b| matches!(b.mixer, Mixer::Attention(_)))
     }
 
-    /// Runs a batch of sequences, each with its own state, new tokens and
-    /// logits request: one sequence with many tokens is a prefill (or a
-    /// speculative verification), many with one token each a batched decode.
-    /// Every step is checked before any runs, so an error leaves all the
-    /// states as they were. Each sequence's results equal those of
-    /// [`forward`](Self::forward) on it alone.
-    pub fn forward_batch(&self, batch: &mut [SequenceStep<'_>]) -> Result<()> {
-        for (i, step) in batch.iter_mut().enumerate() {
-            self.check_step(step.state, step.tokens, &mut step.logits)
-                .map_err(|e| EngineError::State(format!("sequence {i} of the batch: {e}")))?;
+    /// Buffers for batched steps of up to `rows` tokens in all (the decode
+    /// tokens of every sequence, or the drafts they verify).
+    pub fn new_batch_scratch(&self, rows: usize) -> Result<BatchScratch> {
+        if rows == 0 {
+            return Err(EngineError::State(
+                "a batch of 0 rows cannot run anything".into(),
+            ));
         }
-        // The fused path across sequences is still to come; each runs in turn.
+        let shape = StateShape {
+            capacity: rows,
+            chunk: rows,
+            rollback: 1,
+            threads: self.n_threads(),
+            kv: Default::default(),
+        };
+        let mut budget = Budget::for_context(rows);
+        let p = &self.parts;
+        let scratch = Scratch::new(&p.blocks, (p.hidden, p.vocab), &shape, &mut budget)?;
+        let logits = match rows.checked_mul(p.vocab) {
+            Some(n) => budget.floats(n)?,
+            None => return Err(EngineError::State(format!("a batch of {rows} rows"))),
+        };
+        Ok(BatchScratch {
+            model_id: self.id,
+            rows,
+            scratch,
+            logits,
+        })
+    }
+
+    /// Runs one step of several sequences together, each with its own
+    /// state, new tokens (one to decode, or a few to verify) and logits
+    /// request. The linear layers run once over the rows of every
+    /// sequence, so the weights are read once per step however many
+    /// sequences share it; attention and the recurrent layers run per
+    /// sequence over its own state.
+    ///
+    /// Batch-invariant: each sequence's logits and state are bit-identical
+    /// to those of [`forward_exact`](Self::forward_exact) on it alone (for
+    /// a one-token step, to [`forward`](Self::forward)'s), whatever else
+    /// shares the step. Every step is checked before any runs, so an error
+    /// leaves all the states as they were. At most
+    /// [`BatchScratch::rows`] tokens in all, and each sequence's no more
+    /// than its state's step length.
+    pub fn forward_batch(
+        &self,
+        scratch: &mut BatchScratch,
+        batch: &mut [SequenceStep<'_>],
+    ) -> Result<()> {
+        if scratch.model_id != self.id {
+            return Err(EngineError::State(
+                "these batch buffers were made by another model".into(),
+            ));
+        }
+        let mut rows = 0;
+        for (i, step) in batch.iter_mut().enumerate() {
+            let fail =
+                |e: EngineError| EngineError::State(format!("sequence {i} of the batch: {e}"));
+            self.check_step(step.state, step.tokens, &mut step.logits)
+                .map_err(fail)?;
+            let (n, most) = (step.tokens.len(), step.state.shape.chunk);
+            if n == 0 || n > most {
+                return Err(fail(EngineError::State(format!(
+                    "a step of {n} tokens: this state takes 1 to {most} at once"
+                ))));
+            }
+            rows += n;
+        }
+        if rows > scratch.rows {
+            return Err(EngineError::State(format!(
+                "a batched step of {rows} tokens: these buffers take {}",
+                scratch.rows
+            )));
+        }
+        let (hidden, vocab) = (self.info.hidden, self.info.vocab);
+        let s = &mut scratch.scratch;
+        let mut row = 0;
         for step in batch.iter_mut() {
-            self.run_step(
-                step.state,
-                step.tokens,
-                &mut step.logits,
-                ProductMode::Fast,
-                None,
-            );
+            let n = step.tokens.len();
+            match &mut step.logits {
+                Logits::All(out) => out.resize(n * vocab, 0.0),
+                Logits::At(at, out) => out.resize(at.len() * vocab, 0.0),
+                Logits::None | Logits::Last => {}
+            }
+            for &token in step.tokens {
+                let x = &mut s.x[row * hidden..(row + 1) * hidden];
+                self.parts.embedding.row(self.isa, token as usize, x);
+                if let Some(scale) = self.parts.embed_scale {
+                    x.iter_mut().for_each(|v| *v *= scale);
+                }
+                row += 1;
+            }
+            let state = &mut *step.state;
+            state.ropes.fill(&self.parts.ropes, state.len, n);
+        }
+        let cx = Compute {
+            mode: ProductMode::TokenExact,
+            ..self.compute()
+        };
+        for (l, block) in self.parts.blocks.iter().enumerate() {
+            block.mixer_in(&cx, s, rows, hidden);
+            let mut offset = 0;
+            for step in batch.iter_mut() {
+                let InferenceState {
+                    layers, ropes, len, ..
+                } = &mut *step.state;
+                let n = step.tokens.len();
+                let part = Step {
+                    cx,
+                    ropes,
+                    n,
+                    start: *len,
+                    offset,
+                    recurrent_tail: n,
+                    tree: None,
+                };
+                block.mixer_mix(&part, &mut layers[l], s);
+                offset += n;
+            }
+            block.mixer_out(&cx, s, rows, hidden);
+            block.forward_mlp(&cx, s, rows, hidden);
+        }
+        // The rows whose logits are asked for, normalised side by side.
+        let norm = &self.parts.final_norm;
+        let (mut asked, mut offset) = (0, 0);
+        for step in batch.iter_mut() {
+            let n = step.tokens.len();
+            step.state.len += n;
+            for r in asked_rows(&step.logits, n) {
+                let x = &s.x[(offset + r) * hidden..(offset + r + 1) * hidden];
+                norm.rows(x, &mut s.h[asked * hidden..(asked + 1) * hidden], hidden);
+                asked += 1;
+            }
+            offset += n;
+        }
+        if asked == 0 {
+            return Ok(());
+        }
+        let out = &mut scratch.logits[..asked * vocab];
+        cx.project(
+            [(&self.parts.lm_head, &mut *out)],
+            &s.h[..asked * hidden],
+            asked,
+        );
+        if let Some(cap) = self.parts.logit_softcap {
+            for v in out.iter_mut() {
+                *v = (*v / cap).tanh() * cap;
+            }
+        }
+        let mut from = 0;
+        for step in batch.iter_mut() {
+            let dst: &mut [f32] = match &mut step.logits {
+                Logits::None => continue,
+                Logits::Last => &mut step.state.scratch.logits,
+                Logits::All(out) | Logits::At(_, out) => out,
+            };
+            let len = dst.len();
+            dst.copy_from_slice(&out[from..from + len]);
+            from += len;
         }
         Ok(())
     }
@@ -355,6 +515,7 @@ impl Model {
             ropes,
             n,
             start,
+            offset: 0,
             recurrent_tail,
             tree,
         };
@@ -363,4 +524,15 @@ impl Model {
         }
         *len += n;
     }
+}
+
+/// The rows of an `n`-token step whose logits `logits` asks for.
+fn asked_rows<'a>(logits: &'a Logits<'_>, n: usize) -> impl Iterator<Item = usize> + 'a {
+    let (range, at): (std::ops::Range<usize>, &[usize]) = match logits {
+        Logits::None => (0..0, &[]),
+        Logits::Last => (n - 1..n, &[]),
+        Logits::All(_) => (0..n, &[]),
+        Logits::At(at, _) => (0..0, at),
+    };
+    range.chain(at.iter().copied())
 }

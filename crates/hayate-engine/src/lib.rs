@@ -6,11 +6,12 @@
 //! reproducible per-position noise ([`sampler`]). `docs/architecture.md`
 //! walks through it.
 //!
-//! The forward pass takes a batch of sequences ([`Model::forward_batch`]),
-//! each with its own state, new tokens and logits request (none, the last,
-//! all, or chosen positions); [`Model::forward`] is the one-sequence case.
-//! A batch is checked whole before any sequence advances, and for now runs
-//! its sequences one after another.
+//! The forward pass runs one sequence ([`Model::forward`]: a prompt in
+//! chunks, or a token) or a step of several together
+//! ([`Model::forward_batch`]: each with its own state, new tokens and
+//! logits request), where the linear layers run once over every
+//! sequence's rows and each sequence's results are bit-identical to its
+//! results alone. [`batch`] schedules such steps for many requests at once.
 //!
 //! # Sizes
 //!
@@ -38,6 +39,7 @@
 //!   or beside others.
 
 pub mod arch;
+pub mod batch;
 mod budget;
 pub mod calibrate;
 mod error;
@@ -54,9 +56,10 @@ pub mod sampler;
 pub mod speculate;
 pub mod state;
 
+pub use batch::{BatchRequest, Batcher, SlotEvent};
 pub use calibrate::Calibration;
 pub use error::EngineError;
-pub use forward::{Logits, MAX_TREE_NODES, SequenceStep};
+pub use forward::{BatchScratch, Logits, MAX_TREE_NODES, SequenceStep};
 pub use generate::{GenerationStats, Generator, Rules, StopReason};
 pub use layers::KvFormat;
 pub use model::{LoadOptions, Model, ModelInfo, StateOptions};

@@ -31,6 +31,8 @@ pub struct InferenceState {
     pub(crate) scratch: Scratch,
     /// The rotary tables of the current step's positions.
     pub(crate) ropes: RopeTables,
+    /// Bytes of its buffers.
+    bytes: usize,
 }
 
 impl InferenceState {
@@ -63,7 +65,13 @@ impl InferenceState {
             bounded,
             scratch,
             ropes,
+            bytes: budget.used(),
         })
+    }
+
+    /// Bytes its buffers take when full (caches, recurrent states, scratch).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Tokens processed so far (the position of the next token).

@@ -431,38 +431,43 @@ impl MixerLayer for Attention {
         vec![inputs, vec![&mut self.o]]
     }
 
-    fn forward(
-        &self,
-        step: &Step<'_>,
-        cache: &mut KvCache,
-        s: &mut Scratch,
-        x: &[f32],
-        out: &mut [f32],
-    ) {
-        let (cx, ropes, n, start) = (&step.cx, step.ropes, step.n, step.start);
+    fn project_in(&self, cx: &Compute<'_>, s: &mut Scratch, x: &[f32], rows: usize) {
         let hd = self.head_dim;
         let (q_dim, kv_dim) = (self.n_heads * hd, self.n_kv_heads * hd);
         let (q, k, v) = (
-            &mut s.q[..n * q_dim],
-            &mut s.k[..n * kv_dim],
-            &mut s.v[..n * kv_dim],
+            &mut s.q[..rows * q_dim],
+            &mut s.k[..rows * kv_dim],
+            &mut s.v[..rows * kv_dim],
         );
         match &self.gate {
             Some(gate) => {
-                let g = &mut s.gate[..n * q_dim];
-                cx.project([(&self.q, q), (gate, g), (&self.k, k), (&self.v, v)], x, n);
+                let g = &mut s.gate[..rows * q_dim];
+                cx.project(
+                    [(&self.q, q), (gate, g), (&self.k, k), (&self.v, v)],
+                    x,
+                    rows,
+                );
             }
-            None => cx.project([(&self.q, q), (&self.k, k), (&self.v, v)], x, n),
+            None => cx.project([(&self.q, q), (&self.k, k), (&self.v, v)], x, rows),
         }
+    }
+
+    fn mix(&self, step: &Step<'_>, cache: &mut KvCache, s: &mut Scratch) {
+        let (cx, ropes, n, start) = (&step.cx, step.ropes, step.n, step.start);
+        let hd = self.head_dim;
+        let (q_dim, kv_dim) = (self.n_heads * hd, self.n_kv_heads * hd);
+        let (qs, kvs) = (step.offset * q_dim, step.offset * kv_dim);
+        let q = &mut s.q[qs..qs + n * q_dim];
+        let (k, v) = (&mut s.k[kvs..kvs + n * kv_dim], &s.v[kvs..kvs + n * kv_dim]);
         for t in 0..n {
             let (cos, sin) = ropes.at(self.rope, t);
-            for head in s.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
+            for head in q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
                 if let Some(norm) = &self.q_norm {
                     ops::rms_norm_inplace(head, &norm.weight, norm.eps);
                 }
                 ops::rope_rotate_half(head, cos, sin);
             }
-            for (kvh, head) in s.k[t * kv_dim..(t + 1) * kv_dim]
+            for (kvh, head) in k[t * kv_dim..(t + 1) * kv_dim]
                 .chunks_exact_mut(hd)
                 .enumerate()
             {
@@ -470,31 +475,29 @@ impl MixerLayer for Attention {
                     ops::rms_norm_inplace(head, &norm.weight, norm.eps);
                 }
                 ops::rope_rotate_half(head, cos, sin);
-                let v = &s.v[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
+                let v = &v[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
                 cache.store(kvh, start + t, head, v);
             }
         }
-        let attn = &mut s.attn[..n * q_dim];
+        let q = &s.q[qs..qs + n * q_dim];
+        let attn = &mut s.attn[qs..qs + n * q_dim];
         match step.tree {
-            None => self.attend(cx, cache, &s.q[..n * q_dim], attn, &mut s.tiles, n, start),
+            None => self.attend(cx, cache, q, attn, &mut s.tiles, n, start),
             Some(tree) => {
-                let kv = (&s.k[..n * kv_dim], &s.v[..n * kv_dim]);
+                let kv = (&s.k[kvs..kvs + n * kv_dim], &s.v[kvs..kvs + n * kv_dim]);
                 let buffers = (&mut s.tiles[..], &mut s.tails[..]);
-                self.attend_tree(
-                    cx,
-                    cache,
-                    (&s.q[..n * q_dim], kv),
-                    attn,
-                    buffers,
-                    tree,
-                    start,
-                )
+                self.attend_tree(cx, cache, (q, kv), attn, buffers, tree, start)
             }
         }
+    }
+
+    fn project_out(&self, cx: &Compute<'_>, s: &mut Scratch, rows: usize, out: &mut [f32]) {
+        let q_dim = self.n_heads * self.head_dim;
+        let attn = &mut s.attn[..rows * q_dim];
         if self.gate.is_some() {
-            ops::mul_sigmoid(attn, &s.gate[..n * q_dim]);
+            ops::mul_sigmoid(attn, &s.gate[..rows * q_dim]);
         }
-        cx.project([(&self.o, out)], attn, n);
+        cx.project([(&self.o, out)], attn, rows);
     }
 }
 

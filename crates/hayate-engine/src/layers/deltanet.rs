@@ -21,7 +21,7 @@ use super::norm::RmsNorm;
 use super::short_conv::ConvHistory;
 use crate::Result;
 use crate::budget::{Budget, StateShape};
-use crate::linear::Linear;
+use crate::linear::{Compute, Linear};
 use hayate_kernels::deltanet::{self, CHUNK, ChunkScratch};
 use hayate_kernels::ops;
 use hayate_kernels::pool::{DisjointMut, split_range};
@@ -189,39 +189,42 @@ impl MixerLayer for GatedDeltaNet {
         ]
     }
 
+    fn project_in(&self, cx: &Compute<'_>, s: &mut Scratch, x: &[f32], rows: usize) {
+        let (c, vd, nv) = (self.channels(), self.n_v_heads * self.v_dim, self.n_v_heads);
+        cx.project(
+            [
+                (&self.qkv, &mut s.qkv[..rows * c]),
+                (&self.z, &mut s.z[..rows * vd]),
+                (&self.b, &mut s.b[..rows * nv]),
+                (&self.a, &mut s.a[..rows * nv]),
+            ],
+            x,
+            rows,
+        );
+    }
+
     /// All but the last `recurrent_tail` tokens go through the chunked
     /// form; those last ones step through the recurrence so that the state
     /// after each is kept.
-    fn forward(
-        &self,
-        step: &Step<'_>,
-        st: &mut DeltaState,
-        s: &mut Scratch,
-        x: &[f32],
-        out: &mut [f32],
-    ) {
+    fn mix(&self, step: &Step<'_>, st: &mut DeltaState, s: &mut Scratch) {
         let (cx, n, start, recurrent_tail) = (&step.cx, step.n, step.start, step.recurrent_tail);
+        let offset = step.offset;
         let c = self.channels();
         let (nk, dk, nv, dv) = (self.n_k_heads, self.k_dim, self.n_v_heads, self.v_dim);
         let key_dim = nk * dk;
         let vd = nv * dv;
-        cx.project(
-            [
-                (&self.qkv, &mut s.qkv[..n * c]),
-                (&self.z, &mut s.z[..n * vd]),
-                (&self.b, &mut s.b[..n * nv]),
-                (&self.a, &mut s.a[..n * nv]),
-            ],
-            x,
-            n,
+        let qkv = &mut s.qkv[offset * c..(offset + n) * c];
+        let (b_rows, a_rows) = (
+            &mut s.b[offset * nv..(offset + n) * nv],
+            &mut s.a[offset * nv..(offset + n) * nv],
         );
 
         // Causal convolution over the fused projection, then SiLU.
         let window = &mut s.window[..(self.kernel - 1 + n) * c];
         st.conv.fill_window(self.kernel, start, window);
-        window[(self.kernel - 1) * c..].copy_from_slice(&s.qkv[..n * c]);
+        window[(self.kernel - 1) * c..].copy_from_slice(qkv);
         st.conv.remember(start, &window[(self.kernel - 1) * c..]);
-        let mixed = &mut s.qkv[..n * c];
+        let mixed = qkv;
         ops::causal_conv1d(window, &self.conv, None, c, mixed);
         ops::silu(mixed);
 
@@ -236,8 +239,8 @@ impl MixerLayer for GatedDeltaNet {
         for t in 0..n {
             for h in 0..nv {
                 let i = t * nv + h;
-                s.b[i] = ops::sigmoid(s.b[i]);
-                s.a[i] = self.neg_decay[h] * ops::softplus(s.a[i] + self.dt_bias[h]);
+                b_rows[i] = ops::sigmoid(b_rows[i]);
+                a_rows[i] = self.neg_decay[h] * ops::softplus(a_rows[i] + self.dt_bias[h]);
             }
         }
 
@@ -245,9 +248,9 @@ impl MixerLayer for GatedDeltaNet {
         let n_head = n - n_tail;
         let head_size = dk * dv;
         let group = nv / nk;
-        let (mixed, beta, g) = (&s.qkv[..n * c], &s.b, &s.a);
+        let (mixed, beta, g) = (&*mixed, &*b_rows, &*a_rows);
         let works = &s.work;
-        let outputs = DisjointMut::new(&mut s.out[..n * vd]);
+        let outputs = DisjointMut::new(&mut s.out[offset * vd..(offset + n) * vd]);
         let states = DisjointMut::new(&mut st.states);
         let (slots, size) = (st.slots, st.size);
         let slot = |p: usize| p % slots;
@@ -319,16 +322,19 @@ impl MixerLayer for GatedDeltaNet {
                 }
             }
         });
+    }
 
-        // Gated RMS norm per value head, then the output projection.
-        let heads_out = &mut s.out[..n * vd];
+    /// Gated RMS norm per value head, then the output projection.
+    fn project_out(&self, cx: &Compute<'_>, s: &mut Scratch, rows: usize, out: &mut [f32]) {
+        let (dv, vd) = (self.v_dim, self.n_v_heads * self.v_dim);
+        let heads_out = &mut s.out[..rows * vd];
         for (o, z) in heads_out
             .chunks_exact_mut(dv)
-            .zip(s.z[..n * vd].chunks_exact(dv))
+            .zip(s.z[..rows * vd].chunks_exact(dv))
         {
             ops::rms_norm_inplace(o, &self.norm.weight, self.norm.eps);
             ops::mul_silu(o, z);
         }
-        cx.project([(&self.out, out)], heads_out, n);
+        cx.project([(&self.out, out)], heads_out, rows);
     }
 }

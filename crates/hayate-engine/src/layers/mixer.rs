@@ -6,8 +6,9 @@ use crate::budget::{Budget, StateShape};
 use crate::linear::{Compute, Linear};
 use crate::rope::RopeTables;
 
-/// One step of the forward pass, as a mixer sees it: `n` new tokens at
-/// positions `start..start + n`.
+/// One sequence's part of a step of the forward pass, as a mixer sees it:
+/// `n` new tokens at positions `start..start + n`, rows `offset..offset + n`
+/// of the step's buffers (a batched step holds several sequences' rows).
 pub(crate) struct Step<'a> {
     /// Where the products run.
     pub cx: Compute<'a>,
@@ -17,6 +18,8 @@ pub(crate) struct Step<'a> {
     pub n: usize,
     /// Position of the first.
     pub start: usize,
+    /// Row of the first in the step's buffers.
+    pub offset: usize,
     /// Recurrent layers keep the state after each of this many last tokens.
     pub recurrent_tail: usize,
     /// For a draft tree ([`crate::Model::forward_tree`]): which token each
@@ -66,14 +69,21 @@ pub(crate) trait MixerLayer: Sized {
     /// The same, to replace them (quantization at load).
     fn linear_groups_mut(&mut self) -> Vec<Vec<&mut Linear>>;
 
-    /// The layer over the step's normalised inputs `x` (`n × hidden`);
-    /// its output projection goes to `out` (`n × hidden`).
-    fn forward(
+    /// The input projections of all `rows` rows of the step (every
+    /// sequence's) from the normalised inputs `x` (`rows × hidden`) into
+    /// the scratch.
+    fn project_in(&self, cx: &Compute<'_>, scratch: &mut Self::Scratch, x: &[f32], rows: usize);
+
+    /// One sequence's part between the projections: its rows of the
+    /// scratch (`step.offset..step.offset + step.n`) against its state.
+    fn mix(&self, step: &Step<'_>, state: &mut Self::State, scratch: &mut Self::Scratch);
+
+    /// The output projection of all `rows` rows into `out` (`rows × hidden`).
+    fn project_out(
         &self,
-        step: &Step<'_>,
-        state: &mut Self::State,
+        cx: &Compute<'_>,
         scratch: &mut Self::Scratch,
-        x: &[f32],
+        rows: usize,
         out: &mut [f32],
     );
 }

@@ -31,7 +31,7 @@ pub(crate) use mixer::{Step, Tree};
 
 use crate::Result;
 use crate::budget::{Budget, StateShape};
-use crate::linear::Linear;
+use crate::linear::{Compute, Linear};
 use mixer::MixerLayer;
 
 /// Declares the mixers: the [`Mixer`] and `MixerState` enums, the
@@ -107,19 +107,30 @@ macro_rules! mixers {
                 }
             }
 
-            fn forward(
-                &self,
-                step: &Step<'_>,
-                state: &mut MixerState,
-                scratch: &mut MixerScratch,
-                x: &[f32],
-                out: &mut [f32],
-            ) {
+            fn project_in(&self, cx: &Compute<'_>, scratch: &mut MixerScratch, x: &[f32], rows: usize) {
+                match self {
+                    $(Mixer::$variant(m) => m.project_in(cx, &mut scratch.$scratch, x, rows),)+
+                }
+            }
+
+            fn mix(&self, step: &Step<'_>, state: &mut MixerState, scratch: &mut MixerScratch) {
                 match (self, state) {
                     $((Mixer::$variant(m), MixerState::$variant(s)) => {
-                        m.forward(step, s, &mut scratch.$scratch, x, out)
+                        m.mix(step, s, &mut scratch.$scratch)
                     })+
                     _ => unreachable!("states are made by the same blocks"),
+                }
+            }
+
+            fn project_out(
+                &self,
+                cx: &Compute<'_>,
+                scratch: &mut MixerScratch,
+                rows: usize,
+                out: &mut [f32],
+            ) {
+                match self {
+                    $(Mixer::$variant(m) => m.project_out(cx, &mut scratch.$scratch, rows, out),)+
                 }
             }
         }
@@ -179,7 +190,7 @@ impl Block {
         hidden: usize,
     ) {
         self.forward_mixer(step, state, s, hidden);
-        self.forward_mlp(step, s, hidden);
+        self.forward_mlp(&step.cx, s, step.n, hidden);
     }
 
     /// The mixer half of [`Self::forward`]: `x += post(mixer(norm(x)))`.
@@ -190,10 +201,32 @@ impl Block {
         s: &mut Scratch,
         hidden: usize,
     ) {
-        let rows = step.n * hidden;
-        let (x, h, mix) = (&mut s.x[..rows], &mut s.h[..rows], &mut s.mix[..rows]);
+        self.mixer_in(&step.cx, s, step.n, hidden);
+        self.mixer.mix(step, state, &mut s.mixers);
+        self.mixer_out(&step.cx, s, step.n, hidden);
+    }
+
+    /// The first part of the mixer half over all `rows` rows of a step:
+    /// the norm and the mixer's input projections. Each sequence's
+    /// [`mixer_mix`](Self::mixer_mix) follows, then [`mixer_out`](Self::mixer_out).
+    pub(crate) fn mixer_in(&self, cx: &Compute<'_>, s: &mut Scratch, rows: usize, hidden: usize) {
+        let n = rows * hidden;
+        let (x, h) = (&s.x[..n], &mut s.h[..n]);
         self.mixer_norm.rows(x, h, hidden);
-        self.mixer.forward(step, state, &mut s.mixers, h, mix);
+        self.mixer.project_in(cx, &mut s.mixers, h, rows);
+    }
+
+    /// One sequence's part of the mixer (its rows, its state).
+    pub(crate) fn mixer_mix(&self, step: &Step<'_>, state: &mut MixerState, s: &mut Scratch) {
+        self.mixer.mix(step, state, &mut s.mixers);
+    }
+
+    /// The last part of the mixer half over all `rows` rows: output
+    /// projection, post norm, residual.
+    pub(crate) fn mixer_out(&self, cx: &Compute<'_>, s: &mut Scratch, rows: usize, hidden: usize) {
+        let n = rows * hidden;
+        let (x, mix) = (&mut s.x[..n], &mut s.mix[..n]);
+        self.mixer.project_out(cx, &mut s.mixers, rows, mix);
         if let Some(norm) = &self.post_mixer_norm {
             norm.rows_inplace(mix, hidden);
         }
@@ -201,11 +234,17 @@ impl Block {
     }
 
     /// The feed-forward half of [`Self::forward`]: `x += post(mlp(norm(x)))`.
-    pub(crate) fn forward_mlp(&self, step: &Step<'_>, s: &mut Scratch, hidden: usize) {
-        let rows = step.n * hidden;
-        let (x, h, mix) = (&mut s.x[..rows], &mut s.h[..rows], &mut s.mix[..rows]);
+    pub(crate) fn forward_mlp(
+        &self,
+        cx: &Compute<'_>,
+        s: &mut Scratch,
+        rows: usize,
+        hidden: usize,
+    ) {
+        let n = rows * hidden;
+        let (x, h, mix) = (&mut s.x[..n], &mut s.h[..n], &mut s.mix[..n]);
         self.mlp_norm.rows(x, h, hidden);
-        self.mlp.forward(&step.cx, &mut s.mlp, h, mix, step.n);
+        self.mlp.forward(cx, &mut s.mlp, h, mix, rows);
         if let Some(norm) = &self.post_mlp_norm {
             norm.rows_inplace(mix, hidden);
         }

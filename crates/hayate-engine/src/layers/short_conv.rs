@@ -9,7 +9,7 @@
 use super::mixer::{MixerLayer, Step};
 use crate::Result;
 use crate::budget::{Budget, StateShape};
-use crate::linear::Linear;
+use crate::linear::{Compute, Linear};
 use hayate_kernels::ops;
 
 /// Gated short convolution (LFM2): `out(C ⊙ conv(B ⊙ x))` with `B`, `C`
@@ -135,18 +135,15 @@ impl MixerLayer for ShortConv {
         vec![vec![&mut self.in_proj], vec![&mut self.out]]
     }
 
-    fn forward(
-        &self,
-        step: &Step<'_>,
-        history: &mut ConvHistory,
-        s: &mut Scratch,
-        x: &[f32],
-        out: &mut [f32],
-    ) {
-        let (cx, n, start) = (&step.cx, step.n, step.start);
+    fn project_in(&self, cx: &Compute<'_>, s: &mut Scratch, x: &[f32], rows: usize) {
+        let bcx = &mut s.bcx[..rows * 3 * self.channels];
+        cx.project([(&self.in_proj, bcx)], x, rows);
+    }
+
+    fn mix(&self, step: &Step<'_>, history: &mut ConvHistory, s: &mut Scratch) {
+        let (n, start, offset) = (step.n, step.start, step.offset);
         let ch = self.channels;
-        let bcx = &mut s.bcx[..n * 3 * ch];
-        cx.project([(&self.in_proj, &mut *bcx)], x, n);
+        let bcx = &s.bcx[offset * 3 * ch..(offset + n) * 3 * ch];
         let window = &mut s.window[..(self.kernel - 1 + n) * ch];
         history.fill_window(self.kernel, start, window);
         for (row, dst) in bcx
@@ -157,11 +154,14 @@ impl MixerLayer for ShortConv {
             ops::mul(dst, &row[2 * ch..]);
         }
         history.remember(start, &window[(self.kernel - 1) * ch..]);
-        let y = &mut s.y[..n * ch];
+        let y = &mut s.y[offset * ch..(offset + n) * ch];
         ops::causal_conv1d(window, &self.conv, self.conv_bias.as_deref(), ch, y);
         for (row, yr) in bcx.chunks_exact(3 * ch).zip(y.chunks_exact_mut(ch)) {
             ops::mul(yr, &row[ch..2 * ch]);
         }
-        cx.project([(&self.out, out)], y, n);
+    }
+
+    fn project_out(&self, cx: &Compute<'_>, s: &mut Scratch, rows: usize, out: &mut [f32]) {
+        cx.project([(&self.out, out)], &s.y[..rows * self.channels], rows);
     }
 }

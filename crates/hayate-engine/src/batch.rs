@@ -1,0 +1,451 @@
+//! Continuous batching: many requests generated together, one step at a
+//! time, each joining and leaving at any step.
+//!
+//! A [`Batcher`] holds a fixed number of slots, each a sequence's state and
+//! tokens. A request takes a free slot (the one whose state already holds
+//! the longest prefix of its prompt, so a conversation's next turn
+//! prefills only what is new); each [`Batcher::step`] then
+//!
+//! - prefills prompts in pieces of the state's step length, within a
+//!   per-step token budget while others decode, so that a long prompt does
+//!   not stall them (all of it at once when nothing decodes);
+//! - decodes one token for every other active sequence in one batched
+//!   pass ([`Model::forward_batch`]: the weights are read once per step);
+//! - samples each sequence's next token under its own sampler and
+//!   constraint, and reports it.
+//!
+//! Batch-invariant: a prompt's pieces depend only on the prompt and what
+//! its slot held, and a batched pass gives each sequence what it gives
+//! alone, so a seeded request generates the same text alone or under load.
+
+use crate::forward::{BatchScratch, Logits, SequenceStep};
+use crate::generate::{GenerationStats, StopReason};
+use crate::model::{Model, StateOptions};
+use crate::sampler::{Sampler, SamplingParams, TokenConstraint};
+use crate::state::InferenceState;
+use crate::{EngineError, Result};
+use std::time::{Duration, Instant};
+
+/// What a request asks of its generation.
+pub struct BatchRequest {
+    /// The prompt's token ids (at least one).
+    pub prompt: Vec<u32>,
+    /// How to sample.
+    pub params: SamplingParams,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Tokens allowed at each step (a grammar).
+    pub constraint: Option<Box<dyn TokenConstraint + Send>>,
+}
+
+/// What a step reports of one slot's request.
+pub enum SlotEvent<'a> {
+    /// A token was generated; `logits` are those it was drawn from
+    /// (penalties and the constraint's mask applied).
+    Token {
+        /// The token.
+        token: u32,
+        /// Its logits.
+        logits: &'a [f32],
+    },
+    /// The request ended; its slot is free again.
+    Done(GenerationStats),
+    /// The request failed; its slot is free again.
+    Failed(EngineError),
+}
+
+/// The generation a slot is running.
+struct Active {
+    sampler: Sampler,
+    constraint: Option<Box<dyn TokenConstraint + Send>>,
+    max_tokens: usize,
+    /// Where the prompt's prefill began and the tokens it prefills.
+    prompt_tokens: usize,
+    started: Instant,
+    prefill_time: Duration,
+    first_token_at: Option<Instant>,
+    generated: usize,
+    /// When the request was admitted (its order among the waiting prefills).
+    order: u64,
+}
+
+/// One sequence's state and tokens, kept between requests.
+struct Slot {
+    state: InferenceState,
+    /// Every token of the sequence (the prompt and what was generated);
+    /// the state holds `tokens[..state.len()]`.
+    tokens: Vec<u32>,
+    /// The next-token logits, sampled in place.
+    logits: Vec<f32>,
+    active: Option<Active>,
+    /// When the slot last served a request (least recently used goes first).
+    last_used: u64,
+}
+
+impl Slot {
+    /// Whether the slot's state lacks more than the last sampled token:
+    /// its prompt is still being prefilled.
+    fn prefilling(&self) -> bool {
+        self.state.len() + 1 < self.tokens.len()
+    }
+
+    /// Tokens of `prompt` this slot's state holds and can keep (at least
+    /// one prompt token must be fed, for the logits after it).
+    fn reusable(&self, prompt: &[u32]) -> usize {
+        let common = self.tokens[..self.state.len()]
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let keep = common.min(prompt.len().saturating_sub(1));
+        if self.state.can_truncate(keep) {
+            keep
+        } else {
+            0
+        }
+    }
+}
+
+/// Requests generated together: a fixed number of slots, advanced one
+/// [`step`](Self::step) at a time.
+pub struct Batcher<'m> {
+    model: &'m Model,
+    slots: Vec<Slot>,
+    scratch: BatchScratch,
+    /// Ids that end a generation (not reported).
+    stop_ids: Vec<u32>,
+    /// Prompt tokens prefilled per step while other sequences decode.
+    prefill_budget: usize,
+    /// Counts admissions and uses, for ordering.
+    clock: u64,
+}
+
+/// Where a step's decode tokens go: rows of one batched pass.
+const DECODE_ROWS: usize = 64;
+
+impl<'m> Batcher<'m> {
+    /// `slots` sequences, each with a state as `options` say; `stop_ids`
+    /// end every generation. The states' memory is checked against the
+    /// machine's first, all slots together.
+    pub fn new(
+        model: &'m Model,
+        options: &StateOptions,
+        slots: usize,
+        stop_ids: Vec<u32>,
+    ) -> Result<Self> {
+        if slots == 0 {
+            return Err(EngineError::State(
+                "a batch of 0 slots serves nothing".into(),
+            ));
+        }
+        let first = model.new_state_with(options)?;
+        let total = first.bytes().checked_mul(slots);
+        if let Some(limit) = crate::budget::physical_memory()
+            && total.is_none_or(|t| t > limit)
+        {
+            return Err(EngineError::State(format!(
+                "{slots} sequences of {} tokens need {:.1} GiB of state; this machine has {:.1} GiB: lower the sequences or the context",
+                first.capacity(),
+                first.bytes() as f64 * slots as f64 / f64::from(1u32 << 30),
+                limit as f64 / f64::from(1u32 << 30)
+            )));
+        }
+        let prefill_budget = first.shape.chunk;
+        let mut states = vec![first];
+        for _ in 1..slots {
+            states.push(model.new_state_with(options)?);
+        }
+        let vocab = model.info.vocab;
+        let slots = states
+            .into_iter()
+            .map(|state| Slot {
+                tokens: Vec::with_capacity(state.capacity()),
+                state,
+                logits: vec![0.0; vocab],
+                active: None,
+                last_used: 0,
+            })
+            .collect();
+        Ok(Batcher {
+            model,
+            slots,
+            scratch: model.new_batch_scratch(DECODE_ROWS)?,
+            stop_ids,
+            prefill_budget,
+            clock: 0,
+        })
+    }
+
+    /// Most tokens a sequence holds.
+    pub fn capacity(&self) -> usize {
+        self.slots[0].state.capacity()
+    }
+
+    /// Slots, busy or free.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Slots running a request.
+    pub fn active(&self) -> usize {
+        self.slots.iter().filter(|s| s.active.is_some()).count()
+    }
+
+    /// Starts `request` in a free slot, the one holding the longest prefix
+    /// of its prompt (else the least recently used). Returns the slot and
+    /// how many prompt tokens its state already held (not prefilled), or
+    /// `Ok(None)` when every slot is busy. A prompt that is empty or fills
+    /// the context is an error.
+    pub fn admit(&mut self, request: BatchRequest) -> Result<Option<(usize, usize)>> {
+        let prompt = &request.prompt;
+        if prompt.is_empty() {
+            return Err(EngineError::State(
+                "nothing to prefill: the prompt is empty".into(),
+            ));
+        }
+        let capacity = self.capacity();
+        if prompt.len() >= capacity {
+            return Err(EngineError::ContextFull {
+                needed: prompt.len() + 1,
+                capacity,
+            });
+        }
+        let vocab = self.model.info.vocab;
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::TokenOutOfRange { token: bad, vocab });
+        }
+        let best = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.active.is_none())
+            .min_by_key(|(_, s)| (std::cmp::Reverse(s.reusable(prompt)), s.last_used))
+            .map(|(i, _)| i);
+        let Some(index) = best else {
+            return Ok(None);
+        };
+        self.clock += 1;
+        let slot = &mut self.slots[index];
+        let kept = slot.reusable(prompt);
+        if kept > 0 {
+            slot.state.truncate(kept)?;
+        } else {
+            slot.state.clear();
+        }
+        slot.tokens.clear();
+        slot.tokens.extend_from_slice(prompt);
+        slot.last_used = self.clock;
+        let mut sampler = Sampler::new(request.params, vocab);
+        sampler.output_start = prompt.len();
+        slot.active = Some(Active {
+            sampler,
+            constraint: request.constraint,
+            max_tokens: request.max_tokens,
+            prompt_tokens: prompt.len() - kept,
+            started: Instant::now(),
+            prefill_time: Duration::ZERO,
+            first_token_at: None,
+            generated: 0,
+            order: self.clock,
+        });
+        Ok(Some((index, kept)))
+    }
+
+    /// Ends the request in `slot` at once (its client left); nothing more
+    /// is reported for it.
+    pub fn cancel(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.active = None;
+            let held = s.state.len().min(s.tokens.len());
+            s.tokens.truncate(held);
+        }
+    }
+
+    /// One step of every active request: prompt pieces within the budget,
+    /// one token for every decoding sequence. `on_event(slot, event)`
+    /// hears each token (returning `false` ends that request, as
+    /// cancelled) and each request's end.
+    pub fn step(&mut self, mut on_event: impl FnMut(usize, SlotEvent<'_>) -> bool) {
+        let decoding: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].active.is_some() && !self.slots[i].prefilling())
+            .collect();
+        let mut ready: Vec<usize> = Vec::new();
+        // Prefill, oldest request first.
+        let mut prefilling: Vec<(u64, usize)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((s.active.as_ref()?.order, i)).filter(|_| s.prefilling()))
+            .collect();
+        prefilling.sort_unstable();
+        let mut budget = if decoding.is_empty() {
+            usize::MAX
+        } else {
+            self.prefill_budget
+        };
+        for &(_, i) in &prefilling {
+            if budget == 0 {
+                break;
+            }
+            let slot = &mut self.slots[i];
+            let began = Instant::now();
+            let piece = slot.state.shape.chunk;
+            // Whole pieces from where the prompt's prefill began, so
+            // that where they split does not depend on the budget.
+            let mut result = Ok(false);
+            while budget > 0 && slot.prefilling() {
+                let from = slot.state.len();
+                let end = (from + piece).min(slot.tokens.len());
+                let last = end == slot.tokens.len();
+                let logits = if last { Logits::Last } else { Logits::None };
+                if let Err(e) = self
+                    .model
+                    .forward(&mut slot.state, &slot.tokens[from..end], logits)
+                {
+                    result = Err(e);
+                    break;
+                }
+                budget = budget.saturating_sub(end - from);
+                if last {
+                    result = Ok(true);
+                }
+            }
+            let active = slot.active.as_mut().expect("prefilling slots are active");
+            active.prefill_time += began.elapsed();
+            match result {
+                Ok(true) => ready.push(i),
+                Ok(false) => {}
+                Err(e) => self.fail(i, e, &mut on_event),
+            }
+        }
+        // Every decoding sequence's pending token, in passes of at most
+        // DECODE_ROWS.
+        for group in decoding.chunks(DECODE_ROWS) {
+            let mut batch: Vec<SequenceStep<'_>> = Vec::with_capacity(group.len());
+            let mut members = group.iter().copied().peekable();
+            for (i, slot) in self.slots.iter_mut().enumerate() {
+                if members.peek() != Some(&i) {
+                    continue;
+                }
+                members.next();
+                let Slot { state, tokens, .. } = slot;
+                let at = state.len();
+                batch.push(SequenceStep {
+                    state,
+                    tokens: &tokens[at..at + 1],
+                    logits: Logits::Last,
+                });
+            }
+            match self.model.forward_batch(&mut self.scratch, &mut batch) {
+                Ok(()) => ready.extend_from_slice(group),
+                Err(e) => {
+                    drop(batch);
+                    for &i in group {
+                        self.fail(i, EngineError::State(e.to_string()), &mut on_event);
+                    }
+                }
+            }
+        }
+        for i in ready {
+            self.sample(i, &mut on_event);
+        }
+    }
+
+    /// Draws slot `i`'s next token from its fresh logits and reports it.
+    fn sample(&mut self, i: usize, on_event: &mut impl FnMut(usize, SlotEvent<'_>) -> bool) {
+        let slot = &mut self.slots[i];
+        let Some(active) = slot.active.as_mut() else {
+            return;
+        };
+        if active.max_tokens == 0 {
+            return self.finish(i, StopReason::MaxTokens, on_event);
+        }
+        slot.logits.copy_from_slice(slot.state.last_logits());
+        if let Some(c) = active.constraint.as_deref_mut() {
+            let masked = c.mask(&mut slot.logits);
+            let error = match masked {
+                Err(e) => Some(e),
+                Ok(()) if !slot.logits.iter().any(|l| *l > f32::NEG_INFINITY) => {
+                    Some("the constraint allows no token here".into())
+                }
+                Ok(()) => None,
+            };
+            if let Some(e) = error {
+                return self.fail(i, EngineError::Constraint(e), on_event);
+            }
+        }
+        let position = slot.tokens.len();
+        let token = active
+            .sampler
+            .sample(&mut slot.logits, position, &slot.tokens);
+        let stop = self.stop_ids.contains(&token);
+        if let Some(c) = active.constraint.as_deref_mut()
+            && !stop
+            && let Err(e) = c.commit(token)
+        {
+            return self.fail(i, EngineError::Constraint(e), on_event);
+        }
+        active.first_token_at.get_or_insert_with(Instant::now);
+        if stop {
+            return self.finish(i, StopReason::Stop, on_event);
+        }
+        slot.tokens.push(token);
+        active.generated += 1;
+        let (max_tokens, generated) = (active.max_tokens, active.generated);
+        let go_on = on_event(
+            i,
+            SlotEvent::Token {
+                token,
+                logits: &slot.logits,
+            },
+        );
+        let reason = if !go_on {
+            StopReason::Cancelled
+        } else if generated == max_tokens {
+            StopReason::MaxTokens
+        } else if slot.tokens.len() >= slot.state.capacity() {
+            StopReason::ContextFull
+        } else {
+            return;
+        };
+        self.finish(i, reason, on_event);
+    }
+
+    /// Ends slot `i`'s request for `stop` and reports its statistics.
+    fn finish(
+        &mut self,
+        i: usize,
+        stop: StopReason,
+        on_event: &mut impl FnMut(usize, SlotEvent<'_>) -> bool,
+    ) {
+        let Some(active) = self.slots[i].active.take() else {
+            return;
+        };
+        let first = active.first_token_at;
+        let stats = GenerationStats {
+            prompt_tokens: active.prompt_tokens,
+            prefill_time: active.prefill_time,
+            time_to_first_token: first.map(|t| t - active.started),
+            generated: active.generated,
+            decode_time: first.map_or(Duration::ZERO, |t| t.elapsed()),
+            stop,
+            speculation: None,
+        };
+        on_event(i, SlotEvent::Done(stats));
+    }
+
+    /// Ends slot `i`'s request with `error`; the slot starts over next time.
+    fn fail(
+        &mut self,
+        i: usize,
+        error: EngineError,
+        on_event: &mut impl FnMut(usize, SlotEvent<'_>) -> bool,
+    ) {
+        let slot = &mut self.slots[i];
+        if slot.active.take().is_some() {
+            slot.state.clear();
+            slot.tokens.clear();
+            on_event(i, SlotEvent::Failed(error));
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Continuous batching: seeded requests generate the same tokens alone, in
+//! a batch of 8 that they join at different steps, and through the
+//! one-sequence generator; a request that extends a slot's sequence
+//! prefills only what is new.
+
+use hayate_engine::{
+    BatchRequest, Batcher, GenerationStats, Generator, LoadOptions, Model, Sampler, SamplingParams,
+    SlotEvent, StateOptions, StopReason,
+};
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn fixture_names() -> Vec<String> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("MANIFEST.json")).unwrap()).unwrap();
+    manifest
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Short pieces, so that prompts take several steps to prefill.
+fn options() -> StateOptions {
+    StateOptions {
+        context: Some(96),
+        prefill_chunk: 8,
+        ..StateOptions::default()
+    }
+}
+
+fn prompt(i: usize, vocab: usize) -> Vec<u32> {
+    (0..5 + 4 * i)
+        .map(|t| ((t * 31 + i * 97 + 1) % vocab) as u32)
+        .collect()
+}
+
+fn params(i: usize) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: 1000 + i as u64,
+        ..SamplingParams::default()
+    }
+}
+
+fn request(i: usize, vocab: usize) -> BatchRequest {
+    BatchRequest {
+        prompt: prompt(i, vocab),
+        params: params(i),
+        max_tokens: 12 + i,
+        constraint: None,
+    }
+}
+
+/// Runs `batcher` until every admitted request ends; returns each slot's
+/// tokens and statistics. `admit(step, batcher)` may add requests.
+fn drive(
+    batcher: &mut Batcher<'_>,
+    mut admit: impl FnMut(usize, &mut Batcher<'_>),
+) -> Vec<(Vec<u32>, Option<GenerationStats>)> {
+    let mut out: Vec<(Vec<u32>, Option<GenerationStats>)> = vec![(Vec::new(), None); 8];
+    for step in 0..500 {
+        admit(step, batcher);
+        if batcher.active() == 0 && step > 8 {
+            break;
+        }
+        batcher.step(|slot, event| {
+            match event {
+                SlotEvent::Token { token, .. } => out[slot].0.push(token),
+                SlotEvent::Done(stats) => out[slot].1 = Some(stats),
+                SlotEvent::Failed(e) => panic!("slot {slot}: {e}"),
+            }
+            true
+        });
+    }
+    out
+}
+
+#[test]
+fn seeded_requests_are_the_same_alone_and_in_a_batch_of_eight() {
+    for name in fixture_names() {
+        let model = Model::load(&fixture(&name), &LoadOptions::default()).unwrap();
+        let vocab = model.info.vocab;
+        let stops: Vec<u32> = Vec::new();
+        // Through the one-sequence generator.
+        let plain: Vec<Vec<u32>> = (0..8)
+            .map(|i| {
+                let mut generator = Generator::new(&model, &options()).unwrap();
+                generator.set_prompt(&prompt(i, vocab)).unwrap();
+                let mut sampler = Sampler::new(params(i), vocab);
+                let mut tokens = Vec::new();
+                generator
+                    .generate::<hayate_engine::EngineError>(&mut sampler, 12 + i, &stops, |t| {
+                        tokens.push(t);
+                        Ok(true)
+                    })
+                    .unwrap();
+                tokens
+            })
+            .collect();
+        // Alone in a batcher of one slot.
+        for (i, want) in plain.iter().enumerate() {
+            let mut alone = Batcher::new(&model, &options(), 1, stops.clone()).unwrap();
+            assert_eq!(alone.admit(request(i, vocab)).unwrap(), Some((0, 0)));
+            let got = drive(&mut alone, |_, _| {});
+            assert_eq!(&got[0].0, want, "{name}: request {i} alone");
+            let stats = got[0].1.as_ref().unwrap();
+            assert_eq!(stats.stop, StopReason::MaxTokens);
+            assert_eq!((stats.generated, stats.prompt_tokens), (12 + i, 5 + 4 * i));
+        }
+        // Eight together, joining at steps 0, 1, 2, ... (a step's prefill
+        // budget is one piece while others decode).
+        let mut batch = Batcher::new(&model, &options(), 8, stops.clone()).unwrap();
+        let got = drive(&mut batch, |step, b| {
+            if step < 8 {
+                let (slot, kept) = b.admit(request(step, vocab)).unwrap().unwrap();
+                assert_eq!((slot, kept), (step, 0));
+            }
+        });
+        for (i, want) in plain.iter().enumerate() {
+            assert_eq!(&got[i].0, want, "{name}: request {i} in the batch");
+        }
+    }
+}
+
+#[test]
+fn a_request_extending_a_slots_sequence_prefills_only_what_is_new() {
+    for name in fixture_names() {
+        let model = Model::load(&fixture(&name), &LoadOptions::default()).unwrap();
+        let vocab = model.info.vocab;
+        let mut batcher = Batcher::new(&model, &options(), 2, Vec::new()).unwrap();
+        let mut conversation = prompt(3, vocab);
+        for turn in 0..4 {
+            let first = BatchRequest {
+                prompt: conversation.clone(),
+                params: params(turn),
+                max_tokens: 5,
+                constraint: None,
+            };
+            let (_, kept) = batcher.admit(first).unwrap().unwrap();
+            let got = drive(&mut batcher, |_, _| {});
+            let (reply, stats) = got.into_iter().find(|(t, _)| !t.is_empty()).unwrap();
+            let stats = stats.unwrap();
+            if turn == 0 {
+                assert_eq!(kept, 0);
+            } else {
+                // All but the reply's last token (never fed) and the new turn.
+                assert_eq!(kept, conversation.len() - 4, "{name}: turn {turn}");
+            }
+            assert_eq!(stats.prompt_tokens, conversation.len() - kept);
+            conversation.extend_from_slice(&reply);
+            conversation.extend_from_slice(&[7, 8, 9]);
+        }
+        // Another prompt goes to the other slot and leaves the
+        // conversation's slot as it was.
+        let other = BatchRequest {
+            prompt: prompt(5, vocab),
+            params: params(9),
+            max_tokens: 2,
+            constraint: None,
+        };
+        assert_eq!(batcher.admit(other).unwrap().map(|(_, kept)| kept), Some(0));
+        drive(&mut batcher, |_, _| {});
+        let again = BatchRequest {
+            prompt: conversation.clone(),
+            params: params(1),
+            max_tokens: 1,
+            constraint: None,
+        };
+        let (_, kept) = batcher.admit(again).unwrap().unwrap();
+        assert_eq!(
+            kept,
+            conversation.len() - 4,
+            "{name}: after another request"
+        );
+    }
+}
+
+#[test]
+fn bad_requests_are_errors_and_a_full_batch_says_so() {
+    let model = Model::load(&fixture("qwen3-gqa-qknorm"), &LoadOptions::default()).unwrap();
+    let vocab = model.info.vocab;
+    let mut batcher = Batcher::new(&model, &options(), 1, Vec::new()).unwrap();
+    let with_prompt = |prompt: Vec<u32>| BatchRequest {
+        prompt,
+        params: params(0),
+        max_tokens: 3,
+        constraint: None,
+    };
+    assert!(batcher.admit(with_prompt(Vec::new())).is_err());
+    assert!(batcher.admit(with_prompt(vec![1; 96])).is_err());
+    assert!(batcher.admit(with_prompt(vec![vocab as u32])).is_err());
+    assert!(batcher.admit(with_prompt(vec![1, 2])).unwrap().is_some());
+    assert!(batcher.admit(with_prompt(vec![1, 2])).unwrap().is_none());
+    // Cancelling frees the slot at once.
+    batcher.cancel(0);
+    assert_eq!(batcher.active(), 0);
+    assert!(batcher.admit(with_prompt(vec![1, 2])).unwrap().is_some());
+    assert!(Batcher::new(&model, &options(), 0, Vec::new()).is_err());
+    let absurd = Batcher::new(&model, &options(), usize::MAX / 2, Vec::new());
+    assert!(absurd.is_err_and(|e| e.to_string().contains("GiB")));
+}
