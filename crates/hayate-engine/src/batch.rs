@@ -193,10 +193,10 @@ impl<'m> Batcher<'m> {
 
     /// Starts `request` in a free slot, the one holding the longest prefix
     /// of its prompt (else the least recently used). Returns the slot and
-    /// how many prompt tokens its state already held (not prefilled), or
-    /// `Ok(None)` when every slot is busy. A prompt that is empty or fills
-    /// the context is an error.
-    pub fn admit(&mut self, request: BatchRequest) -> Result<Option<(usize, usize)>> {
+    /// how many prompt tokens its state already held (not prefilled). A
+    /// prompt that is empty or fills the context is an error, as is a
+    /// request when every slot is busy (see [`active`](Self::active)).
+    pub fn admit(&mut self, request: BatchRequest) -> Result<(usize, usize)> {
         let prompt = &request.prompt;
         if prompt.is_empty() {
             return Err(EngineError::State(
@@ -222,7 +222,10 @@ impl<'m> Batcher<'m> {
             .min_by_key(|(_, s)| (std::cmp::Reverse(s.reusable(prompt)), s.last_used))
             .map(|(i, _)| i);
         let Some(index) = best else {
-            return Ok(None);
+            return Err(EngineError::State(format!(
+                "all {} sequences are busy",
+                self.slots.len()
+            )));
         };
         self.clock += 1;
         let slot = &mut self.slots[index];
@@ -248,7 +251,7 @@ impl<'m> Batcher<'m> {
             generated: 0,
             order: self.clock,
         });
-        Ok(Some((index, kept)))
+        Ok((index, kept))
     }
 
     /// Ends the request in `slot` at once (its client left); nothing more

@@ -108,7 +108,7 @@ fn seeded_requests_are_the_same_alone_and_in_a_batch_of_eight() {
         // Alone in a batcher of one slot.
         for (i, want) in plain.iter().enumerate() {
             let mut alone = Batcher::new(&model, &options(), 1, stops.clone()).unwrap();
-            assert_eq!(alone.admit(request(i, vocab)).unwrap(), Some((0, 0)));
+            assert_eq!(alone.admit(request(i, vocab)).unwrap(), (0, 0));
             let got = drive(&mut alone, |_, _| {});
             assert_eq!(&got[0].0, want, "{name}: request {i} alone");
             let stats = got[0].1.as_ref().unwrap();
@@ -120,7 +120,7 @@ fn seeded_requests_are_the_same_alone_and_in_a_batch_of_eight() {
         let mut batch = Batcher::new(&model, &options(), 8, stops.clone()).unwrap();
         let got = drive(&mut batch, |step, b| {
             if step < 8 {
-                let (slot, kept) = b.admit(request(step, vocab)).unwrap().unwrap();
+                let (slot, kept) = b.admit(request(step, vocab)).unwrap();
                 assert_eq!((slot, kept), (step, 0));
             }
         });
@@ -144,7 +144,7 @@ fn a_request_extending_a_slots_sequence_prefills_only_what_is_new() {
                 max_tokens: 5,
                 constraint: None,
             };
-            let (_, kept) = batcher.admit(first).unwrap().unwrap();
+            let (_, kept) = batcher.admit(first).unwrap();
             let got = drive(&mut batcher, |_, _| {});
             let (reply, stats) = got.into_iter().find(|(t, _)| !t.is_empty()).unwrap();
             let stats = stats.unwrap();
@@ -166,7 +166,7 @@ fn a_request_extending_a_slots_sequence_prefills_only_what_is_new() {
             max_tokens: 2,
             constraint: None,
         };
-        assert_eq!(batcher.admit(other).unwrap().map(|(_, kept)| kept), Some(0));
+        assert_eq!(batcher.admit(other).unwrap().1, 0);
         drive(&mut batcher, |_, _| {});
         let again = BatchRequest {
             prompt: conversation.clone(),
@@ -174,7 +174,7 @@ fn a_request_extending_a_slots_sequence_prefills_only_what_is_new() {
             max_tokens: 1,
             constraint: None,
         };
-        let (_, kept) = batcher.admit(again).unwrap().unwrap();
+        let (_, kept) = batcher.admit(again).unwrap();
         assert_eq!(
             kept,
             conversation.len() - 4,
@@ -197,12 +197,13 @@ fn bad_requests_are_errors_and_a_full_batch_says_so() {
     assert!(batcher.admit(with_prompt(Vec::new())).is_err());
     assert!(batcher.admit(with_prompt(vec![1; 96])).is_err());
     assert!(batcher.admit(with_prompt(vec![vocab as u32])).is_err());
-    assert!(batcher.admit(with_prompt(vec![1, 2])).unwrap().is_some());
-    assert!(batcher.admit(with_prompt(vec![1, 2])).unwrap().is_none());
+    assert!(batcher.admit(with_prompt(vec![1, 2])).is_ok());
+    let busy = batcher.admit(with_prompt(vec![1, 2])).unwrap_err();
+    assert!(busy.to_string().contains("busy"), "{busy}");
     // Cancelling frees the slot at once.
     batcher.cancel(0);
     assert_eq!(batcher.active(), 0);
-    assert!(batcher.admit(with_prompt(vec![1, 2])).unwrap().is_some());
+    assert!(batcher.admit(with_prompt(vec![1, 2])).is_ok());
     assert!(Batcher::new(&model, &options(), 0, Vec::new()).is_err());
     let absurd = Batcher::new(&model, &options(), usize::MAX / 2, Vec::new());
     assert!(absurd.is_err_and(|e| e.to_string().contains("GiB")));

@@ -1,18 +1,26 @@
-//! The engine thread: it owns the model and one generator, takes requests
-//! from a bounded queue one at a time, and streams each reply back as
-//! events. The generator keeps its state between requests, so a request
-//! that repeats the previous one's conversation prefills only what is new.
-//! With speculative decoding, one speculation serves every request (a
-//! draft model keeps its own cache, the suffix speculator its counts).
+//! The engine thread: it owns the model, takes requests from a bounded
+//! queue and streams each reply back as events.
+//!
+//! Requests run together under continuous batching
+//! ([`hayate_engine::Batcher`]): each takes one of a fixed number of
+//! sequence slots, joins the batch at the next step and leaves it when it
+//! ends or its client goes; slots keep their sequences between requests,
+//! so a request that continues an earlier conversation prefills only what
+//! is new. With speculative decoding, requests run one at a time through
+//! one generator, and one speculation serves them all (a draft model keeps
+//! its own cache, the suffix speculator its counts).
 
 use crate::metrics::Metrics;
+use hayate_chat::StreamDecoder;
 use hayate_chat::TextTokenizer;
 use hayate_chat::grammar::Constraint;
 use hayate_chat::stop::StopMatcher;
 use hayate_engine::speculate::Speculation;
 use hayate_engine::{
-    Generator, Model, Rules, Sampler, SamplingParams, StateOptions, StopReason, TokenConstraint,
+    BatchRequest, Batcher, GenerationStats, Generator, Model, Rules, Sampler, SamplingParams,
+    SlotEvent, StateOptions, StopReason, TokenConstraint,
 };
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -188,17 +196,41 @@ pub struct SpeculationSetup {
     pub make: MakeSpeculation,
 }
 
-/// Starts the engine thread over `model`; `queue` jobs may wait at once.
-/// Fails when the state for `options` cannot be made (a context the
+/// How the engine runs requests.
+pub struct EngineConfig {
+    /// Each sequence's state.
+    pub options: StateOptions,
+    /// Ids that end a reply.
+    pub stop_ids: Vec<u32>,
+    /// Jobs that may wait at once.
+    pub queue: usize,
+    /// Sequences generated together (continuous batching); with
+    /// speculation, 1.
+    pub parallel: usize,
+    /// Speculative decoding, one request at a time.
+    pub speculation: Option<SpeculationSetup>,
+}
+
+/// Starts the engine thread over `model`. Fails when the states for
+/// `config` cannot be made (a context or a number of sequences the
 /// machine cannot hold) or the speculation cannot.
 pub fn start(
     model: Model,
     tokenizer: Arc<TextTokenizer>,
-    options: StateOptions,
-    stop_ids: Vec<u32>,
-    queue: usize,
-    speculation: Option<SpeculationSetup>,
+    config: EngineConfig,
 ) -> std::io::Result<EngineHandle> {
+    let EngineConfig {
+        options,
+        stop_ids,
+        queue,
+        parallel,
+        speculation,
+    } = config;
+    if speculation.is_some() && parallel != 1 {
+        return Err(std::io::Error::other(
+            "speculative decoding runs one request at a time: --parallel must be 1 with it",
+        ));
+    }
     let (send, receive) = std::sync::mpsc::sync_channel(queue);
     let pending = Arc::new(AtomicUsize::new(0));
     let metrics = Arc::new(Metrics::default());
@@ -209,11 +241,29 @@ pub fn start(
     let vocab = model.info.vocab;
     let thread_tokenizer = tokenizer.clone();
     let thread_stops = stop_ids.clone();
-    // The thread makes its state and says how large it is, or why it cannot.
+    // The thread makes its states and says how large they are, or why it cannot.
     let (ready, started) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("hayate-engine".into())
         .spawn(move || {
+            let engine = Engine {
+                model: &model,
+                tokenizer: &thread_tokenizer,
+                stop_ids: &thread_stops,
+            };
+            let Some(setup) = speculation else {
+                let batcher = Batcher::new(&model, &options, parallel, thread_stops.clone());
+                match batcher {
+                    Ok(mut batcher) => {
+                        let _ = ready.send(Ok(batcher.capacity()));
+                        engine.serve_batched(&mut batcher, receive, &counters);
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e.to_string()));
+                    }
+                }
+                return;
+            };
             let mut generator = match Generator::new(&model, &options) {
                 Ok(g) => g,
                 Err(e) => {
@@ -221,25 +271,15 @@ pub fn start(
                     return;
                 }
             };
-            let (draft, make) = match speculation {
-                Some(s) => (s.draft, Some(s.make)),
-                None => (None, None),
-            };
-            let mut speculation = match make.map(|make| make(&model, draft.as_ref())) {
-                Some(Err(e)) => {
+            let mut speculation = match (setup.make)(&model, setup.draft.as_ref()) {
+                Ok(s) => s,
+                Err(e) => {
                     let _ = ready.send(Err(e));
                     return;
                 }
-                Some(Ok(s)) => Some(s),
-                None => None,
             };
             let _ = ready.send(Ok(generator.state.capacity()));
-            let engine = Engine {
-                model: &model,
-                tokenizer: &thread_tokenizer,
-                stop_ids: &thread_stops,
-            };
-            engine.serve(&mut generator, speculation.as_mut(), receive, &counters);
+            engine.serve_speculating(&mut generator, &mut speculation, receive, &counters);
         })?;
     let capacity = started
         .recv()
@@ -269,114 +309,78 @@ struct Engine<'a> {
     stop_ids: &'a [u32],
 }
 
-impl Engine<'_> {
-    /// One job at a time until the queue closes.
-    fn serve(
-        &self,
-        generator: &mut Generator<'_>,
-        mut speculation: Option<&mut Speculation<'_>>,
-        jobs: Receiver<Job>,
-        counters: &Counters,
-    ) {
-        for job in jobs {
-            // A client that left while its job waited costs nothing.
-            if !job.events.is_closed() {
-                let events = job.events.clone();
-                if let Err(e) = self.run_job(
-                    generator,
-                    speculation.as_deref_mut(),
-                    job,
-                    &counters.metrics,
-                ) {
-                    tracing::error!("request failed: {e}");
-                    let _ = events.send(Event::Failed(e));
-                }
-            }
-            counters.pending.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
+/// A reply being generated: its text so far, stop strings, log
+/// probabilities, and where it goes.
+struct Reply<'t> {
+    tokenizer: &'t TextTokenizer,
+    stream: StreamDecoder<'t>,
+    matcher: StopMatcher,
+    /// Log-probabilities of tokens whose text is not out yet.
+    waiting: Vec<TokenLogprob>,
+    logprobs: Option<usize>,
+    events: UnboundedSender<Event>,
+    stopped_by_string: bool,
+    client_gone: bool,
+    last_token: Option<Instant>,
+    prompt_tokens: usize,
+    cached: usize,
 }
 
-/// Why a reply could not be generated.
-#[derive(Debug)]
-struct JobError(String);
-
-impl From<hayate_engine::EngineError> for JobError {
-    fn from(e: hayate_engine::EngineError) -> Self {
-        JobError(e.to_string())
-    }
-}
-
-impl Engine<'_> {
-    /// Generates one reply, sending its text as it comes.
-    fn run_job(
-        &self,
-        generator: &mut Generator<'_>,
-        mut speculation: Option<&mut Speculation<'_>>,
-        job: Job,
-        metrics: &Metrics,
-    ) -> Result<(), String> {
-        let (model, tokenizer, stop_ids) = (self.model, self.tokenizer, self.stop_ids);
-        // The generator says how much of the prompt its state still holds.
-        let cached = generator
-            .set_prompt(&job.prompt)
-            .map_err(|e| e.to_string())?;
-        let mut sampler = Sampler::new(job.params, model.info.vocab);
-        let mut stream = tokenizer.stream_showing(&job.shown);
-        let mut matcher = StopMatcher::new(job.stops);
-        let mut waiting: Vec<TokenLogprob> = Vec::new();
-        let mut stopped_by_string = false;
-        let mut client_gone = false;
-        let events = &job.events;
-        let mut constraint = job.constraint;
-        if let Some(s) = speculation.as_deref_mut() {
-            s.set_params(&sampler.params);
+impl<'t> Reply<'t> {
+    /// The reply to `job` (whose constraint and prompt were taken), `cached`
+    /// of whose prompt tokens the state held.
+    fn new(tokenizer: &'t TextTokenizer, job: &mut Job, cached: usize) -> Self {
+        Reply {
+            tokenizer,
+            stream: tokenizer.stream_showing(&job.shown),
+            matcher: StopMatcher::new(std::mem::take(&mut job.stops)),
+            waiting: Vec::new(),
+            logprobs: job.logprobs,
+            events: job.events.clone(),
+            stopped_by_string: false,
+            client_gone: false,
+            last_token: None,
+            prompt_tokens: job.prompt.len(),
+            cached,
         }
-        let rules = Rules {
-            speculation,
-            constraint: constraint.as_mut().map(|c| c as &mut dyn TokenConstraint),
-            max_tokens: job.max_tokens,
-            stop_ids,
+    }
+
+    /// Takes a generated token (drawn from `logits`); whether generation
+    /// goes on (not when a stop string ended the text or the client left).
+    fn token(&mut self, token: u32, logits: &[f32], metrics: &Metrics) -> Result<bool, String> {
+        metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        if let Some(previous) = self.last_token.replace(now) {
+            metrics.inter_token.observe((now - previous).as_secs_f64());
+        }
+        if let Some(top) = self.logprobs {
+            self.waiting
+                .push(token_logprob(self.tokenizer, token, logits, top)?);
+        }
+        let Some(piece) = self.stream.push(token).map_err(|e| e.to_string())? else {
+            return Ok(true);
         };
-        let mut last_token: Option<Instant> = None;
-        let stats = generator
-            .generate_observed(
-                &mut sampler,
-                rules,
-                |token, logits| -> Result<bool, JobError> {
-                    metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                    let now = Instant::now();
-                    if let Some(previous) = last_token.replace(now) {
-                        metrics.inter_token.observe((now - previous).as_secs_f64());
-                    }
-                    if let Some(top) = job.logprobs {
-                        waiting
-                            .push(token_logprob(tokenizer, token, logits, top).map_err(JobError)?);
-                    }
-                    let Some(piece) = stream.push(token).map_err(|e| JobError(e.to_string()))?
-                    else {
-                        return Ok(true);
-                    };
-                    let (text, stop) = matcher.push(&piece);
-                    let stopped = stop.is_some();
-                    if !text.is_empty() || stopped {
-                        let logprobs = std::mem::take(&mut waiting);
-                        if events.send(Event::Text { text, logprobs }).is_err() {
-                            client_gone = true;
-                            return Ok(false);
-                        }
-                    }
-                    stopped_by_string = stopped;
-                    Ok(!stopped)
-                },
-            )
-            .map_err(|e| e.0)?;
+        let (text, stop) = self.matcher.push(&piece);
+        let stopped = stop.is_some();
+        if !text.is_empty() || stopped {
+            let logprobs = std::mem::take(&mut self.waiting);
+            if self.events.send(Event::Text { text, logprobs }).is_err() {
+                self.client_gone = true;
+                return Ok(false);
+            }
+        }
+        self.stopped_by_string = stopped;
+        Ok(!stopped)
+    }
+
+    /// Sends the rest of the text and the end of the reply.
+    fn finish(mut self, stats: &GenerationStats, metrics: &Metrics) -> Result<(), String> {
         metrics
             .prompt_tokens
-            .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+            .fetch_add(self.prompt_tokens as u64, Ordering::Relaxed);
         metrics
             .cached_tokens
-            .fetch_add(cached as u64, Ordering::Relaxed);
+            .fetch_add(self.cached as u64, Ordering::Relaxed);
         if let Some(first) = stats.time_to_first_token {
             metrics.time_to_first_token.observe(first.as_secs_f64());
         }
@@ -388,32 +392,32 @@ impl Engine<'_> {
                 .accepted_tokens
                 .fetch_add(s.accepted as u64, Ordering::Relaxed);
         }
-        if client_gone {
+        if self.client_gone || self.events.is_closed() {
             return Ok(());
         }
-        if !stopped_by_string {
-            let rest = stream.finish().map_err(|e| e.to_string())?;
-            let (mut text, stop) = matcher.push(rest.as_deref().unwrap_or(""));
+        if !self.stopped_by_string {
+            let rest = self.stream.finish().map_err(|e| e.to_string())?;
+            let (mut text, stop) = self.matcher.push(rest.as_deref().unwrap_or(""));
             let stopped = stop.is_some();
-            stopped_by_string = stopped;
+            self.stopped_by_string = stopped;
             if !stopped {
-                text += &matcher.finish();
+                text += &self.matcher.finish();
             }
-            if !text.is_empty() || !waiting.is_empty() {
-                let logprobs = std::mem::take(&mut waiting);
-                let _ = events.send(Event::Text { text, logprobs });
+            if !text.is_empty() || !self.waiting.is_empty() {
+                let logprobs = std::mem::take(&mut self.waiting);
+                let _ = self.events.send(Event::Text { text, logprobs });
             }
         }
         let finish = match stats.stop {
-            _ if stopped_by_string => Finish::Stop,
+            _ if self.stopped_by_string => Finish::Stop,
             StopReason::Stop | StopReason::Cancelled => Finish::Stop,
             StopReason::MaxTokens | StopReason::ContextFull => Finish::Length,
         };
-        let _ = events.send(Event::Done {
+        let _ = self.events.send(Event::Done {
             finish,
-            prompt_tokens: job.prompt.len(),
+            prompt_tokens: self.prompt_tokens,
             completion_tokens: stats.generated,
-            cached_tokens: cached,
+            cached_tokens: self.cached,
             timings: Timings {
                 prompt_n: stats.prompt_tokens,
                 prompt_ms: stats.prefill_time.as_secs_f64() * 1e3,
@@ -423,6 +427,175 @@ impl Engine<'_> {
             },
         });
         Ok(())
+    }
+}
+
+impl Engine<'_> {
+    /// Continuous batching until the queue closes: jobs join the batch as
+    /// slots free up, every step advances them all.
+    fn serve_batched(&self, batcher: &mut Batcher<'_>, jobs: Receiver<Job>, counters: &Counters) {
+        let metrics = &*counters.metrics;
+        let done = || {
+            counters.pending.fetch_sub(1, Ordering::SeqCst);
+        };
+        let mut waiting: VecDeque<Job> = VecDeque::new();
+        let mut replies: Vec<Option<Reply<'_>>> = (0..batcher.slots()).map(|_| None).collect();
+        let mut open = true;
+        while open || batcher.active() > 0 || !waiting.is_empty() {
+            // Wait for work only when there is none.
+            if batcher.active() == 0 && waiting.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => waiting.push_back(job),
+                    Err(_) => break,
+                }
+            }
+            loop {
+                match jobs.try_recv() {
+                    Ok(job) => waiting.push_back(job),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            // Clients that left free their slots at once.
+            for (slot, reply) in replies.iter_mut().enumerate() {
+                if reply.as_ref().is_some_and(|r| r.events.is_closed()) {
+                    batcher.cancel(slot);
+                    *reply = None;
+                    done();
+                }
+            }
+            while batcher.active() < batcher.slots()
+                && let Some(mut job) = waiting.pop_front()
+            {
+                // A client that left while its job waited costs nothing.
+                if job.events.is_closed() {
+                    done();
+                    continue;
+                }
+                let request = BatchRequest {
+                    prompt: job.prompt.clone(),
+                    params: job.params.clone(),
+                    max_tokens: job.max_tokens,
+                    constraint: job
+                        .constraint
+                        .take()
+                        .map(|c| Box::new(c) as Box<dyn TokenConstraint + Send>),
+                };
+                match batcher.admit(request) {
+                    Ok((slot, cached)) => {
+                        replies[slot] = Some(Reply::new(self.tokenizer, &mut job, cached));
+                    }
+                    Err(e) => {
+                        tracing::error!("request failed: {e}");
+                        let _ = job.events.send(Event::Failed(e.to_string()));
+                        done();
+                    }
+                }
+            }
+            metrics.observe_step(batcher.active(), waiting.len());
+            if batcher.active() == 0 {
+                continue;
+            }
+            batcher.step(|slot, event| match event {
+                SlotEvent::Token { token, logits } => {
+                    let Some(reply) = replies[slot].as_mut() else {
+                        return false;
+                    };
+                    match reply.token(token, logits, metrics) {
+                        Ok(go_on) => go_on,
+                        Err(e) => {
+                            tracing::error!("request failed: {e}");
+                            let _ = reply.events.send(Event::Failed(e));
+                            reply.client_gone = true;
+                            false
+                        }
+                    }
+                }
+                SlotEvent::Done(stats) => {
+                    if let Some(reply) = replies[slot].take() {
+                        if let Err(e) = reply.finish(&stats, metrics) {
+                            tracing::error!("request failed: {e}");
+                        }
+                        done();
+                    }
+                    true
+                }
+                SlotEvent::Failed(e) => {
+                    if let Some(reply) = replies[slot].take() {
+                        tracing::error!("request failed: {e}");
+                        let _ = reply.events.send(Event::Failed(e.to_string()));
+                        done();
+                    }
+                    true
+                }
+            });
+        }
+    }
+
+    /// One job at a time until the queue closes, each through the one
+    /// generator with speculative decoding.
+    fn serve_speculating(
+        &self,
+        generator: &mut Generator<'_>,
+        speculation: &mut Speculation<'_>,
+        jobs: Receiver<Job>,
+        counters: &Counters,
+    ) {
+        for job in jobs {
+            // A client that left while its job waited costs nothing.
+            if !job.events.is_closed() {
+                let events = job.events.clone();
+                if let Err(e) = self.run_job(generator, speculation, job, &counters.metrics) {
+                    tracing::error!("request failed: {e}");
+                    let _ = events.send(Event::Failed(e));
+                }
+            }
+            counters.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Generates one reply with speculative decoding, sending its text as
+    /// it comes.
+    fn run_job(
+        &self,
+        generator: &mut Generator<'_>,
+        speculation: &mut Speculation<'_>,
+        mut job: Job,
+        metrics: &Metrics,
+    ) -> Result<(), String> {
+        // The generator says how much of the prompt its state still holds.
+        let cached = generator
+            .set_prompt(&job.prompt)
+            .map_err(|e| e.to_string())?;
+        let mut sampler = Sampler::new(job.params.clone(), self.model.info.vocab);
+        speculation.set_params(&sampler.params);
+        let mut constraint = job.constraint.take();
+        let mut reply = Reply::new(self.tokenizer, &mut job, cached);
+        let rules = Rules {
+            speculation: Some(speculation),
+            constraint: constraint.as_mut().map(|c| c as &mut dyn TokenConstraint),
+            max_tokens: job.max_tokens,
+            stop_ids: self.stop_ids,
+        };
+        let stats = generator
+            .generate_observed(&mut sampler, rules, |token, logits| {
+                reply.token(token, logits, metrics).map_err(JobError)
+            })
+            .map_err(|e| e.0)?;
+        reply.finish(&stats, metrics)
+    }
+}
+
+/// Why a reply could not be generated.
+#[derive(Debug)]
+struct JobError(String);
+
+impl From<hayate_engine::EngineError> for JobError {
+    fn from(e: hayate_engine::EngineError) -> Self {
+        JobError(e.to_string())
     }
 }
 

@@ -65,6 +65,14 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     /// Time between consecutive tokens of a reply.
     pub inter_token: Histogram,
+    /// Sequences in the engine's last step.
+    batch_size: AtomicU64,
+    /// Engine steps, and the sequences they advanced in all (their
+    /// ratio is the mean batch size).
+    steps: AtomicU64,
+    batch_sequences: AtomicU64,
+    /// Requests admitted to no sequence yet.
+    waiting: AtomicU64,
 }
 
 /// The routes requests are counted under (others count as `other`).
@@ -87,6 +95,18 @@ impl Metrics {
             .unwrap_or("other");
         let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         *requests.entry((route, status)).or_default() += 1;
+    }
+
+    /// Counts an engine step over `sequences` sequences while `waiting`
+    /// requests wait for a free one.
+    pub fn observe_step(&self, sequences: usize, waiting: usize) {
+        self.batch_size.store(sequences as u64, Ordering::Relaxed);
+        self.waiting.store(waiting as u64, Ordering::Relaxed);
+        if sequences > 0 {
+            self.steps.fetch_add(1, Ordering::Relaxed);
+            self.batch_sequences
+                .fetch_add(sequences as u64, Ordering::Relaxed);
+        }
     }
 
     /// The text `GET /metrics` answers; `queued` jobs wait or run.
@@ -133,6 +153,16 @@ impl Metrics {
                 "Drafted tokens the model accepted.",
                 &self.accepted_tokens,
             ),
+            (
+                "hayate_engine_steps_total",
+                "Batched engine steps.",
+                &self.steps,
+            ),
+            (
+                "hayate_batch_sequences_total",
+                "Sequences advanced by those steps (over the steps: the mean batch size).",
+                &self.batch_sequences,
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(
@@ -145,6 +175,25 @@ impl Metrics {
             out,
             "# HELP hayate_queue_depth Requests waiting for the engine or running.\n# TYPE hayate_queue_depth gauge\nhayate_queue_depth {queued}"
         );
+        let gauges = [
+            (
+                "hayate_batch_size",
+                "Sequences in the engine's last step.",
+                &self.batch_size,
+            ),
+            (
+                "hayate_waiting_requests",
+                "Requests waiting for a free sequence.",
+                &self.waiting,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
         self.time_to_first_token.render(
             "hayate_time_to_first_token_seconds",
             "Time from a request's start on the engine to its first token.",

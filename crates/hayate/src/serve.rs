@@ -7,10 +7,16 @@ use clap::Args;
 use hayate_chat::TextTokenizer;
 use hayate_chat::grammar::GrammarCompiler;
 use hayate_engine::KvFormat;
-use hayate_server::engine::SpeculationSetup;
+use hayate_server::engine::{EngineConfig, SpeculationSetup};
 use hayate_server::{DEFAULT_MAX_BODY_BYTES, ServerConfig};
 use std::net::IpAddr;
 use std::sync::Arc;
+
+/// Requests generated together unless `--parallel` says otherwise.
+const DEFAULT_PARALLEL: usize = 4;
+
+/// Most requests generated together.
+const MAX_PARALLEL: usize = 256;
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -34,6 +40,11 @@ pub struct ServeArgs {
     /// Requests that may wait for the engine at once; more are answered 503.
     #[arg(long, value_name = "N", default_value_t = 16)]
     queue: usize,
+    /// Requests generated together (continuous batching): each keeps a
+    /// sequence of --ctx-size tokens, so memory grows with both. Default 4,
+    /// or 1 with speculative decoding (which runs one request at a time).
+    #[arg(long, value_name = "N")]
+    parallel: Option<usize>,
     /// Most bytes of a request body; larger ones are answered 413.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
@@ -49,6 +60,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.queue == 0 {
         bail!("--queue must be at least 1");
     }
+    let speculating = !matches!(args.speculation.kind()?, SpeculateArg::None);
+    let parallel = match args.parallel {
+        Some(0) => bail!("--parallel must be at least 1"),
+        Some(n) if n > 1 && speculating => bail!(
+            "--parallel {n} with speculative decoding: speculation runs one request at a time for now (use --parallel 1)"
+        ),
+        Some(n) if n > MAX_PARALLEL => bail!("--parallel {n}: at most {MAX_PARALLEL}"),
+        Some(n) => n,
+        None if speculating => 1,
+        None => DEFAULT_PARALLEL,
+    };
     let model = args.model.load()?;
     let tokenizer =
         TextTokenizer::load(&args.model.model).context("the server needs the model's tokenizer")?;
@@ -99,15 +121,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
             None
         }
     };
-    let engine = hayate_server::engine::start(
-        model,
-        Arc::new(tokenizer),
+    let config = EngineConfig {
         options,
-        stops,
-        args.queue,
+        stop_ids: stops,
+        queue: args.queue,
+        parallel,
         speculation,
-    )
-    .context("cannot start the engine")?;
+    };
+    let engine = hayate_server::engine::start(model, Arc::new(tokenizer), config)
+        .context("cannot start the engine")?;
     let capacity = engine.capacity;
     let config = ServerConfig {
         model_id: model_id.clone(),
@@ -126,7 +148,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
         let address = listener.local_addr()?;
         eprintln!(
-            "hayate serve: {model_id} ({capacity} tokens of context) on http://{address}/v1 (Ctrl-C stops)"
+            "hayate serve: {model_id} ({parallel} x {capacity} tokens of context) on http://{address}/v1 (Ctrl-C stops)"
         );
         hayate_server::serve(listener, hayate_server::router(config, engine, grammars))
             .await
