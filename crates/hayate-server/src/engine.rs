@@ -148,6 +148,8 @@ pub struct EngineHandle {
     queue: SyncSender<Job>,
     /// Jobs queued or running.
     pub pending: Arc<AtomicUsize>,
+    /// Most jobs queued or running at once: the sequences and the queue.
+    limit: usize,
     /// What `/metrics` reports (tokens, latencies), over all requests.
     pub metrics: Arc<Metrics>,
     /// Tokens the context holds.
@@ -172,7 +174,10 @@ pub enum SubmitError {
 impl EngineHandle {
     /// Queues `job` without waiting.
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
-        self.pending.fetch_add(1, Ordering::SeqCst);
+        if self.pending.fetch_add(1, Ordering::SeqCst) >= self.limit {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Full);
+        }
         self.queue.try_send(job).map_err(|e| {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             match e {
@@ -202,7 +207,7 @@ pub struct EngineConfig {
     pub options: StateOptions,
     /// Ids that end a reply.
     pub stop_ids: Vec<u32>,
-    /// Jobs that may wait at once.
+    /// Jobs that may wait at once for a free sequence.
     pub queue: usize,
     /// Sequences generated together (continuous batching); with
     /// speculation, 1.
@@ -231,7 +236,8 @@ pub fn start(
             "speculative decoding runs one request at a time: --parallel must be 1 with it",
         ));
     }
-    let (send, receive) = std::sync::mpsc::sync_channel(queue);
+    let limit = queue.saturating_add(parallel);
+    let (send, receive) = std::sync::mpsc::sync_channel(limit);
     let pending = Arc::new(AtomicUsize::new(0));
     let metrics = Arc::new(Metrics::default());
     let counters = Counters {
@@ -288,6 +294,7 @@ pub fn start(
     Ok(EngineHandle {
         queue: send,
         pending,
+        limit,
         metrics,
         capacity,
         vocab,
@@ -495,10 +502,11 @@ impl Engine<'_> {
                     }
                 }
             }
-            metrics.observe_step(batcher.active(), waiting.len());
+            metrics.set_load(batcher.active(), waiting.len());
             if batcher.active() == 0 {
                 continue;
             }
+            metrics.count_step(batcher.active());
             batcher.step(|slot, event| match event {
                 SlotEvent::Token { token, logits } => {
                     let Some(reply) = replies[slot].as_mut() else {
@@ -532,6 +540,7 @@ impl Engine<'_> {
                     true
                 }
             });
+            metrics.set_load(batcher.active(), waiting.len());
         }
     }
 

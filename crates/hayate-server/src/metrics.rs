@@ -65,7 +65,7 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     /// Time between consecutive tokens of a reply.
     pub inter_token: Histogram,
-    /// Sequences in the engine's last step.
+    /// Sequences the engine is generating.
     batch_size: AtomicU64,
     /// Engine steps, and the sequences they advanced in all (their
     /// ratio is the mean batch size).
@@ -97,16 +97,18 @@ impl Metrics {
         *requests.entry((route, status)).or_default() += 1;
     }
 
-    /// Counts an engine step over `sequences` sequences while `waiting`
-    /// requests wait for a free one.
-    pub fn observe_step(&self, sequences: usize, waiting: usize) {
-        self.batch_size.store(sequences as u64, Ordering::Relaxed);
+    /// Counts an engine step over `sequences` sequences.
+    pub fn count_step(&self, sequences: usize) {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        self.batch_sequences
+            .fetch_add(sequences as u64, Ordering::Relaxed);
+    }
+
+    /// What the engine holds now: `active` sequences, `waiting` requests
+    /// for a free one.
+    pub fn set_load(&self, active: usize, waiting: usize) {
+        self.batch_size.store(active as u64, Ordering::Relaxed);
         self.waiting.store(waiting as u64, Ordering::Relaxed);
-        if sequences > 0 {
-            self.steps.fetch_add(1, Ordering::Relaxed);
-            self.batch_sequences
-                .fetch_add(sequences as u64, Ordering::Relaxed);
-        }
     }
 
     /// The text `GET /metrics` answers; `queued` jobs wait or run.
@@ -178,7 +180,7 @@ impl Metrics {
         let gauges = [
             (
                 "hayate_batch_size",
-                "Sequences in the engine's last step.",
+                "Sequences the engine is generating.",
                 &self.batch_size,
             ),
             (

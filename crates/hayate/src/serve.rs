@@ -37,7 +37,8 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     api_key: Option<String>,
-    /// Requests that may wait for the engine at once; more are answered 503.
+    /// Requests that may wait for a free sequence (beyond the --parallel
+    /// ones generating); more are answered 503.
     #[arg(long, value_name = "N", default_value_t = 16)]
     queue: usize,
     /// Requests generated together (continuous batching): each keeps a
@@ -56,7 +57,8 @@ pub struct ServeArgs {
     speculation: SpeculationArgs,
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
+pub fn run(mut args: ServeArgs) -> Result<()> {
+    args.speculation.only_when_asked();
     if args.queue == 0 {
         bail!("--queue must be at least 1");
     }

@@ -76,6 +76,14 @@ pub enum CouplingArg {
 const MAX_DRAFT_TOKENS: usize = 32;
 
 impl SpeculationArgs {
+    /// No speculation unless `--speculate` or `--draft` asks for it (the
+    /// server's default: it batches requests instead).
+    pub fn only_when_asked(&mut self) {
+        if self.draft.is_none() {
+            self.speculate.get_or_insert(SpeculateArg::None);
+        }
+    }
+
     /// The speculator these arguments ask for.
     pub fn kind(&self) -> Result<SpeculateArg> {
         let kind = self.speculate.unwrap_or(if self.draft.is_some() {
