@@ -14,6 +14,14 @@
 //! - samples each sequence's next token under its own sampler and
 //!   constraint, and reports it.
 //!
+//! Models whose layers cannot roll back far (Gated DeltaNet, short
+//! convolutions, sliding windows) keep [`Snapshot`]s of a slot's state as
+//! its prompts are prefilled: after each end-of-turn token (a message
+//! boundary), every [`SNAPSHOT_EVERY`] tokens and at the prompt's end. A
+//! request whose prompt shares a prefix with the slot's sequence resumes
+//! from the latest snapshot inside it, so a conversation's next turn, or
+//! a request sharing a long system prompt, prefills only what follows.
+//!
 //! Batch-invariant: a prompt's pieces depend only on the prompt and what
 //! its slot held, and a batched pass gives each sequence what it gives
 //! alone, so a seeded request generates the same text alone or under load.
@@ -22,7 +30,7 @@ use crate::forward::{BatchScratch, Logits, SequenceStep};
 use crate::generate::{GenerationStats, StopReason};
 use crate::model::{Model, StateOptions};
 use crate::sampler::{Sampler, SamplingParams, TokenConstraint};
-use crate::state::InferenceState;
+use crate::state::{InferenceState, Snapshot};
 use crate::{EngineError, Result};
 use std::time::{Duration, Instant};
 
@@ -69,9 +77,20 @@ struct Active {
     order: u64,
 }
 
+/// Prompt tokens between snapshots of a state that cannot roll back.
+pub const SNAPSHOT_EVERY: usize = 512;
+
+/// Most snapshots one slot keeps (the earliest go first).
+const MAX_SNAPSHOTS: usize = 8;
+
 /// One sequence's state and tokens, kept between requests.
 struct Slot {
     state: InferenceState,
+    /// Whether the state rolls back only a few tokens (then snapshots
+    /// resume it further back).
+    bounded: bool,
+    /// Snapshots of the state along `tokens`, by increasing length.
+    snapshots: Vec<Snapshot>,
     /// Every token of the sequence (the prompt and what was generated);
     /// the state holds `tokens[..state.len()]`.
     tokens: Vec<u32>,
@@ -89,19 +108,57 @@ impl Slot {
         self.state.len() + 1 < self.tokens.len()
     }
 
-    /// Tokens of `prompt` this slot's state holds and can keep (at least
-    /// one prompt token must be fed, for the logits after it).
-    fn reusable(&self, prompt: &[u32]) -> usize {
-        let common = self.tokens[..self.state.len()]
+    /// Tokens of `prompt` the slot's state holds.
+    fn common(&self, prompt: &[u32]) -> usize {
+        self.tokens[..self.state.len()]
             .iter()
             .zip(prompt)
             .take_while(|(a, b)| a == b)
-            .count();
-        let keep = common.min(prompt.len().saturating_sub(1));
+            .count()
+    }
+
+    /// Tokens of `prompt` this slot's state holds and can keep (at least
+    /// one prompt token must be fed, for the logits after it), and the
+    /// snapshot to resume from when rolling back cannot keep them.
+    fn reusable(&self, prompt: &[u32]) -> (usize, Option<usize>) {
+        let keep = self.common(prompt).min(prompt.len().saturating_sub(1));
         if self.state.can_truncate(keep) {
-            keep
-        } else {
-            0
+            return (keep, None);
+        }
+        match self.snapshots.iter().rposition(|s| s.len() <= keep) {
+            Some(i) => (self.snapshots[i].len(), Some(i)),
+            None => (0, None),
+        }
+    }
+
+    /// Where the prompt piece starting at `from` ends: a whole step, or
+    /// sooner at a message boundary (after a token of `ends`) where a
+    /// bounded state takes a snapshot.
+    fn piece_end(&self, from: usize, ends: &[u32]) -> usize {
+        let end = (from + self.state.shape.chunk).min(self.tokens.len());
+        if !self.bounded {
+            return end;
+        }
+        self.tokens[from..end - 1]
+            .iter()
+            .position(|t| ends.contains(t))
+            .map_or(end, |i| from + i + 1)
+    }
+
+    /// After a prompt piece ending at `end`: a snapshot where the state
+    /// cannot roll back, at a message boundary, the prompt's end or
+    /// [`SNAPSHOT_EVERY`] tokens after the last.
+    fn maybe_snapshot(&mut self, blocks: &[crate::layers::Block], end: usize, ends: &[u32]) {
+        if !self.bounded {
+            return;
+        }
+        let last = self.snapshots.last().map_or(0, Snapshot::len);
+        let boundary = ends.contains(&self.tokens[end - 1]);
+        if end > last && (boundary || end == self.tokens.len() || end - last >= SNAPSHOT_EVERY) {
+            if self.snapshots.len() == MAX_SNAPSHOTS {
+                self.snapshots.remove(0);
+            }
+            self.snapshots.push(self.state.snapshot(blocks));
         }
     }
 }
@@ -160,6 +217,8 @@ impl<'m> Batcher<'m> {
             .into_iter()
             .map(|state| Slot {
                 tokens: Vec::with_capacity(state.capacity()),
+                bounded: state.max_rollback().is_some(),
+                snapshots: Vec::new(),
                 state,
                 logits: vec![0.0; vocab],
                 active: None,
@@ -219,7 +278,7 @@ impl<'m> Batcher<'m> {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.active.is_none())
-            .min_by_key(|(_, s)| (std::cmp::Reverse(s.reusable(prompt)), s.last_used))
+            .min_by_key(|(_, s)| (std::cmp::Reverse(s.reusable(prompt).0), s.last_used))
             .map(|(i, _)| i);
         let Some(index) = best else {
             return Err(EngineError::State(format!(
@@ -229,12 +288,18 @@ impl<'m> Batcher<'m> {
         };
         self.clock += 1;
         let slot = &mut self.slots[index];
-        let kept = slot.reusable(prompt);
-        if kept > 0 {
+        let (kept, from_snapshot) = slot.reusable(prompt);
+        // Snapshots past where the new sequence leaves the old one no longer hold.
+        let common = slot.common(prompt);
+        if let Some(i) = from_snapshot {
+            slot.state
+                .restore(&self.model.parts.blocks, &slot.snapshots[i])?;
+        } else if kept > 0 {
             slot.state.truncate(kept)?;
         } else {
             slot.state.clear();
         }
+        slot.snapshots.retain(|s| s.len() <= common);
         slot.tokens.clear();
         slot.tokens.extend_from_slice(prompt);
         slot.last_used = self.clock;
@@ -292,13 +357,13 @@ impl<'m> Batcher<'m> {
             }
             let slot = &mut self.slots[i];
             let began = Instant::now();
-            let piece = slot.state.shape.chunk;
-            // Whole pieces from where the prompt's prefill began, so
-            // that where they split does not depend on the budget.
+            // Whole pieces from where the prompt's prefill began (or a
+            // message boundary), so that where they split does not depend
+            // on the budget.
             let mut result = Ok(false);
             while budget > 0 && slot.prefilling() {
                 let from = slot.state.len();
-                let end = (from + piece).min(slot.tokens.len());
+                let end = slot.piece_end(from, &self.stop_ids);
                 let last = end == slot.tokens.len();
                 let logits = if last { Logits::Last } else { Logits::None };
                 if let Err(e) = self
@@ -309,6 +374,7 @@ impl<'m> Batcher<'m> {
                     break;
                 }
                 budget = budget.saturating_sub(end - from);
+                slot.maybe_snapshot(&self.model.parts.blocks, end, &self.stop_ids);
                 if last {
                     result = Ok(true);
                 }
@@ -448,6 +514,7 @@ impl<'m> Batcher<'m> {
         if slot.active.take().is_some() {
             slot.state.clear();
             slot.tokens.clear();
+            slot.snapshots.clear();
             on_event(i, SlotEvent::Failed(error));
         }
     }

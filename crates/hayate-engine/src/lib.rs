@@ -65,7 +65,7 @@ pub use layers::KvFormat;
 pub use model::{LoadOptions, Model, ModelInfo, StateOptions};
 pub use quantize::{EmbeddingFormat, QuantSpec};
 pub use sampler::{Sampler, SamplingParams, TokenConstraint};
-pub use state::InferenceState;
+pub use state::{InferenceState, Snapshot};
 
 /// Result type of this crate.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -12,7 +12,7 @@
 //! back only moves the end marker.
 
 use crate::budget::{Budget, StateShape};
-use crate::layers::{Block, MixerState, Scratch};
+use crate::layers::{Block, MixerSnapshot, MixerState, Scratch};
 use crate::rope::{Rope, RopeTables};
 use crate::{EngineError, Result};
 
@@ -33,6 +33,35 @@ pub struct InferenceState {
     pub(crate) ropes: RopeTables,
     /// Bytes of its buffers.
     bytes: usize,
+}
+
+/// What a sequence's state holds after its first `len` tokens, for the
+/// layers that cannot roll back that far (recurrent states, convolutions,
+/// sliding windows): resumed later with [`InferenceState::restore`] once
+/// the sequence went on past where it can roll back. Full attention
+/// caches need nothing: they keep every position.
+pub struct Snapshot {
+    model_id: u64,
+    len: usize,
+    layers: Vec<MixerSnapshot>,
+    bytes: usize,
+}
+
+impl Snapshot {
+    /// The tokens the state held when it was taken.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it was taken before any token.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes it takes (roughly: the buffers it copied).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 impl InferenceState {
@@ -174,6 +203,43 @@ impl InferenceState {
             }
         }
         self.truncate(self.len - nodes + path.len())
+    }
+
+    /// Keeps what resuming after the first [`len`](Self::len) tokens needs
+    /// (`blocks`: those of the model that made the state).
+    pub(crate) fn snapshot(&self, blocks: &[Block]) -> Snapshot {
+        let layers: Vec<MixerSnapshot> = blocks
+            .iter()
+            .zip(&self.layers)
+            .map(|(b, l)| b.mixer.snapshot(l, self.len))
+            .collect();
+        // Each layer's share of the state, for those a snapshot copies.
+        let bytes = layers.iter().map(MixerSnapshot::bytes).sum();
+        Snapshot {
+            model_id: self.model_id,
+            len: self.len,
+            layers,
+            bytes,
+        }
+    }
+
+    /// Resumes after the snapshot's tokens: the state is then exactly what
+    /// it was when `snapshot` was taken. The state must hold at least those
+    /// tokens, the same ones (the caller knows its tokens; full attention
+    /// caches are not copied, so theirs must not have been overwritten
+    /// since: the sequence may only have gone on past them).
+    pub(crate) fn restore(&mut self, blocks: &[Block], snapshot: &Snapshot) -> Result<()> {
+        if snapshot.model_id != self.model_id || snapshot.len > self.len {
+            return Err(EngineError::State(format!(
+                "a snapshot after {} tokens cannot resume this state of {} tokens",
+                snapshot.len, self.len
+            )));
+        }
+        for ((b, l), k) in blocks.iter().zip(&mut self.layers).zip(&snapshot.layers) {
+            b.mixer.restore(l, k, snapshot.len);
+        }
+        self.len = snapshot.len;
+        Ok(())
     }
 
     /// Forgets all tokens.

@@ -208,3 +208,58 @@ fn bad_requests_are_errors_and_a_full_batch_says_so() {
     let absurd = Batcher::new(&model, &options(), usize::MAX / 2, Vec::new());
     assert!(absurd.is_err_and(|e| e.to_string().contains("GiB")));
 }
+
+/// A prompt sharing only an early prefix with a slot's sequence, further
+/// back than the state rolls back: a model with recurrent or sliding
+/// layers resumes from the snapshot at the message boundary inside the
+/// prefix (others roll back), and generates exactly what a fresh slot does.
+#[test]
+fn a_shared_prefix_resumes_from_a_snapshot_where_rolling_back_cannot() {
+    let mut resumed_from_snapshots = 0;
+    for name in fixture_names() {
+        let model = Model::load(&fixture(&name), &LoadOptions::default()).unwrap();
+        let vocab = model.info.vocab;
+        let end_of_turn = 3u32;
+        let bounded = model
+            .new_state_with(&options())
+            .unwrap()
+            .max_rollback()
+            .is_some();
+        // A 40-token first prompt with an end of turn at position 24.
+        let mut first = prompt(8, vocab);
+        first.truncate(40);
+        first.iter_mut().for_each(|t| {
+            if *t == end_of_turn {
+                *t = 4;
+            }
+        });
+        first[24] = end_of_turn;
+        let mut second = first[..30].to_vec();
+        second.extend_from_slice(&[9, 10, 11, 12, 13]);
+        let ask = |prompt: &[u32]| BatchRequest {
+            prompt: prompt.to_vec(),
+            params: params(4),
+            max_tokens: 20,
+            constraint: None,
+        };
+        let mut batcher = Batcher::new(&model, &options(), 1, vec![end_of_turn]).unwrap();
+        batcher.admit(ask(&first)).unwrap();
+        drive(&mut batcher, |_, _| {});
+        let (_, kept) = batcher.admit(ask(&second)).unwrap();
+        let resumed = drive(&mut batcher, |_, _| {});
+        assert_eq!(kept, if bounded { 25 } else { 30 }, "{name}");
+        resumed_from_snapshots += usize::from(bounded);
+        assert_eq!(resumed[0].1.as_ref().unwrap().prompt_tokens, 35 - kept);
+        let mut fresh = Batcher::new(&model, &options(), 1, vec![end_of_turn]).unwrap();
+        fresh.admit(ask(&second)).unwrap();
+        let want = drive(&mut fresh, |_, _| {});
+        assert_eq!(resumed[0].0, want[0].0, "{name}: after resuming");
+        // Nothing left to resume from once the sequence went elsewhere.
+        let elsewhere: Vec<u32> = (0..30).map(|t| (t * 5 + 2) as u32 % vocab as u32).collect();
+        batcher.admit(ask(&elsewhere)).unwrap();
+        drive(&mut batcher, |_, _| {});
+        assert_eq!(batcher.admit(ask(&second)).unwrap().1, 0, "{name}");
+    }
+    // Qwen3.5, Gemma 3 and LFM2 fixtures (two layouts each).
+    assert_eq!(resumed_from_snapshots, 6);
+}

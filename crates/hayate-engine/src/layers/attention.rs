@@ -85,6 +85,7 @@ impl KvFormat {
 }
 
 /// The keys and values of a cache, in its format.
+#[derive(Clone)]
 pub enum KvData {
     /// f32 keys and values.
     F32 {
@@ -128,6 +129,9 @@ pub struct KvCache {
     pub head_dim: usize,
     /// Positions the buffers hold (a multiple of 16).
     pub slots: usize,
+    /// Whether it holds a sliding window's last positions only (a ring),
+    /// not every position of the context.
+    pub ring: bool,
 }
 
 /// The element type of one [`KvData`] variant: typed access to a cache's
@@ -240,6 +244,7 @@ impl KvCache {
             n_kv_heads,
             head_dim,
             slots,
+            ring: false,
         })
     }
 
@@ -376,6 +381,29 @@ pub(crate) struct Scratch {
 impl MixerLayer for Attention {
     type State = KvCache;
     type Scratch = Scratch;
+    /// A sliding window's whole ring (a full cache needs nothing).
+    type Snapshot = KvData;
+
+    fn snapshot(&self, cache: &KvCache, _len: usize) -> Option<KvData> {
+        cache.ring.then(|| cache.data.clone())
+    }
+
+    fn snapshot_bytes(ring: &KvData) -> usize {
+        match ring {
+            KvData::F32 { k, v } => 4 * (k.len() + v.len()),
+            KvData::Bf16 { k, v } => 2 * (k.len() + v.len()),
+            KvData::Q8 {
+                k,
+                v,
+                k_scales,
+                v_scales,
+            } => k.len() + v.len() + 4 * (k_scales.len() + v_scales.len()),
+        }
+    }
+
+    fn restore(&self, cache: &mut KvCache, ring: &KvData, _len: usize) {
+        cache.data.clone_from(ring);
+    }
 
     /// An empty cache of the whole context, or of the window plus room for
     /// a whole chunk (its first token still needs the window before it) or
@@ -388,7 +416,8 @@ impl MixerLayer for Attention {
             _ => (shape.capacity, false),
         };
         let slots = held.next_multiple_of(KEY_TILE);
-        let cache = KvCache::zeroed(shape.kv, self.n_kv_heads, slots, self.head_dim, budget)?;
+        let mut cache = KvCache::zeroed(shape.kv, self.n_kv_heads, slots, self.head_dim, budget)?;
+        cache.ring = ring;
         Ok((cache, ring))
     }
 

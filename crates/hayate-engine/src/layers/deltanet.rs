@@ -114,9 +114,35 @@ impl GatedDeltaNet {
     }
 }
 
+/// What a snapshot keeps of a DeltaNet layer: its convolution's history
+/// and the state matrices after the snapshot's last token.
+pub struct DeltaSnapshot {
+    conv: Vec<f32>,
+    state: Vec<f32>,
+}
+
 impl MixerLayer for GatedDeltaNet {
     type State = DeltaState;
     type Scratch = Scratch;
+    type Snapshot = DeltaSnapshot;
+
+    fn snapshot(&self, st: &DeltaState, len: usize) -> Option<DeltaSnapshot> {
+        let at = len % st.slots * st.size;
+        Some(DeltaSnapshot {
+            conv: st.conv.data.clone(),
+            state: st.states[at..at + st.size].to_vec(),
+        })
+    }
+
+    fn snapshot_bytes(snapshot: &DeltaSnapshot) -> usize {
+        4 * (snapshot.conv.len() + snapshot.state.len())
+    }
+
+    fn restore(&self, st: &mut DeltaState, snapshot: &DeltaSnapshot, len: usize) {
+        st.conv.data.copy_from_slice(&snapshot.conv);
+        let at = len % st.slots * st.size;
+        st.states[at..at + st.size].copy_from_slice(&snapshot.state);
+    }
 
     /// Empty history, zero recurrent state, room for the states after each
     /// of the last `rollback` positions (so rollback is bounded).

@@ -51,9 +51,23 @@ pub(crate) trait MixerLayer: Sized {
     /// (which limits how far the sequence can roll back).
     fn new_state(&self, shape: &StateShape, budget: &mut Budget) -> Result<(Self::State, bool)>;
 
+    /// What a snapshot keeps of one such layer's state.
+    type Snapshot: Send;
+
     /// Back to an empty sequence. Most states need nothing: entries past
     /// the length are overwritten before they are read.
     fn clear(_state: &mut Self::State) {}
+
+    /// What `state`, holding `len` tokens, must keep to be resumed there
+    /// after the sequence went on past where it can roll back; `None` when
+    /// rolling back is enough (a full KV cache keeps every position).
+    fn snapshot(&self, state: &Self::State, len: usize) -> Option<Self::Snapshot>;
+
+    /// Bytes a snapshot takes.
+    fn snapshot_bytes(snapshot: &Self::Snapshot) -> usize;
+
+    /// Puts back what [`snapshot`](Self::snapshot) kept at `len` tokens.
+    fn restore(&self, state: &mut Self::State, snapshot: &Self::Snapshot, len: usize);
 
     /// Scratch that fits every one of `layers` (possibly none).
     fn new_scratch(

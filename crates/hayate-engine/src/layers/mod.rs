@@ -48,6 +48,11 @@ macro_rules! mixers {
             $($variant(<$layer as MixerLayer>::State),)+
         }
 
+        /// What a snapshot keeps of one layer's state.
+        pub(crate) enum MixerSnapshot {
+            $($variant(Option<<$layer as MixerLayer>::Snapshot>),)+
+        }
+
         /// Each mixer type's scratch, sized for its largest layer.
         struct MixerScratch {
             $($scratch: <$layer as MixerLayer>::Scratch,)+
@@ -58,6 +63,15 @@ macro_rules! mixers {
             pub(crate) fn clear(&mut self) {
                 match self {
                     $(MixerState::$variant(s) => <$layer as MixerLayer>::clear(s),)+
+                }
+            }
+        }
+
+        impl MixerSnapshot {
+            /// Bytes the snapshot copied.
+            pub(crate) fn bytes(&self) -> usize {
+                match self {
+                    $(MixerSnapshot::$variant(k) => k.as_ref().map_or(0, <$layer as MixerLayer>::snapshot_bytes),)+
                 }
             }
         }
@@ -93,6 +107,28 @@ macro_rules! mixers {
                         (MixerState::$variant(state), bounded)
                     })+
                 })
+            }
+
+            /// What `state` (holding `len` tokens) keeps in a snapshot.
+            pub(crate) fn snapshot(&self, state: &MixerState, len: usize) -> MixerSnapshot {
+                match (self, state) {
+                    $((Mixer::$variant(m), MixerState::$variant(s)) => {
+                        MixerSnapshot::$variant(m.snapshot(s, len))
+                    })+
+                    _ => unreachable!("states are made by the same blocks"),
+                }
+            }
+
+            /// Puts a snapshot taken at `len` tokens back into `state`.
+            pub(crate) fn restore(&self, state: &mut MixerState, snapshot: &MixerSnapshot, len: usize) {
+                match (self, state, snapshot) {
+                    $((Mixer::$variant(m), MixerState::$variant(s), MixerSnapshot::$variant(k)) => {
+                        if let Some(k) = k {
+                            m.restore(s, k, len);
+                        }
+                    })+
+                    _ => unreachable!("snapshots are made by the same blocks"),
+                }
             }
 
             fn linear_groups(&self) -> Vec<Vec<&Linear>> {

@@ -105,6 +105,20 @@ pub(crate) struct Scratch {
 impl MixerLayer for ShortConv {
     type State = ConvHistory;
     type Scratch = Scratch;
+    /// The history's rows.
+    type Snapshot = Vec<f32>;
+
+    fn snapshot(&self, history: &ConvHistory, _len: usize) -> Option<Vec<f32>> {
+        Some(history.data.clone())
+    }
+
+    fn snapshot_bytes(rows: &Vec<f32>) -> usize {
+        4 * rows.len()
+    }
+
+    fn restore(&self, history: &mut ConvHistory, rows: &Vec<f32>, _len: usize) {
+        history.data.copy_from_slice(rows);
+    }
 
     /// An empty history (a ring, so rollback is bounded).
     fn new_state(&self, shape: &StateShape, budget: &mut Budget) -> Result<(ConvHistory, bool)> {
