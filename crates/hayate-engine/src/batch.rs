@@ -102,10 +102,15 @@ struct Slot {
 }
 
 impl Slot {
-    /// Whether the slot's state lacks more than the last sampled token:
-    /// its prompt is still being prefilled.
+    /// Whether the slot's prompt is still being prefilled.
     fn prefilling(&self) -> bool {
-        self.state.len() + 1 < self.tokens.len()
+        self.active.as_ref().is_some_and(|a| a.generated == 0)
+            && self.state.len() < self.tokens.len()
+    }
+
+    /// Whether the slot has a sampled token to feed.
+    fn decoding(&self) -> bool {
+        self.active.as_ref().is_some_and(|a| a.generated > 0)
     }
 
     /// Tokens of `prompt` the slot's state holds.
@@ -335,7 +340,7 @@ impl<'m> Batcher<'m> {
     /// cancelled) and each request's end.
     pub fn step(&mut self, mut on_event: impl FnMut(usize, SlotEvent<'_>) -> bool) {
         let decoding: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| self.slots[i].active.is_some() && !self.slots[i].prefilling())
+            .filter(|&i| self.slots[i].decoding())
             .collect();
         let mut ready: Vec<usize> = Vec::new();
         // Prefill, oldest request first.

@@ -1,0 +1,241 @@
+//! `hayate serve` batching requests on every architecture fixture (each
+//! given a small character-level tokenizer and a chat template): a
+//! 20-turn conversation prefills only each new turn, and a seeded request
+//! gives the same text alone and among eight at once.
+
+mod common;
+
+use common::{fixtures, shared_model};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// A template with nothing but the messages' contents between markers, so
+/// that 20 turns fit the fixtures' 512 positions.
+const TEMPLATE: &str = "{% for m in messages %}{{ '<|im_start|>' + m['content'] + '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>' }}{% endif %}";
+
+/// The characters of the tokenizer, one token each after the three markers.
+const CHARS: &str =
+    "ĠĊabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"()-_/";
+
+/// A model directory for fixture `name`: its files, and a byte-level
+/// tokenizer of the fixture's vocabulary (the markers, single characters,
+/// then pairs of letters that encoding never produces).
+fn fixture_model(name: &str, dir: &Path) {
+    let from = fixtures().join(name);
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let file = entry.unwrap().file_name();
+        if file != "reference_logits.safetensors" {
+            std::fs::copy(from.join(&file), dir.join(&file)).unwrap();
+        }
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(from.join("config.json")).unwrap()).unwrap();
+    let text = config.get("text_config").unwrap_or(&config);
+    let vocab_size = text["vocab_size"].as_u64().unwrap() as usize;
+    let pystd = shared_model("pystd-qwen3-7m");
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pystd.join("tokenizer.json")).unwrap()).unwrap();
+    let mut vocab = serde_json::Map::new();
+    for (i, marker) in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .enumerate()
+    {
+        vocab.insert((*marker).into(), i.into());
+    }
+    let letters: Vec<char> = ('a'..='z').collect();
+    let pairs = letters
+        .iter()
+        .flat_map(|a| letters.iter().map(move |b| format!("{a}{b}")));
+    for (i, token) in CHARS.chars().map(String::from).chain(pairs).enumerate() {
+        if 3 + i == vocab_size {
+            break;
+        }
+        vocab.insert(token, (3 + i).into());
+    }
+    assert_eq!(vocab.len(), vocab_size, "{name}");
+    tokenizer["model"]["vocab"] = vocab.into();
+    tokenizer["model"]["merges"] = serde_json::json!([]);
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pystd.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    config["chat_template"] = TEMPLATE.into();
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+}
+
+/// A server on a free port; killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(model: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hayate"))
+            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("hayate serve starts");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut said = Vec::new();
+        let port = loop {
+            let Some(line) = lines.next() else {
+                panic!("the server ended: {said:?}");
+            };
+            let line = line.unwrap();
+            if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
+                break rest.split('/').next().unwrap().parse().unwrap();
+            }
+            said.push(line);
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Server { child, port }
+    }
+
+    fn post(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        let (status, reply) = request(self.port, "POST", path, &body.to_string());
+        assert_eq!(status, 200, "{reply}");
+        serde_json::from_str(&reply).unwrap()
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (_, text) = request(self.port, "GET", "/metrics", "");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name}"))
+            .parse()
+            .unwrap()
+    }
+}
+
+fn request(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let status = reply[9..12].parse().unwrap();
+    (status, reply.split_once("\r\n\r\n").unwrap().1.to_owned())
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fixture_names() -> Vec<String> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("MANIFEST.json")).unwrap()).unwrap();
+    manifest
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn cached(usage: &serde_json::Value) -> u64 {
+    usage["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_twenty_turn_conversation_prefills_only_each_new_turn_on_every_fixture() {
+    for name in fixture_names() {
+        let dir = tempfile::tempdir().unwrap();
+        fixture_model(&name, dir.path());
+        let server = Server::start(dir.path(), &["--parallel", "2"]);
+        let mut messages = Vec::new();
+        let (mut previous, mut prompt_sum, mut cached_sum) = (0, 0, 0);
+        for turn in 0..20 {
+            let letter = char::from(b'a' + turn as u8);
+            messages.push(serde_json::json!({"role": "user", "content": letter.to_string()}));
+            let reply = server.post(
+                "/v1/chat/completions",
+                &serde_json::json!({"messages": messages, "max_tokens": 10, "seed": turn}),
+            );
+            let usage = &reply["usage"];
+            let prompt = usage["prompt_tokens"].as_u64().unwrap();
+            // Everything up to the previous reply came from the cache.
+            assert!(
+                cached(usage) >= previous,
+                "{name}: turn {turn} took {} of {prompt} tokens from the cache, not the previous {previous}",
+                cached(usage)
+            );
+            (previous, prompt_sum, cached_sum) =
+                (prompt, prompt_sum + prompt, cached_sum + cached(usage));
+            // The client edits the reply it sends back (drops its first
+            // character): the sequence departs from the cached one further
+            // back than recurrent layers roll back.
+            let content: String = reply["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .chars()
+                .skip(1)
+                .collect();
+            messages.push(serde_json::json!({"role": "assistant", "content": content}));
+        }
+        assert!(
+            previous > 150,
+            "{name}: the conversation reached {previous}"
+        );
+        assert_eq!(
+            server.metric("hayate_prompt_tokens_total"),
+            prompt_sum as f64
+        );
+        assert_eq!(
+            server.metric("hayate_prompt_cached_tokens_total"),
+            cached_sum as f64
+        );
+    }
+}
+
+#[test]
+fn a_seeded_request_gives_the_same_text_alone_and_among_eight_on_every_fixture() {
+    for name in fixture_names() {
+        let dir = tempfile::tempdir().unwrap();
+        fixture_model(&name, dir.path());
+        let server = Server::start(dir.path(), &["--parallel", "8"]);
+        let body = |i: usize| {
+            serde_json::json!({
+                "prompt": format!("request {i}: {}", "abc ".repeat(i)),
+                "max_tokens": 24,
+                "temperature": 1.0,
+                "seed": 7 + i,
+            })
+        };
+        let text =
+            |reply: &serde_json::Value| reply["choices"][0]["text"].as_str().unwrap().to_owned();
+        let alone = text(&server.post("/v1/completions", &body(3)));
+        let port = server.port;
+        let together: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    s.spawn(move || {
+                        let (status, reply) =
+                            request(port, "POST", "/v1/completions", &body(i).to_string());
+                        assert_eq!(status, 200, "{reply}");
+                        text(&serde_json::from_str(&reply).unwrap())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(together[3], alone, "{name}");
+        // Several ran at once (the mean batch was above one).
+        let mean = server.metric("hayate_batch_sequences_total")
+            / server.metric("hayate_engine_steps_total");
+        assert!(mean > 1.5, "{name}: mean batch {mean}");
+    }
+}
