@@ -497,8 +497,8 @@ impl Engine<'_> {
                     }
                     Err(e) => {
                         tracing::error!("request failed: {e}");
-                        let _ = job.events.send(Event::Failed(e.to_string()));
                         done();
+                        let _ = job.events.send(Event::Failed(e.to_string()));
                     }
                 }
             }
@@ -524,18 +524,21 @@ impl Engine<'_> {
                 }
                 SlotEvent::Done(stats) => {
                     if let Some(reply) = replies[slot].take() {
+                        // No longer pending once its client hears the end.
+                        done();
+                        let events = reply.events.clone();
                         if let Err(e) = reply.finish(&stats, metrics) {
                             tracing::error!("request failed: {e}");
+                            let _ = events.send(Event::Failed(e));
                         }
-                        done();
                     }
                     true
                 }
                 SlotEvent::Failed(e) => {
                     if let Some(reply) = replies[slot].take() {
                         tracing::error!("request failed: {e}");
-                        let _ = reply.events.send(Event::Failed(e.to_string()));
                         done();
+                        let _ = reply.events.send(Event::Failed(e.to_string()));
                     }
                     true
                 }
@@ -553,28 +556,34 @@ impl Engine<'_> {
         jobs: Receiver<Job>,
         counters: &Counters,
     ) {
+        let metrics = &*counters.metrics;
         for job in jobs {
             // A client that left while its job waited costs nothing.
-            if !job.events.is_closed() {
-                let events = job.events.clone();
-                if let Err(e) = self.run_job(generator, speculation, job, &counters.metrics) {
-                    tracing::error!("request failed: {e}");
-                    let _ = events.send(Event::Failed(e));
-                }
+            if job.events.is_closed() {
+                counters.pending.fetch_sub(1, Ordering::SeqCst);
+                continue;
             }
+            let events = job.events.clone();
+            let outcome = self.run_job(generator, speculation, job, metrics);
+            // No longer pending once its client hears the end.
             counters.pending.fetch_sub(1, Ordering::SeqCst);
+            let sent = outcome.and_then(|(reply, stats)| reply.finish(&stats, metrics));
+            if let Err(e) = sent {
+                tracing::error!("request failed: {e}");
+                let _ = events.send(Event::Failed(e));
+            }
         }
     }
 
     /// Generates one reply with speculative decoding, sending its text as
-    /// it comes.
+    /// it comes; the reply's end is left to send.
     fn run_job(
         &self,
         generator: &mut Generator<'_>,
         speculation: &mut Speculation<'_>,
         mut job: Job,
         metrics: &Metrics,
-    ) -> Result<(), String> {
+    ) -> Result<(Reply<'_>, GenerationStats), String> {
         // The generator says how much of the prompt its state still holds.
         let cached = generator
             .set_prompt(&job.prompt)
@@ -594,7 +603,7 @@ impl Engine<'_> {
                 reply.token(token, logits, metrics).map_err(JobError)
             })
             .map_err(|e| e.0)?;
-        reply.finish(&stats, metrics)
+        Ok((reply, stats))
     }
 }
 
