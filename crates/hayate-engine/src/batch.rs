@@ -30,6 +30,7 @@ use crate::forward::{BatchScratch, Logits, SequenceStep};
 use crate::generate::{GenerationStats, StopReason};
 use crate::model::{Model, StateOptions};
 use crate::sampler::{Sampler, SamplingParams, TokenConstraint};
+use crate::saved;
 use crate::state::{InferenceState, Snapshot};
 use crate::{EngineError, Result};
 use std::time::{Duration, Instant};
@@ -423,6 +424,99 @@ impl<'m> Batcher<'m> {
         for i in ready {
             self.sample(i, &mut on_event);
         }
+    }
+
+    /// The fingerprint of saved sequences for the model `model` names
+    /// ([`crate::saved::fingerprint`]) and these slots' state shape.
+    fn saved_fingerprint(&self, model: u64) -> u64 {
+        let shape = &self.slots[0].state.shape;
+        let numbers = [
+            model,
+            shape.capacity as u64,
+            shape.chunk as u64,
+            shape.rollback as u64,
+        ];
+        let hash = numbers
+            .iter()
+            .fold(saved::FNV_START, |h, n| saved::fnv(h, &n.to_le_bytes()));
+        saved::fnv(hash, shape.kv.name().as_bytes())
+    }
+
+    /// Saves every idle slot's sequence under `dir` as `slot-N.seq`
+    /// (written to a temporary name, then renamed), for the model whose
+    /// fingerprint is `model` ([`crate::saved::fingerprint`]). A state that
+    /// cannot roll back far is first taken back to its latest snapshot
+    /// (the end of its last prompt, where the next turn of a conversation
+    /// resumes). Returns how many were saved.
+    pub fn save_to(&mut self, dir: &std::path::Path, model: u64) -> std::io::Result<usize> {
+        let fingerprint = self.saved_fingerprint(model);
+        let blocks = &self.model.parts.blocks;
+        let mut saved = 0;
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if slot.active.is_some() {
+                continue;
+            }
+            if let Some(last) = slot.snapshots.last()
+                && slot.state.restore(blocks, last).is_ok()
+            {
+                slot.tokens.truncate(last.len());
+            }
+            if slot.state.is_empty() {
+                continue;
+            }
+            let bytes = saved::encode(fingerprint, blocks, &slot.state, &slot.tokens);
+            let path = dir.join(format!("slot-{i}.seq"));
+            let temporary = dir.join(format!(".slot-{i}.seq.partial"));
+            std::fs::write(&temporary, &bytes)?;
+            std::fs::rename(&temporary, &path)?;
+            saved += 1;
+        }
+        Ok(saved)
+    }
+
+    /// Reads the sequences [`save_to`](Self::save_to) left under `dir`
+    /// into the idle slots. A file that cannot be read (truncated, corrupt,
+    /// saved for another model or other options) is skipped; the returned
+    /// lines say which and why. Returns also how many were read.
+    pub fn load_from(&mut self, dir: &std::path::Path, model: u64) -> (usize, Vec<String>) {
+        let fingerprint = self.saved_fingerprint(model);
+        let vocab = self.model.info.vocab;
+        let blocks = &self.model.parts.blocks;
+        let (mut loaded, mut warnings) = (0, Vec::new());
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let path = dir.join(format!("slot-{i}.seq"));
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    warnings.push(format!("{}: {e}", path.display()));
+                    continue;
+                }
+            };
+            slot.snapshots.clear();
+            match saved::decode(&bytes, fingerprint, blocks, &mut slot.state) {
+                Ok(tokens) if tokens.iter().all(|&t| (t as usize) < vocab) => {
+                    slot.tokens = tokens;
+                    if slot.bounded {
+                        slot.snapshots.push(slot.state.snapshot(blocks));
+                    }
+                    loaded += 1;
+                }
+                Ok(_) => {
+                    slot.state.clear();
+                    slot.tokens.clear();
+                    warnings.push(format!(
+                        "{}: a token is outside the vocabulary",
+                        path.display()
+                    ));
+                }
+                Err(e) => {
+                    slot.tokens.clear();
+                    warnings.push(format!("{}: {e}", path.display()));
+                }
+            }
+        }
+        (loaded, warnings)
     }
 
     /// Draws slot `i`'s next token from its fresh logits and reports it.

@@ -53,6 +53,7 @@ pub mod refine;
 pub mod rng;
 pub mod rope;
 pub mod sampler;
+pub mod saved;
 pub mod speculate;
 pub mod state;
 

@@ -263,3 +263,62 @@ fn a_shared_prefix_resumes_from_a_snapshot_where_rolling_back_cannot() {
     // Qwen3.5, Gemma 3 and LFM2 fixtures (two layouts each).
     assert_eq!(resumed_from_snapshots, 6);
 }
+
+/// Sequences saved to a directory and read back by another batcher (a
+/// restarted server) resume as the original slots do: the next turn
+/// prefills only what is new and generates the same tokens. A file that
+/// is corrupt, cut short or saved for another model is ignored, with the
+/// reason.
+#[test]
+fn saved_sequences_resume_after_a_restart_and_bad_files_are_ignored() {
+    for name in fixture_names() {
+        let model = Model::load(&fixture(&name), &LoadOptions::default()).unwrap();
+        let vocab = model.info.vocab;
+        let end_of_turn = 3u32;
+        let dir = tempfile::tempdir().unwrap();
+        let first = prompt(6, vocab);
+        let ask = |prompt: &[u32]| BatchRequest {
+            prompt: prompt.to_vec(),
+            params: params(2),
+            max_tokens: 12,
+            constraint: None,
+        };
+        let mut before = Batcher::new(&model, &options(), 2, vec![end_of_turn]).unwrap();
+        before.admit(ask(&first)).unwrap();
+        let reply = drive(&mut before, |_, _| {}).remove(0).0;
+        // The next turn: the prompt, the reply, a new message.
+        let mut next = first.clone();
+        next.extend_from_slice(&reply);
+        next.extend_from_slice(&[end_of_turn, 5, 6, 7]);
+        assert_eq!(before.save_to(dir.path(), 42).unwrap(), 1, "{name}");
+        let (_, kept_before) = before.admit(ask(&next)).unwrap();
+        let want = drive(&mut before, |_, _| {}).remove(0).0;
+
+        let mut after = Batcher::new(&model, &options(), 2, vec![end_of_turn]).unwrap();
+        let (loaded, warnings) = after.load_from(dir.path(), 42);
+        assert_eq!((loaded, warnings.len()), (1, 0), "{name}: {warnings:?}");
+        let (_, kept_after) = after.admit(ask(&next)).unwrap();
+        assert_eq!(kept_after, kept_before, "{name}");
+        assert!(kept_after >= first.len(), "{name}: kept {kept_after}");
+        let got = drive(&mut after, |_, _| {}).remove(0).0;
+        assert_eq!(got, want, "{name}: after the restart");
+
+        // Another model's fingerprint, a flipped byte, a cut file.
+        let path = dir.path().join("slot-0.seq");
+        let bytes = std::fs::read(&path).unwrap();
+        let fresh = || Batcher::new(&model, &options(), 2, Vec::new()).unwrap();
+        let (loaded, warnings) = fresh().load_from(dir.path(), 43);
+        assert_eq!(loaded, 0);
+        assert!(warnings[0].contains("another model"), "{warnings:?}");
+        let mut flipped = bytes.clone();
+        flipped[bytes.len() / 2] ^= 0x10;
+        std::fs::write(&path, &flipped).unwrap();
+        let (loaded, warnings) = fresh().load_from(dir.path(), 42);
+        assert_eq!(loaded, 0);
+        assert!(warnings[0].contains("corrupt"), "{warnings:?}");
+        std::fs::write(&path, &bytes[..bytes.len() - 9]).unwrap();
+        let (loaded, warnings) = fresh().load_from(dir.path(), 42);
+        assert_eq!(loaded, 0);
+        assert!(warnings[0].contains("slot-0.seq"), "{warnings:?}");
+    }
+}

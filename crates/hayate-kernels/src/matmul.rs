@@ -1180,40 +1180,54 @@ pub(crate) mod avx512 {
         // The tokens are `padded` apart in one buffer: check its extent once.
         let xd = inputs.token(Bf16Layout::Halves32, 0, k).as_ptr();
         assert!(inputs.reordered.len() >= n_tok * padded, "reordered inputs");
-        let mut t0 = 0;
-        while t0 < n_tok {
-            let tokens = (n_tok - t0).min(8);
-            macro_rules! run {
-                ($t:literal) => {{
-                    const R: usize = bf16_rows_per_pass($t);
-                    // SAFETY: `rows` lies within `w`; tokens `t0..t0+$t` lie
-                    // within the inputs (checked) and `y` (caller).
-                    unsafe {
-                        bf16_token_rows::<R, $t>(
-                            s.as_ptr(),
-                            k,
-                            n,
-                            rows.clone(),
-                            xd.add(t0 * padded),
-                            padded,
-                            y.add(t0 * n),
-                        )
-                    }
-                }};
+        // Blocks of rows small enough to stay in L2 while every pass of
+        // up to 8 tokens runs over them: more tokens than one pass read the
+        // weights from memory once, not once per pass. Each (row, token)
+        // is computed alike whatever the block.
+        let block_rows = (BLOCK_BYTES / (2 * k)).max(1);
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let block = r0..(r0 + block_rows).min(rows.end);
+            let mut t0 = 0;
+            while t0 < n_tok {
+                let tokens = (n_tok - t0).min(8);
+                macro_rules! run {
+                    ($t:literal) => {{
+                        const R: usize = bf16_rows_per_pass($t);
+                        // SAFETY: `block` lies within `rows`, within `w`;
+                        // tokens `t0..t0+$t` lie within the inputs (checked)
+                        // and `y` (caller).
+                        unsafe {
+                            bf16_token_rows::<R, $t>(
+                                s.as_ptr(),
+                                k,
+                                n,
+                                block.clone(),
+                                xd.add(t0 * padded),
+                                padded,
+                                y.add(t0 * n),
+                            )
+                        }
+                    }};
+                }
+                match tokens {
+                    1 => run!(1),
+                    2 => run!(2),
+                    3 => run!(3),
+                    4 => run!(4),
+                    5 => run!(5),
+                    6 => run!(6),
+                    7 => run!(7),
+                    _ => run!(8),
+                }
+                t0 += tokens;
             }
-            match tokens {
-                1 => run!(1),
-                2 => run!(2),
-                3 => run!(3),
-                4 => run!(4),
-                5 => run!(5),
-                6 => run!(6),
-                7 => run!(7),
-                _ => run!(8),
-            }
-            t0 += tokens;
+            r0 = block.end;
         }
     }
+
+    /// Bytes of weights a block of rows of [`gemv_rows`] spans.
+    const BLOCK_BYTES: usize = 256 << 10;
 
     /// Outputs per packed panel: two 16-lane vectors.
     const NR: usize = 32;

@@ -21,9 +21,11 @@ use hayate_engine::{
     SlotEvent, StateOptions, StopReason, TokenConstraint,
 };
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::thread::JoinHandle;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -214,23 +216,34 @@ pub struct EngineConfig {
     pub parallel: usize,
     /// Speculative decoding, one request at a time.
     pub speculation: Option<SpeculationSetup>,
+    /// Where the sequences are kept across restarts, and the fingerprint
+    /// of the model they belong to ([`hayate_engine::saved::fingerprint`]).
+    pub cache_dir: Option<(PathBuf, u64)>,
 }
 
-/// Starts the engine thread over `model`. Fails when the states for
-/// `config` cannot be made (a context or a number of sequences the
-/// machine cannot hold) or the speculation cannot.
+/// Starts the engine thread over `model`; it ends (saving its sequences
+/// to the cache directory) once every [`EngineHandle`] is gone and the
+/// jobs in hand are done: join the returned thread to wait for that.
+/// Fails when the states for `config` cannot be made (a context or a
+/// number of sequences the machine cannot hold) or the speculation cannot.
 pub fn start(
     model: Model,
     tokenizer: Arc<TextTokenizer>,
     config: EngineConfig,
-) -> std::io::Result<EngineHandle> {
+) -> std::io::Result<(EngineHandle, JoinHandle<()>)> {
     let EngineConfig {
         options,
         stop_ids,
         queue,
         parallel,
         speculation,
+        cache_dir,
     } = config;
+    if speculation.is_some() && cache_dir.is_some() {
+        return Err(std::io::Error::other(
+            "--cache-dir keeps the sequences of batched requests: it does not go with speculative decoding yet",
+        ));
+    }
     if speculation.is_some() && parallel != 1 {
         return Err(std::io::Error::other(
             "speculative decoding runs one request at a time: --parallel must be 1 with it",
@@ -249,7 +262,7 @@ pub fn start(
     let thread_stops = stop_ids.clone();
     // The thread makes its states and says how large they are, or why it cannot.
     let (ready, started) = std::sync::mpsc::sync_channel(1);
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("hayate-engine".into())
         .spawn(move || {
             let engine = Engine {
@@ -261,8 +274,30 @@ pub fn start(
                 let batcher = Batcher::new(&model, &options, parallel, thread_stops.clone());
                 match batcher {
                     Ok(mut batcher) => {
+                        if let Some((dir, model_print)) = &cache_dir {
+                            let (loaded, warnings) = batcher.load_from(dir, *model_print);
+                            for w in warnings {
+                                tracing::warn!("ignoring a saved sequence: {w}");
+                                eprintln!("warning: ignoring a saved sequence: {w}");
+                            }
+                            if loaded > 0 {
+                                tracing::info!(
+                                    "{loaded} saved sequences read from {}",
+                                    dir.display()
+                                );
+                            }
+                        }
                         let _ = ready.send(Ok(batcher.capacity()));
                         engine.serve_batched(&mut batcher, receive, &counters);
+                        if let Some((dir, model_print)) = &cache_dir {
+                            match batcher.save_to(dir, *model_print) {
+                                Ok(n) => tracing::info!("{n} sequences saved to {}", dir.display()),
+                                Err(e) => eprintln!(
+                                    "warning: cannot save the sequences to {}: {e}",
+                                    dir.display()
+                                ),
+                            }
+                        }
                     }
                     Err(e) => {
                         let _ = ready.send(Err(e.to_string()));
@@ -291,7 +326,7 @@ pub fn start(
         .recv()
         .map_err(|_| std::io::Error::other("the engine thread ended at start"))?
         .map_err(std::io::Error::other)?;
-    Ok(EngineHandle {
+    let handle = EngineHandle {
         queue: send,
         pending,
         limit,
@@ -300,7 +335,8 @@ pub fn start(
         vocab,
         tokenizer,
         stop_ids,
-    })
+    };
+    Ok((handle, thread))
 }
 
 /// What the engine thread counts for the HTTP side.

@@ -46,6 +46,13 @@ pub struct ServeArgs {
     /// or 1 with speculative decoding (which runs one request at a time).
     #[arg(long, value_name = "N")]
     parallel: Option<usize>,
+    /// Keep the sequences in DIR across restarts: saved when the server
+    /// stops (Ctrl-C), read back when it starts, so the first requests
+    /// after a restart still find their conversations or system prompt
+    /// prefilled. A file that is corrupt or made for another model or
+    /// other options is ignored with a warning.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<std::path::PathBuf>,
     /// Most bytes of a request body; larger ones are answered 413.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
@@ -123,14 +130,32 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
             None
         }
     };
+    let cache_dir = match &args.cache_dir {
+        None => None,
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot make the cache directory {}", dir.display()))?;
+            // What changes the states: the weights, their quantization and
+            // the activations' precision.
+            let m = &args.model;
+            let how = format!(
+                "{:?} {:?} {:?} {:?}",
+                m.quantize, m.quant, m.activations, m.kv_cache
+            );
+            let print = hayate_engine::saved::fingerprint(&m.model, &how)
+                .with_context(|| format!("cannot read the model in {}", m.model.display()))?;
+            Some((dir.clone(), print))
+        }
+    };
     let config = EngineConfig {
         options,
         stop_ids: stops,
         queue: args.queue,
         parallel,
         speculation,
+        cache_dir,
     };
-    let engine = hayate_server::engine::start(model, Arc::new(tokenizer), config)
+    let (engine, engine_thread) = hayate_server::engine::start(model, Arc::new(tokenizer), config)
         .context("cannot start the engine")?;
     let capacity = engine.capacity;
     let config = ServerConfig {
@@ -144,7 +169,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the server's runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind((args.host, args.port))
             .await
             .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
@@ -155,5 +180,12 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         hayate_server::serve(listener, hayate_server::router(config, engine, grammars))
             .await
             .context("the server failed")
-    })
+    });
+    // Every handle of the engine is gone with the runtime: it finishes
+    // the requests in hand and saves its sequences.
+    drop(runtime);
+    if engine_thread.join().is_err() {
+        bail!("the engine thread panicked");
+    }
+    served
 }

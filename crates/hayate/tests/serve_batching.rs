@@ -239,3 +239,46 @@ fn a_seeded_request_gives_the_same_text_alone_and_among_eight_on_every_fixture()
         assert!(mean > 1.5, "{name}: mean batch {mean}");
     }
 }
+
+#[test]
+fn cached_sequences_survive_a_restart_with_cache_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    fixture_model("qwen3_5-text-gdn", &model);
+    let args = ["--parallel", "2", "--cache-dir", cache.to_str().unwrap()];
+    let mut messages = vec![serde_json::json!({"role": "user", "content": "abc"})];
+    let ask = |server: &Server, messages: &[serde_json::Value]| {
+        server.post(
+            "/v1/chat/completions",
+            &serde_json::json!({"messages": messages, "max_tokens": 12, "seed": 1}),
+        )
+    };
+    let mut server = Server::start(&model, &args);
+    let first = ask(&server, &messages);
+    let prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    // Ctrl-C: the server stops and saves its sequences.
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(server.child.wait().unwrap().success());
+    assert!(cache.join("slot-0.seq").exists());
+    let content = first["choices"][0]["message"]["content"].as_str().unwrap();
+    messages.push(serde_json::json!({"role": "assistant", "content": content}));
+    messages.push(serde_json::json!({"role": "user", "content": "de"}));
+    let server = Server::start(&model, &args);
+    let next = ask(&server, &messages);
+    assert!(cached(&next["usage"]) >= prompt, "{next}");
+    drop(server);
+    // A corrupt file is ignored with a warning; the server still serves.
+    std::fs::write(cache.join("slot-0.seq"), b"HAYATSQ\x01 not a sequence").unwrap();
+    let server = Server::start(&model, &args);
+    let again = ask(&server, &messages);
+    assert_eq!(cached(&again["usage"]), 0, "{again}");
+}

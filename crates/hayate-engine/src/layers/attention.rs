@@ -14,6 +14,7 @@
 //! (scores, softmax and values in one pass; the key layout it reads), and
 //! the rotation [`hayate_kernels::ops::rope_rotate_half`].
 
+use super::bytes;
 use super::mixer::{MixerLayer, Step, Tree};
 use super::norm::RmsNorm;
 use crate::Result;
@@ -213,6 +214,21 @@ macro_rules! by_element {
 }
 
 impl KvCache {
+    /// How much of each head a saved sequence of `len` tokens keeps: key
+    /// values (whole tiles), value values and scales; a ring keeps all.
+    fn saved_extent(&self, len: usize) -> (usize, usize, usize) {
+        let positions = if self.ring {
+            self.slots
+        } else {
+            len.next_multiple_of(KEY_TILE).min(self.slots)
+        };
+        (
+            positions * self.head_dim,
+            positions * self.head_dim,
+            positions,
+        )
+    }
+
     /// An empty cache of `slots` positions (a multiple of [`KEY_TILE`]).
     fn zeroed(
         format: KvFormat,
@@ -386,6 +402,42 @@ impl MixerLayer for Attention {
 
     fn snapshot(&self, cache: &KvCache, _len: usize) -> Option<KvData> {
         cache.ring.then(|| cache.data.clone())
+    }
+
+    /// Every head's keys and values of positions below `len` (a ring: all
+    /// of it), with the scales of an int8 cache.
+    fn save(&self, cache: &KvCache, len: usize, out: &mut Vec<u8>) {
+        let (keys, values, scales) = cache.saved_extent(len);
+        by_element!(&cache.data, E => {
+            let (k, v, ks, vs) = E::parts(&cache.data).expect("the element type of this cache");
+            for head in 0..cache.n_kv_heads {
+                let (kb, vb, sb) = (head * k.len() / cache.n_kv_heads, head * v.len() / cache.n_kv_heads, head * cache.slots);
+                bytes::put(&k[kb..kb + keys], out);
+                bytes::put(&v[vb..vb + values], out);
+                if E::SCALED {
+                    bytes::put(&ks[sb..sb + scales], out);
+                    bytes::put(&vs[sb..sb + scales], out);
+                }
+            }
+        })
+    }
+
+    fn load(&self, cache: &mut KvCache, len: usize, input: &mut &[u8]) -> Option<()> {
+        let (keys, values, scales) = cache.saved_extent(len);
+        let (heads, slots) = (cache.n_kv_heads, cache.slots);
+        by_element!(&cache.data, E => {
+            let (k, v, ks, vs) = E::parts_mut(&mut cache.data).expect("the element type of this cache");
+            for head in 0..heads {
+                let (kb, vb, sb) = (head * k.len() / heads, head * v.len() / heads, head * slots);
+                bytes::take(&mut k[kb..kb + keys], input)?;
+                bytes::take(&mut v[vb..vb + values], input)?;
+                if E::SCALED {
+                    bytes::take(&mut ks[sb..sb + scales], input)?;
+                    bytes::take(&mut vs[sb..sb + scales], input)?;
+                }
+            }
+            Some(())
+        })
     }
 
     fn snapshot_bytes(ring: &KvData) -> usize {

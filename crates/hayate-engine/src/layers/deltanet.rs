@@ -16,6 +16,7 @@
 //! tokens of a call step through the recurrence
 //! ([`hayate_kernels::deltanet::delta_step`]) so that each one's state is kept.
 
+use super::bytes;
 use super::mixer::{MixerLayer, Step};
 use super::norm::RmsNorm;
 use super::short_conv::ConvHistory;
@@ -132,6 +133,19 @@ impl MixerLayer for GatedDeltaNet {
             conv: st.conv.data.clone(),
             state: st.states[at..at + st.size].to_vec(),
         })
+    }
+
+    /// The convolution's history and the state matrices after `len` tokens.
+    fn save(&self, st: &DeltaState, len: usize, out: &mut Vec<u8>) {
+        bytes::put(&st.conv.data, out);
+        let at = len % st.slots * st.size;
+        bytes::put(&st.states[at..at + st.size], out);
+    }
+
+    fn load(&self, st: &mut DeltaState, len: usize, input: &mut &[u8]) -> Option<()> {
+        bytes::take(&mut st.conv.data, input)?;
+        let at = len % st.slots * st.size;
+        bytes::take(&mut st.states[at..at + st.size], input)
     }
 
     fn snapshot_bytes(snapshot: &DeltaSnapshot) -> usize {

@@ -63,6 +63,14 @@ pub(crate) trait MixerLayer: Sized {
     /// rolling back is enough (a full KV cache keeps every position).
     fn snapshot(&self, state: &Self::State, len: usize) -> Option<Self::Snapshot>;
 
+    /// Appends what `state` holds of its first `len` tokens to `out` (a
+    /// sequence saved to disk, [`crate::saved`]).
+    fn save(&self, state: &Self::State, len: usize, out: &mut Vec<u8>);
+
+    /// Reads back what [`save`](Self::save) wrote for `len` tokens from the
+    /// front of `input`, advancing it; `None` when `input` ends too soon.
+    fn load(&self, state: &mut Self::State, len: usize, input: &mut &[u8]) -> Option<()>;
+
     /// Bytes a snapshot takes.
     fn snapshot_bytes(snapshot: &Self::Snapshot) -> usize;
 

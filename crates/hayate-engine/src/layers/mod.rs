@@ -29,6 +29,64 @@ pub use short_conv::{ConvHistory, ShortConv};
 
 pub(crate) use mixer::{Step, Tree};
 
+/// Little-endian bytes of plain values, for states saved to disk.
+pub(crate) mod bytes {
+    /// A value with a fixed little-endian encoding.
+    pub(crate) trait Plain: Copy + Default {
+        const SIZE: usize;
+        fn put(self, out: &mut Vec<u8>);
+        fn get(bytes: &[u8]) -> Self;
+    }
+
+    macro_rules! plain {
+        ($($t:ty),+) => {$(
+            impl Plain for $t {
+                const SIZE: usize = size_of::<$t>();
+                fn put(self, out: &mut Vec<u8>) {
+                    out.extend_from_slice(&self.to_le_bytes());
+                }
+                fn get(bytes: &[u8]) -> Self {
+                    <$t>::from_le_bytes(bytes.try_into().expect("sized by the caller"))
+                }
+            }
+        )+};
+    }
+    plain!(f32, i8, u16, u32, u64);
+
+    impl Plain for half::bf16 {
+        const SIZE: usize = 2;
+        fn put(self, out: &mut Vec<u8>) {
+            self.to_bits().put(out);
+        }
+        fn get(bytes: &[u8]) -> Self {
+            half::bf16::from_bits(u16::get(bytes))
+        }
+    }
+
+    /// Appends `values`.
+    pub(crate) fn put<T: Plain>(values: &[T], out: &mut Vec<u8>) {
+        out.reserve(values.len() * T::SIZE);
+        for &v in values {
+            v.put(out);
+        }
+    }
+
+    /// Fills `values` from the front of `input`, advancing it; `None` when
+    /// it is too short.
+    pub(crate) fn take<T: Plain>(values: &mut [T], input: &mut &[u8]) -> Option<()> {
+        let n = values.len().checked_mul(T::SIZE)?;
+        if input.len() < n {
+            return None;
+        }
+        let (head, rest) = input.split_at(n);
+        for (v, b) in values.iter_mut().zip(head.chunks_exact(T::SIZE)) {
+            *v = T::get(b);
+        }
+        *input = rest;
+        Some(())
+    }
+}
+
 use crate::Result;
 use crate::budget::{Budget, StateShape};
 use crate::linear::{Compute, Linear};
@@ -128,6 +186,22 @@ macro_rules! mixers {
                         }
                     })+
                     _ => unreachable!("snapshots are made by the same blocks"),
+                }
+            }
+
+            /// Appends what `state` holds of its first `len` tokens to `out`.
+            pub(crate) fn save(&self, state: &MixerState, len: usize, out: &mut Vec<u8>) {
+                match (self, state) {
+                    $((Mixer::$variant(m), MixerState::$variant(s)) => m.save(s, len, out),)+
+                    _ => unreachable!("states are made by the same blocks"),
+                }
+            }
+
+            /// Reads what [`save`](Self::save) wrote; `None` when `input` ends too soon.
+            pub(crate) fn load(&self, state: &mut MixerState, len: usize, input: &mut &[u8]) -> Option<()> {
+                match (self, state) {
+                    $((Mixer::$variant(m), MixerState::$variant(s)) => m.load(s, len, input),)+
+                    _ => unreachable!("states are made by the same blocks"),
                 }
             }
 

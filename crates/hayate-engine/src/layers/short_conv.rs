@@ -6,6 +6,7 @@
 //! can be rolled back), in a ring. Kernels: the products and
 //! [`hayate_kernels::ops::causal_conv1d`].
 
+use super::bytes;
 use super::mixer::{MixerLayer, Step};
 use crate::Result;
 use crate::budget::{Budget, StateShape};
@@ -110,6 +111,14 @@ impl MixerLayer for ShortConv {
 
     fn snapshot(&self, history: &ConvHistory, _len: usize) -> Option<Vec<f32>> {
         Some(history.data.clone())
+    }
+
+    fn save(&self, history: &ConvHistory, _len: usize, out: &mut Vec<u8>) {
+        bytes::put(&history.data, out);
+    }
+
+    fn load(&self, history: &mut ConvHistory, _len: usize, input: &mut &[u8]) -> Option<()> {
+        bytes::take(&mut history.data, input)
     }
 
     fn snapshot_bytes(rows: &Vec<f32>) -> usize {

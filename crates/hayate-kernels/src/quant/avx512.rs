@@ -1092,36 +1092,53 @@ pub unsafe fn gemv_strips(
             "strip activations not laid out"
         );
         let nb = w.cols / BLOCK;
-        let mut t0 = 0;
-        while t0 < acts.n_tok {
-            let n = GEMV_TOKENS.min(acts.n_tok - t0);
-            macro_rules! run {
-                ($strip_kernel:ident, $t:literal, $shift:literal) => {{
-                    let pass = StripTokens::<$t>::new(laid, t0, nb);
-                    for strip in rows.start / STRIP..rows.end.div_ceil(STRIP) {
-                        let mask = lanes(strip);
-                        // SAFETY: the strip lies within `w` (whole strips); the
-                        // pass's tokens lie within `laid` (prepared from `acts`,
-                        // `nb` blocks each); `y` holds `n_tok` rows of `w.rows`
-                        // outputs (caller), written only at `rows`.
-                        unsafe {
-                            let out = $strip_kernel::<$t, $shift>(&w, strip, pass);
-                            for (t, v) in out.into_iter().enumerate() {
-                                let dst = y.add((t0 + t) * w.rows + strip * STRIP);
-                                _mm512_mask_storeu_ps(dst, mask, v);
+        // Blocks of strips small enough to stay in L2 while every pass of
+        // up to GEMV_TOKENS tokens runs over them, so that more tokens than
+        // one pass read the weights from memory once. Each (row, token) is
+        // computed alike whatever the block.
+        let code_bits = match w.format {
+            QuantFormat::Q4 => 4,
+            QuantFormat::Q8 => 8,
+        };
+        let strip_bytes = STRIP * w.cols * code_bits / 8;
+        let per_block = (STRIP_BLOCK_BYTES / strip_bytes.max(1)).max(1);
+        let all = rows.start / STRIP..rows.end.div_ceil(STRIP);
+        for first in all.clone().step_by(per_block) {
+            let strips = first..(first + per_block).min(all.end);
+            let mut t0 = 0;
+            while t0 < acts.n_tok {
+                let n = GEMV_TOKENS.min(acts.n_tok - t0);
+                macro_rules! run {
+                    ($strip_kernel:ident, $t:literal, $shift:literal) => {{
+                        let pass = StripTokens::<$t>::new(laid, t0, nb);
+                        for strip in strips.clone() {
+                            let mask = lanes(strip);
+                            // SAFETY: the strip lies within `w` (whole strips); the
+                            // pass's tokens lie within `laid` (prepared from `acts`,
+                            // `nb` blocks each); `y` holds `n_tok` rows of `w.rows`
+                            // outputs (caller), written only at `rows`.
+                            unsafe {
+                                let out = $strip_kernel::<$t, $shift>(&w, strip, pass);
+                                for (t, v) in out.into_iter().enumerate() {
+                                    let dst = y.add((t0 + t) * w.rows + strip * STRIP);
+                                    _mm512_mask_storeu_ps(dst, mask, v);
+                                }
                             }
                         }
-                    }
-                }};
+                    }};
+                }
+                match w.format {
+                    QuantFormat::Q4 => with_pass_consts!(run!(q4_strip), n, w.group),
+                    QuantFormat::Q8 => with_pass_consts!(run!(q8_strip), n, w.group),
+                }
+                t0 += n;
             }
-            match w.format {
-                QuantFormat::Q4 => with_pass_consts!(run!(q4_strip), n, w.group),
-                QuantFormat::Q8 => with_pass_consts!(run!(q8_strip), n, w.group),
-            }
-            t0 += n;
         }
     });
 }
+
+/// Bytes of weights a block of strips of [`gemv_strips`] spans.
+const STRIP_BLOCK_BYTES: usize = 256 << 10;
 
 /// Decode: every row of `rows` against each of the (few) tokens, up to
 /// [`GEMV_TOKENS`] tokens per pass over a row.
