@@ -33,6 +33,7 @@ use crate::sampler::{Sampler, SamplingParams, TokenConstraint};
 use crate::saved;
 use crate::state::{InferenceState, Snapshot};
 use crate::{EngineError, Result};
+use hayate_kernels::pool::{DisjointMut, split_range};
 use std::time::{Duration, Instant};
 
 /// What a request asks of its generation.
@@ -78,6 +79,16 @@ struct Active {
     order: u64,
 }
 
+/// What drawing a slot's next token came to.
+enum Draw {
+    /// A token to add and report.
+    Token(u32),
+    /// The generation ends without one (a stop token, a limit of 0).
+    End(StopReason),
+    /// The constraint failed.
+    Failed(EngineError),
+}
+
 /// Prompt tokens between snapshots of a state that cannot roll back.
 pub const SNAPSHOT_EVERY: usize = 512;
 
@@ -112,6 +123,48 @@ impl Slot {
     /// Whether the slot has a sampled token to feed.
     fn decoding(&self) -> bool {
         self.active.as_ref().is_some_and(|a| a.generated > 0)
+    }
+
+    /// Draws the next token from the state's fresh logits under the
+    /// slot's sampler and constraint; touches nothing but the slot, so
+    /// that slots draw on threads of their own.
+    fn draw(&mut self, stop_ids: &[u32]) -> Draw {
+        let Some(active) = self.active.as_mut() else {
+            return Draw::End(StopReason::Cancelled);
+        };
+        if active.max_tokens == 0 {
+            return Draw::End(StopReason::MaxTokens);
+        }
+        self.logits.copy_from_slice(self.state.last_logits());
+        if let Some(c) = active.constraint.as_deref_mut() {
+            let error = match c.mask(&mut self.logits) {
+                Err(e) => Some(e),
+                Ok(()) if !self.logits.iter().any(|l| *l > f32::NEG_INFINITY) => {
+                    Some("the constraint allows no token here".into())
+                }
+                Ok(()) => None,
+            };
+            if let Some(e) = error {
+                return Draw::Failed(EngineError::Constraint(e));
+            }
+        }
+        let position = self.tokens.len();
+        let token = active
+            .sampler
+            .sample(&mut self.logits, position, &self.tokens);
+        let stop = stop_ids.contains(&token);
+        if let Some(c) = active.constraint.as_deref_mut()
+            && !stop
+            && let Err(e) = c.commit(token)
+        {
+            return Draw::Failed(EngineError::Constraint(e));
+        }
+        active.first_token_at.get_or_insert_with(Instant::now);
+        if stop {
+            Draw::End(StopReason::Stop)
+        } else {
+            Draw::Token(token)
+        }
     }
 
     /// Tokens of `prompt` the slot's state holds.
@@ -421,9 +474,7 @@ impl<'m> Batcher<'m> {
                 }
             }
         }
-        for i in ready {
-            self.sample(i, &mut on_event);
-        }
+        self.sample(&ready, &mut on_event);
     }
 
     /// The fingerprint of saved sequences for the model `model` names
@@ -519,44 +570,45 @@ impl<'m> Batcher<'m> {
         (loaded, warnings)
     }
 
-    /// Draws slot `i`'s next token from its fresh logits and reports it.
-    fn sample(&mut self, i: usize, on_event: &mut impl FnMut(usize, SlotEvent<'_>) -> bool) {
+    /// Draws the next token of every slot in `ready` (its logits are
+    /// fresh), the slots shared among the kernel threads, then reports
+    /// each in turn.
+    fn sample(&mut self, ready: &[usize], on_event: &mut impl FnMut(usize, SlotEvent<'_>) -> bool) {
+        let mut draws: Vec<Option<Draw>> = ready.iter().map(|_| None).collect();
+        {
+            let slots = DisjointMut::new(&mut self.slots);
+            let out = DisjointMut::new(&mut draws);
+            let stop_ids = &self.stop_ids[..];
+            self.model.pool.run(&|tid, n_threads| {
+                for j in split_range(ready.len(), n_threads, tid, 1) {
+                    // SAFETY: the slots of `ready` are distinct, and thread
+                    // `tid` alone takes the `j`s of its range.
+                    let (slot, draw) =
+                        unsafe { (&mut slots.piece(ready[j], 1)[0], &mut out.piece(j, 1)[0]) };
+                    *draw = Some(slot.draw(stop_ids));
+                }
+            });
+        }
+        for (&i, draw) in ready.iter().zip(draws) {
+            match draw.expect("every slot drawn") {
+                Draw::Token(token) => self.report(i, token, on_event),
+                Draw::End(reason) => self.finish(i, reason, on_event),
+                Draw::Failed(e) => self.fail(i, e, on_event),
+            }
+        }
+    }
+
+    /// Adds slot `i`'s new `token` to its sequence and reports it.
+    fn report(
+        &mut self,
+        i: usize,
+        token: u32,
+        on_event: &mut impl FnMut(usize, SlotEvent<'_>) -> bool,
+    ) {
         let slot = &mut self.slots[i];
         let Some(active) = slot.active.as_mut() else {
             return;
         };
-        if active.max_tokens == 0 {
-            return self.finish(i, StopReason::MaxTokens, on_event);
-        }
-        slot.logits.copy_from_slice(slot.state.last_logits());
-        if let Some(c) = active.constraint.as_deref_mut() {
-            let masked = c.mask(&mut slot.logits);
-            let error = match masked {
-                Err(e) => Some(e),
-                Ok(()) if !slot.logits.iter().any(|l| *l > f32::NEG_INFINITY) => {
-                    Some("the constraint allows no token here".into())
-                }
-                Ok(()) => None,
-            };
-            if let Some(e) = error {
-                return self.fail(i, EngineError::Constraint(e), on_event);
-            }
-        }
-        let position = slot.tokens.len();
-        let token = active
-            .sampler
-            .sample(&mut slot.logits, position, &slot.tokens);
-        let stop = self.stop_ids.contains(&token);
-        if let Some(c) = active.constraint.as_deref_mut()
-            && !stop
-            && let Err(e) = c.commit(token)
-        {
-            return self.fail(i, EngineError::Constraint(e), on_event);
-        }
-        active.first_token_at.get_or_insert_with(Instant::now);
-        if stop {
-            return self.finish(i, StopReason::Stop, on_event);
-        }
         slot.tokens.push(token);
         active.generated += 1;
         let (max_tokens, generated) = (active.max_tokens, active.generated);
