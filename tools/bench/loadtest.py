@@ -166,7 +166,9 @@ def client(args, stats, words, deadline, counter, rng_seed):
         if error == "cancelled":
             stats.add(cancelled=1, tokens=tokens)
         elif status == 503:
+            # The queue is full: back off as Retry-After says.
             stats.add(busy=1)
+            time.sleep(1.0)
         elif error is None:
             stats.add(ok=1, tokens=tokens, ttft=[ttft] if ttft is not None else [], itl=gaps)
         else:

@@ -1,17 +1,15 @@
 //! The batched entry point: sequences of different lengths, states and
 //! logits requests in one call give exactly what each gives alone.
 
+mod common;
+
+use common::{fixture, fixture_names};
+
 use hayate_engine::{
     InferenceState, LoadOptions, Logits, Model, QuantSpec, SequenceStep, StateOptions,
 };
 use hayate_kernels::QuantFormat;
-use std::path::{Path, PathBuf};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
+use std::path::Path;
 
 fn ids(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
     (0..n)
@@ -21,17 +19,6 @@ fn ids(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
-}
-
-fn fixture_names() -> Vec<String> {
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixture("MANIFEST.json")).unwrap()).unwrap();
-    manifest
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["name"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 fn state(model: &Model) -> InferenceState {

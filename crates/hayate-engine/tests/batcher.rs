@@ -3,28 +3,14 @@
 //! one-sequence generator; a request that extends a slot's sequence
 //! prefills only what is new.
 
+mod common;
+
+use common::{fixture, fixture_names};
+
 use hayate_engine::{
     BatchRequest, Batcher, GenerationStats, Generator, LoadOptions, Model, Sampler, SamplingParams,
     SlotEvent, StateOptions, StopReason,
 };
-use std::path::{Path, PathBuf};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
-
-fn fixture_names() -> Vec<String> {
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixture("MANIFEST.json")).unwrap()).unwrap();
-    manifest
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["name"].as_str().unwrap().to_owned())
-        .collect()
-}
 
 /// Short pieces, so that prompts take several steps to prefill.
 fn options() -> StateOptions {

@@ -4,23 +4,12 @@
 //! needs: a rejected draft is replaced and the state must be as if it had
 //! never been seen.
 
+mod common;
+
+use common::{fixture_names, fixtures};
+
 use hayate_engine::{InferenceState, LoadOptions, Logits, Model, StateOptions};
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn fixture_names() -> Vec<String> {
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures().join("MANIFEST.json")).unwrap()).unwrap();
-    manifest
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["name"].as_str().unwrap().to_owned())
-        .collect()
-}
+use std::path::Path;
 
 /// Deterministic token ids below `vocab`.
 fn tokens(n: usize, vocab: usize, seed: usize) -> Vec<u32> {

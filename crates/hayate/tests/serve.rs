@@ -4,64 +4,11 @@
 
 mod common;
 
-use common::shared_model;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use common::{Server, shared_model};
 
-/// A server on a free port; killed when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let model = shared_model("pystd-qwen3-7m");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hayate"))
-            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
-            .args(extra)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("hayate serve starts");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let port = loop {
-            let line = lines
-                .next()
-                .expect("a line announcing the address")
-                .unwrap();
-            if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
-                break rest.split('/').next().unwrap().parse().unwrap();
-            }
-        };
-        // Keep reading stderr so that the server never blocks on it.
-        std::thread::spawn(move || lines.for_each(drop));
-        Server { child, port }
-    }
-
-    /// Status and body of one request.
-    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply).unwrap();
-        let status = reply[9..12].parse().unwrap();
-        let body = reply.split_once("\r\n\r\n").unwrap().1.to_owned();
-        (status, body)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A server of the trained checkpoint.
+fn start(extra: &[&str]) -> Server {
+    Server::start(&shared_model("pystd-qwen3-7m"), extra)
 }
 
 fn json(body: &str) -> serde_json::Value {
@@ -70,7 +17,7 @@ fn json(body: &str) -> serde_json::Value {
 
 #[test]
 fn serves_completions_and_answers_errors_with_error_objects() {
-    let server = Server::start(&[]);
+    let server = start(&[]);
     let (status, body) = server.request("GET", "/health", "");
     assert_eq!((status, json(&body)["status"].as_str()), (200, Some("ok")));
     let (status, body) = server.request(
@@ -129,7 +76,7 @@ fn serves_completions_and_answers_errors_with_error_objects() {
 
 #[test]
 fn an_api_key_is_required_when_set() {
-    let server = Server::start(&["--api-key", "k3y"]);
+    let server = start(&["--api-key", "k3y"]);
     let (status, body) = server.request("GET", "/v1/models", "");
     assert_eq!(status, 401, "{body}");
     assert_eq!(json(&body)["error"]["code"], "invalid_api_key");
@@ -138,7 +85,7 @@ fn an_api_key_is_required_when_set() {
 
 #[test]
 fn metrics_count_requests_tokens_and_latencies() {
-    let server = Server::start(&["--speculate", "ngram", "--draft-tokens", "2"]);
+    let server = start(&["--speculate", "ngram", "--draft-tokens", "2"]);
     let ask = r#"{"messages": [{"role": "user", "content": "Write a loop."}], "max_tokens": 9, "seed": 1}"#;
     let (_, first) = server.request("POST", "/v1/chat/completions", ask);
     let (_, second) = server.request("POST", "/v1/chat/completions", ask);

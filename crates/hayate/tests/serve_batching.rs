@@ -5,11 +5,9 @@
 
 mod common;
 
-use common::{fixtures, shared_model};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use common::{Server, fixture_names, fixtures, request, shared_model};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 /// A template with nothing but the messages' contents between markers, so
 /// that 20 turns fit the fixtures' 512 positions.
@@ -65,83 +63,21 @@ fn fixture_model(name: &str, dir: &Path) {
     std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
 }
 
-/// A server on a free port; killed when dropped.
-struct Server {
-    child: Child,
-    port: u16,
+/// The reply to a request that must succeed.
+fn post(server: &Server, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    let (status, reply) = server.request("POST", path, &body.to_string());
+    assert_eq!(status, 200, "{reply}");
+    serde_json::from_str(&reply).unwrap()
 }
 
-impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hayate"))
-            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
-            .args(extra)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("hayate serve starts");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut said = Vec::new();
-        let port = loop {
-            let Some(line) = lines.next() else {
-                panic!("the server ended: {said:?}");
-            };
-            let line = line.unwrap();
-            if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
-                break rest.split('/').next().unwrap().parse().unwrap();
-            }
-            said.push(line);
-        };
-        std::thread::spawn(move || lines.for_each(drop));
-        Server { child, port }
-    }
-
-    fn post(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
-        let (status, reply) = request(self.port, "POST", path, &body.to_string());
-        assert_eq!(status, 200, "{reply}");
-        serde_json::from_str(&reply).unwrap()
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        let (_, text) = request(self.port, "GET", "/metrics", "");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name}"))
-            .parse()
-            .unwrap()
-    }
-}
-
-fn request(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).unwrap();
-    let status = reply[9..12].parse().unwrap();
-    (status, reply.split_once("\r\n\r\n").unwrap().1.to_owned())
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn fixture_names() -> Vec<String> {
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures().join("MANIFEST.json")).unwrap()).unwrap();
-    manifest
-        .as_array()
+/// A value of `/metrics`.
+fn metric(server: &Server, name: &str) -> f64 {
+    let (_, text) = server.request("GET", "/metrics", "");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name}"))
+        .parse()
         .unwrap()
-        .iter()
-        .map(|f| f["name"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 fn cached(usage: &serde_json::Value) -> u64 {
@@ -161,7 +97,8 @@ fn a_twenty_turn_conversation_prefills_only_each_new_turn_on_every_fixture() {
         for turn in 0..20 {
             let letter = char::from(b'a' + turn as u8);
             messages.push(serde_json::json!({"role": "user", "content": letter.to_string()}));
-            let reply = server.post(
+            let reply = post(
+                &server,
                 "/v1/chat/completions",
                 &serde_json::json!({"messages": messages, "max_tokens": 10, "seed": turn}),
             );
@@ -191,11 +128,11 @@ fn a_twenty_turn_conversation_prefills_only_each_new_turn_on_every_fixture() {
             "{name}: the conversation reached {previous}"
         );
         assert_eq!(
-            server.metric("hayate_prompt_tokens_total"),
+            metric(&server, "hayate_prompt_tokens_total"),
             prompt_sum as f64
         );
         assert_eq!(
-            server.metric("hayate_prompt_cached_tokens_total"),
+            metric(&server, "hayate_prompt_cached_tokens_total"),
             cached_sum as f64
         );
     }
@@ -217,7 +154,7 @@ fn a_seeded_request_gives_the_same_text_alone_and_among_eight_on_every_fixture()
         };
         let text =
             |reply: &serde_json::Value| reply["choices"][0]["text"].as_str().unwrap().to_owned();
-        let alone = text(&server.post("/v1/completions", &body(3)));
+        let alone = text(&post(&server, "/v1/completions", &body(3)));
         let port = server.port;
         let together: Vec<String> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..8)
@@ -234,8 +171,8 @@ fn a_seeded_request_gives_the_same_text_alone_and_among_eight_on_every_fixture()
         });
         assert_eq!(together[3], alone, "{name}");
         // Several ran at once (the mean batch was above one).
-        let mean = server.metric("hayate_batch_sequences_total")
-            / server.metric("hayate_engine_steps_total");
+        let mean = metric(&server, "hayate_batch_sequences_total")
+            / metric(&server, "hayate_engine_steps_total");
         assert!(mean > 1.5, "{name}: mean batch {mean}");
     }
 }
@@ -250,7 +187,8 @@ fn cached_sequences_survive_a_restart_with_cache_dir() {
     let args = ["--parallel", "2", "--cache-dir", cache.to_str().unwrap()];
     let mut messages = vec![serde_json::json!({"role": "user", "content": "abc"})];
     let ask = |server: &Server, messages: &[serde_json::Value]| {
-        server.post(
+        post(
+            server,
             "/v1/chat/completions",
             &serde_json::json!({"messages": messages, "max_tokens": 12, "seed": 1}),
         )

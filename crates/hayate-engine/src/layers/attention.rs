@@ -21,6 +21,7 @@ use crate::Result;
 use crate::budget::{Budget, StateShape};
 use crate::linear::{Compute, Linear};
 use half::bf16;
+use half::vec::HalfBitsVecExt;
 use hayate_kernels::Isa;
 use hayate_kernels::attention::{
     self as kernel, KEY_TILE, KvElement, KvHead, KvHeadMut, MAX_ROWS, QueryRow, Scales,
@@ -244,9 +245,12 @@ impl KvCache {
                 k: budget.zeroed(n)?,
                 v: budget.zeroed(n)?,
             },
+            // Zero bits from fresh pages: memory is committed only as the
+            // cache fills (a `bf16` zero written element by element would
+            // commit the whole context at once).
             KvFormat::Bf16 => KvData::Bf16 {
-                k: budget.zeroed(n)?,
-                v: budget.zeroed(n)?,
+                k: budget.zeroed::<u16>(n)?.reinterpret_into(),
+                v: budget.zeroed::<u16>(n)?.reinterpret_into(),
             },
             KvFormat::Q8 => KvData::Q8 {
                 k: budget.zeroed(n)?,

@@ -1,12 +1,26 @@
 //! Helpers shared by the command-line tests.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 /// The repository's committed fixtures.
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// Every fixture's name, as `MANIFEST.json` lists them.
+pub fn fixture_names() -> Vec<String> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("MANIFEST.json")).unwrap()).unwrap();
+    manifest
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 /// The shared real checkpoints beside the checkout.
@@ -151,4 +165,67 @@ pub fn prefilled_per_turn(stderr: &str) -> Vec<usize> {
         .lines()
         .filter_map(|l| l.split_once('[')?.1.split(' ').next()?.parse().ok())
         .collect()
+}
+
+/// `hayate serve` on a free port; killed when dropped.
+pub struct Server {
+    /// The server process.
+    pub child: Child,
+    /// Where it listens on loopback.
+    pub port: u16,
+}
+
+impl Server {
+    /// Serves `model` with `extra` arguments once it announces its address.
+    pub fn start(model: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hayate"))
+            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("hayate serve starts");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut said = Vec::new();
+        let port = loop {
+            let Some(line) = lines.next() else {
+                panic!("the server ended: {said:?}");
+            };
+            let line = line.unwrap();
+            if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
+                break rest.split('/').next().unwrap().parse().unwrap();
+            }
+            said.push(line);
+        };
+        // Keep reading stderr so that the server never blocks on it.
+        std::thread::spawn(move || lines.for_each(drop));
+        Server { child, port }
+    }
+
+    /// Status and body of one request.
+    pub fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        request(self.port, method, path, body)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Status and body of one request to the server on `port`.
+pub fn request(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let status = reply[9..12].parse().unwrap();
+    (status, reply.split_once("\r\n\r\n").unwrap().1.to_owned())
 }
