@@ -74,6 +74,7 @@ class Stats:
         self.cancelled = 0
         self.rejected_as_expected = 0
         self.busy = 0
+        self.too_long = 0
         self.failures = []
 
     def add(self, **kw):
@@ -169,6 +170,10 @@ def client(args, stats, words, deadline, counter, rng_seed):
             # The queue is full: back off as Retry-After says.
             stats.add(busy=1)
             time.sleep(1.0)
+        elif status == 400 and "context_length_exceeded" in (error or ""):
+            # A prompt cut from the text came out longer than the context:
+            # refused as it should be, not a failure of the server.
+            stats.add(too_long=1)
         elif error is None:
             stats.add(ok=1, tokens=tokens, ttft=[ttft] if ttft is not None else [], itl=gaps)
         else:
@@ -296,6 +301,7 @@ def main():
         "cancelled": stats.cancelled,
         "rejected_as_expected": stats.rejected_as_expected,
         "busy_503": stats.busy,
+        "prompt_too_long_400": stats.too_long,
         "failures": len(stats.failures),
         "generated_tokens": stats.tokens,
         "aggregate_tok_s": round(stats.tokens / wall, 1) if wall > 0 else None,
