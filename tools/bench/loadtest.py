@@ -205,6 +205,29 @@ def sample_memory(pid, out, stop, t0, every):
         stop.wait(every)
 
 
+def fill(args):
+    """--fill concurrent requests of --fill-tokens token ids each (one per sequence)."""
+    errors = []
+
+    def one(i):
+        body = {"model": "x", "prompt": [(7 * t + 13 * i) % 1000 + 10 for t in range(args.fill_tokens)], "max_tokens": 8}
+        conn = http.client.HTTPConnection(args.host, args.port, timeout=args.timeout)
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        text = resp.read()
+        if resp.status != 200:
+            errors.append(f"fill request answered {resp.status}: {text[:200]}")
+        conn.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(args.fill)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit("; ".join(errors))
+
+
 def wait_ready(host, port, proc, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -239,6 +262,14 @@ def main():
     ap.add_argument("--cancel-fraction", type=float, default=0.0, help="requests cancelled mid-stream")
     ap.add_argument("--error-fraction", type=float, default=0.0, help="requests malformed on purpose")
     ap.add_argument("--warmup", type=float, default=60, help="seconds before memory growth is counted")
+    ap.add_argument(
+        "--fill",
+        type=int,
+        default=0,
+        help="before the clients start, this many concurrent requests (the server's --parallel) of "
+        "--fill-tokens prompt tokens each, so that every sequence's memory is in use before it is sampled",
+    )
+    ap.add_argument("--fill-tokens", type=int, default=0, help="prompt tokens of each --fill request")
     ap.add_argument("--timeout", type=float, default=600, help="seconds a request may take")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", help="also write the report here")
@@ -263,6 +294,8 @@ def main():
     try:
         wait_ready(args.host, args.port, proc)
         words = Path(args.prompt_file).read_text().split()
+        if args.fill:
+            fill(args)
         stats = Stats()
         counter = {"lock": threading.Lock(), "left": args.requests}
         stop = threading.Event()
