@@ -5,25 +5,18 @@
 //! prefill takes differs in the last bits from n = 5 on here: that is what
 //! makes the exact path necessary.)
 
+mod common;
+
+use common::{fixture, fixture_names};
+
 use hayate_engine::{
     InferenceState, KvFormat, LoadOptions, Logits, Model, QuantSpec, StateOptions,
 };
 use hayate_kernels::QuantFormat;
 use std::path::{Path, PathBuf};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
 fn fixture_dirs() -> Vec<PathBuf> {
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures().join("MANIFEST.json")).unwrap()).unwrap();
-    manifest
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| fixtures().join(f["name"].as_str().unwrap()))
-        .collect()
+    fixture_names().iter().map(|n| fixture(n)).collect()
 }
 
 fn tokens(n: usize, vocab: usize, seed: usize) -> Vec<u32> {

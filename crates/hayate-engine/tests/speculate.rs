@@ -3,6 +3,10 @@
 //! seed and architecture fixture, as chains or as trees; a draft that is
 //! the model itself under shared noise is always accepted.
 
+mod common;
+
+use common::fixtures;
+
 use hayate_engine::speculate::{
     Coupling, DraftLength, DraftModel, PromptLookup, Speculation, SpeculationStats, Speculator,
     SuffixSpeculator,
@@ -12,12 +16,8 @@ use hayate_engine::{
 };
 use hayate_kernels::QuantFormat;
 use std::cell::RefCell;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn fixture_names() -> Vec<(String, usize)> {
     let manifest: serde_json::Value =
