@@ -1,13 +1,15 @@
 //! `hayate serve`: an OpenAI-compatible HTTP server over one model.
 //!
-//! - [`engine`]: the engine thread, which owns the model and serves one
-//!   request at a time from a bounded queue, streaming each reply back;
+//! - [`engine`]: the engine thread, which owns the model and generates
+//!   the requests of a bounded queue together (continuous batching),
+//!   streaming each reply back; [`metrics`]: what `/metrics` reports;
 //! - [`api`]: the requests as OpenAI's API defines them, checked field by
 //!   field; [`error`]: OpenAI's error objects;
 //! - stop strings and the split of a chat reply into reasoning, content
 //!   and tool calls come from `hayate_chat::{stop, reply}`;
 //! - this module: the routes (`/v1/chat/completions`, `/v1/completions`,
-//!   `/v1/models`, `/health`), the API key, body limits and streaming.
+//!   `/v1/models`, `/health`, `/metrics`, `/apply-template`), the API key,
+//!   body limits and streaming.
 
 pub mod api;
 pub mod engine;
