@@ -75,8 +75,6 @@ struct Active {
     prefill_time: Duration,
     first_token_at: Option<Instant>,
     generated: usize,
-    /// When the request was admitted (its order among the waiting prefills).
-    order: u64,
 }
 
 /// What drawing a slot's next token came to.
@@ -98,9 +96,6 @@ const MAX_SNAPSHOTS: usize = 8;
 /// One sequence's state and tokens, kept between requests.
 struct Slot {
     state: InferenceState,
-    /// Whether the state rolls back only a few tokens (then snapshots
-    /// resume it further back).
-    bounded: bool,
     /// Snapshots of the state along `tokens`, by increasing length.
     snapshots: Vec<Snapshot>,
     /// Every token of the sequence (the prompt and what was generated);
@@ -109,11 +104,18 @@ struct Slot {
     /// The next-token logits, sampled in place.
     logits: Vec<f32>,
     active: Option<Active>,
-    /// When the slot last served a request (least recently used goes first).
+    /// When the slot last took a request: the least recently used is
+    /// reused first, and prompts prefill in the order they came.
     last_used: u64,
 }
 
 impl Slot {
+    /// Whether the state rolls back only a few tokens (then snapshots
+    /// resume it further back).
+    fn bounded(&self) -> bool {
+        self.state.max_rollback().is_some()
+    }
+
     /// Whether the slot's prompt is still being prefilled.
     fn prefilling(&self) -> bool {
         self.active.as_ref().is_some_and(|a| a.generated == 0)
@@ -167,20 +169,11 @@ impl Slot {
         }
     }
 
-    /// Tokens of `prompt` the slot's state holds.
-    fn common(&self, prompt: &[u32]) -> usize {
-        self.tokens[..self.state.len()]
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-    }
-
     /// Tokens of `prompt` this slot's state holds and can keep (at least
     /// one prompt token must be fed, for the logits after it), and the
     /// snapshot to resume from when rolling back cannot keep them.
     fn reusable(&self, prompt: &[u32]) -> (usize, Option<usize>) {
-        let keep = self.common(prompt).min(prompt.len().saturating_sub(1));
+        let keep = self.state.shared_prefix(&self.tokens, prompt);
         if self.state.can_truncate(keep) {
             return (keep, None);
         }
@@ -195,7 +188,7 @@ impl Slot {
     /// bounded state takes a snapshot.
     fn piece_end(&self, from: usize, ends: &[u32]) -> usize {
         let end = (from + self.state.shape.chunk).min(self.tokens.len());
-        if !self.bounded {
+        if !self.bounded() {
             return end;
         }
         self.tokens[from..end - 1]
@@ -208,7 +201,7 @@ impl Slot {
     /// cannot roll back, at a message boundary, the prompt's end or
     /// [`SNAPSHOT_EVERY`] tokens after the last.
     fn maybe_snapshot(&mut self, blocks: &[crate::layers::Block], end: usize, ends: &[u32]) {
-        if !self.bounded {
+        if !self.bounded() {
             return;
         }
         let last = self.snapshots.last().map_or(0, Snapshot::len);
@@ -230,8 +223,6 @@ pub struct Batcher<'m> {
     scratch: BatchScratch,
     /// Ids that end a generation (not reported).
     stop_ids: Vec<u32>,
-    /// Prompt tokens prefilled per step while other sequences decode.
-    prefill_budget: usize,
     /// Counts admissions and uses, for ordering.
     clock: u64,
 }
@@ -266,7 +257,6 @@ impl<'m> Batcher<'m> {
                 limit as f64 / f64::from(1u32 << 30)
             )));
         }
-        let prefill_budget = first.shape.chunk;
         let mut states = vec![first];
         for _ in 1..slots {
             states.push(model.new_state_with(options)?);
@@ -276,7 +266,6 @@ impl<'m> Batcher<'m> {
             .into_iter()
             .map(|state| Slot {
                 tokens: Vec::with_capacity(state.capacity()),
-                bounded: state.max_rollback().is_some(),
                 snapshots: Vec::new(),
                 state,
                 logits: vec![0.0; vocab],
@@ -289,7 +278,6 @@ impl<'m> Batcher<'m> {
             slots,
             scratch: model.new_batch_scratch(DECODE_ROWS)?,
             stop_ids,
-            prefill_budget,
             clock: 0,
         })
     }
@@ -349,7 +337,7 @@ impl<'m> Batcher<'m> {
         let slot = &mut self.slots[index];
         let (kept, from_snapshot) = slot.reusable(prompt);
         // Snapshots past where the new sequence leaves the old one no longer hold.
-        let common = slot.common(prompt);
+        let common = slot.state.shared_prefix(&slot.tokens, prompt);
         if let Some(i) = from_snapshot {
             slot.state
                 .restore(&self.model.parts.blocks, &slot.snapshots[i])?;
@@ -373,7 +361,6 @@ impl<'m> Batcher<'m> {
             prefill_time: Duration::ZERO,
             first_token_at: None,
             generated: 0,
-            order: self.clock,
         });
         Ok((index, kept))
     }
@@ -402,13 +389,14 @@ impl<'m> Batcher<'m> {
             .slots
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| Some((s.active.as_ref()?.order, i)).filter(|_| s.prefilling()))
+            .filter_map(|(i, s)| s.prefilling().then_some((s.last_used, i)))
             .collect();
         prefilling.sort_unstable();
+        // While others decode, one piece (a state's step length) per step.
         let mut budget = if decoding.is_empty() {
             usize::MAX
         } else {
-            self.prefill_budget
+            self.slots[0].state.shape.chunk
         };
         for &(_, i) in &prefilling {
             if budget == 0 {
@@ -449,21 +437,20 @@ impl<'m> Batcher<'m> {
         // Every decoding sequence's pending token, in passes of at most
         // DECODE_ROWS.
         for group in decoding.chunks(DECODE_ROWS) {
-            let mut batch: Vec<SequenceStep<'_>> = Vec::with_capacity(group.len());
-            let mut members = group.iter().copied().peekable();
-            for (i, slot) in self.slots.iter_mut().enumerate() {
-                if members.peek() != Some(&i) {
-                    continue;
-                }
-                members.next();
-                let Slot { state, tokens, .. } = slot;
-                let at = state.len();
-                batch.push(SequenceStep {
-                    state,
-                    tokens: &tokens[at..at + 1],
-                    logits: Logits::Last,
-                });
-            }
+            let mut batch: Vec<SequenceStep<'_>> = self
+                .slots
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| group.binary_search(i).is_ok())
+                .map(|(_, slot)| {
+                    let at = slot.state.len();
+                    SequenceStep {
+                        state: &mut slot.state,
+                        tokens: &slot.tokens[at..at + 1],
+                        logits: Logits::Last,
+                    }
+                })
+                .collect();
             match self.model.forward_batch(&mut self.scratch, &mut batch) {
                 Ok(()) => ready.extend_from_slice(group),
                 Err(e) => {
@@ -548,7 +535,7 @@ impl<'m> Batcher<'m> {
             match saved::decode(&bytes, fingerprint, blocks, &mut slot.state) {
                 Ok(tokens) if tokens.iter().all(|&t| (t as usize) < vocab) => {
                     slot.tokens = tokens;
-                    if slot.bounded {
+                    if slot.bounded() {
                         slot.snapshots.push(slot.state.snapshot(blocks));
                     }
                     loaded += 1;

@@ -105,13 +105,7 @@ impl<'m> Generator<'m> {
     /// the whole conversation, and only the new turn costs time. Returns
     /// how many of the prompt's tokens were kept (not to be prefilled).
     pub fn set_prompt(&mut self, prompt: &[u32]) -> Result<usize> {
-        let common = self.tokens[..self.state.len()]
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
-        // At least one token must be fed to get logits for the next one.
-        let keep = common.min(prompt.len().saturating_sub(1));
+        let keep = self.state.shared_prefix(&self.tokens, prompt);
         let kept = if self.state.can_truncate(keep) {
             self.state.truncate(keep)?;
             keep

@@ -139,6 +139,19 @@ impl InferenceState {
             .min(self.shape.chunk)
     }
 
+    /// How many of `prompt`'s first tokens this state, holding `held`
+    /// (its tokens), already has, at most all but the last (which must be
+    /// fed for the logits after it): what a new prompt can keep, by
+    /// [`truncate`](Self::truncate) where [`can_truncate`](Self::can_truncate) allows.
+    pub fn shared_prefix(&self, held: &[u32], prompt: &[u32]) -> usize {
+        let common = held[..self.len.min(held.len())]
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        common.min(prompt.len().saturating_sub(1))
+    }
+
     /// Whether [`truncate`](Self::truncate)`(len)` would succeed.
     pub fn can_truncate(&self, len: usize) -> bool {
         len <= self.len && self.max_rollback().is_none_or(|r| self.len - len <= r)
