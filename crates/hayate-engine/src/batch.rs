@@ -22,12 +22,21 @@
 //! from the latest snapshot inside it, so a conversation's next turn, or
 //! a request sharing a long system prompt, prefills only what follows.
 //!
+//! Attention caches take their pages from one [`KvPool`] of a fixed size
+//! (`kv_memory`): a request is admitted when the memory its prompt and
+//! `max_tokens` can fill is free, counting what the running requests may
+//! still take; idle slots' cached sequences are evicted for it, least
+//! recently used first. One that must wait is left to the caller to queue
+//! ([`Batcher::fits`]); one that can never fit is longer than
+//! [`Batcher::capacity`].
+//!
 //! Batch-invariant: a prompt's pieces depend only on the prompt and what
 //! its slot held, and a batched pass gives each sequence what it gives
 //! alone, so a seeded request generates the same text alone or under load.
 
 use crate::forward::{BatchScratch, Logits, SequenceStep};
 use crate::generate::{GenerationStats, StopReason};
+use crate::layers::KvPool;
 use crate::model::{Model, StateOptions};
 use crate::sampler::{Sampler, SamplingParams, TokenConstraint};
 use crate::saved;
@@ -75,6 +84,8 @@ struct Active {
     prefill_time: Duration,
     first_token_at: Option<Instant>,
     generated: usize,
+    /// Bytes of attention pages its sequence may hold by its end.
+    reserved: usize,
 }
 
 /// What drawing a slot's next token came to.
@@ -220,6 +231,11 @@ impl Slot {
 pub struct Batcher<'m> {
     model: &'m Model,
     slots: Vec<Slot>,
+    /// Where the slots' attention caches take their pages.
+    pool: KvPool,
+    /// Most tokens a sequence holds: the context, or less where one
+    /// sequence alone would fill the pool.
+    capacity: usize,
     scratch: BatchScratch,
     /// Ids that end a generation (not reported).
     stop_ids: Vec<u32>,
@@ -231,35 +247,71 @@ pub struct Batcher<'m> {
 const DECODE_ROWS: usize = 64;
 
 impl<'m> Batcher<'m> {
-    /// `slots` sequences, each with a state as `options` say; `stop_ids`
-    /// end every generation. The states' memory is checked against the
-    /// machine's first, all slots together.
+    /// `slots` sequences, each with a state as `options` say, their
+    /// attention caches sharing `kv_memory` bytes of pages (`None`: enough
+    /// for every slot's whole context, within half of what the machine has
+    /// left); `stop_ids` end every generation. The states' memory is
+    /// checked against the machine's first, all slots together.
     pub fn new(
         model: &'m Model,
         options: &StateOptions,
         slots: usize,
         stop_ids: Vec<u32>,
+        kv_memory: Option<usize>,
     ) -> Result<Self> {
         if slots == 0 {
             return Err(EngineError::State(
                 "a batch of 0 slots serves nothing".into(),
             ));
         }
-        let first = model.new_state_with(options)?;
-        let total = first.bytes().checked_mul(slots);
-        if let Some(limit) = crate::budget::physical_memory()
-            && total.is_none_or(|t| t > limit)
-        {
+        let pool = KvPool::new(0);
+        let first = model.new_state_in(options, &pool)?;
+        let whole = first.kv_bytes_at(first.capacity());
+        let fixed = first.bytes() - whole;
+        let gib = |b: f64| b / f64::from(1u32 << 30);
+        let physical = crate::budget::physical_memory().unwrap_or(usize::MAX);
+        let fixed_total = fixed.checked_mul(slots).filter(|&t| t <= physical);
+        let Some(fixed_total) = fixed_total else {
             return Err(EngineError::State(format!(
-                "{slots} sequences of {} tokens need {:.1} GiB of state; this machine has {:.1} GiB: lower the sequences or the context",
-                first.capacity(),
-                first.bytes() as f64 * slots as f64 / f64::from(1u32 << 30),
-                limit as f64 / f64::from(1u32 << 30)
+                "{slots} sequences need {:.1} GiB of state besides their attention caches; this machine has {:.1} GiB: lower the sequences or the context",
+                gib(fixed as f64 * slots as f64),
+                gib(physical as f64)
             )));
+        };
+        let left = physical - fixed_total;
+        let limit = match kv_memory {
+            Some(bytes) if bytes > left => {
+                return Err(EngineError::State(format!(
+                    "a KV memory of {:.1} GiB is more than this machine has left for it ({:.1} GiB)",
+                    gib(bytes as f64),
+                    gib(left as f64)
+                )));
+            }
+            Some(bytes) => bytes,
+            None => whole.saturating_mul(slots).min(left / 2),
+        };
+        let one_page = first.kv_bytes_at(1);
+        if limit < one_page {
+            return Err(EngineError::State(format!(
+                "a KV memory of {} KiB holds no page of this model's attention caches ({} KiB each)",
+                limit >> 10,
+                one_page.div_ceil(1 << 10)
+            )));
+        }
+        pool.set_limit(limit);
+        // The longest sequence the pool holds (its pages grow with it).
+        let (mut fits, mut beyond) = (1, first.capacity() + 1);
+        while beyond - fits > 1 {
+            let mid = fits + (beyond - fits) / 2;
+            if first.kv_bytes_at(mid) <= limit {
+                fits = mid;
+            } else {
+                beyond = mid;
+            }
         }
         let mut states = vec![first];
         for _ in 1..slots {
-            states.push(model.new_state_with(options)?);
+            states.push(model.new_state_in(options, &pool)?);
         }
         let vocab = model.info.vocab;
         let slots = states
@@ -276,15 +328,46 @@ impl<'m> Batcher<'m> {
         Ok(Batcher {
             model,
             slots,
+            pool,
+            capacity: fits,
             scratch: model.new_batch_scratch(DECODE_ROWS)?,
             stop_ids,
             clock: 0,
         })
     }
 
-    /// Most tokens a sequence holds.
+    /// Most tokens a sequence holds: the context, or less when the KV
+    /// memory holds less (a request longer than this can never run).
     pub fn capacity(&self) -> usize {
-        self.slots[0].state.capacity()
+        self.capacity
+    }
+
+    /// The KV memory: bytes of pages the caches hold now, and the most they may.
+    pub fn kv_memory(&self) -> (usize, usize) {
+        (self.pool.held(), self.pool.limit())
+    }
+
+    /// Bytes of attention pages a sequence of `tokens` takes.
+    fn kv_bytes(&self, tokens: usize) -> usize {
+        self.slots[0].state.kv_bytes_at(tokens.min(self.capacity))
+    }
+
+    /// Bytes the running requests may still take, all they reserved.
+    fn reserved(&self) -> usize {
+        let active = self.slots.iter().filter_map(|s| s.active.as_ref());
+        active.map(|a| a.reserved).sum()
+    }
+
+    /// Whether a request of `prompt` tokens and up to `max_tokens` more
+    /// can start now: a free slot, and KV memory for all of them besides
+    /// what the running requests reserved (idle slots' cached sequences
+    /// give way). When not, it waits for some to end (one longer than
+    /// [`capacity`](Self::capacity) never fits).
+    pub fn fits(&self, prompt: usize, max_tokens: usize) -> bool {
+        let need = self.kv_bytes(prompt.saturating_add(max_tokens));
+        self.active() < self.slots.len()
+            && prompt < self.capacity
+            && self.reserved() + need <= self.pool.limit()
     }
 
     /// Slots, busy or free.
@@ -298,10 +381,11 @@ impl<'m> Batcher<'m> {
     }
 
     /// Starts `request` in a free slot, the one holding the longest prefix
-    /// of its prompt (else the least recently used). Returns the slot and
-    /// how many prompt tokens its state already held (not prefilled). A
-    /// prompt that is empty or fills the context is an error, as is a
-    /// request when every slot is busy (see [`active`](Self::active)).
+    /// of its prompt (else the least recently used), evicting idle slots'
+    /// sequences where its KV memory needs their pages. Returns the slot
+    /// and how many prompt tokens its state already held (not prefilled).
+    /// A prompt that is empty or fills the context is an error, as is a
+    /// request that does not [`fit`](Self::fits) now.
     pub fn admit(&mut self, request: BatchRequest) -> Result<(usize, usize)> {
         let prompt = &request.prompt;
         if prompt.is_empty() {
@@ -309,7 +393,7 @@ impl<'m> Batcher<'m> {
                 "nothing to prefill: the prompt is empty".into(),
             ));
         }
-        let capacity = self.capacity();
+        let capacity = self.capacity;
         if prompt.len() >= capacity {
             return Err(EngineError::ContextFull {
                 needed: prompt.len() + 1,
@@ -333,6 +417,11 @@ impl<'m> Batcher<'m> {
                 self.slots.len()
             )));
         };
+        let reserved = self.kv_bytes(prompt.len().saturating_add(request.max_tokens));
+        let limit = self.pool.limit();
+        if self.reserved() + reserved > limit {
+            return Err(EngineError::KvMemory { limit });
+        }
         self.clock += 1;
         let slot = &mut self.slots[index];
         let (kept, from_snapshot) = slot.reusable(prompt);
@@ -347,6 +436,7 @@ impl<'m> Batcher<'m> {
             slot.state.clear();
         }
         slot.snapshots.retain(|s| s.len() <= common);
+        slot.state.release_unused();
         slot.tokens.clear();
         slot.tokens.extend_from_slice(prompt);
         slot.last_used = self.clock;
@@ -361,8 +451,34 @@ impl<'m> Batcher<'m> {
             prefill_time: Duration::ZERO,
             first_token_at: None,
             generated: 0,
+            reserved,
         });
+        self.evict_for(index);
         Ok((index, kept))
+    }
+
+    /// Evicts idle slots' sequences, least recently used first, until the
+    /// pages they hold and all the running requests reserved fit in the
+    /// pool (`keep`, just admitted, holds what it reserved).
+    fn evict_for(&mut self, keep: usize) {
+        let limit = self.pool.limit();
+        let idle_bytes = |s: &Slot| match s.active {
+            None => s.state.kv_bytes_at(s.state.len()),
+            Some(_) => 0,
+        };
+        let mut held: usize = self.reserved() + self.slots.iter().map(idle_bytes).sum::<usize>();
+        while held > limit {
+            let victim = (0..self.slots.len())
+                .filter(|&i| i != keep && idle_bytes(&self.slots[i]) > 0)
+                .min_by_key(|&i| self.slots[i].last_used);
+            let Some(i) = victim else { break };
+            held -= idle_bytes(&self.slots[i]);
+            let slot = &mut self.slots[i];
+            slot.state.clear();
+            slot.state.release_unused();
+            slot.tokens.clear();
+            slot.snapshots.clear();
+        }
     }
 
     /// Ends the request in `slot` at once (its client left); nothing more
@@ -372,6 +488,7 @@ impl<'m> Batcher<'m> {
             s.active = None;
             let held = s.state.len().min(s.tokens.len());
             s.tokens.truncate(held);
+            s.state.release_unused();
         }
     }
 
@@ -628,6 +745,7 @@ impl<'m> Batcher<'m> {
         let Some(active) = self.slots[i].active.take() else {
             return;
         };
+        self.slots[i].state.release_unused();
         let first = active.first_token_at;
         let stats = GenerationStats {
             prompt_tokens: active.prompt_tokens,
@@ -651,6 +769,7 @@ impl<'m> Batcher<'m> {
         let slot = &mut self.slots[i];
         if slot.active.take().is_some() {
             slot.state.clear();
+            slot.state.release_unused();
             slot.tokens.clear();
             slot.snapshots.clear();
             on_event(i, SlotEvent::Failed(error));

@@ -15,7 +15,7 @@
 
 use crate::arch::Translated;
 use crate::budget::{Budget, StateShape};
-use crate::layers::{KvFormat, Step};
+use crate::layers::{KvFormat, KvPool, Step};
 use crate::linear::{Compute, Linear, Signs};
 use crate::quantize::{PlannedGroup, replace_layers};
 use crate::refine::Refinement;
@@ -303,11 +303,16 @@ pub(crate) fn quantize_calibrated(
         rollback: 1,
         threads: pool.n_threads(),
         kv: KvFormat::F32,
+        page: context.next_multiple_of(16),
     };
-    let mut budget = Budget::for_context(context);
+    let kv_pool = KvPool::new(usize::MAX);
+    let mut budget = Budget::for_context(context, kv_pool.clone());
     let layers = (&parts.blocks[..], &parts.ropes[..]);
     let mut state =
         InferenceState::new(u64::MAX, layers, (hidden, parts.vocab), &shape, &mut budget)?;
+    // Every window fills the same positions: their pages, once.
+    budget.take(state.kv_bytes_at(context))?;
+    state.prepare(context)?;
     // The residual stream of the quantized model and, toward the float
     // model, of the float one.
     let streams = 1 + usize::from(toward_float);

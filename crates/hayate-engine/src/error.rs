@@ -37,6 +37,15 @@ pub enum EngineError {
         /// Tokens the state can hold.
         capacity: usize,
     },
+    /// The attention caches' pool has no page left.
+    #[error(
+        "the KV memory is full: the sequences' attention caches hold all {} MiB of it (raise --kv-memory, or run fewer or shorter requests at once)",
+        limit >> 20
+    )]
+    KvMemory {
+        /// The pool's limit in bytes.
+        limit: usize,
+    },
     /// A token id outside the vocabulary.
     #[error("token id {token} is outside the vocabulary (size {vocab})")]
     TokenOutOfRange {

@@ -166,8 +166,10 @@ impl Model {
             rollback: 1,
             threads: self.n_threads(),
             kv: Default::default(),
+            page: rows.next_multiple_of(16),
         };
-        let mut budget = Budget::for_context(rows);
+        // No caches: the batch's sequences bring theirs.
+        let mut budget = Budget::for_context(rows, crate::layers::KvPool::new(0));
         let p = &self.parts;
         let scratch = Scratch::new(&p.blocks, (p.hidden, p.vocab), &shape, &mut budget)?;
         let logits = match rows.checked_mul(p.vocab) {
@@ -317,10 +319,11 @@ impl Model {
 
     /// Whether `tokens` can run on `state` with this logits request; also
     /// reserves the request's buffer, so that one too large for this
-    /// machine is an error here rather than an abort later.
+    /// machine is an error here rather than an abort later, and the
+    /// attention pages the tokens fill (an error when the pool has none left).
     fn check_step(
         &self,
-        state: &InferenceState,
+        state: &mut InferenceState,
         tokens: &[u32],
         logits: &mut Logits<'_>,
     ) -> Result<()> {
@@ -349,18 +352,20 @@ impl Model {
                 tokens.len()
             )));
         }
-        let (rows, out) = match logits {
-            Logits::All(out) => (tokens.len(), out),
-            Logits::At(at, out) => (at.len(), out),
-            Logits::None | Logits::Last => return Ok(()),
+        let asked = match logits {
+            Logits::All(out) => Some((tokens.len(), out)),
+            Logits::At(at, out) => Some((at.len(), out)),
+            Logits::None | Logits::Last => None,
         };
-        let values = rows.checked_mul(vocab);
-        if values.is_none_or(|n| out.try_reserve_exact(n.saturating_sub(out.len())).is_err()) {
-            return Err(EngineError::State(format!(
-                "the logits of {rows} positions ({rows} x {vocab} values) do not fit in memory; ask for fewer at once"
-            )));
+        if let Some((rows, out)) = asked {
+            let values = rows.checked_mul(vocab);
+            if values.is_none_or(|n| out.try_reserve_exact(n.saturating_sub(out.len())).is_err()) {
+                return Err(EngineError::State(format!(
+                    "the logits of {rows} positions ({rows} x {vocab} values) do not fit in memory; ask for fewer at once"
+                )));
+            }
         }
-        Ok(())
+        state.prepare(needed)
     }
 
     /// Runs a checked step with the kernels `mode` allows; a tree (its

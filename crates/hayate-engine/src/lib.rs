@@ -62,7 +62,7 @@ pub use calibrate::Calibration;
 pub use error::EngineError;
 pub use forward::{BatchScratch, Logits, MAX_TREE_NODES, SequenceStep};
 pub use generate::{GenerationStats, Generator, Rules, StopReason};
-pub use layers::KvFormat;
+pub use layers::{KV_PAGE, KvFormat, KvPool};
 pub use model::{LoadOptions, Model, ModelInfo, StateOptions};
 pub use quantize::{EmbeddingFormat, QuantSpec};
 pub use sampler::{Sampler, SamplingParams, TokenConstraint};

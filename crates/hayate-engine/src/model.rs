@@ -3,7 +3,7 @@
 use crate::arch::{self, Translated};
 use crate::budget::{Budget, StateShape};
 use crate::calibrate::Calibration;
-use crate::layers::KvFormat;
+use crate::layers::{KV_PAGE, KvFormat, KvPool};
 use crate::linear::Linear;
 use crate::quantize::{QuantReport, QuantSpec, quantize_parts, write_quantized};
 use crate::state::InferenceState;
@@ -42,6 +42,9 @@ pub struct StateOptions {
     pub prefill_chunk: usize,
     /// How attention caches store keys and values (default f32, exact).
     pub kv_cache: KvFormat,
+    /// Positions per page of a full attention cache (rounded up to 16):
+    /// caches grow, and share prefixes, a page at a time.
+    pub kv_page: usize,
 }
 
 impl Default for StateOptions {
@@ -51,6 +54,7 @@ impl Default for StateOptions {
             rollback: DEFAULT_ROLLBACK,
             prefill_chunk: PREFILL_CHUNK,
             kv_cache: KvFormat::F32,
+            kv_page: KV_PAGE,
         }
     }
 }
@@ -236,8 +240,30 @@ impl Model {
         })
     }
 
-    /// A fresh state as `options` say.
+    /// A fresh state as `options` say, its attention caches' pages from
+    /// a pool of its own that holds its whole context, all taken at once
+    /// (memory is committed only as they fill), so that decoding never
+    /// takes a page.
     pub fn new_state_with(&self, options: &StateOptions) -> Result<InferenceState> {
+        let pool = KvPool::new(0);
+        let (mut state, mut budget) = self.state_in(options, &pool)?;
+        let bytes = state.kv_bytes_at(state.capacity());
+        budget.take(bytes)?;
+        pool.set_limit(bytes);
+        state.prepare(state.capacity())?;
+        Ok(state)
+    }
+
+    /// A fresh state as `options` say whose attention caches take their
+    /// pages from `pool`, shared with other states: each holds only the
+    /// pages its tokens fill, and a step that needs a page the pool no
+    /// longer has fails with [`EngineError::KvMemory`].
+    pub fn new_state_in(&self, options: &StateOptions, pool: &KvPool) -> Result<InferenceState> {
+        Ok(self.state_in(options, pool)?.0)
+    }
+
+    /// A state and what is left of its budget.
+    fn state_in(&self, options: &StateOptions, pool: &KvPool) -> Result<(InferenceState, Budget)> {
         let max = self.info.max_positions;
         let capacity = match options.context {
             None => max.min(DEFAULT_CONTEXT),
@@ -252,11 +278,13 @@ impl Model {
             rollback: options.rollback.clamp(1, capacity),
             threads: self.n_threads(),
             kv: options.kv_cache,
+            page: options.kv_page.clamp(1, capacity).next_multiple_of(16),
         };
-        let mut budget = Budget::for_context(capacity);
+        let mut budget = Budget::for_context(capacity, pool.clone());
         let p = &self.parts;
         let layers = (&p.blocks[..], &p.ropes[..]);
-        InferenceState::new(self.id, layers, (p.hidden, p.vocab), &shape, &mut budget)
+        let state = InferenceState::new(self.id, layers, (p.hidden, p.vocab), &shape, &mut budget)?;
+        Ok((state, budget))
     }
 
     /// Writes the weights of this (unquantized) model, quantized by `spec`

@@ -12,7 +12,7 @@
 //! back only moves the end marker.
 
 use crate::budget::{Budget, StateShape};
-use crate::layers::{Block, MixerSnapshot, MixerState, Scratch};
+use crate::layers::{Block, KvCache, MixerSnapshot, MixerState, Scratch};
 use crate::rope::{Rope, RopeTables};
 use crate::{EngineError, Result};
 
@@ -31,7 +31,7 @@ pub struct InferenceState {
     pub(crate) scratch: Scratch,
     /// The rotary tables of the current step's positions.
     pub(crate) ropes: RopeTables,
-    /// Bytes of its buffers.
+    /// Bytes of its buffers but the attention pages.
     bytes: usize,
 }
 
@@ -100,7 +100,87 @@ impl InferenceState {
 
     /// Bytes its buffers take when full (caches, recurrent states, scratch).
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.kv_bytes_at(self.capacity())
+    }
+
+    /// Bytes of the attention pages it takes from its pool when it holds
+    /// `len` tokens.
+    pub fn kv_bytes_at(&self, len: usize) -> usize {
+        self.attention_caches().map(|c| c.bytes_at(len)).sum()
+    }
+
+    /// Attention pages it holds (one layer's count: every full cache holds
+    /// as many), and how many of those it shares with other states.
+    pub fn kv_pages(&self) -> (usize, usize) {
+        self.attention_caches()
+            .find(|c| c.bytes_at(1) > 0)
+            .map_or((0, 0), KvCache::pages)
+    }
+
+    fn attention_caches(&self) -> impl Iterator<Item = &KvCache> {
+        self.layers.iter().filter_map(|l| match l {
+            MixerState::Attention(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    /// Makes room for tokens `len..end` in every attention cache: pages
+    /// from the pool, copies of shared ones.
+    pub(crate) fn prepare(&mut self, end: usize) -> Result<()> {
+        let from = self.len;
+        for layer in &mut self.layers {
+            if let MixerState::Attention(cache) = layer {
+                cache.prepare(from, end)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the attention pages past its tokens back to the pool, for
+    /// other states to take. (Rolling back and clearing keep them: taking
+    /// a page again would allocate in the decode loop.)
+    pub fn release_unused(&mut self) {
+        let len = self.len;
+        for layer in &mut self.layers {
+            if let MixerState::Attention(cache) = layer {
+                cache.release_from(len);
+            }
+        }
+    }
+
+    /// Whether [`share_prefix`](Self::share_prefix) works for this model:
+    /// every layer is full attention (a recurrent state or a ring is not
+    /// a prefix of pages).
+    pub fn can_share(&self) -> bool {
+        !self.bounded
+            && self
+                .layers
+                .iter()
+                .all(|l| matches!(l, MixerState::Attention(_)))
+    }
+
+    /// Becomes `other` after its first `len` tokens, sharing its attention
+    /// pages (copied only when written): a prefix another sequence already
+    /// computed costs no prefill and no memory. Both must be states of
+    /// the same model and shape that [`can_share`](Self::can_share).
+    pub fn share_prefix(&mut self, other: &InferenceState, len: usize) -> Result<()> {
+        let same = other.model_id == self.model_id
+            && other.shape.capacity == self.shape.capacity
+            && other.shape.page == self.shape.page
+            && other.shape.kv == self.shape.kv;
+        if !same || !self.can_share() || len > other.len {
+            return Err(EngineError::State(format!(
+                "cannot share {len} tokens of a state of {} tokens of another model or shape",
+                other.len
+            )));
+        }
+        for (mine, theirs) in self.layers.iter_mut().zip(&other.layers) {
+            if let (MixerState::Attention(a), MixerState::Attention(b)) = (mine, theirs) {
+                a.share_prefix(b, len);
+            }
+        }
+        self.len = len;
+        Ok(())
     }
 
     /// Tokens processed so far (the position of the next token).
@@ -255,7 +335,8 @@ impl InferenceState {
         Ok(())
     }
 
-    /// Forgets all tokens.
+    /// Forgets all tokens (the attention pages stay, for the next ones;
+    /// [`release_unused`](Self::release_unused) gives them back).
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(MixerState::clear);
         self.len = 0;

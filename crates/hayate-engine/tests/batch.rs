@@ -27,6 +27,7 @@ fn state(model: &Model) -> InferenceState {
             context: Some(64),
             prefill_chunk: 16,
             rollback: 16,
+            kv_page: 16,
             ..StateOptions::default()
         })
         .unwrap()

@@ -8,8 +8,8 @@ mod common;
 use common::{fixture, fixture_names};
 
 use hayate_engine::{
-    BatchRequest, Batcher, GenerationStats, Generator, LoadOptions, Model, Sampler, SamplingParams,
-    SlotEvent, StateOptions, StopReason,
+    BatchRequest, Batcher, GenerationStats, Generator, KvPool, LoadOptions, Model, Sampler,
+    SamplingParams, SlotEvent, StateOptions, StopReason,
 };
 
 /// Short pieces, so that prompts take several steps to prefill.
@@ -93,7 +93,7 @@ fn seeded_requests_are_the_same_alone_and_in_a_batch_of_eight() {
             .collect();
         // Alone in a batcher of one slot.
         for (i, want) in plain.iter().enumerate() {
-            let mut alone = Batcher::new(&model, &options(), 1, stops.clone()).unwrap();
+            let mut alone = Batcher::new(&model, &options(), 1, stops.clone(), None).unwrap();
             assert_eq!(alone.admit(request(i, vocab)).unwrap(), (0, 0));
             let got = drive(&mut alone, |_, _| {});
             assert_eq!(&got[0].0, want, "{name}: request {i} alone");
@@ -103,7 +103,7 @@ fn seeded_requests_are_the_same_alone_and_in_a_batch_of_eight() {
         }
         // Eight together, joining at steps 0, 1, 2, ... (a step's prefill
         // budget is one piece while others decode).
-        let mut batch = Batcher::new(&model, &options(), 8, stops.clone()).unwrap();
+        let mut batch = Batcher::new(&model, &options(), 8, stops.clone(), None).unwrap();
         let got = drive(&mut batch, |step, b| {
             if step < 8 {
                 let (slot, kept) = b.admit(request(step, vocab)).unwrap();
@@ -121,7 +121,7 @@ fn a_request_extending_a_slots_sequence_prefills_only_what_is_new() {
     for name in fixture_names() {
         let model = Model::load(&fixture(&name), &LoadOptions::default()).unwrap();
         let vocab = model.info.vocab;
-        let mut batcher = Batcher::new(&model, &options(), 2, Vec::new()).unwrap();
+        let mut batcher = Batcher::new(&model, &options(), 2, Vec::new(), None).unwrap();
         let mut conversation = prompt(3, vocab);
         for turn in 0..4 {
             let first = BatchRequest {
@@ -169,11 +169,115 @@ fn a_request_extending_a_slots_sequence_prefills_only_what_is_new() {
     }
 }
 
+/// With KV memory for four pages, requests of two pages each run two at a
+/// time: the rest wait (they do not fit) while slots are free, the pages
+/// held never exceed the limit, each request still gives the tokens it
+/// gives alone, idle slots' cached sequences give way to new requests,
+/// and a request longer than the memory holds is refused.
+#[test]
+fn requests_wait_for_kv_memory_and_give_the_same_tokens() {
+    for name in fixture_names() {
+        let model = Model::load(&fixture(&name), &LoadOptions::default()).unwrap();
+        let vocab = model.info.vocab;
+        let paged = StateOptions {
+            kv_page: 16,
+            ..options()
+        };
+        let probe = model
+            .new_state_in(&paged, &KvPool::new(usize::MAX))
+            .unwrap();
+        let page = probe.kv_bytes_at(1);
+        assert!(page > 0, "{name}: every fixture has full attention");
+        let limit = 4 * page;
+        let mut batcher = Batcher::new(&model, &paged, 8, Vec::new(), Some(limit)).unwrap();
+        assert_eq!(batcher.capacity(), 64, "{name}: four pages of 16");
+        // Requests 1..=6: 9 to 29 prompt tokens, with what they generate
+        // 2 pages each.
+        let alone: Vec<Vec<u32>> = (1..=6)
+            .map(|i| {
+                let mut one = Batcher::new(&model, &options(), 1, Vec::new(), None).unwrap();
+                one.admit(request(i, vocab)).unwrap();
+                drive(&mut one, |_, _| {}).swap_remove(0).0
+            })
+            .collect();
+        let mut waiting: std::collections::VecDeque<usize> = (1..=6).collect();
+        let mut slot_of = [usize::MAX; 8];
+        let mut got = vec![Vec::new(); 7];
+        let (mut most_active, mut waited_with_free_slots) = (0, false);
+        for _ in 0..1000 {
+            while let Some(&i) = waiting.front() {
+                let r = request(i, vocab);
+                if !batcher.fits(r.prompt.len(), r.max_tokens) {
+                    waited_with_free_slots |= batcher.active() < batcher.slots();
+                    break;
+                }
+                let (slot, _) = batcher.admit(r).unwrap();
+                slot_of[slot] = i;
+                waiting.pop_front();
+            }
+            if batcher.active() == 0 {
+                break;
+            }
+            most_active = most_active.max(batcher.active());
+            batcher.step(|slot, event| {
+                match event {
+                    SlotEvent::Token { token, .. } => got[slot_of[slot]].push(token),
+                    SlotEvent::Done(_) => {}
+                    SlotEvent::Failed(e) => panic!("{name} slot {slot}: {e}"),
+                }
+                true
+            });
+            let (held, most) = batcher.kv_memory();
+            assert!(
+                held <= most,
+                "{name}: {held} bytes of pages held, limit {most}"
+            );
+        }
+        assert!(waiting.is_empty(), "{name}: requests left waiting");
+        assert_eq!(most_active, 2, "{name}: two requests at a time");
+        assert!(
+            waited_with_free_slots,
+            "{name}: memory, not slots, made them wait"
+        );
+        for (i, want) in alone.iter().enumerate() {
+            assert_eq!(
+                &got[i + 1],
+                want,
+                "{name}: request {} under the memory limit",
+                i + 1
+            );
+        }
+        // The idle slots hold their sequences' pages; a new request that
+        // needs all four evicts them.
+        assert!(
+            batcher.kv_memory().0 > 2 * page,
+            "{name}: idle slots keep their caches"
+        );
+        let whole = BatchRequest {
+            max_tokens: 63 - 5,
+            ..request(0, vocab)
+        };
+        assert!(batcher.fits(whole.prompt.len(), whole.max_tokens));
+        batcher.admit(whole).unwrap();
+        let out = drive(&mut batcher, |_, _| {});
+        assert_eq!(out.iter().map(|o| o.0.len()).sum::<usize>(), 58, "{name}");
+        assert!(batcher.kv_memory().0 <= limit);
+        // Longer than the memory holds: never fits, and an error.
+        let long = BatchRequest {
+            prompt: vec![1; 64],
+            ..request(0, vocab)
+        };
+        assert!(!batcher.fits(long.prompt.len(), 1));
+        let refused = batcher.admit(long).unwrap_err();
+        assert!(refused.to_string().contains("64"), "{name}: {refused}");
+    }
+}
+
 #[test]
 fn bad_requests_are_errors_and_a_full_batch_says_so() {
     let model = Model::load(&fixture("qwen3-gqa-qknorm"), &LoadOptions::default()).unwrap();
     let vocab = model.info.vocab;
-    let mut batcher = Batcher::new(&model, &options(), 1, Vec::new()).unwrap();
+    let mut batcher = Batcher::new(&model, &options(), 1, Vec::new(), None).unwrap();
     let with_prompt = |prompt: Vec<u32>| BatchRequest {
         prompt,
         params: params(0),
@@ -190,8 +294,8 @@ fn bad_requests_are_errors_and_a_full_batch_says_so() {
     batcher.cancel(0);
     assert_eq!(batcher.active(), 0);
     assert!(batcher.admit(with_prompt(vec![1, 2])).is_ok());
-    assert!(Batcher::new(&model, &options(), 0, Vec::new()).is_err());
-    let absurd = Batcher::new(&model, &options(), usize::MAX / 2, Vec::new());
+    assert!(Batcher::new(&model, &options(), 0, Vec::new(), None).is_err());
+    let absurd = Batcher::new(&model, &options(), usize::MAX / 2, Vec::new(), None);
     assert!(absurd.is_err_and(|e| e.to_string().contains("GiB")));
 }
 
@@ -228,7 +332,7 @@ fn a_shared_prefix_resumes_from_a_snapshot_where_rolling_back_cannot() {
             max_tokens: 20,
             constraint: None,
         };
-        let mut batcher = Batcher::new(&model, &options(), 1, vec![end_of_turn]).unwrap();
+        let mut batcher = Batcher::new(&model, &options(), 1, vec![end_of_turn], None).unwrap();
         batcher.admit(ask(&first)).unwrap();
         drive(&mut batcher, |_, _| {});
         let (_, kept) = batcher.admit(ask(&second)).unwrap();
@@ -236,7 +340,7 @@ fn a_shared_prefix_resumes_from_a_snapshot_where_rolling_back_cannot() {
         assert_eq!(kept, if bounded { 25 } else { 30 }, "{name}");
         resumed_from_snapshots += usize::from(bounded);
         assert_eq!(resumed[0].1.as_ref().unwrap().prompt_tokens, 35 - kept);
-        let mut fresh = Batcher::new(&model, &options(), 1, vec![end_of_turn]).unwrap();
+        let mut fresh = Batcher::new(&model, &options(), 1, vec![end_of_turn], None).unwrap();
         fresh.admit(ask(&second)).unwrap();
         let want = drive(&mut fresh, |_, _| {});
         assert_eq!(resumed[0].0, want[0].0, "{name}: after resuming");
@@ -269,7 +373,7 @@ fn saved_sequences_resume_after_a_restart_and_bad_files_are_ignored() {
             max_tokens: 12,
             constraint: None,
         };
-        let mut before = Batcher::new(&model, &options(), 2, vec![end_of_turn]).unwrap();
+        let mut before = Batcher::new(&model, &options(), 2, vec![end_of_turn], None).unwrap();
         before.admit(ask(&first)).unwrap();
         let reply = drive(&mut before, |_, _| {}).remove(0).0;
         // The next turn: the prompt, the reply, a new message.
@@ -280,7 +384,7 @@ fn saved_sequences_resume_after_a_restart_and_bad_files_are_ignored() {
         let (_, kept_before) = before.admit(ask(&next)).unwrap();
         let want = drive(&mut before, |_, _| {}).remove(0).0;
 
-        let mut after = Batcher::new(&model, &options(), 2, vec![end_of_turn]).unwrap();
+        let mut after = Batcher::new(&model, &options(), 2, vec![end_of_turn], None).unwrap();
         let (loaded, warnings) = after.load_from(dir.path(), 42);
         assert_eq!((loaded, warnings.len()), (1, 0), "{name}: {warnings:?}");
         let (_, kept_after) = after.admit(ask(&next)).unwrap();
@@ -292,7 +396,7 @@ fn saved_sequences_resume_after_a_restart_and_bad_files_are_ignored() {
         // Another model's fingerprint, a flipped byte, a cut file.
         let path = dir.path().join("slot-0.seq");
         let bytes = std::fs::read(&path).unwrap();
-        let fresh = || Batcher::new(&model, &options(), 2, Vec::new()).unwrap();
+        let fresh = || Batcher::new(&model, &options(), 2, Vec::new(), None).unwrap();
         let (loaded, warnings) = fresh().load_from(dir.path(), 43);
         assert_eq!(loaded, 0);
         assert!(warnings[0].contains("another model"), "{warnings:?}");

@@ -37,6 +37,7 @@ fn state(model: &Model) -> InferenceState {
             context: Some(160),
             prefill_chunk: 32,
             rollback: 20,
+            kv_page: 16,
             ..StateOptions::default()
         })
         .unwrap()
@@ -75,6 +76,8 @@ fn check_tree(dir: &Path, options: &LoadOptions, label: &str) -> bool {
                     prefill_chunk: 32,
                     rollback: 20,
                     kv_cache,
+                    // Trees span pages, and their branches move across them.
+                    kv_page: 16,
                 })
                 .unwrap()
         };

@@ -39,12 +39,20 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Max |Δlogit| allowed: about ten times the largest measured (in the
 /// comments at the call sites), as in the `hayate logits` tests.
+/// Pages of 16 positions: the caches span several.
+fn paged() -> StateOptions {
+    StateOptions {
+        kv_page: 16,
+        ..StateOptions::default()
+    }
+}
+
 fn check(name: &str, tolerance: f32) {
     let dir = shared_model(name);
     let (ids, want, vocab) = reference(&dir);
     let model = Model::load(&dir, &LoadOptions::default()).unwrap();
     // One prefill of everything.
-    let mut state = model.new_state(None).unwrap();
+    let mut state = model.new_state_with(&paged()).unwrap();
     let mut all = Vec::new();
     model
         .forward(&mut state, &ids, Logits::All(&mut all))
@@ -55,7 +63,7 @@ fn check(name: &str, tolerance: f32) {
         "{name} prefill: max |Δ| = {max_diff}"
     );
     // One token at a time through the cache.
-    let mut state = model.new_state(None).unwrap();
+    let mut state = model.new_state_with(&paged()).unwrap();
     for (t, &id) in ids.iter().enumerate() {
         let got = model.forward(&mut state, &[id], Logits::Last).unwrap();
         let row = &want[t * vocab..(t + 1) * vocab];
@@ -84,7 +92,7 @@ fn pystd_with_cache(kv: KvFormat) -> (f64, f32) {
     let model = Model::load(&dir, &LoadOptions::default()).unwrap();
     let options = StateOptions {
         kv_cache: kv,
-        ..StateOptions::default()
+        ..paged()
     };
     let mut state = model.new_state_with(&options).unwrap();
     let mut got = Vec::new();

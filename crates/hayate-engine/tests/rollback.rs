@@ -38,6 +38,7 @@ fn small_state(model: &Model) -> InferenceState {
     model
         .new_state_with(&StateOptions {
             prefill_chunk: 16,
+            kv_page: 16,
             ..StateOptions::default()
         })
         .unwrap()

@@ -50,6 +50,8 @@ fn options(rollback: usize) -> StateOptions {
         rollback,
         // Small chunks so that sliding-window rings wrap.
         prefill_chunk: 16,
+        // Rollbacks and kept branches cross pages.
+        kv_page: 16,
         ..StateOptions::default()
     }
 }

@@ -1,7 +1,8 @@
 //! Every fixture against its `transformers` logits under state shapes the
 //! command line does not choose: small prefill steps (sliding-window rings
 //! that wrap, DeltaNet chunks split across steps) and short rollback depths
-//! (fewer tokens through the recurrent form).
+//! (fewer tokens through the recurrent form), and attention caches in
+//! pages of a few positions.
 
 use hayate_engine::{LoadOptions, Logits, Model, StateOptions};
 use std::path::{Path, PathBuf};
@@ -38,12 +39,19 @@ fn every_fixture_matches_with_small_prefill_steps_and_rollback_depths() {
         let tolerance = entry["logit_tolerance"].as_f64().unwrap() as f32;
         let model = Model::load(&dir, &LoadOptions::default()).unwrap();
         let (ids, want) = reference(&dir);
-        for (prefill_chunk, rollback, piece) in [(5, 1, 7), (16, 3, 1000), (64, 2, 33), (9, 8, 1)] {
+        let shapes = [
+            (5, 1, 7, 16),
+            (16, 3, 1000, 32),
+            (64, 2, 33, 128),
+            (9, 8, 1, 16),
+        ];
+        for (prefill_chunk, rollback, piece, kv_page) in shapes {
             let mut state = model
                 .new_state_with(&StateOptions {
                     context: None,
                     rollback,
                     prefill_chunk,
+                    kv_page,
                     ..StateOptions::default()
                 })
                 .unwrap();
@@ -62,7 +70,7 @@ fn every_fixture_matches_with_small_prefill_steps_and_rollback_depths() {
                 .fold(0f32, f32::max);
             assert!(
                 d <= tolerance,
-                "{dir:?} chunk {prefill_chunk} rollback {rollback} pieces of {piece}: max |Δ| {d}"
+                "{dir:?} chunk {prefill_chunk} rollback {rollback} pieces of {piece} pages of {kv_page}: max |Δ| {d}"
             );
         }
     }

@@ -225,6 +225,65 @@ impl<'a, E: KvElement> KvHead<'a, E> {
     }
 }
 
+/// Where one head's positions lie, for [`attend_in`]: a cache in one piece
+/// ([`KvHead`], a ring when it wraps), in pages ([`KvPaged`]), or with a
+/// tail ([`WithTail`]). Whatever the layout, the blocks visited and every
+/// sum are those of one cache holding the same entries.
+pub trait KvLayout<'a, E: KvElement>: Copy {
+    /// Dimensions per head.
+    fn head_dim(&self) -> usize;
+    /// Whether positions `first..=last` are all held.
+    fn holds(&self, first: usize, last: usize) -> bool;
+    /// The buffers holding the tile of positions `base..base + 16` (`base`
+    /// a multiple of [`KEY_TILE`]) and the slot of `base` in them.
+    fn tile(&self, base: usize) -> (KvHead<'a, E>, usize);
+}
+
+impl<'a, E: KvElement> KvLayout<'a, E> for KvHead<'a, E> {
+    fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    fn holds(&self, first: usize, last: usize) -> bool {
+        first <= last && last - first < self.slots
+    }
+    #[inline(always)]
+    fn tile(&self, base: usize) -> (KvHead<'a, E>, usize) {
+        (*self, base % self.slots)
+    }
+}
+
+/// A head whose positions lie in `pages` pages of `page_len` positions
+/// each (a multiple of [`KEY_TILE`]): position `p` in slot `p % page_len`
+/// of page `p / page_len`, which `page` gives (a [`KvHead`] of `page_len`
+/// slots). A cache grows a page at a time, so a short sequence holds only
+/// the pages it fills.
+#[derive(Clone, Copy)]
+pub struct KvPaged<F> {
+    /// Positions per page.
+    pub page_len: usize,
+    /// Pages held.
+    pub pages: usize,
+    /// Dimensions per head.
+    pub head_dim: usize,
+    /// Page `i`'s buffers, for `i < pages`.
+    pub page: F,
+}
+
+impl<'a, E: KvElement, F: Fn(usize) -> KvHead<'a, E> + Copy> KvLayout<'a, E> for KvPaged<F> {
+    fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    fn holds(&self, first: usize, last: usize) -> bool {
+        first <= last && last / self.page_len < self.pages
+    }
+    #[inline(always)]
+    fn tile(&self, base: usize) -> (KvHead<'a, E>, usize) {
+        let page = (self.page)(base / self.page_len);
+        debug_assert_eq!(page.slots, self.page_len, "a page of another length");
+        (page, base % self.page_len)
+    }
+}
+
 /// Positions from `from` on read from a second, small cache rather than
 /// the main one: a branch of a speculative tree sees the shared prefix in
 /// the cache and its own path, laid out as one sequence, in the tail.
@@ -232,11 +291,32 @@ impl<'a, E: KvElement> KvHead<'a, E> {
 /// any cache, so the blocks visited and every sum stay exactly those of a
 /// cache holding that sequence.
 #[derive(Clone, Copy, Debug)]
-pub struct KvTail<'a, E = f32> {
+pub struct WithTail<'a, L, E = f32> {
+    /// Where positions before `from` lie.
+    pub main: L,
     /// First position read from the tail (a multiple of [`KEY_TILE`]).
     pub from: usize,
     /// The tail's buffers.
-    pub kv: KvHead<'a, E>,
+    pub tail: KvHead<'a, E>,
+}
+
+impl<'a, E: KvElement, L: KvLayout<'a, E>> KvLayout<'a, E> for WithTail<'a, L, E> {
+    fn head_dim(&self) -> usize {
+        self.main.head_dim()
+    }
+    fn holds(&self, first: usize, last: usize) -> bool {
+        let tail_ok = last < self.from || last - self.from < self.tail.slots;
+        let fits = self.from.is_multiple_of(KEY_TILE) && self.tail.head_dim == self.main.head_dim();
+        fits && self.main.holds(first, last) && tail_ok
+    }
+    #[inline(always)]
+    fn tile(&self, base: usize) -> (KvHead<'a, E>, usize) {
+        if base >= self.from {
+            (self.tail, base % self.tail.slots)
+        } else {
+            self.main.tile(base)
+        }
+    }
 }
 
 /// One head's buffers to write: keys, values, and their scales (int8
@@ -304,67 +384,50 @@ pub fn attend<E: KvElement>(
     rows: &[QueryRow],
     out: &mut [f32],
 ) {
-    attend_with_tail(isa, kv, None, scale, q, rows, out)
+    attend_in(isa, kv, scale, q, rows, out)
 }
 
-/// [`attend`], reading positions from `tail.from` on from `tail` (see
-/// [`KvTail`]): bit for bit what [`attend`] gives over a cache that holds
-/// the tail's entries at those positions.
+/// [`attend`] over the positions of any [`KvLayout`]: bit for bit what
+/// [`attend`] gives over one cache holding the same entries.
 ///
-/// Panics, as [`attend`] does, on shapes that do not fit, and on a tail
-/// that does not start on a tile or does not hold a row's positions.
-pub fn attend_with_tail<E: KvElement>(
+/// Panics, as [`attend`] does, on shapes that do not fit, and on a row
+/// that sees positions the layout does not hold or a tail that does not
+/// start on a tile.
+pub fn attend_in<'a, E: KvElement, L: KvLayout<'a, E>>(
     isa: Isa,
-    kv: KvHead<'_, E>,
-    tail: Option<KvTail<'_, E>>,
+    kv: L,
     scale: f32,
     q: &[f32],
     rows: &[QueryRow],
     out: &mut [f32],
 ) {
-    let hd = kv.head_dim;
+    let hd = kv.head_dim();
     assert!(rows.len() <= MAX_ROWS, "at most {MAX_ROWS} rows per call");
     assert!(out.len() >= rows.len() * hd, "attention output too short");
     for r in rows {
         assert!(
-            r.first <= r.last && r.last - r.first < kv.slots,
-            "row sees positions {}..={} of a {}-slot cache",
+            kv.holds(r.first, r.last),
+            "row sees positions {}..={} the cache does not hold",
             r.first,
             r.last,
-            kv.slots
         );
         assert!(
             r.at.checked_add(hd).is_some_and(|end| end <= q.len()),
             "query row out of range"
         );
     }
-    if let Some(t) = &tail {
-        assert!(
-            t.from.is_multiple_of(KEY_TILE) && t.kv.head_dim == hd,
-            "a tail starts on a key tile and has the cache's head size"
-        );
-        for r in rows.iter().filter(|r| r.last >= t.from) {
-            assert!(
-                r.last - t.from < t.kv.slots,
-                "row sees position {} of a tail from {} of {} slots",
-                r.last,
-                t.from,
-                t.kv.slots
-            );
-        }
-    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Amx if isa.has_avx512() => {
             // SAFETY: the CPU supports AVX-512 (checked); shapes checked above.
-            unsafe { x86::attend_avx512(kv, tail, scale, q, rows, out) }
+            unsafe { x86::attend_avx512(kv, scale, q, rows, out) }
         }
         #[cfg(target_arch = "x86_64")]
         isa if isa.has_avx2() => {
             // SAFETY: the CPU supports AVX2 and FMA (checked); shapes checked above.
-            unsafe { x86::attend_avx2(kv, tail, scale, q, rows, out) }
+            unsafe { x86::attend_avx2(kv, scale, q, rows, out) }
         }
-        _ => run::<Scalar, E>(kv, tail, scale, q, rows, out),
+        _ => run::<Scalar, E, L>(kv, scale, q, rows, out),
     }
 }
 
@@ -411,15 +474,14 @@ trait Steps {
 
 /// The pass over the blocks of keys, shared by every instruction set.
 #[inline(always)]
-fn run<S: Steps, E: KvElement>(
-    kv: KvHead<'_, E>,
-    tail: Option<KvTail<'_, E>>,
+fn run<'a, S: Steps, E: KvElement, L: KvLayout<'a, E>>(
+    kv: L,
     scale: f32,
     q: &[f32],
     rows: &[QueryRow],
     out: &mut [f32],
 ) {
-    let hd = kv.head_dim;
+    let hd = kv.head_dim();
     let Some(lo) = rows.iter().map(|r| r.first).min() else {
         return;
     };
@@ -431,11 +493,7 @@ fn run<S: Steps, E: KvElement>(
     out[..rows.len() * hd].fill(0.0);
     for block in lo / KEY_TILE..=hi / KEY_TILE {
         let base = block * KEY_TILE;
-        let src = match tail {
-            Some(t) if base >= t.from => t.kv,
-            _ => kv,
-        };
-        let slot = base % src.slots;
+        let (src, slot) = kv.tile(base);
         let tile = &src.keys[slot * hd..(slot + KEY_TILE) * hd];
         let values = &src.values[slot * hd..(slot + KEY_TILE) * hd];
         let mut active = [0usize; MAX_ROWS];
@@ -511,7 +569,7 @@ impl Steps for Scalar {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{KEY_TILE, KvElement, KvHead, KvTail, QueryRow, Scalar, Steps, run};
+    use super::{KEY_TILE, KvElement, KvLayout, QueryRow, Scalar, Steps, run};
     use crate::exp::{
         exp,
         x86::{exp8, exp16},
@@ -523,15 +581,14 @@ mod x86 {
     /// # Safety
     /// The CPU supports AVX2 and FMA; shapes were checked by the caller.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attend_avx2<E: KvElement>(
-        kv: KvHead<'_, E>,
-        tail: Option<KvTail<'_, E>>,
+    pub(super) unsafe fn attend_avx2<'a, E: KvElement, L: KvLayout<'a, E>>(
+        kv: L,
         scale: f32,
         q: &[f32],
         rows: &[QueryRow],
         out: &mut [f32],
     ) {
-        run::<Avx2, E>(kv, tail, scale, q, rows, out)
+        run::<Avx2, E, L>(kv, scale, q, rows, out)
     }
 
     /// [`super::attend`] with AVX-512 steps.
@@ -539,15 +596,14 @@ mod x86 {
     /// # Safety
     /// The CPU supports AVX-512 F (and AVX2, FMA); shapes were checked by the caller.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn attend_avx512<E: KvElement>(
-        kv: KvHead<'_, E>,
-        tail: Option<KvTail<'_, E>>,
+    pub(super) unsafe fn attend_avx512<'a, E: KvElement, L: KvLayout<'a, E>>(
+        kv: L,
         scale: f32,
         q: &[f32],
         rows: &[QueryRow],
         out: &mut [f32],
     ) {
-        run::<Avx512, E>(kv, tail, scale, q, rows, out)
+        run::<Avx512, E, L>(kv, scale, q, rows, out)
     }
 
     struct Avx2;
@@ -1218,22 +1274,24 @@ mod tests {
         let q8 = |k, v, keys, values, n| KvHead::new(k, v, Scales { keys, values }, n, hd);
         let whole = q8(&k, &v, &ks, &vs, slots);
         let main = q8(&mk, &mv, &mks, &mvs, slots);
-        let tail = KvTail {
+        let tail = WithTail {
+            main,
             from,
-            kv: q8(&tk, &tv, &tks, &tvs, tail_slots),
+            tail: q8(&tk, &tv, &tks, &tvs, tail_slots),
         };
         let fwhole = KvHead::new(&fk, &fv, none, slots, hd);
         let fmain = KvHead::new(&fmk, &fmv, none, slots, hd);
-        let ftail = KvTail {
+        let ftail = WithTail {
+            main: fmain,
             from,
-            kv: KvHead::new(&ftk, &ftv, none, tail_slots, hd),
+            tail: KvHead::new(&ftk, &ftv, none, tail_slots, hd),
         };
         for isa in Isa::supported() {
             let mut want = vec![f32::NAN; n_rows * hd];
             let mut got = vec![f32::NAN; n_rows * hd];
             let mut stale = vec![f32::NAN; n_rows * hd];
             attend(isa, whole, scale, &q, &rows, &mut want);
-            attend_with_tail(isa, main, Some(tail), scale, &q, &rows, &mut got);
+            attend_in(isa, tail, scale, &q, &rows, &mut got);
             attend(isa, main, scale, &q, &rows, &mut stale);
             assert_eq!(got, want, "{isa:?} int8");
             assert_ne!(
@@ -1241,13 +1299,113 @@ mod tests {
                 "{isa:?}: the main cache's later entries must matter"
             );
             attend(isa, fwhole, scale, &q, &rows, &mut want);
-            attend_with_tail(isa, fmain, Some(ftail), scale, &q, &rows, &mut got);
+            attend_in(isa, ftail, scale, &q, &rows, &mut got);
             assert_eq!(got, want, "{isa:?} f32");
         }
     }
 
+    /// A cache cut into pages, held out of order in buffers of their own,
+    /// gives bit for bit what the whole cache gives, on every path, for
+    /// f32 and int8 entries; a row past the pages held is a bug.
     #[test]
-    #[should_panic(expected = "16-slot cache")]
+    fn pages_read_as_one_cache() {
+        let mut seed = 33;
+        let (hd, page_len, n_pages) = (40, 32, 4);
+        let slots = page_len * n_pages;
+        let written = slots - 7;
+        let (mut fk, mut fv) = (vec![0f32; slots * hd], vec![0f32; slots * hd]);
+        let (mut qk, mut qv) = (vec![0i8; slots * hd], vec![0i8; slots * hd]);
+        let (mut qks, mut qvs) = (vec![0f32; slots], vec![0f32; slots]);
+        // Page `i` in buffer `order[i]`.
+        let order = [2usize, 0, 3, 1];
+        let mut pk = vec![vec![0f32; page_len * hd]; n_pages];
+        let mut pv = pk.clone();
+        let mut pqk = vec![vec![0i8; page_len * hd]; n_pages];
+        let mut pqv = pqk.clone();
+        let mut pqks = vec![vec![0f32; page_len]; n_pages];
+        let mut pqvs = pqks.clone();
+        for p in 0..written {
+            let k: Vec<f32> = (0..hd).map(|_| 2.0 * lcg(&mut seed)).collect();
+            let v: Vec<f32> = (0..hd).map(|_| lcg(&mut seed)).collect();
+            store(unscaled(&mut fk, &mut fv), slots, p, &k, &v);
+            let whole = KvHeadMut {
+                keys: &mut qk,
+                values: &mut qv,
+                key_scales: &mut qks,
+                value_scales: &mut qvs,
+            };
+            store(whole, slots, p, &k, &v);
+            let b = order[p / page_len];
+            store(unscaled(&mut pk[b], &mut pv[b]), page_len, p, &k, &v);
+            let page = KvHeadMut {
+                keys: &mut pqk[b],
+                values: &mut pqv[b],
+                key_scales: &mut pqks[b],
+                value_scales: &mut pqvs[b],
+            };
+            store(page, page_len, p, &k, &v);
+        }
+        let n_rows = 7;
+        let q: Vec<f32> = (0..n_rows * hd).map(|_| lcg(&mut seed)).collect();
+        // Rows within one page, across two, and over all of them.
+        let rows: Vec<QueryRow> = (0..n_rows)
+            .map(|i| QueryRow {
+                at: i * hd,
+                first: (i * 19) % 50,
+                last: (50 + i * 11).min(written - 1),
+            })
+            .collect();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let none = Scales::default();
+        let f_paged = KvPaged {
+            page_len,
+            pages: n_pages,
+            head_dim: hd,
+            page: |i: usize| KvHead::new(&pk[order[i]], &pv[order[i]], none, page_len, hd),
+        };
+        let q_paged = KvPaged {
+            page_len,
+            pages: n_pages,
+            head_dim: hd,
+            page: |i: usize| {
+                let b = order[i];
+                let scales = Scales {
+                    keys: &pqks[b],
+                    values: &pqvs[b],
+                };
+                KvHead::new(&pqk[b], &pqv[b], scales, page_len, hd)
+            },
+        };
+        let f_whole = KvHead::new(&fk, &fv, none, slots, hd);
+        let scales = Scales {
+            keys: &qks,
+            values: &qvs,
+        };
+        let q_whole = KvHead::new(&qk, &qv, scales, slots, hd);
+        for isa in Isa::supported() {
+            let mut want = vec![f32::NAN; n_rows * hd];
+            let mut got = vec![f32::NAN; n_rows * hd];
+            attend(isa, f_whole, scale, &q, &rows, &mut want);
+            attend_in(isa, f_paged, scale, &q, &rows, &mut got);
+            assert_eq!(got, want, "{isa:?} f32");
+            attend(isa, q_whole, scale, &q, &rows, &mut want);
+            attend_in(isa, q_paged, scale, &q, &rows, &mut got);
+            assert_eq!(got, want, "{isa:?} int8");
+        }
+        let beyond = QueryRow {
+            at: 0,
+            first: 0,
+            last: slots,
+        };
+        let caught = std::panic::catch_unwind(|| {
+            let mut out = vec![0f32; hd];
+            attend_in(Isa::Scalar, f_paged, scale, &q, &[beyond], &mut out);
+        });
+        assert!(caught.is_err(), "a row past the last page must be refused");
+    }
+
+    #[test]
+    #[should_panic(expected = "the cache does not hold")]
     fn a_row_wider_than_the_cache_is_a_bug() {
         let (keys, values) = (vec![0f32; 16 * 4], vec![0f32; 16 * 4]);
         let kv = KvHead::new(&keys, &values, Scales::default(), 16, 4);

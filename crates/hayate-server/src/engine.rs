@@ -154,7 +154,8 @@ pub struct EngineHandle {
     limit: usize,
     /// What `/metrics` reports (tokens, latencies), over all requests.
     pub metrics: Arc<Metrics>,
-    /// Tokens the context holds.
+    /// Tokens one sequence holds: the context, or less where the KV memory
+    /// holds less.
     pub capacity: usize,
     /// Token ids the model knows.
     pub vocab: usize,
@@ -219,6 +220,9 @@ pub struct EngineConfig {
     /// Where the sequences are kept across restarts, and the fingerprint
     /// of the model they belong to ([`hayate_engine::saved::fingerprint`]).
     pub cache_dir: Option<(PathBuf, u64)>,
+    /// Bytes the batched sequences' attention caches share (`None`: the
+    /// batcher's default).
+    pub kv_memory: Option<usize>,
 }
 
 /// Starts the engine thread over `model`; it ends (saving its sequences
@@ -238,6 +242,7 @@ pub fn start(
         parallel,
         speculation,
         cache_dir,
+        kv_memory,
     } = config;
     if speculation.is_some() && cache_dir.is_some() {
         return Err(std::io::Error::other(
@@ -271,7 +276,8 @@ pub fn start(
                 stop_ids: &thread_stops,
             };
             let Some(setup) = speculation else {
-                let batcher = Batcher::new(&model, &options, parallel, thread_stops.clone());
+                let batcher =
+                    Batcher::new(&model, &options, parallel, thread_stops.clone(), kv_memory);
                 match batcher {
                     Ok(mut batcher) => {
                         if let Some((dir, model_print)) = &cache_dir {
@@ -287,6 +293,7 @@ pub fn start(
                                 );
                             }
                         }
+                        counters.metrics.set_kv_memory(batcher.kv_memory());
                         let _ = ready.send(Ok(batcher.capacity()));
                         engine.serve_batched(&mut batcher, receive, &counters);
                         if let Some((dir, model_print)) = &cache_dir {
@@ -510,14 +517,23 @@ impl Engine<'_> {
                     done();
                 }
             }
-            while batcher.active() < batcher.slots()
-                && let Some(mut job) = waiting.pop_front()
-            {
+            // In order of arrival, while the next one fits (a free slot,
+            // KV memory for its prompt and max_tokens).
+            while let Some(next) = waiting.front() {
                 // A client that left while its job waited costs nothing.
-                if job.events.is_closed() {
+                if next.events.is_closed() {
+                    waiting.pop_front();
                     done();
                     continue;
                 }
+                // With nothing running to make room it never fits:
+                // admitting it says why.
+                if !batcher.fits(next.prompt.len(), next.max_tokens) && batcher.active() > 0 {
+                    break;
+                }
+                let Some(mut job) = waiting.pop_front() else {
+                    break;
+                };
                 let request = BatchRequest {
                     prompt: job.prompt.clone(),
                     params: job.params.clone(),
@@ -539,6 +555,7 @@ impl Engine<'_> {
                 }
             }
             metrics.set_load(batcher.active(), waiting.len());
+            metrics.set_kv_memory(batcher.kv_memory());
             if batcher.active() == 0 {
                 continue;
             }

@@ -507,7 +507,7 @@ async fn respond(state: Shared, mut prepared: Prepared) -> Response {
         return ApiError::invalid(
             if prepared.kind == Kind::Chat { "messages" } else { "prompt" },
             format!(
-                "the prompt has {n_prompt} tokens but the context holds {capacity}; shorten it (it is never truncated)"
+                "the prompt has {n_prompt} tokens but a sequence holds {capacity} (the context, or what the KV memory holds); shorten it (it is never truncated)"
             ),
         )
         .with_code("context_length_exceeded")
@@ -521,7 +521,7 @@ async fn respond(state: Shared, mut prepared: Prepared) -> Response {
             return ApiError::invalid(
                 field,
                 format!(
-                    "{n_prompt} prompt tokens and {m} to generate exceed the context of {capacity} tokens"
+                    "{n_prompt} prompt tokens and {m} to generate exceed the {capacity} tokens a sequence holds (the context, or what the KV memory holds)"
                 ),
             )
             .with_code("context_length_exceeded")

@@ -73,6 +73,9 @@ pub struct Metrics {
     batch_sequences: AtomicU64,
     /// Requests admitted to no sequence yet.
     waiting: AtomicU64,
+    /// Bytes of attention pages the sequences hold, and the most they may.
+    kv_used: AtomicU64,
+    kv_limit: AtomicU64,
 }
 
 /// The routes requests are counted under (others count as `other`).
@@ -109,6 +112,12 @@ impl Metrics {
     pub fn set_load(&self, active: usize, waiting: usize) {
         self.batch_size.store(active as u64, Ordering::Relaxed);
         self.waiting.store(waiting as u64, Ordering::Relaxed);
+    }
+
+    /// The KV memory: bytes of pages `(held, limit)`.
+    pub fn set_kv_memory(&self, (held, limit): (usize, usize)) {
+        self.kv_used.store(held as u64, Ordering::Relaxed);
+        self.kv_limit.store(limit as u64, Ordering::Relaxed);
     }
 
     /// The text `GET /metrics` answers; `queued` jobs wait or run.
@@ -185,8 +194,18 @@ impl Metrics {
             ),
             (
                 "hayate_waiting_requests",
-                "Requests waiting for a free sequence.",
+                "Requests waiting for a free sequence or KV memory.",
                 &self.waiting,
+            ),
+            (
+                "hayate_kv_memory_used_bytes",
+                "Bytes of attention-cache pages the sequences hold.",
+                &self.kv_used,
+            ),
+            (
+                "hayate_kv_memory_limit_bytes",
+                "Most bytes of attention-cache pages (--kv-memory).",
+                &self.kv_limit,
             ),
         ];
         for (name, help, value) in gauges {

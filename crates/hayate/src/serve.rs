@@ -46,6 +46,15 @@ pub struct ServeArgs {
     /// or 1 with speculative decoding (which runs one request at a time).
     #[arg(long, value_name = "N")]
     parallel: Option<usize>,
+    /// Memory for the sequences' attention caches, shared by all of them
+    /// (e.g. 2G, 512M): caches grow in pages of 128 tokens, so a short
+    /// request takes only what it fills. A request is admitted when its
+    /// prompt and max_tokens (else the rest of the context) fit beside
+    /// what the running ones may take; it waits in the queue otherwise,
+    /// and one that can never fit is answered 400. Default: every
+    /// sequence's whole context, up to half of the memory left.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    kv_memory: Option<usize>,
     /// Keep the sequences in DIR across restarts: saved when the server
     /// stops (Ctrl-C), read back when it starts, so the first requests
     /// after a restart still find their conversations or system prompt
@@ -80,6 +89,11 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         None if speculating => 1,
         None => DEFAULT_PARALLEL,
     };
+    if args.kv_memory.is_some() && speculating {
+        bail!(
+            "--kv-memory shares the memory of batched requests: it does not go with speculative decoding yet"
+        );
+    }
     let model = args.model.load()?;
     let tokenizer =
         TextTokenizer::load(&args.model.model).context("the server needs the model's tokenizer")?;
@@ -154,6 +168,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         parallel,
         speculation,
         cache_dir,
+        kv_memory: args.kv_memory,
     };
     let (engine, engine_thread) = hayate_server::engine::start(model, Arc::new(tokenizer), config)
         .context("cannot start the engine")?;
@@ -188,4 +203,49 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         bail!("the engine thread panicked");
     }
     served
+}
+
+/// A size in bytes: a number with an optional unit, K, M, G or T (powers
+/// of 1024; `KiB`, `MB` and the like read the same), e.g. `512M`, `1.5G`.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (e.g. 2G, 512M)"))?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit.trim_end_matches("ib").trim_end_matches('b');
+    let scale = match unit {
+        "" => 1u64,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(format!("`{text}`: the unit must be K, M, G or T")),
+    };
+    let bytes = number * scale as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes >= usize::MAX as f64 {
+        return Err(format!("`{text}` is not a size this machine can hold"));
+    }
+    Ok(bytes as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_read_with_their_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("64 kb"), Ok(64 << 10));
+        for bad in ["", "G", "-1G", "0", "2X", "1e400", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
 }

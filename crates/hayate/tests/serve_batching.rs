@@ -220,3 +220,68 @@ fn cached_sequences_survive_a_restart_with_cache_dir() {
     let again = ask(&server, &messages);
     assert_eq!(cached(&again["usage"]), 0, "{again}");
 }
+
+/// With `--kv-memory` for two pages of the caches (256 tokens), requests
+/// that may fill both run one at a time though four sequences are free:
+/// the others wait in the queue and all succeed; one that can never fit
+/// is answered 400.
+#[test]
+fn requests_wait_for_kv_memory_and_one_that_never_fits_is_a_400() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture_model("qwen3-gqa-qknorm", dir.path());
+    // 2 layers x keys and values x 2 heads x 32 dimensions x 2 bytes
+    // (bf16) x 128 positions: 64 KiB a page.
+    let server = Server::start(dir.path(), &["--parallel", "4", "--kv-memory", "128K"]);
+    assert_eq!(metric(&server, "hayate_kv_memory_limit_bytes"), 131072.0);
+    let port = server.port;
+    let body = |i: usize| {
+        serde_json::json!({
+            "prompt": format!("request {i}"),
+            "max_tokens": 200,
+            "seed": i,
+        })
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                s.spawn(move || request(port, "POST", "/v1/completions", &body(i).to_string()))
+            })
+            .collect();
+        for h in handles {
+            let (status, reply) = h.join().unwrap();
+            assert_eq!(status, 200, "{reply}");
+        }
+    });
+    // Never two at once: every step advanced one sequence.
+    let steps = metric(&server, "hayate_engine_steps_total");
+    assert!(steps > 0.0);
+    assert_eq!(metric(&server, "hayate_batch_sequences_total"), steps);
+    assert!(metric(&server, "hayate_kv_memory_used_bytes") <= 131072.0);
+    // Longer than the KV memory holds, by prompt or by max_tokens.
+    for body in [
+        serde_json::json!({"prompt": "ab ".repeat(100), "max_tokens": 1}),
+        serde_json::json!({"prompt": "ab", "max_tokens": 300}),
+    ] {
+        let (status, reply) = server.request("POST", "/v1/completions", &body.to_string());
+        assert_eq!(status, 400, "{reply}");
+        assert!(reply.contains("context_length_exceeded"), "{reply}");
+    }
+    // Short requests run together again.
+    let before = metric(&server, "hayate_engine_steps_total");
+    std::thread::scope(|s| {
+        let short = |i: usize| serde_json::json!({"prompt": format!("short {i}"), "max_tokens": 40, "seed": i});
+        let handles: Vec<_> = (0..2)
+            .map(|i| {
+                s.spawn(move || request(port, "POST", "/v1/completions", &short(i).to_string()))
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap().0, 200);
+        }
+    });
+    let steps = metric(&server, "hayate_engine_steps_total") - before;
+    assert!(
+        steps < 80.0,
+        "two short requests took {steps} steps: they did not share them"
+    );
+}

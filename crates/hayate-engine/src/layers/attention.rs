@@ -15,11 +15,12 @@
 //! the rotation [`hayate_kernels::ops::rope_rotate_half`].
 
 use super::bytes;
+use super::kv_pool::{KvPage, KvPool};
 use super::mixer::{MixerLayer, Step, Tree};
 use super::norm::RmsNorm;
-use crate::Result;
 use crate::budget::{Budget, StateShape};
 use crate::linear::{Compute, Linear};
+use crate::{EngineError, Result};
 use half::bf16;
 use half::vec::HalfBitsVecExt;
 use hayate_kernels::Isa;
@@ -28,6 +29,7 @@ use hayate_kernels::attention::{
 };
 use hayate_kernels::ops;
 use hayate_kernels::pool::{DisjointMut, split_range};
+use std::sync::Arc;
 
 /// Causal self-attention with grouped key/value heads and rotary positions.
 pub struct Attention {
@@ -86,7 +88,7 @@ impl KvFormat {
     }
 }
 
-/// The keys and values of a cache, in its format.
+/// The keys and values of a cache page, in its format.
 #[derive(Clone)]
 pub enum KvData {
     /// f32 keys and values.
@@ -116,29 +118,110 @@ pub enum KvData {
     },
 }
 
-/// Keys and values of one attention layer, each head's history contiguous:
-/// keys `[kv_head][tile of 16 positions][dim][16]`, values
-/// `[kv_head][slot][dim]` (the layout [`hayate_kernels::attention`] reads),
-/// and for int8 caches the scales `[kv_head][slot]`.
-/// Position `p` lives in slot `p % slots`: with a sliding window the buffer
-/// holds only the window (plus room for a chunk and for rollback) and wraps.
-pub struct KvCache {
-    /// Keys and values.
-    pub data: KvData,
-    /// Key/value heads.
-    pub n_kv_heads: usize,
-    /// Dimensions per head.
-    pub head_dim: usize,
-    /// Positions the buffers hold (a multiple of 16).
-    pub slots: usize,
-    /// Whether it holds a sliding window's last positions only (a ring),
-    /// not every position of the context.
-    pub ring: bool,
+impl KvData {
+    /// No entries (no allocation).
+    pub(crate) fn empty() -> Self {
+        KvData::F32 {
+            k: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+
+    /// Zeroed buffers of `values` keys and values each and, for int8,
+    /// `scales` scales each. Zero bits from fresh pages: memory is
+    /// committed only as the cache fills (a `bf16` zero written element
+    /// by element would commit all of it at once).
+    pub(crate) fn zeroed(format: KvFormat, values: usize, scales: usize) -> Self {
+        match format {
+            KvFormat::F32 => KvData::F32 {
+                k: vec![0.0; values],
+                v: vec![0.0; values],
+            },
+            KvFormat::Bf16 => KvData::Bf16 {
+                k: vec![0u16; values].reinterpret_into(),
+                v: vec![0u16; values].reinterpret_into(),
+            },
+            KvFormat::Q8 => KvData::Q8 {
+                k: vec![0; values],
+                v: vec![0; values],
+                k_scales: vec![0.0; scales],
+                v_scales: vec![0.0; scales],
+            },
+        }
+    }
+
+    /// Bytes of buffers of `values` keys and values each (and `scales`
+    /// scales each for int8); `None` when that overflows.
+    pub(crate) fn bytes_of(format: KvFormat, values: usize, scales: usize) -> Option<usize> {
+        let entries = values.checked_mul(2)?;
+        match format {
+            KvFormat::F32 => entries.checked_mul(4),
+            KvFormat::Bf16 => entries.checked_mul(2),
+            KvFormat::Q8 => entries.checked_add(scales.checked_mul(8)?),
+        }
+    }
+
+    /// Bytes its buffers take.
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            KvData::F32 { k, v } => 4 * (k.len() + v.len()),
+            KvData::Bf16 { k, v } => 2 * (k.len() + v.len()),
+            KvData::Q8 {
+                k,
+                v,
+                k_scales,
+                v_scales,
+            } => k.len() + v.len() + 4 * (k_scales.len() + v_scales.len()),
+        }
+    }
+
+    /// Whether it is in `format` with `values` keys and `scales` scales.
+    pub(crate) fn is_shaped(&self, format: KvFormat, values: usize, scales: usize) -> bool {
+        match self {
+            KvData::F32 { k, .. } => format == KvFormat::F32 && k.len() == values,
+            KvData::Bf16 { k, .. } => format == KvFormat::Bf16 && k.len() == values,
+            KvData::Q8 { k, k_scales, .. } => {
+                format == KvFormat::Q8 && k.len() == values && k_scales.len() == scales
+            }
+        }
+    }
 }
 
-/// The element type of one [`KvData`] variant: typed access to a cache's
+/// Keys and values of one attention layer, in pages of `page_len`
+/// positions; in each page every head's history is contiguous: keys
+/// `[kv_head][tile of 16 positions][dim][16]`, values `[kv_head][slot][dim]`
+/// (the layout [`hayate_kernels::attention`] reads), and for int8 caches
+/// the scales `[kv_head][slot]`.
+///
+/// A full cache grows a page at a time from its [`KvPool`], up to `slots`
+/// positions (the context), and gives pages back as it shrinks; pages of a
+/// common prefix may be shared with other caches, and are copied before
+/// one is written. A sliding window keeps one page of its own, a ring of
+/// `slots` positions (the window plus room for a chunk and for rollback):
+/// position `p` lives in slot `p % slots`.
+pub struct KvCache {
+    /// The pages, in position order.
+    pages: Vec<Arc<KvPage>>,
+    /// Positions per page.
+    page_len: usize,
+    /// Most positions held (whole pages for a full cache, the ring's size).
+    slots: usize,
+    /// Whether it holds a sliding window's last positions only (a ring),
+    /// not every position of the context.
+    ring: bool,
+    /// How it stores keys and values.
+    format: KvFormat,
+    /// Key/value heads.
+    n_kv_heads: usize,
+    /// Dimensions per head.
+    head_dim: usize,
+    /// Where a full cache takes its pages.
+    pool: Option<KvPool>,
+}
+
+/// The element type of one [`KvData`] variant: typed access to a page's
 /// buffers (keys, values, and the scales of int8 caches, empty otherwise).
-/// A cache's keys, values, key scales and value scales.
+/// A page's keys, values, key scales and value scales.
 type Parts<'a, E> = (&'a [E], &'a [E], &'a [f32], &'a [f32]);
 /// [`Parts`], to write.
 type PartsMut<'a, E> = (&'a mut [E], &'a mut [E], &'a mut [f32], &'a mut [f32]);
@@ -194,19 +277,19 @@ impl Element for i8 {
     }
 }
 
-/// Runs `$body` with `$E` the element type of `$data`.
+/// Runs `$body` with `$E` the element type of cache format `$format`.
 macro_rules! by_element {
-    ($data:expr, $E:ident => $body:expr) => {
-        match $data {
-            KvData::F32 { .. } => {
+    ($format:expr, $E:ident => $body:expr) => {
+        match $format {
+            KvFormat::F32 => {
                 type $E = f32;
                 $body
             }
-            KvData::Bf16 { .. } => {
+            KvFormat::Bf16 => {
                 type $E = bf16;
                 $body
             }
-            KvData::Q8 { .. } => {
+            KvFormat::Q8 => {
                 type $E = i8;
                 $body
             }
@@ -214,24 +297,46 @@ macro_rules! by_element {
     };
 }
 
-impl KvCache {
-    /// How much of each head a saved sequence of `len` tokens keeps: key
-    /// values (whole tiles), value values and scales; a ring keeps all.
-    fn saved_extent(&self, len: usize) -> (usize, usize, usize) {
-        let positions = if self.ring {
-            self.slots
-        } else {
-            len.next_multiple_of(KEY_TILE).min(self.slots)
-        };
-        (
-            positions * self.head_dim,
-            positions * self.head_dim,
-            positions,
-        )
-    }
+/// Head `head` of a page of `slots` positions, read-only.
+fn page_head<E: Element>(data: &KvData, head: usize, slots: usize, hd: usize) -> KvHead<'_, E> {
+    let (k, v, ks, vs) = E::parts(data).expect("the element type of this cache");
+    let range = head * slots * hd..(head + 1) * slots * hd;
+    let scales = match E::SCALED {
+        true => Scales {
+            keys: &ks[head * slots..(head + 1) * slots],
+            values: &vs[head * slots..(head + 1) * slots],
+        },
+        false => Scales::default(),
+    };
+    KvHead::new(&k[range.clone()], &v[range], scales, slots, hd)
+}
 
-    /// An empty cache of `slots` positions (a multiple of [`KEY_TILE`]).
-    fn zeroed(
+/// Head `head` of a page of `slots` positions, to write.
+fn page_head_mut<E: Element>(
+    data: &mut KvData,
+    head: usize,
+    slots: usize,
+    hd: usize,
+) -> KvHeadMut<'_, E> {
+    let (k, v, ks, vs) = E::parts_mut(data).expect("the element type of this cache");
+    let range = head * slots * hd..(head + 1) * slots * hd;
+    let scales = if E::SCALED {
+        head * slots..(head + 1) * slots
+    } else {
+        0..0
+    };
+    KvHeadMut {
+        keys: &mut k[range.clone()],
+        values: &mut v[range],
+        key_scales: &mut ks[scales.clone()],
+        value_scales: &mut vs[scales],
+    }
+}
+
+impl KvCache {
+    /// A ring (or a draft tree's tail) of `slots` positions (a multiple of
+    /// [`KEY_TILE`]) in one page of its own, taken from `budget`.
+    fn ring(
         format: KvFormat,
         n_kv_heads: usize,
         slots: usize,
@@ -239,76 +344,157 @@ impl KvCache {
         budget: &mut Budget,
     ) -> Result<Self> {
         // The geometry bounds each factor well below overflow.
-        let n = n_kv_heads * slots * head_dim;
-        let data = match format {
-            KvFormat::F32 => KvData::F32 {
-                k: budget.zeroed(n)?,
-                v: budget.zeroed(n)?,
-            },
-            // Zero bits from fresh pages: memory is committed only as the
-            // cache fills (a `bf16` zero written element by element would
-            // commit the whole context at once).
-            KvFormat::Bf16 => KvData::Bf16 {
-                k: budget.zeroed::<u16>(n)?.reinterpret_into(),
-                v: budget.zeroed::<u16>(n)?.reinterpret_into(),
-            },
-            KvFormat::Q8 => KvData::Q8 {
-                k: budget.zeroed(n)?,
-                v: budget.zeroed(n)?,
-                k_scales: budget.zeroed(n_kv_heads * slots)?,
-                v_scales: budget.zeroed(n_kv_heads * slots)?,
-            },
+        let values = n_kv_heads * slots * head_dim;
+        let scales = if format == KvFormat::Q8 {
+            n_kv_heads * slots
+        } else {
+            0
         };
+        let bytes = KvData::bytes_of(format, values, scales).unwrap_or(usize::MAX);
+        budget.take(bytes)?;
         Ok(KvCache {
-            data,
+            pages: vec![Arc::new(KvPage::detached(KvData::zeroed(
+                format, values, scales,
+            )))],
+            page_len: slots,
+            slots,
+            ring: true,
+            format,
             n_kv_heads,
             head_dim,
-            slots,
-            ring: false,
+            pool: None,
         })
     }
 
-    /// KV head `head`, read-only.
-    fn head<E: Element>(&self, head: usize) -> KvHead<'_, E> {
-        let (k, v, ks, vs) = E::parts(&self.data).expect("the element type of this cache");
-        let (slots, hd) = (self.slots, self.head_dim);
-        let range = head * slots * hd..(head + 1) * slots * hd;
-        let scales = match E::SCALED {
-            true => Scales {
-                keys: &ks[head * slots..(head + 1) * slots],
-                values: &vs[head * slots..(head + 1) * slots],
-            },
-            false => Scales::default(),
-        };
-        KvHead::new(&k[range.clone()], &v[range], scales, slots, hd)
+    /// An empty full cache of up to `capacity` positions, growing in pages
+    /// of `page_len` positions (a multiple of [`KEY_TILE`]) from `pool`.
+    fn growing(
+        format: KvFormat,
+        (n_kv_heads, head_dim): (usize, usize),
+        capacity: usize,
+        page_len: usize,
+        pool: &KvPool,
+    ) -> Self {
+        KvCache {
+            pages: Vec::with_capacity(capacity.div_ceil(page_len)),
+            page_len,
+            slots: capacity.next_multiple_of(page_len),
+            ring: false,
+            format,
+            n_kv_heads,
+            head_dim,
+            pool: Some(pool.clone()),
+        }
     }
 
-    /// KV head `head`, to write.
-    fn head_mut<E: Element>(&mut self, head: usize) -> KvHeadMut<'_, E> {
-        let (slots, hd) = (self.slots, self.head_dim);
-        let (k, v, ks, vs) = E::parts_mut(&mut self.data).expect("the element type of this cache");
-        let range = head * slots * hd..(head + 1) * slots * hd;
-        let scales = if E::SCALED {
-            head * slots..(head + 1) * slots
-        } else {
-            0..0
-        };
-        KvHeadMut {
-            keys: &mut k[range.clone()],
-            values: &mut v[range],
-            key_scales: &mut ks[scales.clone()],
-            value_scales: &mut vs[scales],
+    /// Bytes of one page.
+    fn page_bytes(&self) -> usize {
+        let values = self.n_kv_heads * self.page_len * self.head_dim;
+        KvData::bytes_of(self.format, values, self.n_kv_heads * self.page_len).unwrap_or(0)
+    }
+
+    /// Bytes a full cache's pages take when it holds `len` positions (0
+    /// for a ring: its page is not the pool's).
+    pub(crate) fn bytes_at(&self, len: usize) -> usize {
+        if self.ring {
+            return 0;
         }
+        len.min(self.slots).div_ceil(self.page_len) * self.page_bytes()
+    }
+
+    /// Pages it holds and how many of them it shares with other caches.
+    pub(crate) fn pages(&self) -> (usize, usize) {
+        let shared = self
+            .pages
+            .iter()
+            .filter(|p| Arc::strong_count(p) > 1)
+            .count();
+        (self.pages.len(), shared)
+    }
+
+    /// Makes positions `from..to` writable: the pages holding them taken
+    /// from the pool where the cache has none yet, copied where they are
+    /// shared. An error when the pool is out of pages (the cache then
+    /// holds what it had, plus the pages it could take).
+    pub(crate) fn prepare(&mut self, from: usize, to: usize) -> Result<()> {
+        let Some(pool) = self.pool.as_ref() else {
+            return Ok(());
+        };
+        if from >= to {
+            return Ok(());
+        }
+        let (first, last) = (from / self.page_len, (to - 1) / self.page_len);
+        let out_of_pages = |pool: &KvPool| EngineError::KvMemory {
+            limit: pool.limit(),
+        };
+        for p in first..=last {
+            let shared = self
+                .pages
+                .get(p)
+                .is_some_and(|page| Arc::strong_count(page) > 1);
+            if p < self.pages.len() && !shared {
+                continue;
+            }
+            let mut page = pool
+                .take(self.format, self.n_kv_heads, self.page_len, self.head_dim)
+                .ok_or_else(|| out_of_pages(pool))?;
+            if shared {
+                page.data.clone_from(&self.pages[p].data);
+                self.pages[p] = Arc::new(page);
+            } else {
+                self.pages.push(Arc::new(page));
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back the pages past the first `len` positions (a full cache).
+    pub(crate) fn release_from(&mut self, len: usize) {
+        if !self.ring {
+            self.pages.truncate(len.div_ceil(self.page_len));
+        }
+    }
+
+    /// Shares the pages of `other` (a cache of the same layer) holding its
+    /// first `len` positions, in place of its own: copy-on-write.
+    pub(crate) fn share_prefix(&mut self, other: &KvCache, len: usize) {
+        if !self.ring && !other.ring {
+            let n = len.div_ceil(self.page_len).min(other.pages.len());
+            self.pages.clear();
+            self.pages.extend(other.pages[..n].iter().cloned());
+        }
+    }
+
+    /// The page and the slot in it of `position`.
+    fn locate(&self, position: usize) -> (usize, usize) {
+        let slot = position % self.slots;
+        (slot / self.page_len, slot % self.page_len)
+    }
+
+    /// A page being written: the cache's own ([`prepare`](Self::prepare)d).
+    fn page_mut(pages: &mut [Arc<KvPage>], p: usize) -> &mut KvData {
+        &mut Arc::get_mut(&mut pages[p])
+            .expect("a page being written is the cache's own")
+            .data
     }
 
     /// Stores the key and value of `position` for KV head `head`.
     fn store(&mut self, head: usize, position: usize, key: &[f32], value: &[f32]) {
-        let slots = self.slots;
-        by_element!(&self.data, E => kernel::store(self.head_mut::<E>(head), slots, position, key, value))
+        let (p, slot) = self.locate(position);
+        let (len, hd) = (self.page_len, self.head_dim);
+        let data = Self::page_mut(&mut self.pages, p);
+        by_element!(self.format, E => {
+            kernel::store(page_head_mut::<E>(data, head, len, hd), len, slot, key, value)
+        })
+    }
+
+    /// Head `head` of the one page of a ring (or tail).
+    fn ring_head<E: Element>(&self, head: usize) -> KvHead<'_, E> {
+        page_head::<E>(&self.pages[0].data, head, self.slots, self.head_dim)
     }
 
     /// The query `rows` attend over KV head `head`, positions from
-    /// `tail.0` on read from head 0 of `tail.1` (see [`kernel::attend_with_tail`]).
+    /// `tail.0` on read from head 0 of `tail.1` (a tail, see [`kernel::WithTail`]).
     #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
@@ -320,22 +506,42 @@ impl KvCache {
         rows: &[QueryRow],
         out: &mut [f32],
     ) {
-        by_element!(&self.data, E => {
-            let tail = tail.map(|(from, t)| kernel::KvTail { from, kv: t.head::<E>(0) });
-            kernel::attend_with_tail(isa, self.head::<E>(head), tail, scale, q, rows, out)
+        let (page_len, hd) = (self.page_len, self.head_dim);
+        by_element!(self.format, E => {
+            let paged = kernel::KvPaged {
+                page_len,
+                pages: self.pages.len(),
+                head_dim: hd,
+                page: |i: usize| page_head::<E>(&self.pages[i].data, head, page_len, hd),
+            };
+            let tail = tail.map(|(from, t)| (from, t.ring_head::<E>(0)));
+            match (self.ring, tail) {
+                (false, None) => kernel::attend_in(isa, paged, scale, q, rows, out),
+                (false, Some((from, tail))) => {
+                    let kv = kernel::WithTail { main: paged, from, tail };
+                    kernel::attend_in(isa, kv, scale, q, rows, out)
+                }
+                (true, None) => kernel::attend_in(isa, self.ring_head::<E>(head), scale, q, rows, out),
+                (true, Some((from, tail))) => {
+                    let kv = kernel::WithTail { main: self.ring_head::<E>(head), from, tail };
+                    kernel::attend_in(isa, kv, scale, q, rows, out)
+                }
+            }
         })
     }
 
     /// Copies, for KV head `head`, the key tile holding `position` (its 16
     /// positions, with their scales) to the same positions of head 0 of
-    /// `dst`, a cache of the same format and head size.
+    /// `dst`, a tail of the same format and head size.
     fn copy_tile(&self, head: usize, position: usize, dst: &mut KvCache) {
         let base = position / KEY_TILE * KEY_TILE;
         let hd = self.head_dim;
-        let (from, to) = (base % self.slots, base % dst.slots);
-        by_element!(&self.data, E => {
-            let src = self.head::<E>(head);
-            let out = dst.head_mut::<E>(0);
+        let (p, from) = self.locate(base);
+        let (dst_slots, to) = (dst.slots, base % dst.slots);
+        let dst_data = Self::page_mut(&mut dst.pages, 0);
+        by_element!(self.format, E => {
+            let src = page_head::<E>(&self.pages[p].data, head, self.page_len, hd);
+            let out = page_head_mut::<E>(dst_data, 0, dst_slots, hd);
             let tile = KEY_TILE * hd;
             out.keys[to * hd..][..tile].copy_from_slice(&src.keys[from * hd..][..tile]);
             out.values[to * hd..][..tile].copy_from_slice(&src.values[from * hd..][..tile]);
@@ -360,24 +566,60 @@ impl KvCache {
         }
     }
 
-    /// Moves every head's entry at position `from` to position `to`: what
-    /// was stored for a token, bit for bit, as if it had been stored there.
+    /// Moves every head's entry at position `from` to position `to`
+    /// (before it): what was stored for a token, bit for bit, as if it had
+    /// been stored there.
     fn move_position(&mut self, from: usize, to: usize) {
-        let (slots, hd) = (self.slots, self.head_dim);
-        let (a, b) = (from % slots, to % slots);
+        let (len, hd) = (self.page_len, self.head_dim);
+        let ((pf, a), (pt, b)) = (self.locate(from), self.locate(to));
         for head in 0..self.n_kv_heads {
-            by_element!(&self.data, E => {
-                let h = self.head_mut::<E>(head);
-                for d in 0..hd {
-                    h.keys[kernel::key_index(slots, hd, to, d)] =
-                        h.keys[kernel::key_index(slots, hd, from, d)];
-                }
-                h.values.copy_within(a * hd..(a + 1) * hd, b * hd);
-                if E::SCALED {
-                    h.key_scales[b] = h.key_scales[a];
-                    h.value_scales[b] = h.value_scales[a];
+            by_element!(self.format, E => {
+                let entry = |src: &KvHeadMut<'_, E>, dst: &mut KvHeadMut<'_, E>| {
+                    for d in 0..hd {
+                        dst.keys[kernel::key_index(len, hd, b, d)] =
+                            src.keys[kernel::key_index(len, hd, a, d)];
+                    }
+                    dst.values[b * hd..(b + 1) * hd].copy_from_slice(&src.values[a * hd..(a + 1) * hd]);
+                    if E::SCALED {
+                        dst.key_scales[b] = src.key_scales[a];
+                        dst.value_scales[b] = src.value_scales[a];
+                    }
+                };
+                if pf == pt {
+                    let h = page_head_mut::<E>(Self::page_mut(&mut self.pages, pf), head, len, hd);
+                    for d in 0..hd {
+                        h.keys[kernel::key_index(len, hd, b, d)] =
+                            h.keys[kernel::key_index(len, hd, a, d)];
+                    }
+                    h.values.copy_within(a * hd..(a + 1) * hd, b * hd);
+                    if E::SCALED {
+                        h.key_scales[b] = h.key_scales[a];
+                        h.value_scales[b] = h.value_scales[a];
+                    }
+                } else {
+                    let (low, high) = self.pages.split_at_mut(pf);
+                    let src = page_head_mut::<E>(Self::page_mut(high, 0), head, len, hd);
+                    let mut dst = page_head_mut::<E>(Self::page_mut(low, pt), head, len, hd);
+                    entry(&src, &mut dst);
                 }
             })
+        }
+    }
+
+    /// Each page's share of the first `positions` positions (whole tiles),
+    /// in order: the page and how many of its positions.
+    fn extent(&self, positions: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let len = self.page_len;
+        (0..positions.div_ceil(len)).map(move |p| (p, (positions - p * len).min(len)))
+    }
+
+    /// Positions a saved sequence of `len` tokens keeps: whole tiles, or
+    /// the whole ring.
+    fn saved_positions(&self, len: usize) -> usize {
+        if self.ring {
+            self.slots
+        } else {
+            len.next_multiple_of(KEY_TILE).min(self.slots)
         }
     }
 }
@@ -405,39 +647,65 @@ impl MixerLayer for Attention {
     type Snapshot = KvData;
 
     fn snapshot(&self, cache: &KvCache, _len: usize) -> Option<KvData> {
-        cache.ring.then(|| cache.data.clone())
+        cache.ring.then(|| cache.pages[0].data.clone())
     }
 
     /// Every head's keys and values of positions below `len` (a ring: all
-    /// of it), with the scales of an int8 cache.
+    /// of it), with the scales of an int8 cache: for each head its keys
+    /// page after page, then its values, then the scales, as one cache of
+    /// those positions lays them out.
     fn save(&self, cache: &KvCache, len: usize, out: &mut Vec<u8>) {
-        let (keys, values, scales) = cache.saved_extent(len);
-        by_element!(&cache.data, E => {
-            let (k, v, ks, vs) = E::parts(&cache.data).expect("the element type of this cache");
+        let positions = cache.saved_positions(len);
+        let (page_len, hd) = (cache.page_len, cache.head_dim);
+        by_element!(cache.format, E => {
             for head in 0..cache.n_kv_heads {
-                let (kb, vb, sb) = (head * k.len() / cache.n_kv_heads, head * v.len() / cache.n_kv_heads, head * cache.slots);
-                bytes::put(&k[kb..kb + keys], out);
-                bytes::put(&v[vb..vb + values], out);
+                let view = |p: usize| page_head::<E>(&cache.pages[p].data, head, page_len, hd);
+                for (p, n) in cache.extent(positions) {
+                    bytes::put(&view(p).keys[..n * hd], out);
+                }
+                for (p, n) in cache.extent(positions) {
+                    bytes::put(&view(p).values[..n * hd], out);
+                }
                 if E::SCALED {
-                    bytes::put(&ks[sb..sb + scales], out);
-                    bytes::put(&vs[sb..sb + scales], out);
+                    for (p, n) in cache.extent(positions) {
+                        bytes::put(&view(p).scales.keys[..n], out);
+                    }
+                    for (p, n) in cache.extent(positions) {
+                        bytes::put(&view(p).scales.values[..n], out);
+                    }
                 }
             }
         })
     }
 
+    /// Reads back what [`save`](Self::save) wrote; `None` also when the
+    /// pool has no pages left for it.
     fn load(&self, cache: &mut KvCache, len: usize, input: &mut &[u8]) -> Option<()> {
-        let (keys, values, scales) = cache.saved_extent(len);
-        let (heads, slots) = (cache.n_kv_heads, cache.slots);
-        by_element!(&cache.data, E => {
-            let (k, v, ks, vs) = E::parts_mut(&mut cache.data).expect("the element type of this cache");
-            for head in 0..heads {
-                let (kb, vb, sb) = (head * k.len() / heads, head * v.len() / heads, head * slots);
-                bytes::take(&mut k[kb..kb + keys], input)?;
-                bytes::take(&mut v[vb..vb + values], input)?;
+        let positions = cache.saved_positions(len);
+        cache.release_from(0);
+        cache.prepare(0, positions).ok()?;
+        let (page_len, hd) = (cache.page_len, cache.head_dim);
+        let extent: Vec<(usize, usize)> = cache.extent(positions).collect();
+        by_element!(cache.format, E => {
+            for head in 0..cache.n_kv_heads {
+                let pages = &mut cache.pages;
+                for &(p, n) in &extent {
+                    let h = page_head_mut::<E>(KvCache::page_mut(pages, p), head, page_len, hd);
+                    bytes::take(&mut h.keys[..n * hd], input)?;
+                }
+                for &(p, n) in &extent {
+                    let h = page_head_mut::<E>(KvCache::page_mut(pages, p), head, page_len, hd);
+                    bytes::take(&mut h.values[..n * hd], input)?;
+                }
                 if E::SCALED {
-                    bytes::take(&mut ks[sb..sb + scales], input)?;
-                    bytes::take(&mut vs[sb..sb + scales], input)?;
+                    for &(p, n) in &extent {
+                        let h = page_head_mut::<E>(KvCache::page_mut(pages, p), head, page_len, hd);
+                        bytes::take(&mut h.key_scales[..n], input)?;
+                    }
+                    for &(p, n) in &extent {
+                        let h = page_head_mut::<E>(KvCache::page_mut(pages, p), head, page_len, hd);
+                        bytes::take(&mut h.value_scales[..n], input)?;
+                    }
                 }
             }
             Some(())
@@ -445,36 +713,32 @@ impl MixerLayer for Attention {
     }
 
     fn snapshot_bytes(ring: &KvData) -> usize {
-        match ring {
-            KvData::F32 { k, v } => 4 * (k.len() + v.len()),
-            KvData::Bf16 { k, v } => 2 * (k.len() + v.len()),
-            KvData::Q8 {
-                k,
-                v,
-                k_scales,
-                v_scales,
-            } => k.len() + v.len() + 4 * (k_scales.len() + v_scales.len()),
-        }
+        ring.bytes()
     }
 
     fn restore(&self, cache: &mut KvCache, ring: &KvData, _len: usize) {
-        cache.data.clone_from(ring);
+        KvCache::page_mut(&mut cache.pages, 0).clone_from(ring);
     }
 
-    /// An empty cache of the whole context, or of the window plus room for
-    /// a whole chunk (its first token still needs the window before it) or
-    /// for rolling back; a ring bounds how far the state can roll back.
+    /// An empty cache of the whole context, growing in pages from the
+    /// budget's pool, or a ring of the window plus room for a whole chunk
+    /// (its first token still needs the window before it) or for rolling
+    /// back; a ring bounds how far the state can roll back.
     fn new_state(&self, shape: &StateShape, budget: &mut Budget) -> Result<(KvCache, bool)> {
-        let (held, ring) = match self.window {
+        let heads = (self.n_kv_heads, self.head_dim);
+        match self.window {
             Some(w) if w - 1 + shape.chunk.max(shape.rollback) < shape.capacity => {
-                (w - 1 + shape.chunk.max(shape.rollback), true)
+                let slots = (w - 1 + shape.chunk.max(shape.rollback)).next_multiple_of(KEY_TILE);
+                let cache = KvCache::ring(shape.kv, heads.0, slots, heads.1, budget)?;
+                Ok((cache, true))
             }
-            _ => (shape.capacity, false),
-        };
-        let slots = held.next_multiple_of(KEY_TILE);
-        let mut cache = KvCache::zeroed(shape.kv, self.n_kv_heads, slots, self.head_dim, budget)?;
-        cache.ring = ring;
-        Ok((cache, ring))
+            _ => {
+                let page_len = shape.page.min(shape.capacity.next_multiple_of(KEY_TILE));
+                let cache =
+                    KvCache::growing(shape.kv, heads, shape.capacity, page_len, &budget.pool);
+                Ok((cache, false))
+            }
+        }
     }
 
     fn new_scratch(layers: &[&Self], shape: &StateShape, budget: &mut Budget) -> Result<Scratch> {
@@ -496,7 +760,7 @@ impl MixerLayer for Attention {
             tails: (0..shape.threads)
                 .map(|_| {
                     let slots = (KEY_TILE + shape.rollback).next_multiple_of(KEY_TILE);
-                    KvCache::zeroed(shape.kv, 1, slots, head_dim, budget)
+                    KvCache::ring(shape.kv, 1, slots, head_dim, budget)
                 })
                 .collect::<Result<_>>()?,
         })

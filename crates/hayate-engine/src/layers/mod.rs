@@ -16,6 +16,7 @@
 
 pub mod attention;
 pub mod deltanet;
+pub mod kv_pool;
 mod mixer;
 pub mod mlp;
 pub mod norm;
@@ -23,6 +24,7 @@ pub mod short_conv;
 
 pub use attention::{Attention, KvCache, KvData, KvFormat};
 pub use deltanet::{DeltaState, GatedDeltaNet};
+pub use kv_pool::{KV_PAGE, KvPool};
 pub use mlp::{Activation, GatedMlp};
 pub use norm::RmsNorm;
 pub use short_conv::{ConvHistory, ShortConv};
