@@ -22,6 +22,12 @@
 //! from the latest snapshot inside it, so a conversation's next turn, or
 //! a request sharing a long system prompt, prefills only what follows.
 //!
+//! When every layer is full attention, a request whose prompt shares a
+//! prefix with another slot's sequence takes that slot's pages for it
+//! (shared, copied before one is written): whole pieces the lender
+//! computed from the start, so that what follows is computed as it would
+//! be alone.
+//!
 //! Attention caches take their pages from one [`KvPool`] of a fixed size
 //! (`kv_memory`): a request is admitted when the memory its prompt and
 //! `max_tokens` can fill is free, counting what the running requests may
@@ -118,6 +124,10 @@ struct Slot {
     /// When the slot last took a request: the least recently used is
     /// reused first, and prompts prefill in the order they came.
     last_used: u64,
+    /// Leading tokens the state computed in whole pieces from the start
+    /// (a multiple of the step length): what another slot may share, as
+    /// the pieces it would have computed alone.
+    aligned: usize,
 }
 
 impl Slot {
@@ -192,6 +202,15 @@ impl Slot {
             Some(i) => (self.snapshots[i].len(), Some(i)),
             None => (0, None),
         }
+    }
+
+    /// Tokens of `prompt` another slot's state may take from this one's
+    /// pages: within the common prefix, whole pieces it computed from the
+    /// start (so the other computes every later piece as it would alone).
+    fn shareable(&self, prompt: &[u32]) -> usize {
+        let chunk = self.state.shape.chunk;
+        let common = self.state.shared_prefix(&self.tokens, prompt);
+        common.min(self.aligned) / chunk * chunk
     }
 
     /// Where the prompt piece starting at `from` ends: a whole step, or
@@ -323,6 +342,7 @@ impl<'m> Batcher<'m> {
                 logits: vec![0.0; vocab],
                 active: None,
                 last_used: 0,
+                aligned: 0,
             })
             .collect();
         Ok(Batcher {
@@ -423,6 +443,20 @@ impl<'m> Batcher<'m> {
             return Err(EngineError::KvMemory { limit });
         }
         self.clock += 1;
+        // Another slot holding a longer prefix lends its pages.
+        let lender = (0..self.slots.len())
+            .filter(|&i| i != index && self.slots[index].state.can_share())
+            .map(|i| (self.slots[i].shareable(prompt), i))
+            .max()
+            .filter(|&(n, _)| n > self.slots[index].reusable(prompt).0);
+        if let Some((n, lender)) = lender {
+            let (slot, other) = pair(&mut self.slots, index, lender);
+            slot.state.share_prefix(&other.state, n)?;
+            slot.tokens.clear();
+            slot.tokens.extend_from_slice(&prompt[..n]);
+            slot.snapshots.clear();
+            slot.aligned = n;
+        }
         let slot = &mut self.slots[index];
         let (kept, from_snapshot) = slot.reusable(prompt);
         // Snapshots past where the new sequence leaves the old one no longer hold.
@@ -437,6 +471,7 @@ impl<'m> Batcher<'m> {
         }
         slot.snapshots.retain(|s| s.len() <= common);
         slot.state.release_unused();
+        slot.aligned = slot.aligned.min(kept) / slot.state.shape.chunk * slot.state.shape.chunk;
         slot.tokens.clear();
         slot.tokens.extend_from_slice(prompt);
         slot.last_used = self.clock;
@@ -478,6 +513,7 @@ impl<'m> Batcher<'m> {
             slot.state.release_unused();
             slot.tokens.clear();
             slot.snapshots.clear();
+            slot.aligned = 0;
         }
     }
 
@@ -538,6 +574,9 @@ impl<'m> Batcher<'m> {
                     break;
                 }
                 budget = budget.saturating_sub(end - from);
+                if from == slot.aligned && end - from == slot.state.shape.chunk {
+                    slot.aligned = end;
+                }
                 slot.maybe_snapshot(&self.model.parts.blocks, end, &self.stop_ids);
                 if last {
                     result = Ok(true);
@@ -649,6 +688,8 @@ impl<'m> Batcher<'m> {
                 }
             };
             slot.snapshots.clear();
+            // How it was computed is not saved: nothing to lend.
+            slot.aligned = 0;
             match saved::decode(&bytes, fingerprint, blocks, &mut slot.state) {
                 Ok(tokens) if tokens.iter().all(|&t| (t as usize) < vocab) => {
                     slot.tokens = tokens;
@@ -772,7 +813,19 @@ impl<'m> Batcher<'m> {
             slot.state.release_unused();
             slot.tokens.clear();
             slot.snapshots.clear();
+            slot.aligned = 0;
             on_event(i, SlotEvent::Failed(error));
         }
+    }
+}
+
+/// Slot `a` to write and slot `b` (another) to read.
+fn pair(slots: &mut [Slot], a: usize, b: usize) -> (&mut Slot, &Slot) {
+    if a < b {
+        let (low, high) = slots.split_at_mut(b);
+        (&mut low[a], &high[0])
+    } else {
+        let (low, high) = slots.split_at_mut(a);
+        (&mut high[0], &low[b])
     }
 }

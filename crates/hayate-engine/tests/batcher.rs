@@ -273,6 +273,59 @@ fn requests_wait_for_kv_memory_and_give_the_same_tokens() {
     }
 }
 
+/// On a model of attention layers only, a request sharing a prefix with
+/// another slot's running sequence takes its pages for the whole pieces
+/// of that prefix: it prefills only the rest, the two hold those pages
+/// once, and it generates what it generates alone.
+#[test]
+fn a_prompt_sharing_another_slots_prefix_takes_its_pages() {
+    let model = Model::load(&fixture("qwen3-gqa-qknorm"), &LoadOptions::default()).unwrap();
+    let vocab = model.info.vocab;
+    let paged = StateOptions {
+        kv_page: 16,
+        ..options()
+    };
+    let first: Vec<u32> = (0..40).map(|t| ((t * 7 + 3) % vocab) as u32).collect();
+    let mut second = first[..35].to_vec();
+    second.extend([5, 6, 7, 8, 9].map(|t: u32| t % vocab as u32));
+    let ask = |prompt: &[u32], max_tokens| BatchRequest {
+        prompt: prompt.to_vec(),
+        params: params(1),
+        max_tokens,
+        constraint: None,
+    };
+    let mut one = Batcher::new(&model, &paged, 1, Vec::new(), None).unwrap();
+    one.admit(ask(&second, 10)).unwrap();
+    let alone = drive(&mut one, |_, _| {}).swap_remove(0).0;
+    let mut batcher = Batcher::new(&model, &paged, 2, Vec::new(), None).unwrap();
+    assert_eq!(batcher.admit(ask(&first, 30)).unwrap(), (0, 0));
+    // The first prefills (pieces of 8) and decodes a little.
+    for _ in 0..3 {
+        batcher.step(|_, _| true);
+    }
+    let held = batcher.kv_memory().0;
+    // 35 tokens in common: the pieces up to 32.
+    assert_eq!(batcher.admit(ask(&second, 10)).unwrap(), (1, 32));
+    assert_eq!(
+        batcher.kv_memory().0,
+        held,
+        "the shared pages are held once"
+    );
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        if batcher.active() == 0 {
+            break;
+        }
+        batcher.step(|slot, event| {
+            if let (1, SlotEvent::Token { token, .. }) = (slot, &event) {
+                got.push(*token);
+            }
+            true
+        });
+    }
+    assert_eq!(got, alone, "the same tokens as alone");
+}
+
 #[test]
 fn bad_requests_are_errors_and_a_full_batch_says_so() {
     let model = Model::load(&fixture("qwen3-gqa-qknorm"), &LoadOptions::default()).unwrap();
