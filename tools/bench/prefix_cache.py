@@ -9,6 +9,10 @@ streamed), the prompt tokens the server took from its cache (`usage`), and
 the ratio of the later ones' to the first's. Then the same for a
 conversation: each turn resends the whole conversation so far.
 
+With --concurrent the first request keeps generating (--hold-tokens) while
+the later ones are sent, so each runs in another of the server's sequences
+and takes the shared prefix from the first's (needs --parallel 2 or more).
+
     python3 tools/bench/prefix_cache.py --hayate target/release/hayate \\
         --model models/qwen3.5-0.8b-speed-vocab --server-args "--quantize q4 --threads 2"
 
@@ -23,6 +27,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,8 +41,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def chat(port, messages, max_tokens):
-    """Streams one chat request: (time to first token, reply text, usage)."""
+def chat(port, messages, max_tokens, on_first=None):
+    """Streams one chat request: (time to first token, reply text, usage);
+    `on_first()` is called at its first token."""
     body = {
         "messages": messages,
         "max_tokens": max_tokens,
@@ -64,6 +70,8 @@ def chat(port, messages, max_tokens):
             if piece:
                 if first is None:
                     first = time.perf_counter() - start
+                    if on_first:
+                        on_first()
                 text += piece
     conn.close()
     if first is None:
@@ -84,6 +92,8 @@ def main():
     ap.add_argument("--followers", type=int, default=3, help="requests after the first")
     ap.add_argument("--turns", type=int, default=6, help="turns of the conversation test (0: none)")
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--concurrent", action="store_true", help="send the later requests while the first still runs")
+    ap.add_argument("--hold-tokens", type=int, default=256, help="what the first generates with --concurrent")
     args = ap.parse_args()
     words = TEXT.read_text().split()
     port = free_port()
@@ -108,10 +118,28 @@ def main():
         system = " ".join(words[:n_words])
         users = [" ".join(words[n_words + 50 * i : n_words + 50 * i + 12]) for i in range(args.followers + 1)]
         rows = []
-        for i, user in enumerate(users):
-            ttft, _, usage = chat(port, [{"role": "system", "content": system}, {"role": "user", "content": user}], args.max_tokens)
-            rows.append((ttft, usage["prompt_tokens"], cached(usage)))
+
+        def ask(i, user, max_tokens, on_first=None):
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+            ttft, _, usage = chat(port, messages, max_tokens, on_first)
+            rows.append((i, ttft, usage["prompt_tokens"], cached(usage)))
             print(f"request {i}: {usage['prompt_tokens']} prompt tokens, {cached(usage)} cached, first token after {ttft * 1e3:.0f} ms", flush=True)
+
+        if args.concurrent:
+            started = threading.Event()
+            first = threading.Thread(target=ask, args=(0, users[0], args.hold_tokens, started.set))
+            first.start()
+            started.wait()
+            for i, user in enumerate(users[1:], 1):
+                ask(i, user, args.max_tokens)
+            overlapped = first.is_alive()
+            first.join()
+            if not overlapped:
+                raise SystemExit("the first request ended before the later ones: raise --hold-tokens")
+        else:
+            for i, user in enumerate(users):
+                ask(i, user, args.max_tokens)
+        rows = [r[1:] for r in sorted(rows)]
         later = statistics.median(r[0] for r in rows[1:])
         report = {
             "prompt_tokens": rows[0][1],

@@ -443,12 +443,21 @@ impl<'m> Batcher<'m> {
             return Err(EngineError::KvMemory { limit });
         }
         self.clock += 1;
-        // Another slot holding a longer prefix lends its pages.
+        // Another slot holding a longer prefix lends its pages. A slot whose
+        // sequence shares little with the prompt (less than a piece, at most
+        // an eighth of what is left to prefill) starts over instead: at most
+        // an eighth more prefill, and the prompt laid out in whole pieces
+        // from its first token, which later prompts can borrow exactly.
+        let sharing = self.slots[index].state.can_share();
+        let own = self.slots[index].reusable(prompt).0;
+        let chunk = self.slots[index].state.shape.chunk;
+        let start_over = sharing && own < chunk && own * 8 <= prompt.len() - own;
+        let own = if start_over { 0 } else { own };
         let lender = (0..self.slots.len())
-            .filter(|&i| i != index && self.slots[index].state.can_share())
+            .filter(|&i| i != index && sharing)
             .map(|i| (self.slots[i].shareable(prompt), i))
             .max()
-            .filter(|&(n, _)| n > self.slots[index].reusable(prompt).0);
+            .filter(|&(n, _)| n > own);
         if let Some((n, lender)) = lender {
             let (slot, other) = pair(&mut self.slots, index, lender);
             slot.state.share_prefix(&other.state, n)?;
@@ -456,6 +465,11 @@ impl<'m> Batcher<'m> {
             slot.tokens.extend_from_slice(&prompt[..n]);
             slot.snapshots.clear();
             slot.aligned = n;
+        } else if start_over {
+            let slot = &mut self.slots[index];
+            slot.state.clear();
+            slot.tokens.clear();
+            slot.aligned = 0;
         }
         let slot = &mut self.slots[index];
         let (kept, from_snapshot) = slot.reusable(prompt);

@@ -276,7 +276,8 @@ fn requests_wait_for_kv_memory_and_give_the_same_tokens() {
 /// On a model of attention layers only, a request sharing a prefix with
 /// another slot's running sequence takes its pages for the whole pieces
 /// of that prefix: it prefills only the rest, the two hold those pages
-/// once, and it generates what it generates alone.
+/// once, and it generates what it generates alone (the lender started
+/// over rather than keep one token of its slot's last sequence).
 #[test]
 fn a_prompt_sharing_another_slots_prefix_takes_its_pages() {
     let model = Model::load(&fixture("qwen3-gqa-qknorm"), &LoadOptions::default()).unwrap();
@@ -298,6 +299,11 @@ fn a_prompt_sharing_another_slots_prefix_takes_its_pages() {
     one.admit(ask(&second, 10)).unwrap();
     let alone = drive(&mut one, |_, _| {}).swap_remove(0).0;
     let mut batcher = Batcher::new(&model, &paged, 2, Vec::new(), None).unwrap();
+    // A short request leaves slot 0 a sequence sharing one token with the
+    // first prompt: too little to keep, so the first starts over there
+    // and lays its prompt out in whole pieces.
+    batcher.admit(ask(&[first[0], 1, 2], 2)).unwrap();
+    drive(&mut batcher, |_, _| {});
     assert_eq!(batcher.admit(ask(&first, 30)).unwrap(), (0, 0));
     // The first prefills (pieces of 8) and decodes a little.
     for _ in 0..3 {

@@ -41,9 +41,10 @@ pub struct ServeArgs {
     /// ones generating); more are answered 503.
     #[arg(long, value_name = "N", default_value_t = 16)]
     queue: usize,
-    /// Requests generated together (continuous batching): each keeps a
-    /// sequence of --ctx-size tokens, so memory grows with both. Default 4,
-    /// or 1 with speculative decoding (which runs one request at a time).
+    /// Requests generated together (continuous batching), each in a
+    /// sequence of up to --ctx-size tokens whose attention cache takes its
+    /// pages from --kv-memory. Default 4, or 1 with speculative decoding
+    /// (which runs one request at a time).
     #[arg(long, value_name = "N")]
     parallel: Option<usize>,
     /// Memory for the sequences' attention caches, shared by all of them
