@@ -46,6 +46,7 @@ use crate::layers::KvPool;
 use crate::model::{Model, StateOptions};
 use crate::sampler::{Sampler, SamplingParams, TokenConstraint};
 use crate::saved;
+use crate::speculate::{DraftTree, Speculation};
 use crate::state::{InferenceState, Snapshot};
 use crate::{EngineError, Result};
 use hayate_kernels::pool::{DisjointMut, split_range};
@@ -94,12 +95,16 @@ struct Active {
     reserved: usize,
 }
 
-/// What drawing a slot's next token came to.
+/// What drawing a slot's next tokens came to.
 enum Draw {
-    /// A token to add and report.
-    Token(u32),
-    /// The generation ends without one (a stop token, a limit of 0).
-    End(StopReason),
+    /// `drawn` tokens were added to the sequence, of which `accepted`
+    /// were drafted ones the model drew too; the generation ends after
+    /// them when `end` says so.
+    Tokens {
+        drawn: usize,
+        accepted: usize,
+        end: Option<StopReason>,
+    },
     /// The constraint failed.
     Failed(EngineError),
 }
@@ -120,6 +125,11 @@ struct Slot {
     tokens: Vec<u32>,
     /// The next-token logits, sampled in place.
     logits: Vec<f32>,
+    /// A speculative pass: the token to feed, then the draft (empty for
+    /// a plain step).
+    pass: Vec<u32>,
+    /// The pass's logits, a row per token, sampled in place.
+    rows: Vec<f32>,
     active: Option<Active>,
     /// When the slot last took a request: the least recently used is
     /// reused first, and prompts prefill in the order they came.
@@ -148,45 +158,94 @@ impl Slot {
         self.active.as_ref().is_some_and(|a| a.generated > 0)
     }
 
-    /// Draws the next token from the state's fresh logits under the
-    /// slot's sampler and constraint; touches nothing but the slot, so
-    /// that slots draw on threads of their own.
+    /// Draws the next tokens under the slot's sampler and constraint: one
+    /// from the state's fresh logits, or, after a speculative pass, one per
+    /// row of the pass for as long as the model draws the drafted token
+    /// (the noise is the position's, so this is what plain decoding
+    /// draws). The state then keeps the pass up to its last accepted
+    /// token. Touches nothing but the slot, so that slots draw on threads
+    /// of their own.
     fn draw(&mut self, stop_ids: &[u32]) -> Draw {
-        let Some(active) = self.active.as_mut() else {
-            return Draw::End(StopReason::Cancelled);
-        };
-        if active.max_tokens == 0 {
-            return Draw::End(StopReason::MaxTokens);
-        }
-        self.logits.copy_from_slice(self.state.last_logits());
-        if let Some(c) = active.constraint.as_deref_mut() {
-            let error = match c.mask(&mut self.logits) {
-                Err(e) => Some(e),
-                Ok(()) if !self.logits.iter().any(|l| *l > f32::NEG_INFINITY) => {
-                    Some("the constraint allows no token here".into())
-                }
-                Ok(()) => None,
+        let Slot {
+            state,
+            tokens,
+            logits,
+            pass,
+            rows,
+            active,
+            ..
+        } = self;
+        let Some(active) = active.as_mut() else {
+            return Draw::Tokens {
+                drawn: 0,
+                accepted: 0,
+                end: Some(StopReason::Cancelled),
             };
-            if let Some(e) = error {
+        };
+        let vocab = logits.len();
+        let base = tokens.len();
+        let (mut drawn, mut accepted, mut end) = (0, 0, None);
+        for r in 0..pass.len().max(1) {
+            if active.generated == active.max_tokens {
+                end = Some(StopReason::MaxTokens);
+                break;
+            }
+            let row: &mut [f32] = if pass.is_empty() {
+                logits.copy_from_slice(state.last_logits());
+                logits
+            } else {
+                &mut rows[r * vocab..(r + 1) * vocab]
+            };
+            if let Some(c) = active.constraint.as_deref_mut() {
+                let error = match c.mask(row) {
+                    Err(e) => Some(e),
+                    Ok(()) if !row.iter().any(|l| *l > f32::NEG_INFINITY) => {
+                        Some("the constraint allows no token here".into())
+                    }
+                    Ok(()) => None,
+                };
+                if let Some(e) = error {
+                    return Draw::Failed(EngineError::Constraint(e));
+                }
+            }
+            let token = active.sampler.sample(row, tokens.len(), tokens);
+            let stop = stop_ids.contains(&token);
+            if let Some(c) = active.constraint.as_deref_mut()
+                && !stop
+                && let Err(e) = c.commit(token)
+            {
                 return Draw::Failed(EngineError::Constraint(e));
             }
+            active.first_token_at.get_or_insert_with(Instant::now);
+            if stop {
+                end = Some(StopReason::Stop);
+                break;
+            }
+            tokens.push(token);
+            active.generated += 1;
+            drawn += 1;
+            if active.generated == active.max_tokens {
+                end = Some(StopReason::MaxTokens);
+            } else if tokens.len() >= state.capacity() {
+                end = Some(StopReason::ContextFull);
+            }
+            if end.is_some() || pass.get(r + 1) != Some(&token) {
+                break;
+            }
+            accepted += 1;
         }
-        let position = self.tokens.len();
-        let token = active
-            .sampler
-            .sample(&mut self.logits, position, &self.tokens);
-        let stop = stop_ids.contains(&token);
-        if let Some(c) = active.constraint.as_deref_mut()
-            && !stop
-            && let Err(e) = c.commit(token)
+        // Fed so far: the pass's first token (the last drawn before it)
+        // and the drafts the model drew too.
+        let held = (base + accepted).min(state.len());
+        if held < state.len()
+            && let Err(e) = state.truncate(held)
         {
-            return Draw::Failed(EngineError::Constraint(e));
+            return Draw::Failed(e);
         }
-        active.first_token_at.get_or_insert_with(Instant::now);
-        if stop {
-            Draw::End(StopReason::Stop)
-        } else {
-            Draw::Token(token)
+        Draw::Tokens {
+            drawn,
+            accepted,
+            end,
         }
     }
 
@@ -252,6 +311,8 @@ pub struct Batcher<'m> {
     slots: Vec<Slot>,
     /// Where the slots' attention caches take their pages.
     pool: KvPool,
+    /// Each slot's speculative decoding, when asked for ([`Batcher::speculate`]).
+    speculations: Vec<Option<Speculation<'m>>>,
     /// Most tokens a sequence holds: the context, or less where one
     /// sequence alone would fill the pool.
     capacity: usize,
@@ -340,6 +401,8 @@ impl<'m> Batcher<'m> {
                 snapshots: Vec::new(),
                 state,
                 logits: vec![0.0; vocab],
+                pass: Vec::new(),
+                rows: Vec::new(),
                 active: None,
                 last_used: 0,
                 aligned: 0,
@@ -349,6 +412,7 @@ impl<'m> Batcher<'m> {
             model,
             slots,
             pool,
+            speculations: Vec::new(),
             capacity: fits,
             scratch: model.new_batch_scratch(DECODE_ROWS)?,
             stop_ids,
@@ -398,6 +462,33 @@ impl<'m> Batcher<'m> {
     /// Slots running a request.
     pub fn active(&self) -> usize {
         self.slots.iter().filter(|s| s.active.is_some()).count()
+    }
+
+    /// Speculative decoding in every slot from now on, each with the
+    /// speculation `make(slot)` returns: a decoding slot's step then
+    /// verifies its pending token and a draft in one pass (chains), inside
+    /// the batched pass, and takes every drafted token the model draws
+    /// too, so its tokens are the ones plain decoding gives. Drafts are
+    /// cut to what the state rolls back and what a batched pass takes.
+    pub fn speculate(
+        &mut self,
+        mut make: impl FnMut(usize) -> Result<Speculation<'m>>,
+    ) -> Result<()> {
+        let mut speculations = Vec::with_capacity(self.slots.len());
+        for i in 0..self.slots.len() {
+            let s = make(i)?;
+            let depth = s.length().max();
+            if let Some(r) = self.slots[i].state.max_rollback()
+                && r < depth
+            {
+                return Err(EngineError::State(format!(
+                    "drafts of up to {depth} tokens need states that roll back as many; these keep {r}"
+                )));
+            }
+            speculations.push(Some(s));
+        }
+        self.speculations = speculations;
+        Ok(())
     }
 
     /// Starts `request` in a free slot, the one holding the longest prefix
@@ -489,6 +580,11 @@ impl<'m> Batcher<'m> {
         slot.tokens.clear();
         slot.tokens.extend_from_slice(prompt);
         slot.last_used = self.clock;
+        slot.pass.clear();
+        if let Some(s) = self.speculations.get_mut(index).and_then(Option::as_mut) {
+            s.set_params(&request.params);
+            s.begin_output(prompt.len());
+        }
         let mut sampler = Sampler::new(request.params, vocab);
         sampler.output_start = prompt.len();
         slot.active = Some(Active {
@@ -604,25 +700,93 @@ impl<'m> Batcher<'m> {
                 Err(e) => self.fail(i, e, &mut on_event),
             }
         }
-        // Every decoding sequence's pending token, in passes of at most
-        // DECODE_ROWS.
-        for group in decoding.chunks(DECODE_ROWS) {
+        // Drafts for the decoding slots that speculate.
+        let mut drafts = DraftTree::with_capacity(DECODE_ROWS);
+        let mut failed = Vec::new();
+        for &i in &decoding {
+            let slot = &mut self.slots[i];
+            slot.pass.clear();
+            let Some(s) = self.speculations.get_mut(i).and_then(Option::as_mut) else {
+                continue;
+            };
+            let active = slot.active.as_mut().expect("decoding slots are active");
+            let room = slot.state.capacity() - slot.tokens.len();
+            let budget = (active.max_tokens - active.generated).saturating_sub(1);
+            let most = (DECODE_ROWS - 1).min(slot.state.shape.chunk - 1);
+            let k = s.next_length(room.min(budget)).min(most);
+            let constraint = active
+                .constraint
+                .as_deref_mut()
+                .map(|c| c as &mut dyn TokenConstraint);
+            match s.propose(&slot.tokens, (k, k), false, constraint, &mut drafts) {
+                Ok(()) if !drafts.tokens.is_empty() => {
+                    slot.pass.push(slot.tokens[slot.state.len()]);
+                    slot.pass.extend_from_slice(&drafts.tokens);
+                }
+                Ok(()) => {}
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        for (i, e) in failed {
+            self.fail(i, e, &mut on_event);
+        }
+        // Every decoding sequence's pending token (and draft), in passes of
+        // at most DECODE_ROWS rows.
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut rows = DECODE_ROWS;
+        for &i in decoding.iter().filter(|&&i| self.slots[i].decoding()) {
+            let n = self.slots[i].pass.len().max(1);
+            if rows + n > DECODE_ROWS {
+                groups.push(Vec::new());
+                rows = 0;
+            }
+            groups.last_mut().expect("a group").push(i);
+            rows += n;
+        }
+        for group in &groups {
+            let began = Instant::now();
             let mut batch: Vec<SequenceStep<'_>> = self
                 .slots
                 .iter_mut()
                 .enumerate()
                 .filter(|(i, _)| group.binary_search(i).is_ok())
                 .map(|(_, slot)| {
-                    let at = slot.state.len();
-                    SequenceStep {
-                        state: &mut slot.state,
-                        tokens: &slot.tokens[at..at + 1],
-                        logits: Logits::Last,
+                    let Slot {
+                        state,
+                        tokens,
+                        pass,
+                        rows,
+                        ..
+                    } = slot;
+                    let at = state.len();
+                    match pass.is_empty() {
+                        true => SequenceStep {
+                            state,
+                            tokens: &tokens[at..at + 1],
+                            logits: Logits::Last,
+                        },
+                        false => SequenceStep {
+                            state,
+                            tokens: &pass[..],
+                            logits: Logits::All(rows),
+                        },
                     }
                 })
                 .collect();
             match self.model.forward_batch(&mut self.scratch, &mut batch) {
-                Ok(()) => ready.extend_from_slice(group),
+                Ok(()) => {
+                    drop(batch);
+                    let time = began.elapsed();
+                    for &i in group {
+                        let n = self.slots[i].pass.len();
+                        if let Some(s) = self.speculations.get_mut(i).and_then(Option::as_mut)
+                            && n > 0
+                        {
+                            s.record_pass(n, false, time);
+                        }
+                    }
+                    ready.extend_from_slice(group);
+                }
                 Err(e) => {
                     drop(batch);
                     for &i in group {
@@ -750,44 +914,63 @@ impl<'m> Batcher<'m> {
         }
         for (&i, draw) in ready.iter().zip(draws) {
             match draw.expect("every slot drawn") {
-                Draw::Token(token) => self.report(i, token, on_event),
-                Draw::End(reason) => self.finish(i, reason, on_event),
+                Draw::Tokens {
+                    drawn,
+                    accepted,
+                    end,
+                } => {
+                    let slot = &self.slots[i];
+                    if let Some(s) = self.speculations.get_mut(i).and_then(Option::as_mut)
+                        && !slot.pass.is_empty()
+                    {
+                        let drafted = slot.pass.len() - 1;
+                        s.record_outcome(&slot.tokens, (drafted, drafted), accepted);
+                    }
+                    self.report(i, drawn, end, on_event);
+                }
                 Draw::Failed(e) => self.fail(i, e, on_event),
             }
         }
     }
 
-    /// Adds slot `i`'s new `token` to its sequence and reports it.
+    /// Reports slot `i`'s last `drawn` tokens (each with the logits it was
+    /// drawn from), then the end of its request when `end` says so or its
+    /// client left.
     fn report(
         &mut self,
         i: usize,
-        token: u32,
+        drawn: usize,
+        end: Option<StopReason>,
         on_event: &mut impl FnMut(usize, SlotEvent<'_>) -> bool,
     ) {
         let slot = &mut self.slots[i];
-        let Some(active) = slot.active.as_mut() else {
-            return;
-        };
-        slot.tokens.push(token);
-        active.generated += 1;
-        let (max_tokens, generated) = (active.max_tokens, active.generated);
-        let go_on = on_event(
-            i,
-            SlotEvent::Token {
-                token,
-                logits: &slot.logits,
-            },
-        );
-        let reason = if !go_on {
-            StopReason::Cancelled
-        } else if generated == max_tokens {
-            StopReason::MaxTokens
-        } else if slot.tokens.len() >= slot.state.capacity() {
-            StopReason::ContextFull
-        } else {
-            return;
-        };
-        self.finish(i, reason, on_event);
+        let vocab = slot.logits.len();
+        let base = slot.tokens.len() - drawn;
+        for j in 0..drawn {
+            let logits = match slot.pass.is_empty() {
+                true => &slot.logits[..],
+                false => &slot.rows[j * vocab..(j + 1) * vocab],
+            };
+            let token = slot.tokens[base + j];
+            if !on_event(i, SlotEvent::Token { token, logits }) {
+                // What was drawn past the last token heard is dropped.
+                slot.tokens.truncate(base + j + 1);
+                if slot.state.len() > slot.tokens.len() {
+                    let held = slot.tokens.len();
+                    if slot.state.truncate(held).is_err() {
+                        slot.state.clear();
+                        slot.tokens.clear();
+                        slot.snapshots.clear();
+                        slot.aligned = 0;
+                    }
+                }
+                self.finish(i, StopReason::Cancelled, on_event);
+                return;
+            }
+        }
+        if let Some(reason) = end {
+            self.finish(i, reason, on_event);
+        }
     }
 
     /// Ends slot `i`'s request for `stop` and reports its statistics.
@@ -809,7 +992,11 @@ impl<'m> Batcher<'m> {
             generated: active.generated,
             decode_time: first.map_or(Duration::ZERO, |t| t.elapsed()),
             stop,
-            speculation: None,
+            speculation: self
+                .speculations
+                .get(i)
+                .and_then(Option::as_ref)
+                .map(|s| s.stats.clone()),
         };
         on_event(i, SlotEvent::Done(stats));
     }

@@ -332,6 +332,89 @@ fn a_prompt_sharing_another_slots_prefix_takes_its_pages() {
     assert_eq!(got, alone, "the same tokens as alone");
 }
 
+/// Runs four requests (`prompt(i)`, half greedy, half sampled, joining at
+/// steps 0 to 3) through a batcher of four slots, speculating when asked
+/// (prompt lookup in even slots, suffix counts in odd ones, drafts of 4
+/// verified inside the batched pass): each slot's tokens, and the
+/// drafted tokens accepted, the passes and the tokens generated in all.
+fn run_speculating(
+    model: &Model,
+    prompt: impl Fn(usize) -> Vec<u32>,
+    speculate: bool,
+) -> (Vec<Vec<u32>>, [usize; 3]) {
+    use hayate_engine::speculate::{DraftLength, PromptLookup, Speculation, SuffixSpeculator};
+    let mut batcher = Batcher::new(model, &options(), 4, Vec::new(), None).unwrap();
+    if speculate {
+        batcher
+            .speculate(|slot| {
+                let speculator: Box<dyn hayate_engine::speculate::Speculator> = match slot % 2 {
+                    0 => Box::new(PromptLookup::default()),
+                    _ => Box::new(SuffixSpeculator::default()),
+                };
+                Ok(Speculation::new(speculator, DraftLength::Fixed(4)))
+            })
+            .unwrap();
+    }
+    let (mut out, mut counts) = (vec![Vec::new(); 4], [0; 3]);
+    for step in 0..400 {
+        if step < 4 {
+            let params = SamplingParams {
+                temperature: if step % 2 == 0 { 0.0 } else { 0.9 },
+                ..params(step)
+            };
+            let request = BatchRequest {
+                prompt: prompt(step),
+                params,
+                max_tokens: 40,
+                constraint: None,
+            };
+            batcher.admit(request).unwrap();
+        }
+        if batcher.active() == 0 {
+            break;
+        }
+        batcher.step(|slot, event| {
+            match event {
+                SlotEvent::Token { token, .. } => out[slot].push(token),
+                SlotEvent::Done(s) => {
+                    let spec = s.speculation.unwrap_or_default();
+                    counts[0] += spec.accepted;
+                    counts[1] += spec.passes;
+                    counts[2] += s.generated;
+                }
+                SlotEvent::Failed(e) => panic!("slot {slot}: {e}"),
+            }
+            true
+        });
+    }
+    (out, counts)
+}
+
+/// Speculating slots give the tokens plain batched decoding gives, on
+/// every fixture; on the trained checkpoint, whose greedy continuations
+/// of a repeated prompt repeat it, drafts are accepted, so they took
+/// fewer passes than tokens.
+#[test]
+fn speculating_slots_give_the_tokens_of_plain_decoding() {
+    for name in fixture_names() {
+        let model = Model::load(&fixture(&name), &LoadOptions::default()).unwrap();
+        let vocab = model.info.vocab;
+        let looped = |i: usize| prompt(i, vocab).repeat(3);
+        let (plain, _) = run_speculating(&model, looped, false);
+        let (speculated, _) = run_speculating(&model, looped, true);
+        assert_eq!(speculated, plain, "{name}");
+    }
+    let dir = common::shared_model("pystd-qwen3-7m");
+    let model = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let text = common::reference_ids(&dir);
+    let looped = |i: usize| text[i..i + 12].repeat(2);
+    let (plain, _) = run_speculating(&model, looped, false);
+    let (speculated, [accepted, passes, generated]) = run_speculating(&model, looped, true);
+    assert_eq!(speculated, plain);
+    assert!(accepted > 0, "no draft was accepted");
+    assert!(passes < generated, "{passes} passes for {generated} tokens");
+}
+
 #[test]
 fn bad_requests_are_errors_and_a_full_batch_says_so() {
     let model = Model::load(&fixture("qwen3-gqa-qknorm"), &LoadOptions::default()).unwrap();

@@ -191,10 +191,11 @@ impl EngineHandle {
     }
 }
 
-/// Makes the engine's speculation, on its thread, from the model and the
-/// draft model: for every request (each sets its own sampling).
+/// Makes a speculation, on the engine's thread, from the model and the
+/// draft model: one for every request with `--parallel 1` (each request
+/// sets its own sampling), else one per sequence of the batch.
 pub type MakeSpeculation =
-    Box<dyn for<'m> FnOnce(&'m Model, Option<&'m Model>) -> Result<Speculation<'m>, String> + Send>;
+    Box<dyn for<'m> Fn(&'m Model, Option<&'m Model>) -> Result<Speculation<'m>, String> + Send>;
 
 /// Speculative decoding for the engine.
 pub struct SpeculationSetup {
@@ -212,10 +213,11 @@ pub struct EngineConfig {
     pub stop_ids: Vec<u32>,
     /// Jobs that may wait at once for a free sequence.
     pub queue: usize,
-    /// Sequences generated together (continuous batching); with
-    /// speculation, 1.
+    /// Sequences generated together (continuous batching).
     pub parallel: usize,
-    /// Speculative decoding, one request at a time.
+    /// Speculative decoding: one request at a time with one speculation
+    /// (trees, a draft model's cache kept between requests) when
+    /// `parallel` is 1, else in the batch, a speculation per sequence.
     pub speculation: Option<SpeculationSetup>,
     /// Where the sequences are kept across restarts, and the fingerprint
     /// of the model they belong to ([`hayate_engine::saved::fingerprint`]).
@@ -244,14 +246,10 @@ pub fn start(
         cache_dir,
         kv_memory,
     } = config;
-    if speculation.is_some() && cache_dir.is_some() {
+    let one_at_a_time = speculation.is_some() && parallel == 1;
+    if one_at_a_time && cache_dir.is_some() {
         return Err(std::io::Error::other(
-            "--cache-dir keeps the sequences of batched requests: it does not go with speculative decoding yet",
-        ));
-    }
-    if speculation.is_some() && parallel != 1 {
-        return Err(std::io::Error::other(
-            "speculative decoding runs one request at a time: --parallel must be 1 with it",
+            "--cache-dir keeps the sequences of batched requests: with speculative decoding it needs --parallel 2 or more",
         ));
     }
     let limit = queue.saturating_add(parallel);
@@ -275,42 +273,60 @@ pub fn start(
                 tokenizer: &thread_tokenizer,
                 stop_ids: &thread_stops,
             };
-            let Some(setup) = speculation else {
-                let batcher =
-                    Batcher::new(&model, &options, parallel, thread_stops.clone(), kv_memory);
-                match batcher {
-                    Ok(mut batcher) => {
-                        if let Some((dir, model_print)) = &cache_dir {
-                            let (loaded, warnings) = batcher.load_from(dir, *model_print);
-                            for w in warnings {
-                                tracing::warn!("ignoring a saved sequence: {w}");
-                                eprintln!("warning: ignoring a saved sequence: {w}");
+            let setup = match speculation {
+                Some(setup) if parallel == 1 => setup,
+                speculation => {
+                    let made =
+                        Batcher::new(&model, &options, parallel, thread_stops.clone(), kv_memory)
+                            .map_err(|e| e.to_string())
+                            .and_then(|mut batcher| {
+                                if let Some(s) = &speculation {
+                                    let draft = s.draft.as_ref();
+                                    batcher
+                                        .speculate(|_| {
+                                            (s.make)(&model, draft)
+                                                .map_err(hayate_engine::EngineError::State)
+                                        })
+                                        .map_err(|e| e.to_string())?;
+                                }
+                                Ok(batcher)
+                            });
+                    match made {
+                        Ok(mut batcher) => {
+                            if let Some((dir, model_print)) = &cache_dir {
+                                let (loaded, warnings) = batcher.load_from(dir, *model_print);
+                                for w in warnings {
+                                    tracing::warn!("ignoring a saved sequence: {w}");
+                                    eprintln!("warning: ignoring a saved sequence: {w}");
+                                }
+                                if loaded > 0 {
+                                    tracing::info!(
+                                        "{loaded} saved sequences read from {}",
+                                        dir.display()
+                                    );
+                                }
                             }
-                            if loaded > 0 {
-                                tracing::info!(
-                                    "{loaded} saved sequences read from {}",
-                                    dir.display()
-                                );
+                            counters.metrics.set_kv_memory(batcher.kv_memory());
+                            let _ = ready.send(Ok(batcher.capacity()));
+                            engine.serve_batched(&mut batcher, receive, &counters);
+                            if let Some((dir, model_print)) = &cache_dir {
+                                match batcher.save_to(dir, *model_print) {
+                                    Ok(n) => {
+                                        tracing::info!("{n} sequences saved to {}", dir.display())
+                                    }
+                                    Err(e) => eprintln!(
+                                        "warning: cannot save the sequences to {}: {e}",
+                                        dir.display()
+                                    ),
+                                }
                             }
                         }
-                        counters.metrics.set_kv_memory(batcher.kv_memory());
-                        let _ = ready.send(Ok(batcher.capacity()));
-                        engine.serve_batched(&mut batcher, receive, &counters);
-                        if let Some((dir, model_print)) = &cache_dir {
-                            match batcher.save_to(dir, *model_print) {
-                                Ok(n) => tracing::info!("{n} sequences saved to {}", dir.display()),
-                                Err(e) => eprintln!(
-                                    "warning: cannot save the sequences to {}: {e}",
-                                    dir.display()
-                                ),
-                            }
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
                         }
                     }
-                    Err(e) => {
-                        let _ = ready.send(Err(e.to_string()));
-                    }
+                    return;
                 }
-                return;
             };
             let mut generator = match Generator::new(&model, &options) {
                 Ok(g) => g,

@@ -44,7 +44,8 @@ pub struct ServeArgs {
     /// Requests generated together (continuous batching), each in a
     /// sequence of up to --ctx-size tokens whose attention cache takes its
     /// pages from --kv-memory. Default 4, or 1 with speculative decoding
-    /// (which runs one request at a time).
+    /// (one request at a time, drafts as trees where --tree-width asks;
+    /// with more, each sequence speculates in the batch, in chains).
     #[arg(long, value_name = "N")]
     parallel: Option<usize>,
     /// Memory for the sequences' attention caches, shared by all of them
@@ -82,17 +83,14 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     let speculating = !matches!(args.speculation.kind()?, SpeculateArg::None);
     let parallel = match args.parallel {
         Some(0) => bail!("--parallel must be at least 1"),
-        Some(n) if n > 1 && speculating => bail!(
-            "--parallel {n} with speculative decoding: speculation runs one request at a time for now (use --parallel 1)"
-        ),
         Some(n) if n > MAX_PARALLEL => bail!("--parallel {n}: at most {MAX_PARALLEL}"),
         Some(n) => n,
         None if speculating => 1,
         None => DEFAULT_PARALLEL,
     };
-    if args.kv_memory.is_some() && speculating {
+    if args.kv_memory.is_some() && speculating && parallel == 1 {
         bail!(
-            "--kv-memory shares the memory of batched requests: it does not go with speculative decoding yet"
+            "--kv-memory shares the memory of batched requests: with speculative decoding it needs --parallel 2 or more"
         );
     }
     let model = args.model.load()?;

@@ -285,3 +285,47 @@ fn requests_wait_for_kv_memory_and_one_that_never_fits_is_a_400() {
         "two short requests took {steps} steps: they did not share them"
     );
 }
+
+/// `--parallel 4 --speculate ngram|suffix`: every sequence speculates
+/// inside the batch, and four concurrent seeded requests (greedy and
+/// sampled) get the replies plain batched decoding gives; drafts were
+/// accepted.
+#[test]
+fn speculation_inside_the_batch_gives_the_replies_of_plain_decoding() {
+    let model = shared_model("pystd-qwen3-7m");
+    let code = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef ";
+    let body = |i: usize| {
+        serde_json::json!({
+            "prompt": format!("{code}{}", ["mul", "div", "mod", "pow"][i]),
+            "max_tokens": 48,
+            "temperature": if i.is_multiple_of(2) { 0.0 } else { 0.8 },
+            "seed": i,
+        })
+    };
+    let replies = |server: &Server| -> Vec<String> {
+        let port = server.port;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|i| {
+                    s.spawn(move || {
+                        let (status, reply) =
+                            request(port, "POST", "/v1/completions", &body(i).to_string());
+                        assert_eq!(status, 200, "{reply}");
+                        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+                        reply["choices"][0]["text"].as_str().unwrap().to_owned()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let plain = replies(&Server::start(&model, &["--parallel", "4"]));
+    for speculator in ["ngram", "suffix"] {
+        let server = Server::start(&model, &["--parallel", "4", "--speculate", speculator]);
+        assert_eq!(replies(&server), plain, "{speculator}");
+        assert!(
+            metric(&server, "hayate_draft_accepted_tokens_total") > 0.0,
+            "{speculator}: no draft was accepted"
+        );
+    }
+}

@@ -24,3 +24,22 @@ pub fn fixture_names() -> Vec<String> {
         .map(|f| f["name"].as_str().unwrap().to_owned())
         .collect()
 }
+
+/// A checkpoint of `../shared/models`.
+pub fn shared_model(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/models")
+        .join(name)
+}
+
+/// The token ids `reference_logits.safetensors` in `dir` holds.
+pub fn reference_ids(dir: &Path) -> Vec<u32> {
+    let bytes = std::fs::read(dir.join("reference_logits.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+        .collect()
+}
