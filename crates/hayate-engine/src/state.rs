@@ -109,14 +109,6 @@ impl InferenceState {
         self.attention_caches().map(|c| c.bytes_at(len)).sum()
     }
 
-    /// Attention pages it holds (one layer's count: every full cache holds
-    /// as many), and how many of those it shares with other states.
-    pub fn kv_pages(&self) -> (usize, usize) {
-        self.attention_caches()
-            .find(|c| c.bytes_at(1) > 0)
-            .map_or((0, 0), KvCache::pages)
-    }
-
     fn attention_caches(&self) -> impl Iterator<Item = &KvCache> {
         self.layers.iter().filter_map(|l| match l {
             MixerState::Attention(c) => Some(c),

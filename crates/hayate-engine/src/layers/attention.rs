@@ -402,16 +402,6 @@ impl KvCache {
         len.min(self.slots).div_ceil(self.page_len) * self.page_bytes()
     }
 
-    /// Pages it holds and how many of them it shares with other caches.
-    pub(crate) fn pages(&self) -> (usize, usize) {
-        let shared = self
-            .pages
-            .iter()
-            .filter(|p| Arc::strong_count(p) > 1)
-            .count();
-        (self.pages.len(), shared)
-    }
-
     /// Makes positions `from..to` writable: the pages holding them taken
     /// from the pool where the cache has none yet, copied where they are
     /// shared. An error when the pool is out of pages (the cache then
