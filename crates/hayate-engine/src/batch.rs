@@ -165,7 +165,7 @@ impl Slot {
     /// draws). The state then keeps the pass up to its last accepted
     /// token. Touches nothing but the slot, so that slots draw on threads
     /// of their own.
-    fn draw(&mut self, stop_ids: &[u32]) -> Draw {
+    fn draw(&mut self, stop_ids: &[u32], capacity: usize) -> Draw {
         let Slot {
             state,
             tokens,
@@ -204,8 +204,12 @@ impl Slot {
                     }
                     Ok(()) => None,
                 };
-                if let Some(e) = error {
-                    return Draw::Failed(EngineError::Constraint(e));
+                // Tokens drawn before are reported first; the next
+                // step meets the failure again from this position.
+                match error {
+                    Some(_) if drawn > 0 => break,
+                    Some(e) => return Draw::Failed(EngineError::Constraint(e)),
+                    None => {}
                 }
             }
             let token = active.sampler.sample(row, tokens.len(), tokens);
@@ -226,7 +230,7 @@ impl Slot {
             drawn += 1;
             if active.generated == active.max_tokens {
                 end = Some(StopReason::MaxTokens);
-            } else if tokens.len() >= state.capacity() {
+            } else if tokens.len() >= capacity {
                 end = Some(StopReason::ContextFull);
             }
             if end.is_some() || pass.get(r + 1) != Some(&token) {
@@ -431,6 +435,11 @@ impl<'m> Batcher<'m> {
         (self.pool.held(), self.pool.limit())
     }
 
+    /// Bytes of one page of every attention cache of a sequence.
+    fn slots_page_bytes(&self) -> usize {
+        self.slots[0].state.kv_bytes_at(1)
+    }
+
     /// Bytes of attention pages a sequence of `tokens` takes.
     fn kv_bytes(&self, tokens: usize) -> usize {
         self.slots[0].state.kv_bytes_at(tokens.min(self.capacity))
@@ -608,7 +617,7 @@ impl<'m> Batcher<'m> {
     fn evict_for(&mut self, keep: usize) {
         let limit = self.pool.limit();
         let idle_bytes = |s: &Slot| match s.active {
-            None => s.state.kv_bytes_at(s.state.len()),
+            None => s.state.kv_bytes_held(),
             Some(_) => 0,
         };
         let mut held: usize = self.reserved() + self.slots.iter().map(idle_bytes).sum::<usize>();
@@ -710,7 +719,7 @@ impl<'m> Batcher<'m> {
                 continue;
             };
             let active = slot.active.as_mut().expect("decoding slots are active");
-            let room = slot.state.capacity() - slot.tokens.len();
+            let room = self.capacity - slot.tokens.len();
             let budget = (active.max_tokens - active.generated).saturating_sub(1);
             let most = (DECODE_ROWS - 1).min(slot.state.shape.chunk - 1);
             let k = s.next_length(room.min(budget)).min(most);
@@ -743,7 +752,24 @@ impl<'m> Batcher<'m> {
             groups.last_mut().expect("a group").push(i);
             rows += n;
         }
-        for group in &groups {
+        for mut group in groups {
+            // Each sequence's pages first: one that cannot have them fails
+            // alone, not its whole group.
+            let mut short = Vec::new();
+            group.retain(|&i| {
+                let slot = &mut self.slots[i];
+                let end = slot.state.len() + slot.pass.len().max(1);
+                match slot.state.prepare(end) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        short.push((i, e));
+                        false
+                    }
+                }
+            });
+            for (i, e) in short {
+                self.fail(i, e, &mut on_event);
+            }
             let began = Instant::now();
             let mut batch: Vec<SequenceStep<'_>> = self
                 .slots
@@ -777,7 +803,7 @@ impl<'m> Batcher<'m> {
                 Ok(()) => {
                     drop(batch);
                     let time = began.elapsed();
-                    for &i in group {
+                    for &i in &group {
                         let n = self.slots[i].pass.len();
                         if let Some(s) = self.speculations.get_mut(i).and_then(Option::as_mut)
                             && n > 0
@@ -785,11 +811,11 @@ impl<'m> Batcher<'m> {
                             s.record_pass(n, false, time);
                         }
                     }
-                    ready.extend_from_slice(group);
+                    ready.extend_from_slice(&group);
                 }
                 Err(e) => {
                     drop(batch);
-                    for &i in group {
+                    for &i in &group {
                         self.fail(i, EngineError::State(e.to_string()), &mut on_event);
                     }
                 }
@@ -855,6 +881,7 @@ impl<'m> Batcher<'m> {
         let vocab = self.model.info.vocab;
         let blocks = &self.model.parts.blocks;
         let (mut loaded, mut warnings) = (0, Vec::new());
+        let page = self.slots_page_bytes();
         for (i, slot) in self.slots.iter_mut().enumerate() {
             let path = dir.join(format!("slot-{i}.seq"));
             let bytes = match std::fs::read(&path) {
@@ -878,6 +905,7 @@ impl<'m> Batcher<'m> {
                 }
                 Ok(_) => {
                     slot.state.clear();
+                    slot.state.release_unused();
                     slot.tokens.clear();
                     warnings.push(format!(
                         "{}: a token is outside the vocabulary",
@@ -885,8 +913,19 @@ impl<'m> Batcher<'m> {
                     ));
                 }
                 Err(e) => {
+                    // A load cut short by the KV memory holds pages: back with them.
+                    let full = self.pool.held() + page > self.pool.limit();
+                    slot.state.clear();
+                    slot.state.release_unused();
                     slot.tokens.clear();
-                    warnings.push(format!("{}: {e}", path.display()));
+                    let why = match full {
+                        true => {
+                            "it does not fit in the KV memory beside the sequences read before it"
+                                .to_owned()
+                        }
+                        false => e.to_string(),
+                    };
+                    warnings.push(format!("{}: {why}", path.display()));
                 }
             }
         }
@@ -902,13 +941,14 @@ impl<'m> Batcher<'m> {
             let slots = DisjointMut::new(&mut self.slots);
             let out = DisjointMut::new(&mut draws);
             let stop_ids = &self.stop_ids[..];
+            let capacity = self.capacity;
             self.model.pool.run(&|tid, n_threads| {
                 for j in split_range(ready.len(), n_threads, tid, 1) {
                     // SAFETY: the slots of `ready` are distinct, and thread
                     // `tid` alone takes the `j`s of its range.
                     let (slot, draw) =
                         unsafe { (&mut slots.piece(ready[j], 1)[0], &mut out.piece(j, 1)[0]) };
-                    *draw = Some(slot.draw(stop_ids));
+                    *draw = Some(slot.draw(stop_ids, capacity));
                 }
             });
         }

@@ -39,8 +39,8 @@ pub enum EngineError {
     },
     /// The attention caches' pool has no page left.
     #[error(
-        "the KV memory is full: the sequences' attention caches hold all {} MiB of it (raise --kv-memory, or run fewer or shorter requests at once)",
-        limit >> 20
+        "the KV memory is full: the sequences' attention caches hold all {:.1} MiB of it (raise --kv-memory, or run fewer or shorter requests at once)",
+        *limit as f64 / f64::from(1u32 << 20)
     )]
     KvMemory {
         /// The pool's limit in bytes.

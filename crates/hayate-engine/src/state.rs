@@ -109,6 +109,11 @@ impl InferenceState {
         self.attention_caches().map(|c| c.bytes_at(len)).sum()
     }
 
+    /// Bytes of the attention pages it holds now.
+    pub fn kv_bytes_held(&self) -> usize {
+        self.attention_caches().map(KvCache::bytes_held).sum()
+    }
+
     fn attention_caches(&self) -> impl Iterator<Item = &KvCache> {
         self.layers.iter().filter_map(|l| match l {
             MixerState::Attention(c) => Some(c),

@@ -402,6 +402,14 @@ impl KvCache {
         len.min(self.slots).div_ceil(self.page_len) * self.page_bytes()
     }
 
+    /// Bytes of the pool's pages it holds (0 for a ring).
+    pub(crate) fn bytes_held(&self) -> usize {
+        match self.ring {
+            true => 0,
+            false => self.pages.len() * self.page_bytes(),
+        }
+    }
+
     /// Makes positions `from..to` writable: the pages holding them taken
     /// from the pool where the cache has none yet, copied where they are
     /// shared. An error when the pool is out of pages (the cache then
