@@ -183,10 +183,7 @@ fn requests_wait_for_kv_memory_and_give_the_same_tokens() {
             kv_page: 16,
             ..options()
         };
-        let probe = model
-            .new_state_in(&paged, &KvPool::new(usize::MAX))
-            .unwrap();
-        let page = probe.kv_bytes_at(1);
+        let page = page_bytes(&model, &paged);
         assert!(page > 0, "{name}: every fixture has full attention");
         let limit = 4 * page;
         let mut batcher = Batcher::new(&model, &paged, 8, Vec::new(), Some(limit)).unwrap();
@@ -431,6 +428,14 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> BatchRequest {
     }
 }
 
+/// Bytes of one page of every attention cache of a sequence of `model`.
+fn page_bytes(model: &Model, options: &StateOptions) -> usize {
+    model
+        .new_state_in(options, &KvPool::new(usize::MAX))
+        .unwrap()
+        .kv_bytes_at(1)
+}
+
 /// Runs `batcher` until its requests end: each slot's tokens, and how
 /// each request ended.
 fn finish(batcher: &mut Batcher<'_>) -> (Vec<Vec<u32>>, Vec<StopReason>) {
@@ -458,10 +463,7 @@ fn finish(batcher: &mut Batcher<'_>) -> (Vec<Vec<u32>>, Vec<StopReason>) {
 fn saved_sequences_that_do_not_fit_the_kv_memory_are_skipped() {
     let model = Model::load(&fixture("qwen3-gqa-qknorm"), &LoadOptions::default()).unwrap();
     let vocab = model.info.vocab as u32;
-    let page = model
-        .new_state_in(&paged(), &KvPool::new(usize::MAX))
-        .unwrap()
-        .kv_bytes_at(1);
+    let page = page_bytes(&model, &paged());
     let dir = tempfile::tempdir().unwrap();
     let mut before = Batcher::new(&model, &paged(), 2, Vec::new(), None).unwrap();
     before
@@ -495,10 +497,7 @@ fn saved_sequences_that_do_not_fit_the_kv_memory_are_skipped() {
 fn max_tokens_past_what_the_kv_memory_holds_end_as_a_full_context() {
     let model = Model::load(&fixture("qwen3-gqa-qknorm"), &LoadOptions::default()).unwrap();
     let vocab = model.info.vocab as u32;
-    let page = model
-        .new_state_in(&paged(), &KvPool::new(usize::MAX))
-        .unwrap()
-        .kv_bytes_at(1);
+    let page = page_bytes(&model, &paged());
     let mut batcher = Batcher::new(&model, &paged(), 1, Vec::new(), Some(2 * page)).unwrap();
     assert_eq!(batcher.capacity(), 32);
     batcher
