@@ -10,9 +10,11 @@
 //!   per-step token budget while others decode, so that a long prompt does
 //!   not stall them (all of it at once when nothing decodes);
 //! - decodes one token for every other active sequence in one batched
-//!   pass ([`Model::forward_batch`]: the weights are read once per step);
-//! - samples each sequence's next token under its own sampler and
-//!   constraint, and reports it.
+//!   pass ([`Model::forward_batch`]: the weights are read once per step),
+//!   or, for a slot that speculates ([`Batcher::speculate`]), its pending
+//!   token and a draft;
+//! - samples each sequence's next tokens under its own sampler and
+//!   constraint (the drafted ones the model draws too), and reports them.
 //!
 //! Models whose layers cannot roll back far (Gated DeltaNet, short
 //! convolutions, sliding windows) keep [`Snapshot`]s of a slot's state as
@@ -95,6 +97,33 @@ struct Active {
     reserved: usize,
 }
 
+impl Active {
+    /// Draws the token after `tokens` from `row` (its logits, masked by
+    /// the constraint first), and whether it is a stop token (which the
+    /// constraint does not take); an error where the constraint fails.
+    fn pick(
+        &mut self,
+        row: &mut [f32],
+        tokens: &[u32],
+        stop_ids: &[u32],
+    ) -> std::result::Result<(u32, bool), String> {
+        if let Some(c) = self.constraint.as_deref_mut() {
+            c.mask(row)?;
+            if !row.iter().any(|l| *l > f32::NEG_INFINITY) {
+                return Err("the constraint allows no token here".into());
+            }
+        }
+        let token = self.sampler.sample(row, tokens.len(), tokens);
+        let stop = stop_ids.contains(&token);
+        if let Some(c) = self.constraint.as_deref_mut()
+            && !stop
+        {
+            c.commit(token)?;
+        }
+        Ok((token, stop))
+    }
+}
+
 /// What drawing a slot's next tokens came to.
 enum Draw {
     /// `drawn` tokens were added to the sequence, of which `accepted`
@@ -141,6 +170,16 @@ struct Slot {
 }
 
 impl Slot {
+    /// Forgets the sequence (state, tokens, snapshots); its attention pages
+    /// go back to the pool.
+    fn forget(&mut self) {
+        self.state.clear();
+        self.state.release_unused();
+        self.tokens.clear();
+        self.snapshots.clear();
+        self.aligned = 0;
+    }
+
     /// Whether the state rolls back only a few tokens (then snapshots
     /// resume it further back).
     fn bounded(&self) -> bool {
@@ -196,30 +235,13 @@ impl Slot {
             } else {
                 &mut rows[r * vocab..(r + 1) * vocab]
             };
-            if let Some(c) = active.constraint.as_deref_mut() {
-                let error = match c.mask(row) {
-                    Err(e) => Some(e),
-                    Ok(()) if !row.iter().any(|l| *l > f32::NEG_INFINITY) => {
-                        Some("the constraint allows no token here".into())
-                    }
-                    Ok(()) => None,
-                };
-                // Tokens drawn before are reported first; the next
-                // step meets the failure again from this position.
-                match error {
-                    Some(_) if drawn > 0 => break,
-                    Some(e) => return Draw::Failed(EngineError::Constraint(e)),
-                    None => {}
-                }
-            }
-            let token = active.sampler.sample(row, tokens.len(), tokens);
-            let stop = stop_ids.contains(&token);
-            if let Some(c) = active.constraint.as_deref_mut()
-                && !stop
-                && let Err(e) = c.commit(token)
-            {
-                return Draw::Failed(EngineError::Constraint(e));
-            }
+            let (token, stop) = match active.pick(row, tokens, stop_ids) {
+                Ok(picked) => picked,
+                // Tokens drawn before are reported first; the next step
+                // meets the failure again from this position.
+                Err(_) if drawn > 0 => break,
+                Err(e) => return Draw::Failed(EngineError::Constraint(e)),
+            };
             active.first_token_at.get_or_insert_with(Instant::now);
             if stop {
                 end = Some(StopReason::Stop);
@@ -315,8 +337,9 @@ pub struct Batcher<'m> {
     slots: Vec<Slot>,
     /// Where the slots' attention caches take their pages.
     pool: KvPool,
-    /// Each slot's speculative decoding, when asked for ([`Batcher::speculate`]).
-    speculations: Vec<Option<Speculation<'m>>>,
+    /// Each slot's speculative decoding, when asked for ([`Batcher::speculate`];
+    /// else none).
+    speculations: Vec<Speculation<'m>>,
     /// Most tokens a sequence holds: the context, or less where one
     /// sequence alone would fill the pool.
     capacity: usize,
@@ -435,11 +458,6 @@ impl<'m> Batcher<'m> {
         (self.pool.held(), self.pool.limit())
     }
 
-    /// Bytes of one page of every attention cache of a sequence.
-    fn slots_page_bytes(&self) -> usize {
-        self.slots[0].state.kv_bytes_at(1)
-    }
-
     /// Bytes of attention pages a sequence of `tokens` takes.
     fn kv_bytes(&self, tokens: usize) -> usize {
         self.slots[0].state.kv_bytes_at(tokens.min(self.capacity))
@@ -494,7 +512,7 @@ impl<'m> Batcher<'m> {
                     "drafts of up to {depth} tokens need states that roll back as many; these keep {r}"
                 )));
             }
-            speculations.push(Some(s));
+            speculations.push(s);
         }
         self.speculations = speculations;
         Ok(())
@@ -529,9 +547,9 @@ impl<'m> Batcher<'m> {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.active.is_none())
-            .min_by_key(|(_, s)| (std::cmp::Reverse(s.reusable(prompt).0), s.last_used))
-            .map(|(i, _)| i);
-        let Some(index) = best else {
+            .map(|(i, s)| (i, s.reusable(prompt).0, s.last_used))
+            .min_by_key(|&(_, own, used)| (std::cmp::Reverse(own), used));
+        let Some((index, own, _)) = best else {
             return Err(EngineError::State(format!(
                 "all {} sequences are busy",
                 self.slots.len()
@@ -549,12 +567,11 @@ impl<'m> Batcher<'m> {
         // an eighth more prefill, and the prompt laid out in whole pieces
         // from its first token, which later prompts can borrow exactly.
         let sharing = self.slots[index].state.can_share();
-        let own = self.slots[index].reusable(prompt).0;
         let chunk = self.slots[index].state.shape.chunk;
         let start_over = sharing && own < chunk && own * 8 <= prompt.len() - own;
         let own = if start_over { 0 } else { own };
         let lender = (0..self.slots.len())
-            .filter(|&i| i != index && sharing)
+            .filter(|&i| sharing && i != index)
             .map(|i| (self.slots[i].shareable(prompt), i))
             .max()
             .filter(|&(n, _)| n > own);
@@ -566,10 +583,8 @@ impl<'m> Batcher<'m> {
             slot.snapshots.clear();
             slot.aligned = n;
         } else if start_over {
-            let slot = &mut self.slots[index];
-            slot.state.clear();
-            slot.tokens.clear();
-            slot.aligned = 0;
+            // Nothing of its sequence matches now: it is cleared below.
+            self.slots[index].tokens.clear();
         }
         let slot = &mut self.slots[index];
         let (kept, from_snapshot) = slot.reusable(prompt);
@@ -590,7 +605,7 @@ impl<'m> Batcher<'m> {
         slot.tokens.extend_from_slice(prompt);
         slot.last_used = self.clock;
         slot.pass.clear();
-        if let Some(s) = self.speculations.get_mut(index).and_then(Option::as_mut) {
+        if let Some(s) = self.speculations.get_mut(index) {
             s.set_params(&request.params);
             s.begin_output(prompt.len());
         }
@@ -627,12 +642,7 @@ impl<'m> Batcher<'m> {
                 .min_by_key(|&i| self.slots[i].last_used);
             let Some(i) = victim else { break };
             held -= idle_bytes(&self.slots[i]);
-            let slot = &mut self.slots[i];
-            slot.state.clear();
-            slot.state.release_unused();
-            slot.tokens.clear();
-            slot.snapshots.clear();
-            slot.aligned = 0;
+            self.slots[i].forget();
         }
     }
 
@@ -715,7 +725,7 @@ impl<'m> Batcher<'m> {
         for &i in &decoding {
             let slot = &mut self.slots[i];
             slot.pass.clear();
-            let Some(s) = self.speculations.get_mut(i).and_then(Option::as_mut) else {
+            let Some(s) = self.speculations.get_mut(i) else {
                 continue;
             };
             let active = slot.active.as_mut().expect("decoding slots are active");
@@ -754,7 +764,8 @@ impl<'m> Batcher<'m> {
         }
         for mut group in groups {
             // Each sequence's pages first: one that cannot have them fails
-            // alone, not its whole group.
+            // alone, not its whole group (the pass's own checks then find
+            // them in place).
             let mut short = Vec::new();
             group.retain(|&i| {
                 let slot = &mut self.slots[i];
@@ -805,7 +816,7 @@ impl<'m> Batcher<'m> {
                     let time = began.elapsed();
                     for &i in &group {
                         let n = self.slots[i].pass.len();
-                        if let Some(s) = self.speculations.get_mut(i).and_then(Option::as_mut)
+                        if let Some(s) = self.speculations.get_mut(i)
                             && n > 0
                         {
                             s.record_pass(n, false, time);
@@ -881,7 +892,7 @@ impl<'m> Batcher<'m> {
         let vocab = self.model.info.vocab;
         let blocks = &self.model.parts.blocks;
         let (mut loaded, mut warnings) = (0, Vec::new());
-        let page = self.slots_page_bytes();
+        let page = self.kv_bytes(1);
         for (i, slot) in self.slots.iter_mut().enumerate() {
             let path = dir.join(format!("slot-{i}.seq"));
             let bytes = match std::fs::read(&path) {
@@ -892,9 +903,8 @@ impl<'m> Batcher<'m> {
                     continue;
                 }
             };
-            slot.snapshots.clear();
             // How it was computed is not saved: nothing to lend.
-            slot.aligned = 0;
+            slot.forget();
             match saved::decode(&bytes, fingerprint, blocks, &mut slot.state) {
                 Ok(tokens) if tokens.iter().all(|&t| (t as usize) < vocab) => {
                     slot.tokens = tokens;
@@ -904,9 +914,7 @@ impl<'m> Batcher<'m> {
                     loaded += 1;
                 }
                 Ok(_) => {
-                    slot.state.clear();
-                    slot.state.release_unused();
-                    slot.tokens.clear();
+                    slot.forget();
                     warnings.push(format!(
                         "{}: a token is outside the vocabulary",
                         path.display()
@@ -915,9 +923,7 @@ impl<'m> Batcher<'m> {
                 Err(e) => {
                     // A load cut short by the KV memory holds pages: back with them.
                     let full = self.pool.held() + page > self.pool.limit();
-                    slot.state.clear();
-                    slot.state.release_unused();
-                    slot.tokens.clear();
+                    slot.forget();
                     let why = match full {
                         true => {
                             "it does not fit in the KV memory beside the sequences read before it"
@@ -960,7 +966,7 @@ impl<'m> Batcher<'m> {
                     end,
                 } => {
                     let slot = &self.slots[i];
-                    if let Some(s) = self.speculations.get_mut(i).and_then(Option::as_mut)
+                    if let Some(s) = self.speculations.get_mut(i)
                         && !slot.pass.is_empty()
                     {
                         let drafted = slot.pass.len() - 1;
@@ -995,14 +1001,9 @@ impl<'m> Batcher<'m> {
             if !on_event(i, SlotEvent::Token { token, logits }) {
                 // What was drawn past the last token heard is dropped.
                 slot.tokens.truncate(base + j + 1);
-                if slot.state.len() > slot.tokens.len() {
-                    let held = slot.tokens.len();
-                    if slot.state.truncate(held).is_err() {
-                        slot.state.clear();
-                        slot.tokens.clear();
-                        slot.snapshots.clear();
-                        slot.aligned = 0;
-                    }
+                let held = slot.tokens.len();
+                if slot.state.len() > held && slot.state.truncate(held).is_err() {
+                    slot.forget();
                 }
                 self.finish(i, StopReason::Cancelled, on_event);
                 return;
@@ -1032,11 +1033,7 @@ impl<'m> Batcher<'m> {
             generated: active.generated,
             decode_time: first.map_or(Duration::ZERO, |t| t.elapsed()),
             stop,
-            speculation: self
-                .speculations
-                .get(i)
-                .and_then(Option::as_ref)
-                .map(|s| s.stats.clone()),
+            speculation: self.speculations.get(i).map(|s| s.stats.clone()),
         };
         on_event(i, SlotEvent::Done(stats));
     }
@@ -1050,11 +1047,7 @@ impl<'m> Batcher<'m> {
     ) {
         let slot = &mut self.slots[i];
         if slot.active.take().is_some() {
-            slot.state.clear();
-            slot.state.release_unused();
-            slot.tokens.clear();
-            slot.snapshots.clear();
-            slot.aligned = 0;
+            slot.forget();
             on_event(i, SlotEvent::Failed(error));
         }
     }

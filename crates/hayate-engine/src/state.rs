@@ -121,16 +121,19 @@ impl InferenceState {
         })
     }
 
+    fn attention_caches_mut(&mut self) -> impl Iterator<Item = &mut KvCache> {
+        self.layers.iter_mut().filter_map(|l| match l {
+            MixerState::Attention(c) => Some(c),
+            _ => None,
+        })
+    }
+
     /// Makes room for tokens `len..end` in every attention cache: pages
     /// from the pool, copies of shared ones.
     pub(crate) fn prepare(&mut self, end: usize) -> Result<()> {
         let from = self.len;
-        for layer in &mut self.layers {
-            if let MixerState::Attention(cache) = layer {
-                cache.prepare(from, end)?;
-            }
-        }
-        Ok(())
+        self.attention_caches_mut()
+            .try_for_each(|cache| cache.prepare(from, end))
     }
 
     /// Gives the attention pages past its tokens back to the pool, for
@@ -138,11 +141,8 @@ impl InferenceState {
     /// a page again would allocate in the decode loop.)
     pub fn release_unused(&mut self) {
         let len = self.len;
-        for layer in &mut self.layers {
-            if let MixerState::Attention(cache) = layer {
-                cache.release_from(len);
-            }
-        }
+        self.attention_caches_mut()
+            .for_each(|cache| cache.release_from(len));
     }
 
     /// Whether [`share_prefix`](Self::share_prefix) works for this model:
@@ -165,16 +165,20 @@ impl InferenceState {
             && other.shape.capacity == self.shape.capacity
             && other.shape.page == self.shape.page
             && other.shape.kv == self.shape.kv;
-        if !same || !self.can_share() || len > other.len {
+        if !same || !self.can_share() {
+            return Err(EngineError::State(
+                "only states of the same model and shape, all of full attention, share pages"
+                    .into(),
+            ));
+        }
+        if len > other.len {
             return Err(EngineError::State(format!(
-                "cannot share {len} tokens of a state of {} tokens of another model or shape",
+                "cannot share {len} tokens of a state that holds {}",
                 other.len
             )));
         }
-        for (mine, theirs) in self.layers.iter_mut().zip(&other.layers) {
-            if let (MixerState::Attention(a), MixerState::Attention(b)) = (mine, theirs) {
-                a.share_prefix(b, len);
-            }
+        for (mine, theirs) in self.attention_caches_mut().zip(other.attention_caches()) {
+            mine.share_prefix(theirs, len);
         }
         self.len = len;
         Ok(())

@@ -276,49 +276,18 @@ pub fn start(
             let setup = match speculation {
                 Some(setup) if parallel == 1 => setup,
                 speculation => {
-                    let made =
-                        Batcher::new(&model, &options, parallel, thread_stops.clone(), kv_memory)
-                            .map_err(|e| e.to_string())
-                            .and_then(|mut batcher| {
-                                if let Some(s) = &speculation {
-                                    let draft = s.draft.as_ref();
-                                    batcher
-                                        .speculate(|_| {
-                                            (s.make)(&model, draft)
-                                                .map_err(hayate_engine::EngineError::State)
-                                        })
-                                        .map_err(|e| e.to_string())?;
-                                }
-                                Ok(batcher)
-                            });
+                    let batched = (parallel, kv_memory);
+                    let made = make_batcher(&model, &options, batched, &thread_stops, &speculation);
                     match made {
                         Ok(mut batcher) => {
-                            if let Some((dir, model_print)) = &cache_dir {
-                                let (loaded, warnings) = batcher.load_from(dir, *model_print);
-                                for w in warnings {
-                                    tracing::warn!("ignoring a saved sequence: {w}");
-                                    eprintln!("warning: ignoring a saved sequence: {w}");
-                                }
-                                if loaded > 0 {
-                                    tracing::info!(
-                                        "{loaded} saved sequences read from {}",
-                                        dir.display()
-                                    );
-                                }
+                            if let Some((dir, print)) = &cache_dir {
+                                load_sequences(&mut batcher, dir, *print);
                             }
                             counters.metrics.set_kv_memory(batcher.kv_memory());
                             let _ = ready.send(Ok(batcher.capacity()));
                             engine.serve_batched(&mut batcher, receive, &counters);
-                            if let Some((dir, model_print)) = &cache_dir {
-                                match batcher.save_to(dir, *model_print) {
-                                    Ok(n) => {
-                                        tracing::info!("{n} sequences saved to {}", dir.display())
-                                    }
-                                    Err(e) => eprintln!(
-                                        "warning: cannot save the sequences to {}: {e}",
-                                        dir.display()
-                                    ),
-                                }
+                            if let Some((dir, print)) = &cache_dir {
+                                save_sequences(&mut batcher, dir, *print);
                             }
                         }
                         Err(e) => {
@@ -360,6 +329,50 @@ pub fn start(
         stop_ids,
     };
     Ok((handle, thread))
+}
+
+/// The batcher of `parallel` sequences sharing `kv_memory`, each with a
+/// speculation of its own when `speculation` asks.
+fn make_batcher<'m>(
+    model: &'m Model,
+    options: &StateOptions,
+    (parallel, kv_memory): (usize, Option<usize>),
+    stop_ids: &[u32],
+    speculation: &'m Option<SpeculationSetup>,
+) -> Result<Batcher<'m>, String> {
+    let mut batcher = Batcher::new(model, options, parallel, stop_ids.to_vec(), kv_memory)
+        .map_err(|e| e.to_string())?;
+    if let Some(s) = speculation {
+        let draft = s.draft.as_ref();
+        batcher
+            .speculate(|_| (s.make)(model, draft).map_err(hayate_engine::EngineError::State))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(batcher)
+}
+
+/// Reads the sequences saved in `dir` back into the batcher, warning of
+/// each file it skips.
+fn load_sequences(batcher: &mut Batcher<'_>, dir: &std::path::Path, model_print: u64) {
+    let (loaded, warnings) = batcher.load_from(dir, model_print);
+    for w in warnings {
+        tracing::warn!("ignoring a saved sequence: {w}");
+        eprintln!("warning: ignoring a saved sequence: {w}");
+    }
+    if loaded > 0 {
+        tracing::info!("{loaded} saved sequences read from {}", dir.display());
+    }
+}
+
+/// Saves the batcher's sequences in `dir`.
+fn save_sequences(batcher: &mut Batcher<'_>, dir: &std::path::Path, model_print: u64) {
+    match batcher.save_to(dir, model_print) {
+        Ok(n) => tracing::info!("{n} sequences saved to {}", dir.display()),
+        Err(e) => eprintln!(
+            "warning: cannot save the sequences to {}: {e}",
+            dir.display()
+        ),
+    }
 }
 
 /// What the engine thread counts for the HTTP side.
